@@ -1,0 +1,369 @@
+"""The engines being compared, behind one small interface.
+
+An :class:`Engine` turns a case and its inputs into a :class:`Runner`, whose ``warmup`` makes
+the first (untimed, checked) call and returns the result as :data:`~bench.compare.Blocks`, and
+whose ``time_call`` makes one timed call. Engines:
+
+* ``hod``: ``hod.derivative(f, order, argnums)``, built once per row outside the timed region.
+* ``torch.func``: ``jacrev(f, argnums)`` (order 1), ``torch.func.hessian`` (order 2), and
+  ``jacrev`` inside ``order - 1`` ``jacfwd`` beyond.
+* ``autograd.functional``: ``torch.autograd.functional.jacobian`` / ``hessian`` called exactly
+  as in the seed notebook (orders 1 and 2 only).
+* ``thoad``: ``thoad.backward(tensor=f(...), order=n, crossings=param_grad, keep_batch=True)``
+  then ``ctrl.clear()``, as in the seed; it runs under Python >= 3.12 in a worker process
+  (:mod:`bench.thoad_worker`), which times its own calls.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench.compare import Blocks, flatten_nested
+from bench.models import Case, Forward
+from bench.timing import timed
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class EngineFailure(RuntimeError):
+    """An engine call failed; ``kind`` is ``"OOM"``, ``"TIMEOUT"`` or ``"ERROR"``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def failure_kind(exc: BaseException) -> str:
+    """Classify an exception raised by an engine call."""
+    if isinstance(exc, EngineFailure):
+        return exc.kind
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in str(exc):
+        return "OOM"
+    return "ERROR"
+
+
+@dataclass
+class Warmup:
+    """The first call of a runner: its result blocks and duration.
+
+    ``reshape`` allows blocks whose element count (not shape) matches the reference
+    (see :func:`bench.compare.compare_blocks`); ``note`` says what the blocks are.
+    """
+
+    blocks: Blocks
+    seconds: float
+    reshape: bool = False
+    note: str = ""
+
+
+class Runner(ABC):
+    """An engine prepared for one case and one set of inputs."""
+
+    @abstractmethod
+    def warmup(self) -> Warmup:
+        """First call (tracing, code generation and the like happen here): result and time."""
+
+    @abstractmethod
+    def time_call(self) -> float:
+        """One timed call, in seconds."""
+
+    def close(self) -> None:
+        """Release what the runner holds."""
+
+
+class Engine(ABC):
+    """A way of computing the order-n derivative of a case's model."""
+
+    name: str
+
+    def unavailable_reason(self) -> str | None:
+        """Why this engine cannot run at all in this environment (None if it can)."""
+        return None
+
+    def unsupported_reason(self, case: Case) -> str | None:
+        """Why this engine does not handle ``case`` (None if it does)."""
+        return None
+
+    @abstractmethod
+    def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
+        """Build the callable for ``case`` on ``inputs`` (not timed)."""
+
+    def shutdown(self) -> None:
+        """Release engine-wide resources (worker processes)."""
+
+
+class CallableRunner(Runner):
+    """Runs an in-process thunk whose result has torch.func's nested layout."""
+
+    def __init__(self, thunk: Callable[[], object], case: Case, device: str) -> None:
+        self._thunk = thunk
+        self._case = case
+        self._device = device
+
+    def warmup(self) -> Warmup:
+        out, seconds = timed(self._thunk, self._device)
+        return Warmup(flatten_nested(out, self._case.order, self._case.argnums), seconds)
+
+    def time_call(self) -> float:
+        return timed(self._thunk, self._device)[1]
+
+
+def torch_func_derivative(f: Forward, order: int, argnums: int | tuple[int, ...]) -> Callable:
+    """torch.func's order-n derivative: jacrev, hessian, or jacrev inside order-1 jacfwd."""
+    if order == 2:
+        return torch.func.hessian(f, argnums)
+    fn = torch.func.jacrev(f, argnums)
+    for _ in range(order - 1):
+        fn = torch.func.jacfwd(fn, argnums)
+    return fn
+
+
+def reference_blocks(case: Case, inputs: tuple[Tensor, ...]) -> Blocks:
+    """The reference result: torch.func in float64 on the inputs cast to float64."""
+    inputs64 = tuple(t.double() for t in inputs)
+    out = torch_func_derivative(case.forward, case.order, case.argnums)(*inputs64)
+    return flatten_nested(out, case.order, case.argnums)
+
+
+class TorchFuncEngine(Engine):
+    """torch.func's composable transforms."""
+
+    name = "torch.func"
+
+    def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
+        fn = torch_func_derivative(case.forward, case.order, case.argnums)
+        return CallableRunner(lambda: fn(*inputs), case, device)
+
+
+class AutogradFunctionalEngine(Engine):
+    """``torch.autograd.functional.jacobian`` / ``hessian``, called as the seed calls them."""
+
+    name = "autograd.functional"
+
+    def unsupported_reason(self, case: Case) -> str | None:
+        return None if case.order in (1, 2) else "orders 1 and 2 only"
+
+    def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
+        api = torch.autograd.functional.jacobian if case.order == 1 else torch.autograd.functional.hessian
+        X, *params = inputs
+        forward = case.forward
+        if case.param_grad:
+            def thunk() -> object:
+                return api(func=forward, inputs=(X, *params))
+        else:
+            def fixed_forward(X: Tensor) -> Tensor:
+                return forward(X, *params)
+
+            def thunk() -> object:
+                return api(func=fixed_forward, inputs=X)
+        return CallableRunner(thunk, case, device)
+
+
+class HodEngine(Engine):
+    """``hod.derivative`` (imported lazily: hod may be missing or incomplete)."""
+
+    name = "hod"
+
+    def __init__(self) -> None:
+        self._module: Any = None
+        self._import_error: str | None = None
+
+    def unavailable_reason(self) -> str | None:
+        if self._module is None and self._import_error is None:
+            try:
+                module = importlib.import_module("hod")
+                if not callable(getattr(module, "derivative", None)):
+                    raise ImportError("hod has no callable 'derivative'")
+                self._module = module
+            except Exception as exc:  # a broken work-in-progress hod must not stop the run
+                self._import_error = f"cannot import hod: {type(exc).__name__}: {exc}"
+        return self._import_error
+
+    def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
+        fn = self._module.derivative(case.forward, case.order, argnums=case.argnums)
+        return CallableRunner(lambda: fn(*inputs), case, device)
+
+
+def thoad_python() -> Path:
+    """Interpreter of the thoad environment: $THOAD_PYTHON, else <repo>/.venv312/bin/python."""
+    return Path(os.environ.get("THOAD_PYTHON", REPO_ROOT / ".venv312" / "bin" / "python"))
+
+
+THOAD_SETUP_HINT = "create it with: bash bench/setup_thoad_env.sh (or set THOAD_PYTHON)"
+
+
+class ThoadWorker:
+    """A long-lived ``python -m bench.thoad_worker`` process spoken to in JSON lines.
+
+    The worker's stderr goes to ``log_path``; its last lines are quoted when it fails.
+    """
+
+    def __init__(self, python: Path, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
+        self._proc = subprocess.Popen(
+            [str(python), "-m", "bench.thoad_worker"],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            bufsize=1,
+        )
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def request(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Send one request and wait for its reply; kills the worker on timeout."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            self._proc.stdin.write(json.dumps(message) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError as exc:
+            raise EngineFailure("ERROR", f"thoad worker died: {self.log_tail()}") from exc
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
+        if not ready:
+            self.close()
+            raise EngineFailure("TIMEOUT", f"thoad worker gave no answer in {timeout_s:.0f} s")
+        line = self._proc.stdout.readline()
+        if not line:
+            self._proc.wait()
+            raise EngineFailure(
+                "ERROR", f"thoad worker exited ({self._proc.returncode}): {self.log_tail()}"
+            )
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise EngineFailure(reply.get("kind", "ERROR"), reply.get("error", "unknown error"))
+        return reply
+
+    def log_tail(self, lines: int = 3) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                assert self._proc.stdin is not None
+                self._proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self._proc.stdin.flush()
+                self._proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+
+class ThoadRunner(Runner):
+    """Proxy for one case set up in the thoad worker."""
+
+    def __init__(self, worker: ThoadWorker, workdir: Path, timeout_s: float) -> None:
+        self._worker = worker
+        self._workdir = workdir
+        self._timeout_s = timeout_s
+
+    def warmup(self) -> Warmup:
+        result_path = self._workdir / "thoad_result.pt"
+        reply = self._worker.request(
+            {"cmd": "warmup", "result": str(result_path)}, self._timeout_s
+        )
+        blocks = torch.load(result_path)
+        result_path.unlink()
+        note = (
+            "thoad blocks from ctrl.fetch_hgrad(variables, keep_batch=False) after "
+            "backward(keep_batch=True); leading size-1 output axis dropped"
+        )
+        return Warmup(blocks, reply["seconds"], reshape=True, note=note)
+
+    def time_call(self) -> float:
+        return self._worker.request({"cmd": "time"}, self._timeout_s)["seconds"]
+
+
+class ThoadEngine(Engine):
+    """thoad, run in a Python 3.12 worker process (see :mod:`bench.thoad_worker`)."""
+
+    name = "thoad"
+
+    def __init__(self, timeout_s: float = 120.0) -> None:
+        self.timeout_s = timeout_s
+        self._worker: ThoadWorker | None = None
+        self._unavailable: str | None = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="hod-bench-thoad-"))
+        self.version = ""
+
+    def unavailable_reason(self) -> str | None:
+        if self._unavailable is None and self._worker is None:
+            python = thoad_python()
+            if not python.exists():
+                self._unavailable = f"no thoad environment at {python}; {THOAD_SETUP_HINT}"
+            else:
+                try:
+                    self.version = self._ensure_worker()
+                except EngineFailure as exc:
+                    self._unavailable = f"thoad worker does not start: {exc}; {THOAD_SETUP_HINT}"
+        return self._unavailable
+
+    def _ensure_worker(self) -> str:
+        """Start the worker if it is not running; return its version line."""
+        if self._worker is not None and self._worker.alive():
+            return self.version
+        if self._worker is not None:
+            self._worker.close()
+        self._worker = ThoadWorker(thoad_python(), self._workdir / "worker.log")
+        reply = self._worker.request({"cmd": "hello"}, timeout_s=180.0)
+        return f"thoad {reply['thoad']} (python {reply['python']}, torch {reply['torch']})"
+
+    def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
+        self._ensure_worker()
+        assert self._worker is not None
+        inputs_path = self._workdir / "inputs.pt"
+        torch.save(tuple(t.detach().cpu() for t in inputs), inputs_path)
+        self._worker.request(
+            {"cmd": "setup", "case": case.to_dict(), "inputs": str(inputs_path), "device": device},
+            self.timeout_s,
+        )
+        return ThoadRunner(self._worker, self._workdir, self.timeout_s)
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+ENGINE_NAMES = ("hod", "torch.func", "autograd.functional", "thoad")
+
+
+def make_engines(names: list[str], thoad_timeout_s: float) -> list[Engine]:
+    """Instantiate the named engines, in the order of :data:`ENGINE_NAMES`."""
+    factories: dict[str, Callable[[], Engine]] = {
+        "hod": HodEngine,
+        "torch.func": TorchFuncEngine,
+        "autograd.functional": AutogradFunctionalEngine,
+        "thoad": lambda: ThoadEngine(timeout_s=thoad_timeout_s),
+    }
+    unknown = set(names) - set(factories)
+    if unknown:
+        raise ValueError(f"unknown engines {sorted(unknown)}; choose from {ENGINE_NAMES}")
+    return [factories[n]() for n in ENGINE_NAMES if n in names]
+
+
+def python_description() -> str:
+    """Interpreter and torch of this process, for the result file."""
+    return f"python {sys.version.split()[0]}, torch {torch.__version__}"

@@ -1,0 +1,244 @@
+"""Benchmark models, cases and sweeps.
+
+The models are the MLP of the seed benchmark notebook and a tanh variant:
+
+* ``relu_softmax``: ``T = X; for P in params: T = T @ P; T = softmax(T, dim=1) on the last layer,
+  relu(T) before``; returns ``T.sum()``. Note that the softmax rows sum to one, so the output is
+  the batch size whatever the inputs: every derivative of this model is exactly zero. The seed
+  benchmarks it anyway (the cost of the computation does not depend on that), and so do we; the
+  correctness check on it only confirms that an engine returns (close to) zero in the right
+  structure. The tanh model below is the one with non-trivial derivatives.
+* ``tanh``: ``T = tanh(T @ P)`` for every layer, then ``T.sum()``.
+
+A :class:`Case` fixes one benchmark row (model, derivative order, whether parameters are
+differentiated, tensor sizes); a :class:`Sweep` is an ordered list of cases that differ in one
+size, as in one loop of the seed notebook. This module only needs torch, so the thoad worker
+(which runs under another interpreter) can import it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+Forward = Callable[..., Tensor]
+
+
+def relu_softmax_mlp(X: Tensor, *params: Tensor) -> Tensor:
+    """The seed notebook's MLP: relu after each layer but the last, softmax(dim=1) on the last."""
+    T = X
+    for i, P in enumerate(params):
+        T = T @ P
+        T = torch.softmax(T, dim=1) if i == len(params) - 1 else torch.relu(T)
+    return T.sum()
+
+
+def tanh_mlp(X: Tensor, *params: Tensor) -> Tensor:
+    """An MLP with tanh after every layer, summed: smooth, with non-zero derivatives."""
+    T = X
+    for P in params:
+        T = torch.tanh(T @ P)
+    return T.sum()
+
+
+MODELS: dict[str, Forward] = {"relu_softmax": relu_softmax_mlp, "tanh": tanh_mlp}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark row: which derivative of which model, at which sizes.
+
+    ``X`` has shape ``(batch, width)`` and each of the ``depth`` parameters ``(width, width)``.
+    With ``param_grad`` the derivative is taken w.r.t. ``X`` and every parameter
+    (``argnums = (0, 1, ..., depth)``), otherwise w.r.t. ``X`` only (``argnums = 0``).
+    """
+
+    model: str
+    order: int
+    param_grad: bool
+    batch: int
+    width: int
+    depth: int
+
+    @property
+    def forward(self) -> Forward:
+        """The model's forward function ``f(X, *params) -> scalar``."""
+        return MODELS[self.model]
+
+    @property
+    def argnums(self) -> int | tuple[int, ...]:
+        """The ``argnums`` handed to hod and torch.func."""
+        return tuple(range(1 + self.depth)) if self.param_grad else 0
+
+    @property
+    def n_inputs(self) -> int:
+        """Number of differentiated inputs."""
+        return 1 + self.depth if self.param_grad else 1
+
+    @property
+    def n_variables(self) -> int:
+        """Total number of scalar variables that are differentiated."""
+        n = self.batch * self.width
+        return n + self.depth * self.width * self.width if self.param_grad else n
+
+    def label(self) -> str:
+        """A short human-readable description, e.g. ``tanh o3 b4 w4 d2 +params``."""
+        grad = " +params" if self.param_grad else ""
+        return (
+            f"{self.model} o{self.order} b{self.batch} w{self.width} d{self.depth}{grad}"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly form (used by the result file and the thoad worker protocol)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Case:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)  # type: ignore[arg-type]
+
+
+def make_inputs(
+    case: Case, seed: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, ...]:
+    """The inputs ``(X, *params)`` of a case: ``torch.rand`` as in the seed, reproducible by seed."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.rand(case.batch, case.width, generator=gen, dtype=dtype)
+    params = [torch.rand(case.width, case.width, generator=gen, dtype=dtype) for _ in range(case.depth)]
+    return tuple(t.to(device) for t in (X, *params))
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """An ordered list of cases varying one size (``x_name``), smallest first.
+
+    ``quick`` holds the indices of the rows kept by ``--quick``. ``numeric_x`` is false for sweeps
+    whose rows vary several things at once (the order-3/4 sweeps); those are plotted by row label.
+    """
+
+    name: str
+    title: str
+    x_name: str
+    cases: tuple[Case, ...]
+    quick: tuple[int, ...]
+    numeric_x: bool = True
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def x_value(self, case: Case) -> int | str:
+        """The swept value of a row (its label for non-numeric sweeps)."""
+        return getattr(case, self.x_name) if self.numeric_x else case.label()
+
+    def selected(self, quick: bool) -> list[Case]:
+        """The rows to run."""
+        return [self.cases[i] for i in self.quick] if quick else list(self.cases)
+
+
+def _sized_sweep(
+    name: str,
+    title: str,
+    x_name: str,
+    values: Sequence[int],
+    quick: Sequence[int],
+    *,
+    order: int,
+    param_grad: bool,
+    batch: int,
+    width: int,
+    depth: int,
+    notes: Sequence[str] = (),
+) -> Sweep:
+    """A sweep of ``relu_softmax`` cases where ``x_name`` takes each of ``values``."""
+    base = {"batch": batch, "width": width, "depth": depth}
+    cases = tuple(
+        Case("relu_softmax", order, param_grad, **{**base, x_name: v}) for v in values
+    )
+    return Sweep(name, title, x_name, cases, tuple(quick), notes=tuple(notes))
+
+
+_BY_10_TO_80 = range(10, 81, 10)
+_BY_5_TO_50 = range(5, 51, 5)
+
+
+def _seed_sweeps() -> list[Sweep]:
+    """The twelve loops of the seed notebook, in its order, with its sizes."""
+    jac, hess = 1, 2
+    return [
+        _sized_sweep("jac_x_batch", "Jacobian wrt X vs batch (width 10, depth 3)", "batch",
+                     _BY_10_TO_80, (0, 3, 7), order=jac, param_grad=False,
+                     batch=0, width=10, depth=3),
+        _sized_sweep("jac_x_width", "Jacobian wrt X vs width (batch 10, depth 3)", "width",
+                     _BY_10_TO_80, (0, 3, 7), order=jac, param_grad=False,
+                     batch=10, width=0, depth=3),
+        _sized_sweep("jac_x_depth", "Jacobian wrt X vs depth (batch 60, width 20)", "depth",
+                     range(2, 21), (0, 8, 18), order=jac, param_grad=False,
+                     batch=60, width=20, depth=0),
+        _sized_sweep("jac_all_batch", "Jacobian wrt X+params vs batch (width 10, depth 3)",
+                     "batch", _BY_5_TO_50, (0, 4, 9), order=jac, param_grad=True,
+                     batch=0, width=10, depth=3),
+        _sized_sweep("jac_all_width", "Jacobian wrt X+params vs width (batch 10, depth 3)",
+                     "width", _BY_5_TO_50, (0, 4, 9), order=jac, param_grad=True,
+                     batch=10, width=0, depth=3),
+        _sized_sweep("jac_all_depth", "Jacobian wrt X+params vs depth (batch 10, width 10)",
+                     "depth", range(2, 7), (0, 2, 4), order=jac, param_grad=True,
+                     batch=10, width=10, depth=0),
+        _sized_sweep("hess_x_batch", "Hessian wrt X vs batch (width 10, depth 3)", "batch",
+                     _BY_10_TO_80, (0, 3, 7), order=hess, param_grad=False,
+                     batch=0, width=10, depth=3),
+        _sized_sweep("hess_x_width", "Hessian wrt X vs width (batch 10, depth 3)", "width",
+                     _BY_10_TO_80, (0, 2, 4), order=hess, param_grad=False,
+                     batch=10, width=0, depth=3),
+        _sized_sweep("hess_x_depth", "Hessian wrt X vs depth (batch 10, width 20)", "depth",
+                     range(2, 11), (0, 4, 8), order=hess, param_grad=False,
+                     batch=10, width=20, depth=0,
+                     notes=("batch 10 as in the seed, where this loop reuses the batch size "
+                            "left over from the previous cell",)),
+        _sized_sweep("hess_all_batch", "Hessian wrt X+params vs batch (width 10, depth 3)",
+                     "batch", _BY_5_TO_50, (0, 4, 9), order=hess, param_grad=True,
+                     batch=0, width=10, depth=3),
+        _sized_sweep("hess_all_width", "Hessian wrt X+params vs width (batch 10, depth 3)",
+                     "width", _BY_5_TO_50, (0, 1, 2), order=hess, param_grad=True,
+                     batch=10, width=0, depth=3),
+        _sized_sweep("hess_all_depth", "Hessian wrt X+params vs depth (batch 10, width 10)",
+                     "depth", range(2, 9), (0, 2, 4), order=hess, param_grad=True,
+                     batch=10, width=10, depth=0),
+    ]
+
+
+# (batch, width, depth) rows of the order-3/4 sweeps, run for both models.
+_HIGH_ORDER_SIZES: dict[tuple[int, bool], tuple[tuple[int, int, int], ...]] = {
+    (3, False): ((2, 4, 2), (4, 4, 2), (8, 4, 2), (4, 8, 2), (4, 4, 3), (8, 8, 3)),
+    (3, True): ((2, 4, 2), (4, 4, 2), (8, 4, 2), (4, 8, 2), (4, 4, 3)),
+    (4, False): ((2, 4, 2), (4, 4, 2), (8, 4, 2), (4, 8, 2), (4, 4, 3)),
+    (4, True): ((2, 4, 2), (4, 4, 2), (2, 4, 3)),
+}
+
+
+def _high_order_sweeps() -> list[Sweep]:
+    """Order-3 and order-4 rows at small sizes for both models, wrt X and wrt X+params."""
+    sweeps = []
+    for (order, param_grad), sizes in _HIGH_ORDER_SIZES.items():
+        cases = tuple(
+            Case(model, order, param_grad, b, w, d)
+            for model in ("relu_softmax", "tanh")
+            for (b, w, d) in sizes
+        )
+        n = len(sizes)
+        wrt = "X+params" if param_grad else "X"
+        sweeps.append(Sweep(
+            name=f"o{order}_{'all' if param_grad else 'x'}",
+            title=f"Order-{order} derivative wrt {wrt} (relu/softmax and tanh MLPs)",
+            x_name="label",
+            cases=cases,
+            quick=(0, 1, n, n + 1),
+            numeric_x=False,
+        ))
+    return sweeps
+
+
+SWEEPS: dict[str, Sweep] = {s.name: s for s in _seed_sweeps() + _high_order_sweeps()}
+
+# The row measured by ``--memory``: the largest Hessian-with-params row of the seed.
+MEMORY_SWEEP = "hess_all_width"

@@ -1,0 +1,194 @@
+"""Reporting: text tables, the JSON result file and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench.models import Sweep
+from bench.runner import OK, RowResult
+
+HOD = "hod"
+SHORT_NAMES = {"autograd.functional": "autograd.F"}
+
+
+def short(name: str) -> str:
+    """Column title of an engine."""
+    return SHORT_NAMES.get(name, name)
+
+
+def machine_info(device: str) -> dict[str, object]:
+    """Facts about the machine and software that produced the numbers."""
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "logical_cores": os.cpu_count(),
+        "device": device,
+    }
+    try:
+        import psutil
+
+        info["physical_cores"] = psutil.cpu_count(logical=False)
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    try:
+        import hod
+
+        info["hod"] = getattr(hod, "__version__", "unknown version")
+    except Exception as exc:  # hod may be absent or half-written
+        info["hod"] = f"not importable ({type(exc).__name__})"
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    info["git_commit"] = commit.stdout.strip() if commit.returncode == 0 else None
+    return info
+
+
+def _cell(row: RowResult, engine: str) -> str:
+    result = row.engines[engine]
+    return f"{result.median_ms:.3f}" if result.median_ms is not None else result.status
+
+
+def _ratio(row: RowResult, peer: str) -> float | None:
+    """How many times faster hod is than ``peer`` on this row (None if either lacks a time)."""
+    hod, other = row.engines.get(HOD), row.engines.get(peer)
+    if hod is None or other is None or hod.median_ms is None or other.median_ms is None:
+        return None
+    return other.median_ms / hod.median_ms
+
+
+def speedups(row: RowResult, peers: Sequence[str]) -> tuple[float | None, str | None]:
+    """hod's speedup over the fastest peer that has a time on this row, and that peer."""
+    timed = [p for p in peers if row.engines[p].median_ms is not None]
+    if not timed:
+        return None, None
+    best = min(timed, key=lambda p: row.engines[p].median_ms or math.inf)
+    return _ratio(row, best), best
+
+
+def format_table(sweep: Sweep, rows: Sequence[RowResult]) -> str:
+    """A fixed-width table of medians (ms) and, when hod ran, its speedups."""
+    if not rows:
+        return f"== {sweep.name}: no rows =="
+    engines = list(rows[0].engines)
+    peers = [e for e in engines if e != HOD]
+    with_hod = HOD in engines and any(r.engines[HOD].median_ms is not None for r in rows)
+    header = [sweep.x_name] + [short(e) for e in engines]
+    if with_hod:
+        header += ["hod vs best"] + [f"vs {short(p)}" for p in peers]
+    lines = []
+    for row in rows:
+        cells = [str(row.x)] + [_cell(row, e) for e in engines]
+        if with_hod:
+            best_ratio, best = speedups(row, peers)
+            cells.append(f"{best_ratio:.2f}x ({short(best)})" if best_ratio and best else "-")
+            cells += [f"{r:.2f}x" if (r := _ratio(row, p)) else "-" for p in peers]
+        lines.append(cells)
+    out = [f"== {sweep.name}: {sweep.title} (median ms) =="]
+    out += render_table([header, *lines])
+    out += [f"   note: {n}" for n in sweep.notes]
+    out += _problem_notes(rows)
+    return "\n".join(out)
+
+
+def render_table(table: list[list[str]]) -> list[str]:
+    """Align a table: first column left, the others right."""
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in table
+    ]
+
+
+def _problem_notes(rows: Sequence[RowResult]) -> list[str]:
+    """One line per engine status other than ok (first occurrence), with its detail."""
+    seen: set[tuple[str, str]] = set()
+    notes = []
+    for row in rows:
+        for name, result in row.engines.items():
+            key = (name, result.status)
+            if result.status != OK and key not in seen:
+                seen.add(key)
+                notes.append(f"   {name}: {result.status} from {row.x}: {result.detail}")
+    return notes
+
+
+def check_summary(rows: Sequence[RowResult]) -> list[str]:
+    """Per engine, what the correctness check compared across these rows."""
+    lines = []
+    engines = list(rows[0].engines) if rows else []
+    for name in engines:
+        details = [r.engines[name].detail for r in rows if r.engines[name].status == OK]
+        if details:
+            lines.append(f"   check {name} (last ok row): {details[-1]}")
+    return lines
+
+
+def write_json(path: Path, payload: dict[str, object]) -> None:
+    """Write the result file (rewritten after each sweep, so a partial run leaves results)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def plot(path: Path, results: Sequence[tuple[Sweep, Sequence[RowResult]]], title: str) -> None:
+    """One panel per sweep: median time vs swept size, log y, one line per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(results)
+    cols = min(4, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
+    engines = list(results[0][1][0].engines) if results and results[0][1] else []
+    markers = dict(zip(engines, "osD^v<>", strict=False))
+    for ax, (sweep, rows) in zip(axes.flat, results, strict=False):
+        positions = list(range(len(rows))) if not sweep.numeric_x else [r.x for r in rows]
+        for name in engines:
+            pts = [(x, r.engines[name].median_ms) for x, r in zip(positions, rows, strict=True)
+                   if r.engines[name].median_ms is not None]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker=markers.get(name, "o"), ms=4, label=name)
+        ax.set_yscale("log")
+        ax.set_title(sweep.title, fontsize=8)
+        ax.set_ylabel("median ms", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        if sweep.numeric_x:
+            ax.set_xlabel(sweep.x_name, fontsize=8)
+        else:
+            ax.set_xticks(positions)
+            ax.set_xticklabels([str(r.x).replace(" o", "\no", 1) for r in rows],
+                               rotation=60, ha="right", fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    legend: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=max(1, len(legend)),
+               fontsize=9)
+    fig.suptitle(title, fontsize=10, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

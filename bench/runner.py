@@ -1,0 +1,207 @@
+"""Running sweeps: per row, check every engine against the reference, then time them interleaved.
+
+Per row:
+
+1. build the inputs (``torch.rand``, float32, seeded from the row) and the float64 reference;
+2. for each engine: prepare it (not timed), make the warm-up call (not timed; hod traces and
+   generates code here) and compare its result with the reference; a wrong result is reported
+   as ``WRONG`` and the engine is not timed;
+3. time the remaining engines in interleaved rounds (:func:`bench.timing.interleaved`).
+
+Time budget: an engine whose warm-up call or median call takes longer than ``budget_s`` is timed
+with a single call on that row and ``SKIPPED`` on the following (larger) rows of the sweep.
+"""
+
+from __future__ import annotations
+
+import gc
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from bench.compare import Blocks, compare_blocks
+from bench.engines import Engine, Runner, failure_kind, reference_blocks
+from bench.models import Case, Sweep, make_inputs
+from bench.timing import RepPolicy, interleaved, median_ms
+
+# Engine statuses. Only OK rows carry a median.
+OK = "ok"
+WRONG = "WRONG"
+SKIPPED = "SKIPPED"
+UNSUPPORTED = "n/a"
+ABSENT = "absent"
+
+
+@dataclass
+class EngineResult:
+    """What one engine did on one row."""
+
+    status: str
+    median_ms: float | None = None
+    times_ms: list[float] = field(default_factory=list)
+    warmup_ms: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class RowResult:
+    """One row of a sweep: the case, its swept value and every engine's result."""
+
+    case: Case
+    x: int | str
+    engines: dict[str, EngineResult]
+    reference: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "x": self.x,
+            "label": self.case.label(),
+            "case": self.case.to_dict(),
+            "reference": self.reference,
+            "engines": {name: asdict(r) for name, r in self.engines.items()},
+        }
+
+
+@dataclass
+class RunSettings:
+    """Knobs shared by all rows."""
+
+    device: str
+    policy: RepPolicy
+    budget_s: float
+    seed: int = 0
+
+
+def row_seed(case: Case, base: int) -> int:
+    """A seed that depends on the row only, so reruns and subprocesses see the same inputs."""
+    return (zlib.crc32(case.label().encode()) + base) % (2**31)
+
+
+class SweepRunner:
+    """Runs the rows of sweeps with a fixed list of engines."""
+
+    def __init__(
+        self,
+        engines: list[Engine],
+        settings: RunSettings,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.engines = engines
+        self.settings = settings
+        self.log = log
+        self.absent = {e.name: reason for e in engines if (reason := e.unavailable_reason())}
+
+    def run_sweep(self, sweep: Sweep, quick: bool) -> list[RowResult]:
+        """Run the selected rows of ``sweep``, smallest first, applying the time budget."""
+        over_budget: dict[str, str] = {}
+        rows = []
+        for case in sweep.selected(quick):
+            row = self.run_row(case, sweep.x_value(case), over_budget)
+            rows.append(row)
+            self.log(f"  {sweep.x_name}={row.x}: " + _row_line(row))
+            for name, result in row.engines.items():
+                if name not in over_budget and self._is_over_budget(result):
+                    over_budget[name] = f"over the {self.settings.budget_s:g} s budget at {row.x}"
+        return rows
+
+    def _is_over_budget(self, result: EngineResult) -> bool:
+        limit_ms = 1e3 * self.settings.budget_s
+        slow_warmup = result.warmup_ms is not None and result.warmup_ms > limit_ms
+        slow_call = result.median_ms is not None and result.median_ms > limit_ms
+        return slow_warmup or slow_call
+
+    def run_row(self, case: Case, x: int | str, over_budget: dict[str, str]) -> RowResult:
+        """Check and time every engine on one case."""
+        settings = self.settings
+        inputs = make_inputs(case, row_seed(case, settings.seed), settings.device)
+        reference: Blocks | None
+        try:
+            reference = reference_blocks(case, inputs)
+            ref_note = "torch.func float64"
+        except Exception as exc:  # the row still gets timed, unchecked
+            reference = None
+            ref_note = f"reference failed ({failure_kind(exc)}: {exc}); results unchecked"
+        results: dict[str, EngineResult] = {}
+        runners: dict[str, Runner] = {}
+        for engine in self.engines:
+            skip = self._skip_reason(engine, case, over_budget)
+            if skip is not None:
+                results[engine.name] = skip
+                continue
+            result, runner = self._warm_up(engine, case, inputs, reference)
+            results[engine.name] = result
+            if runner is not None:
+                runners[engine.name] = runner
+        del reference
+        gc.collect()
+        self._time(runners, results)
+        for runner in runners.values():
+            runner.close()
+        return RowResult(case, x, results, ref_note)
+
+    def _skip_reason(
+        self, engine: Engine, case: Case, over_budget: dict[str, str]
+    ) -> EngineResult | None:
+        if engine.name in self.absent:
+            return EngineResult(ABSENT, detail=self.absent[engine.name])
+        if (reason := engine.unsupported_reason(case)) is not None:
+            return EngineResult(UNSUPPORTED, detail=reason)
+        if engine.name in over_budget:
+            return EngineResult(SKIPPED, detail=over_budget[engine.name])
+        return None
+
+    def _warm_up(
+        self, engine: Engine, case: Case, inputs: tuple, reference: Blocks | None
+    ) -> tuple[EngineResult, Runner | None]:
+        """Prepare and warm up one engine; return its provisional result and runner if timable."""
+        try:
+            runner = engine.prepare(case, inputs, self.settings.device)
+            warm = runner.warmup()
+        except Exception as exc:
+            return EngineResult(failure_kind(exc), detail=_short(exc)), None
+        result = EngineResult(OK, warmup_ms=1e3 * warm.seconds)
+        if reference is None:
+            result.detail = "unchecked"
+        else:
+            check = compare_blocks(warm.blocks, reference, reshape=warm.reshape)
+            result.detail = check.summary() + (f"; {warm.note}" if warm.note else "")
+            if not check.ok:
+                result.status = WRONG
+                runner.close()
+                return result, None
+        return result, runner
+
+    def _time(self, runners: dict[str, Runner], results: dict[str, EngineResult]) -> None:
+        """Interleaved timing of the warmed-up engines; fills medians or failure statuses."""
+
+        def on_error(name: str, exc: BaseException) -> None:
+            results[name].status = failure_kind(exc)
+            results[name].detail = _short(exc)
+
+        caps = {
+            name: 1
+            for name, runner in runners.items()
+            if (results[name].warmup_ms or 0.0) > 1e3 * self.settings.budget_s
+        }
+        callers = {name: runner.time_call for name, runner in runners.items()}
+        samples = interleaved(callers, self.settings.policy, caps, on_error)
+        for name, times in samples.items():
+            result = results[name]
+            if result.status == OK:
+                result.times_ms = [1e3 * t for t in times]
+                result.median_ms = median_ms(times)
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _row_line(row: RowResult) -> str:
+    parts = []
+    for name, result in row.engines.items():
+        if result.median_ms is not None:
+            parts.append(f"{name} {result.median_ms:.3f} ms")
+        else:
+            parts.append(f"{name} {result.status}")
+    return " | ".join(parts)

@@ -1,0 +1,131 @@
+"""thoad worker: run under the Python 3.12 environment, driven by :class:`bench.engines.ThoadEngine`.
+
+Started as ``<venv312>/bin/python -m bench.thoad_worker`` from the repository root. It reads one
+JSON request per line on stdin and writes one JSON reply per line on the original stdout
+(anything else printed goes to stderr). Requests:
+
+* ``{"cmd": "hello"}`` -> versions.
+* ``{"cmd": "setup", "case": {...}, "inputs": "in.pt", "device": "cpu"}``: load ``(X, *params)``
+  saved by the harness (the very tensors the other engines get) and mark them as the seed does:
+  ``X.requires_grad_(True)``, params ``requires_grad_(param_grad)``.
+* ``{"cmd": "warmup", "result": "out.pt"}``: one call, then fetch every derivative block with
+  ``ctrl.fetch_hgrad`` and save them as ``{index tuple: tensor}``; replies with the call's time.
+* ``{"cmd": "time"}``: one timed call (forward, ``backward`` and ``ctrl.clear()``, as in the seed).
+* ``{"cmd": "quit"}``.
+
+Errors are replied as ``{"ok": false, "kind": "OOM" | "ERROR", "error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor
+
+from bench.models import Case
+
+
+class ThoadCase:
+    """One case set up for thoad, with the seed's call."""
+
+    def __init__(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> None:
+        self.case = case
+        self.device = device
+        X, *params = (t.to(device) for t in inputs)
+        X.requires_grad_(True)
+        for P in params:
+            P.requires_grad_(case.param_grad)
+        self.inputs = (X, *params)
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _backward(self) -> Any:
+        from thoad import backward
+
+        T = self.case.forward(*self.inputs)
+        return backward(tensor=T, order=self.case.order, crossings=self.case.param_grad,
+                        keep_batch=True)
+
+    def call(self) -> float:
+        """The timed call, exactly as the seed times thoad."""
+        self._sync()
+        start = time.perf_counter()
+        ctrl = self._backward()
+        ctrl.clear()
+        self._sync()
+        return time.perf_counter() - start
+
+    def warmup(self, result_path: str) -> float:
+        """First call, then fetch and save every derivative block (fetching is not timed)."""
+        self._sync()
+        start = time.perf_counter()
+        ctrl = self._backward()
+        self._sync()
+        seconds = time.perf_counter() - start
+        blocks: dict[tuple[int, ...], Tensor] = {}
+        for index in itertools.product(range(self.case.n_inputs), repeat=self.case.order):
+            variables = tuple(self.inputs[i] for i in index)
+            block, _meta = ctrl.fetch_hgrad(variables=variables, keep_batch=False)
+            blocks[index] = block.detach().cpu()
+        ctrl.clear()
+        torch.save(blocks, result_path)
+        return seconds
+
+
+def _handle(request: dict[str, Any], state: dict[str, ThoadCase]) -> dict[str, Any]:
+    cmd = request["cmd"]
+    if cmd == "hello":
+        return {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "thoad": importlib.metadata.version("thoad"),
+        }
+    if cmd == "setup":
+        state.pop("case", None)
+        inputs = torch.load(request["inputs"])
+        state["case"] = ThoadCase(Case.from_dict(request["case"]), inputs, request["device"])
+        return {}
+    if cmd == "warmup":
+        return {"seconds": state["case"].warmup(request["result"])}
+    if cmd == "time":
+        return {"seconds": state["case"].call()}
+    raise ValueError(f"unknown command {cmd!r}")
+
+
+def serve(requests: TextIO, replies: TextIO) -> None:
+    """Answer requests until ``quit`` or end of input."""
+    state: dict[str, ThoadCase] = {}
+    for line in requests:
+        request = json.loads(line)
+        if request["cmd"] == "quit":
+            break
+        try:
+            reply = {"ok": True, **_handle(request, state)}
+        except Exception as exc:  # reported to the harness, which decides what to do
+            oom = isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in str(
+                exc
+            )
+            reply = {"ok": False, "kind": "OOM" if oom else "ERROR",
+                     "error": f"{type(exc).__name__}: {exc}"[:500]}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+def main() -> None:
+    # Keep the protocol channel clean: whatever thoad or torch print goes to stderr.
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin, replies)
+
+
+if __name__ == "__main__":
+    main()

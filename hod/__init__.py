@@ -1,0 +1,33 @@
+"""hod: higher-order derivatives for PyTorch, generated once per input signature.
+
+``hod.derivative(f, order=n)`` returns a function computing the n-th derivative tensors
+of ``f``, equal to nested ``torch.func`` transforms, as straight-line generated code.
+"""
+
+from ._api import DerivativeFunction, derivative, derivatives, hessian, jacobian
+from ._build import Lowered
+from .errors import (
+    HodError,
+    InputError,
+    MemoryLimitError,
+    OutputError,
+    TracingError,
+    UnsupportedOperatorError,
+)
+
+__all__ = [
+    "DerivativeFunction",
+    "HodError",
+    "InputError",
+    "Lowered",
+    "MemoryLimitError",
+    "OutputError",
+    "TracingError",
+    "UnsupportedOperatorError",
+    "derivative",
+    "derivatives",
+    "hessian",
+    "jacobian",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,155 @@
+"""The public transforms: ``derivative``, ``derivatives``, ``jacobian``, ``hessian``."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from torch.utils._pytree import tree_unflatten
+
+from ._build import Lowered, Request, build
+from ._signature import flatten_call
+from .errors import InputError
+
+#: How many signatures one transformed function keeps generated code for.
+CACHE_SIZE = 64
+
+
+class DerivativeFunction:
+    """What the transforms return: call it like ``f``; ``lower`` shows the generated code.
+
+    Code is generated on the first call with a new signature (pytree structure, shapes,
+    dtypes, devices and non-tensor argument values) and reused afterwards; at most
+    :data:`CACHE_SIZE` signatures are kept (least recently used first out).
+    """
+
+    def __init__(self, request: Request, argnums: tuple[int, ...]) -> None:
+        self._request = request
+        self._argnums = argnums
+        self._cache: OrderedDict[Any, Lowered] = OrderedDict()
+        self._lock = threading.Lock()
+        functools.update_wrapper(self, request.f, updated=())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self._flatten(args, kwargs)
+        lowered = self._lowered(flat)
+        return tree_unflatten(lowered.run(flat.tensors), lowered.result_spec)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Lowered:
+        """The generated artifact for this call's signature (``.code``, ``.graph_module``)."""
+        return self._lowered(self._flatten(args, kwargs))
+
+    def _flatten(self, args: tuple, kwargs: dict):
+        call = self._request.call
+        for a in self._argnums:
+            if a >= len(args):
+                raise InputError(
+                    f"{call}: argnums asks for positional argument {a}, but the call passed "
+                    f"{len(args)} positional argument(s).\n"
+                    f"  Fix: pass that argument positionally, or change argnums."
+                )
+        return flatten_call(args, kwargs, self._argnums, call)
+
+    def _lowered(self, flat) -> Lowered:
+        with self._lock:
+            lowered = self._cache.get(flat.key)
+            if lowered is not None:
+                self._cache.move_to_end(flat.key)
+                return lowered
+        lowered = build(self._request, flat)
+        with self._lock:
+            self._cache[flat.key] = lowered
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return lowered
+
+    def __repr__(self) -> str:
+        return f"<hod {self._request.call}>"
+
+
+def _describe(name: str, f: Callable, order: int | None, argnums: Any) -> str:
+    fname = getattr(f, "__name__", type(f).__name__)
+    parts = [fname] + ([f"order={order!r}"] if order is not None else [])
+    if argnums != 0:
+        parts.append(f"argnums={argnums!r}")
+    return f"hod.{name}({', '.join(parts)})"
+
+
+def _validate(call: str, f: Any, order: Any, argnums: Any) -> tuple[int, ...]:
+    if not callable(f):
+        raise InputError(
+            f"{call}: the first argument must be a callable, got {type(f).__name__}.\n"
+            f"  Fix: pass the function to differentiate, e.g. hod.derivative(loss, order=2)."
+        )
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise InputError(
+            f"{call}: order must be a positive integer, got {order!r}.\n"
+            f"  Fix: use order=1 for the Jacobian, order=2 for the Hessian, and so on."
+        )
+    nums = argnums if isinstance(argnums, tuple) else (argnums,)
+    if not nums or any(isinstance(a, bool) or not isinstance(a, int) for a in nums):
+        raise InputError(
+            f"{call}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}.\n"
+            f"  Fix: e.g. argnums=0 or argnums=(0, 1)."
+        )
+    if any(a < 0 for a in nums):
+        raise InputError(
+            f"{call}: argnums must be non-negative, got {argnums!r}.\n"
+            f"  Fix: count positional arguments from 0."
+        )
+    if len(set(nums)) != len(nums):
+        raise InputError(
+            f"{call}: argnums {argnums!r} names an argument twice.\n"
+            f"  Fix: list each argument once."
+        )
+    return nums
+
+
+def _transform(
+    name: str, f: Callable, order: int, argnums: int | tuple[int, ...], has_aux: bool,
+    with_values: bool, shown_order: int | None,
+) -> DerivativeFunction:
+    call = _describe(name, f, shown_order, argnums)
+    nums = _validate(call, f, order, argnums)
+    return DerivativeFunction(Request(f, order, argnums, has_aux, with_values, call), nums)
+
+
+def derivative(
+    f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False
+) -> DerivativeFunction:
+    """The order-``order`` derivative of ``f`` with respect to ``args[argnums]``.
+
+    Equal in structure and value to ``torch.func`` nesting: ``jacrev(f, argnums)`` wrapped
+    in ``order - 1`` ``jacfwd(..., argnums)``. A leaf for output ``y`` and inputs
+    ``x_i, x_j, ...`` has shape ``y.shape + x_i.shape + x_j.shape + ...``; a tuple
+    ``argnums`` nests tuples ``order`` levels deep. With ``has_aux=True`` ``f`` returns
+    ``(output, aux)`` and the result is ``(derivative, aux)``.
+    """
+    return _transform("derivative", f, order, argnums, has_aux, False, order)
+
+
+def derivatives(
+    f: Callable, order: int, argnums: int | tuple[int, ...] = 0
+) -> DerivativeFunction:
+    """``(value, D1, ..., Dn)`` of ``f`` from one generated function.
+
+    ``Dk`` equals ``derivative(f, k, argnums)``; ``value`` is ``f``'s output.
+    """
+    return _transform("derivatives", f, order, argnums, False, True, order)
+
+
+def jacobian(
+    f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False
+) -> DerivativeFunction:
+    """``derivative(f, 1, argnums)``: equals ``torch.func.jacrev(f, argnums)``."""
+    return _transform("jacobian", f, 1, argnums, has_aux, False, None)
+
+
+def hessian(
+    f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False
+) -> DerivativeFunction:
+    """``derivative(f, 2, argnums)``: equals ``torch.func.hessian(f, argnums)``."""
+    return _transform("hessian", f, 2, argnums, has_aux, False, None)

@@ -1,0 +1,262 @@
+"""From a call signature to a generated function: trace, plan, derive, assemble, codegen.
+
+Two ways to reach an order-``n`` derivative, chosen by :func:`choose_mode`:
+
+* **forward**: seed the differentiated inputs and push ``D^1 .. D^n`` through ``f``;
+* **reverse-last**: trace the reverse-mode Jacobian ``J = d y / d x`` of ``f`` (for a
+  scalar ``y``, its gradient) and push ``D^1 .. D^(n-1)`` through that graph. When the
+  output is much smaller than the seed space this costs about ``S^(n-1)`` gradients
+  instead of ``S^n`` forward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.utils._pytree import TreeSpec
+
+from ._assemble import BlockKey, Segment, block_structure, extract_block
+from ._derive import derive
+from ._emitter import Emitter, Operand
+from ._jet import DeriveContext, Jet
+from ._signature import FlatCall, flatten_outputs
+from ._tracing import find_call_site, trace
+from .errors import OutputError
+
+aten = torch.ops.aten
+
+#: Reverse-last is chosen when ``REVERSE_COST * numel(output) <= seed size``: one
+#: reverse sweep costs a few forward sweeps.
+REVERSE_COST = 3
+
+
+@dataclass
+class Request:
+    """What to build: ``f``, the orders wanted and how results nest."""
+
+    f: Callable
+    order: int
+    argnums: int | tuple[int, ...]
+    has_aux: bool
+    with_values: bool  # derivatives(): (value, D1, ..., Dn) instead of Dn alone
+    call: str
+
+
+@dataclass
+class Lowered:
+    """The artifact generated for one signature.
+
+    ``graph_module`` is the generated ``torch.fx.GraphModule`` (a straight line of ATen
+    calls over the flat tensor leaves); ``code`` is its Python source; ``mode`` says how
+    it differentiates (``"forward"`` or ``"reverse-last"``); ``seed_size`` is the size of
+    the seed space its derivative tensors span.
+    """
+
+    graph_module: fx.GraphModule
+    result_spec: TreeSpec
+    mode: str
+    seed_size: int
+    _n_results: int = field(repr=False, default=0)
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    def run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.graph_module(*tensors)
+
+
+@dataclass
+class _Traced:
+    """A traced flat function and the structure of what ``f`` returned."""
+
+    gm: fx.GraphModule
+    out_spec: TreeSpec
+    aux_spec: TreeSpec | None
+    n_out: int
+    n_aux: int
+
+
+def build(request: Request, flat: FlatCall) -> Lowered:
+    """Generate the function computing ``request`` for calls shaped like ``flat``."""
+    call = request.call
+    segments = _segments(flat)
+    seed_size = sum(s.size for s in segments)
+    forward = _trace_forward(request, flat)
+    out_vals = [n.meta["val"] for n in _outputs(forward.gm)[: forward.n_out]]
+    for val in out_vals:
+        if not val.dtype.is_floating_point:
+            raise OutputError(
+                f"{call}: the function returns a tensor of dtype {val.dtype}.\n"
+                f"  Expected: floating-point outputs (integer outputs have no derivative).\n"
+                f"  Fix: return a floating tensor, or move it to the aux output "
+                f"(has_aux=True)."
+            )
+    mode = choose_mode(request.order, [v.numel() for v in out_vals], seed_size)
+    traced = forward if mode == "forward" else _trace_reverse(request, flat, forward)
+    example = flat.tensors[flat.diff[0]]
+    em = Emitter(example.device, example.dtype)
+    fwd_order = request.order if mode == "forward" else request.order - 1
+    ctx = DeriveContext(em, fwd_order, seed_size)
+
+    inputs = []
+    for i, t in enumerate(flat.tensors):
+        node = em.placeholder(f"t{i}", t)
+        derivs: list[Operand] = [None] * fwd_order
+        if i in flat.diff and fwd_order > 0:
+            derivs[0] = _seed(em, segments[flat.diff.index(i)], seed_size, node)
+        inputs.append(Jet(node, derivs))
+
+    def call_site(op: object) -> str | None:
+        return find_call_site(_flat_function(request, flat, None), flat.tensors, op)
+
+    out_jets = derive(
+        traced.gm, ctx, inputs, call, call_site, len(_outputs(traced.gm)) - traced.n_aux
+    )
+    orders = range(0 if request.with_values else request.order, request.order + 1)
+    results: list[fx.Node] = []
+    specs = []
+    for order in orders:
+        keys, spec = block_structure(
+            forward.out_spec, forward.n_out, request.argnums, flat.layouts, order
+        )
+        specs.append(spec)
+        for key in keys:
+            results.append(_block(em, mode, key, out_jets, out_vals, segments, seed_size, flat))
+    aux = [j.primal for j in out_jets[len(out_jets) - traced.n_aux:]] if traced.n_aux else []
+    em.output(results + aux)
+    em.graph.eliminate_dead_code()
+    root = torch.nn.Module()
+    for name, value in em.constants.items():
+        setattr(root, name, value)
+    gm = fx.GraphModule(root, em.graph)
+    spec = _result_spec(specs, request, traced.aux_spec)
+    return Lowered(gm, spec, mode, seed_size, len(results))
+
+
+def choose_mode(order: int, out_sizes: Sequence[int], seed_size: int) -> str:
+    """``"reverse-last"`` for one small output, else ``"forward"`` (see module doc)."""
+    if len(out_sizes) == 1 and REVERSE_COST * out_sizes[0] <= seed_size:
+        return "reverse-last"
+    return "forward"
+
+
+def _segments(flat: FlatCall) -> list[Segment]:
+    segments, offset = [], 0
+    for pos in flat.diff:
+        shape = tuple(flat.tensors[pos].shape)
+        segments.append(Segment(offset, shape))
+        offset += segments[-1].size
+    return segments
+
+
+def _seed(em: Emitter, segment: Segment, seed_size: int, like: fx.Node) -> fx.Node:
+    """``D^1`` of an input leaf: the identity's columns of its segment, ``(S,) + shape``."""
+    eye = em.call(
+        aten.eye.default, seed_size, dtype=em.dtype_of(like), device=em.device
+    )
+    if segment.size != seed_size:
+        eye = em.call(aten.slice.Tensor, eye, 1, segment.offset, segment.offset + segment.size)
+    return em.reshape(eye, [seed_size, *segment.shape])
+
+
+def _block(
+    em: Emitter, mode: str, key: BlockKey, out_jets: list[Jet], out_vals: list[torch.Tensor],
+    segments: list[Segment], seed_size: int, flat: FlatCall,
+) -> fx.Node:
+    y = out_vals[key.out]
+    shape = list(y.shape) + [d for leaf in key.leaves for d in segments[leaf].shape]
+    if not key.leaves:
+        return out_jets[key.out].primal
+    if mode == "forward":
+        t = out_jets[key.out].d(len(key.leaves))
+        seeds = key.leaves
+    else:
+        # out_jets = [y, J_leaf0, J_leaf1, ...]: J of the first leaf, seeded by the rest.
+        t = out_jets[1 + key.leaves[0]].d(len(key.leaves) - 1)
+        seeds = key.leaves[1:]
+    return extract_block(em, t, [segments[s] for s in seeds], seed_size, shape, y.dtype)
+
+
+def _outputs(gm: fx.GraphModule) -> list[fx.Node]:
+    return list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+
+
+def _result_spec(specs: list[TreeSpec], request: Request, aux_spec: TreeSpec | None):
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    trees = []
+    for spec in specs:
+        trees.append(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
+    tree = tuple(trees) if request.with_values else trees[0]
+    if request.has_aux:
+        tree = (tree, tree_unflatten([_Leaf()] * aux_spec.num_leaves, aux_spec))
+    return tree_flatten(tree)[1]
+
+
+class _Leaf:
+    """A placeholder leaf used to build the result's tree spec."""
+
+
+# -- tracing the two graphs -------------------------------------------------------------------
+def _flat_function(request: Request, flat: FlatCall, holder: dict | None):
+    """``f`` over the flat tensor leaves, returning ``outputs + aux`` leaves."""
+
+    def flat_f(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        args, kwargs = flat.rebuild(list(tensors))
+        result = request.f(*args, **kwargs)
+        aux: list[torch.Tensor] = []
+        if request.has_aux:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise OutputError(
+                    f"{request.call}: has_aux=True, so the function must return a pair "
+                    f"(output, aux), but it returned {type(result).__name__}"
+                    + (f" of length {len(result)}" if isinstance(result, tuple) else "")
+                    + ".\n  Fix: return (output, aux), or drop has_aux=True."
+                )
+            result, aux_tree = result
+            aux, aux_spec = flatten_outputs(aux_tree, "aux output", request.call)
+            if holder is not None:
+                holder["aux_spec"] = aux_spec
+        outs, out_spec = flatten_outputs(result, "output", request.call)
+        if holder is not None:
+            holder["out_spec"], holder["n_out"], holder["n_aux"] = out_spec, len(outs), len(aux)
+        return [*outs, *aux]
+
+    return flat_f
+
+
+def _trace_forward(request: Request, flat: FlatCall) -> _Traced:
+    holder: dict = {}
+    gm = trace(_flat_function(request, flat, holder), flat.tensors, request.call)
+    return _Traced(gm, holder["out_spec"], holder.get("aux_spec"), holder["n_out"],
+                   holder["n_aux"])
+
+
+def _trace_reverse(request: Request, flat: FlatCall, forward: _Traced) -> _Traced:
+    """Trace ``[y, dy/dx_leaf for each differentiated leaf, *aux]`` for one output ``y``."""
+    flat_f = _flat_function(request, flat, None)
+    n_out = forward.n_out
+
+    def reverse(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        def of_diff(*diff: torch.Tensor):
+            filled = list(tensors)
+            for pos, value in zip(flat.diff, diff):
+                filled[pos] = value
+            outs = flat_f(*filled)
+            return outs[0], outs[n_out:]
+
+        diff = [tensors[pos] for pos in flat.diff]
+        y, vjp_fn, aux = torch.func.vjp(of_diff, *diff, has_aux=True)
+        if y.numel() == 1:
+            grads = vjp_fn(torch.ones_like(y))
+        else:
+            basis = torch.eye(y.numel(), dtype=y.dtype, device=y.device)
+            grads = torch.func.vmap(vjp_fn)(basis.view(y.numel(), *y.shape))
+        return [y, *grads, *aux]
+
+    gm = trace(reverse, flat.tensors, request.call)
+    return _Traced(gm, forward.out_spec, forward.aux_spec, 1 + len(flat.diff), forward.n_aux)

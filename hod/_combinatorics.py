@@ -1,0 +1,35 @@
+"""Set partitions and subsets used by Faà di Bruno's formula and Leibniz's rule."""
+
+from __future__ import annotations
+
+from functools import cache
+from itertools import combinations
+
+Block = tuple[int, ...]
+
+
+@cache
+def set_partitions(m: int) -> tuple[tuple[Block, ...], ...]:
+    """All partitions of ``{0, ..., m-1}`` into blocks; blocks and their elements are sorted."""
+    if m == 0:
+        return ((),)
+    result = []
+    for partition in set_partitions(m - 1):
+        last = m - 1
+        result.append(partition + ((last,),))
+        for i, block in enumerate(partition):
+            grown = partition[:i] + (block + (last,),) + partition[i + 1 :]
+            result.append(grown)
+    return tuple(tuple(sorted(p)) for p in result)
+
+
+@cache
+def subsets(m: int) -> tuple[tuple[Block, Block], ...]:
+    """All splits of ``{0, ..., m-1}`` into an ordered pair ``(chosen, rest)``."""
+    everything = tuple(range(m))
+    splits = []
+    for size in range(m + 1):
+        for chosen in combinations(everything, size):
+            rest = tuple(i for i in everything if i not in chosen)
+            splits.append((chosen, rest))
+    return tuple(splits)

@@ -1,0 +1,128 @@
+"""Stage 3: walk a traced ATen graph and emit every node's derivative tensors.
+
+Each node of the traced graph is copied into the emitter's graph (its value) and, when
+one of its inputs has a nonzero derivative, its rule emits ``D^1 .. D^n`` of it over the
+seed space. Nodes that depend on no seeded input cost nothing beyond their value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import fx
+
+from ._emitter import Emitter, Operand
+from ._jet import DeriveContext, Jet
+from .errors import UnsupportedOperatorError
+from .rules import RULES
+
+#: ``site(op)`` returns where the user's function called ``op`` (for error messages).
+CallSite = Callable[[object], "str | None"]
+
+
+def derive(
+    gm: fx.GraphModule,
+    ctx: DeriveContext,
+    inputs: Sequence[Jet],
+    call: str,
+    call_site: CallSite,
+    differentiated: int,
+) -> list[Jet]:
+    """Jets of ``gm``'s outputs, given the jets of its placeholders (in order).
+
+    Only the first ``differentiated`` outputs get derivatives; nodes that feed nothing
+    but the others (aux outputs) are computed as values only.
+    """
+    em = ctx.em
+    env: dict[fx.Node, object] = {}
+    needed = _ancestors(list(gm.graph.nodes)[-1].args[0][:differentiated])
+    placeholders = iter(inputs)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(placeholders)
+        elif node.op == "get_attr":
+            value = getattr(gm, node.target)
+            env[node] = Jet(em.constant(node.target, value), [None] * ctx.order)
+        elif node.op == "call_function":
+            env[node] = _derive_node(ctx, node, env, call, call_site, node in needed)
+        elif node.op == "output":
+            return [env[v] for v in node.args[0]]
+    raise AssertionError("graph without output")
+
+
+def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _derive_node(
+    ctx: DeriveContext, node: fx.Node, env: dict, call: str, call_site: CallSite, needed: bool
+) -> Jet:
+    em = ctx.em
+    args = fx.node.map_aggregate(node.args, lambda a: env[a] if isinstance(a, fx.Node) else a)
+    kwargs = fx.node.map_aggregate(
+        node.kwargs, lambda a: env[a] if isinstance(a, fx.Node) else a
+    )
+    primal = fx.node.map_aggregate(args, _primal)
+    primal_kwargs = fx.node.map_aggregate(kwargs, _primal)
+    out = em.call(node.target, *primal, **dict(primal_kwargs))
+    jets = [a for a in _flat(args) + _flat(kwargs) if isinstance(a, Jet)]
+    val = out.meta["val"]
+    if not isinstance(val, torch.Tensor):
+        raise UnsupportedOperatorError(
+            f"{call}: the ATen op {node.target} returns {type(val).__name__}, not a tensor; "
+            f"hod differentiates single-tensor ops only.{_where(call_site, node.target)}"
+        )
+    if not needed or all(j.is_constant for j in jets) or not val.dtype.is_floating_point:
+        return Jet(out, [None] * ctx.order)
+    rule = RULES.get(node.target)
+    if rule is None:
+        raise UnsupportedOperatorError(
+            f"{call}: no derivative rule for the ATen op {node.target}.\n"
+            f"  Expected: ops listed in hod's README (or ones that decompose into them)."
+            f"{_where(call_site, node.target)}\n"
+            f"  Fix: rewrite that line with supported ops, or open an issue asking for a "
+            f"rule for {node.target}."
+        )
+    derivs = rule(ctx, args, dict(kwargs), out)
+    return Jet(out, [_conform(em, ctx, d, k, out, node) for k, d in enumerate(derivs, 1)])
+
+
+def _where(call_site: CallSite, op: object) -> str:
+    site = call_site(op)
+    return f"\n  It comes from: {site}" if site else ""
+
+
+def _primal(value: object) -> object:
+    return value.primal if isinstance(value, Jet) else value
+
+
+def _flat(value: object) -> list:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flat(v)]
+    return [value]
+
+
+def _conform(
+    em: Emitter, ctx: DeriveContext, d: Operand, k: int, out: fx.Node, node: fx.Node
+) -> Operand:
+    """Check a rule's ``D^k`` has shape ``(S,)*k + out.shape``, expanding a broadcast one."""
+    if d is None:
+        return None
+    expected = [ctx.seed_size] * k + list(em.shape(out))
+    if not isinstance(d, fx.Node):
+        raise AssertionError(f"rule for {node.target} returned a number for D^{k}")
+    if list(em.shape(d)) != expected:
+        d = em.expand(ctx.align(d, k, len(expected) - k), expected)
+    if em.dtype_of(d) != em.dtype_of(out):
+        d = em.call(torch.ops.aten._to_copy.default, d, dtype=em.dtype_of(out))
+    return d

@@ -1,0 +1,211 @@
+"""Builds the generated fx.Graph: one node per ATen call, with shapes known at trace time.
+
+The emitter is where trace-time simplification lives: it removes duplicate expressions
+(common-subexpression elimination keyed by op and arguments), folds multiplications by
+0/1 and additions of symbolic zeros (``None``), and records a ``meta``-device tensor for
+every node so rules can ask for shapes and dtypes without running anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+Operand = fx.Node | float | int | bool | None
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable key for an argument (nodes hash by identity)."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, torch.dtype | torch.device | torch.layout | torch.memory_format):
+        return ("torch", str(value))
+    if isinstance(value, float) and value != value:  # NaN never equals itself
+        return ("nan",)
+    return (type(value).__name__, value) if not isinstance(value, fx.Node) else value
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, fx.Node):
+        return value.meta["val"]
+    if isinstance(value, torch.device):
+        return torch.device("meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+def meta_like(t: torch.Tensor) -> torch.Tensor:
+    """A ``meta`` tensor with ``t``'s shape, strides and dtype."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+class Emitter:
+    """Appends ATen calls to a new graph; see the module docstring.
+
+    ``device`` is the device of the traced inputs: factory calls (``zeros``, ``eye``) are
+    emitted on it, while shapes are computed on the ``meta`` device.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.graph = fx.Graph()
+        self.device = device
+        self.dtype = dtype
+        self.constants: dict[str, torch.Tensor] = {}
+        self._seen: dict[Any, fx.Node] = {}
+
+    # -- nodes -----------------------------------------------------------------------------
+    def placeholder(self, name: str, example: torch.Tensor) -> fx.Node:
+        node = self.graph.placeholder(name)
+        node.meta["val"] = meta_like(example)
+        return node
+
+    def constant(self, name: str, value: torch.Tensor) -> fx.Node:
+        """A tensor stored on the generated module (closure-captured tensors)."""
+        key = ("constant", id(value))
+        if key not in self._seen:
+            attr = f"_const_{len(self.constants)}_{name}"
+            self.constants[attr] = value
+            node = self.graph.get_attr(attr)
+            node.meta["val"] = meta_like(value)
+            self._seen[key] = node
+        return self._seen[key]
+
+    def call(self, op: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        """Emit ``op(*args, **kwargs)`` once; a repeated call returns the first node."""
+        key = (op, _freeze(args), _freeze(kwargs))
+        node = self._seen.get(key)
+        if node is None:
+            meta_args = _to_meta(args)
+            meta_kwargs = {k: _to_meta(v) for k, v in kwargs.items()}
+            val = op(*meta_args, **meta_kwargs)
+            node = self.graph.call_function(op, tuple(args), dict(kwargs))
+            node.meta["val"] = val
+            self._seen[key] = node
+        return node
+
+    def output(self, values: Sequence[fx.Node]) -> None:
+        self.graph.output(list(values))
+
+    # -- facts about nodes -----------------------------------------------------------------
+    @staticmethod
+    def shape(node: fx.Node) -> tuple[int, ...]:
+        return tuple(node.meta["val"].shape)
+
+    @staticmethod
+    def rank(node: fx.Node) -> int:
+        return node.meta["val"].dim()
+
+    @staticmethod
+    def dtype_of(node: fx.Node) -> torch.dtype:
+        return node.meta["val"].dtype
+
+    # -- folding helpers -------------------------------------------------------------------
+    def mul(self, a: Operand, b: Operand) -> Operand:
+        """``a * b`` where ``None`` and ``0`` are zeros and ``1`` is the identity."""
+        if a is None or b is None or _is_zero(a) or _is_zero(b):
+            return None
+        if _is_one(a):
+            return b
+        if _is_one(b):
+            return a
+        if not isinstance(a, fx.Node):
+            a, b = b, a
+        if not isinstance(a, fx.Node):
+            return a * b
+        return self.call(aten.mul.Tensor, a, b)
+
+    def add(self, a: Operand, b: Operand) -> Operand:
+        """``a + b`` where ``None`` is a symbolic zero."""
+        if a is None or _is_zero(a):
+            return b
+        if b is None or _is_zero(b):
+            return a
+        if not isinstance(a, fx.Node):
+            a, b = b, a
+        if not isinstance(a, fx.Node):
+            return a + b
+        return self.call(aten.add.Tensor, a, b)
+
+    def sub(self, a: Operand, b: Operand) -> Operand:
+        return self.add(a, self.neg(b))
+
+    def neg(self, a: Operand) -> Operand:
+        if a is None:
+            return None
+        if not isinstance(a, fx.Node):
+            return -a
+        return self.call(aten.neg.default, a)
+
+    def sum_terms(self, terms: Sequence[Operand]) -> Operand:
+        total: Operand = None
+        for term in terms:
+            total = self.add(total, term)
+        return total
+
+    def product(self, factors: Sequence[Operand]) -> Operand:
+        result: Operand = 1
+        for factor in factors:
+            result = self.mul(result, factor)
+        return result
+
+    def reshape(self, node: fx.Node, shape: Sequence[int]) -> fx.Node:
+        shape = [int(s) for s in shape]
+        if list(self.shape(node)) == shape:
+            return node
+        if self._is_view_compatible(node, shape):
+            return self.call(aten.view.default, node, shape)
+        return self.call(aten.reshape.default, node, shape)
+
+    def expand(self, node: fx.Node, shape: Sequence[int]) -> fx.Node:
+        shape = [int(s) for s in shape]
+        if list(self.shape(node)) == shape:
+            return node
+        return self.call(aten.expand.default, node, shape)
+
+    def permute(self, node: fx.Node, dims: Sequence[int]) -> fx.Node:
+        dims = [int(d) for d in dims]
+        if dims == list(range(len(dims))):
+            return node
+        return self.call(aten.permute.default, node, dims)
+
+    def zeros(self, shape: Sequence[int], dtype: torch.dtype | None = None) -> fx.Node:
+        return self.call(
+            aten.zeros.default,
+            [int(s) for s in shape],
+            dtype=dtype or self.dtype,
+            device=self.device,
+        )
+
+    def full_scalar(self, value: float, like: fx.Node) -> fx.Node:
+        """A 0-dim tensor holding ``value`` with ``like``'s dtype."""
+        return self.call(
+            aten.scalar_tensor.default, value, dtype=self.dtype_of(like), device=self.device
+        )
+
+    def contiguous(self, node: fx.Node) -> fx.Node:
+        if node.meta["val"].is_contiguous():
+            return node
+        return self.call(aten.clone.default, node, memory_format=torch.contiguous_format)
+
+    def _is_view_compatible(self, node: fx.Node, shape: list[int]) -> bool:
+        try:
+            node.meta["val"].view(shape)
+        except RuntimeError:
+            return False
+        return True
+
+
+def _is_zero(value: Operand) -> bool:
+    return not isinstance(value, fx.Node) and value is not None and value == 0
+
+
+def _is_one(value: Operand) -> bool:
+    return not isinstance(value, fx.Node) and value is not None and value == 1

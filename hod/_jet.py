@@ -1,0 +1,128 @@
+"""Jets (a value with its derivative tensors) and the family helpers rules are built from.
+
+Seed axes lead: the k-th derivative of a value ``v`` has shape ``(S,) * k + v.shape`` and
+is symmetric in its first ``k`` axes. Leading seed axes let a primal operand broadcast
+against a derivative operand with ordinary right-aligned broadcasting, so most rules are
+a plain ATen call on derivative tensors.
+
+``None`` stands for a derivative that is zero by construction (a symbolic zero); rules
+drop every term that contains one, so nothing is emitted for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import fx
+
+from ._combinatorics import set_partitions, subsets
+from ._emitter import Emitter, Operand
+
+
+@dataclass
+class Jet:
+    """A value and its derivatives ``derivs[k-1] = D^k value`` (``None`` when zero)."""
+
+    primal: fx.Node
+    derivs: list[Operand]
+
+    def d(self, k: int) -> Operand:
+        """``D^k`` of the value; ``D^0`` is the value itself."""
+        return self.primal if k == 0 else self.derivs[k - 1]
+
+    @property
+    def is_constant(self) -> bool:
+        return all(d is None for d in self.derivs)
+
+
+# A derivative tower ``g^(j)`` of a unary function: ``tower(j)`` gives the j-th derivative
+# evaluated at the primal (a node, a Python number, or None when it is zero).
+Tower = Callable[[int], Operand]
+
+
+class DeriveContext:
+    """What a rule sees: the emitter, the order ``n`` and the seed-space size ``S``."""
+
+    def __init__(self, em: Emitter, order: int, seed_size: int) -> None:
+        self.em = em
+        self.order = order
+        self.seed_size = seed_size
+
+    # -- placing seed axes -----------------------------------------------------------------
+    def place(self, t: Operand, k: int, positions: Sequence[int], m: int, rank: int) -> Operand:
+        """View ``t`` (``k`` seed axes, then the value's dims) for broadcasting.
+
+        The result has ``m`` leading axes, of size ``S`` at ``positions`` and 1 elsewhere,
+        then ones until the value's dims are right-aligned to ``rank`` dims.
+        """
+        if t is None or not isinstance(t, fx.Node):
+            return t
+        em = self.em
+        value_shape = em.shape(t)[k:]
+        lead = [1] * m
+        for p in positions:
+            lead[p] = self.seed_size
+        return em.reshape(t, lead + [1] * (rank - len(value_shape)) + list(value_shape))
+
+    def align(self, t: Operand, k: int, rank: int) -> Operand:
+        """``t``'s ``k`` seed axes kept first, its value dims right-aligned to ``rank``."""
+        return self.place(t, k, range(k), k, rank)
+
+    # -- family helpers --------------------------------------------------------------------
+    def linear(self, x: Jet, apply: Callable[[fx.Node, int], Operand]) -> list[Operand]:
+        """``D^k L(x) = L(D^k x)``; ``apply(t, k)`` applies ``L`` to ``t`` with k seed axes."""
+        return [None if x.d(k) is None else apply(x.d(k), k) for k in range(1, self.order + 1)]
+
+    def unary(self, x: Jet, tower: Tower) -> list[Operand]:
+        """Faà di Bruno: ``D^m g(x) = sum_P g^(|P|)(x) prod_{B in P} D^|B| x``.
+
+        One term per set partition ``P`` of the m seed positions; a block ``B`` contributes
+        ``D^|B| x`` with its seed axes placed at the positions in ``B``.
+        """
+        em = self.em
+        rank = em.rank(x.primal)
+        result: list[Operand] = []
+        for m in range(1, self.order + 1):
+            terms = []
+            for partition in set_partitions(m):
+                factors = [self.place(x.d(len(b)), len(b), b, m, rank) for b in partition]
+                if any(f is None for f in factors):
+                    continue
+                coefficient = tower(len(partition))
+                if coefficient is None:
+                    continue
+                terms.append(em.mul(coefficient, em.product(factors)))
+            result.append(em.sum_terms(terms))
+        return result
+
+    def bilinear(
+        self, a: Jet, b: Jet, apply: Callable[[Operand, Operand], Operand], rank: int | None
+    ) -> list[Operand]:
+        """Leibniz: ``D^m B(a, b) = sum_T B(D^|T| a, D^(m-|T|) b)`` over subsets T.
+
+        ``apply`` must broadcast over leading axes. With ``rank`` given, operands' value
+        dims are right-aligned to it (elementwise ops); with None they keep their own rank
+        (matmul-like ops, which broadcast batch dims themselves).
+        """
+        result: list[Operand] = []
+        for m in range(1, self.order + 1):
+            terms = []
+            for chosen, rest in subsets(m):
+                left = self._operand(a, chosen, m, rank)
+                right = self._operand(b, rest, m, rank)
+                if left is None or right is None:
+                    continue
+                terms.append(apply(left, right))
+            result.append(self.em.sum_terms(terms))
+        return result
+
+    def _operand(self, x: Jet, positions: tuple[int, ...], m: int, rank: int | None) -> Operand:
+        k = len(positions)
+        if k == 0:
+            return x.primal
+        t = x.d(k)
+        if t is None:
+            return None
+        value_rank = self.em.rank(x.primal)
+        return self.place(t, k, positions, m, value_rank if rank is None else rank)

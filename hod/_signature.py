@@ -1,0 +1,114 @@
+"""Flattening a call ``f(*args, **kwargs)`` into tensors plus a hashable signature.
+
+The signature is the cache key: the pytree structure of the arguments, every tensor
+leaf's shape, dtype and device, and the value of every non-tensor leaf (those are baked
+into the generated code as constants).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from ._assemble import ArgLayout
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class FlatCall:
+    """One call's arguments, flattened.
+
+    ``tensors`` are the tensor leaves of ``(args, kwargs)`` in flatten order; ``diff``
+    holds, for every differentiated leaf, its position in ``tensors``; ``layouts`` maps an
+    argnum to its tree spec and the indices (into ``diff``) of its leaves.
+    """
+
+    tensors: tuple[torch.Tensor, ...]
+    diff: tuple[int, ...]
+    layouts: dict[int, ArgLayout]
+    key: Hashable
+    rebuild: Callable[[list[torch.Tensor]], tuple[tuple, dict]]
+
+
+def _hashable(value: Any) -> Hashable:
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return (type(value), value)
+
+
+def flatten_call(
+    args: tuple, kwargs: dict, argnums: tuple[int, ...], call: str
+) -> FlatCall:
+    """Flatten a call; checks that every differentiated leaf is a floating tensor."""
+    leaves, spec = tree_flatten((args, kwargs))
+    per_arg = [tree_flatten(a) for a in args]
+    tensor_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    slot_of_leaf = {leaf_index: slot for slot, leaf_index in enumerate(tensor_pos)}
+
+    diff: list[int] = []
+    layouts: dict[int, ArgLayout] = {}
+    start = 0
+    for a, (arg_leaves, arg_spec) in enumerate(per_arg):
+        if a in argnums:
+            ids = []
+            for j, leaf in enumerate(arg_leaves):
+                _check_differentiable(leaf, a, j, call)
+                ids.append(len(diff))
+                diff.append(slot_of_leaf[start + j])
+            layouts[a] = ArgLayout(arg_spec, tuple(ids))
+        start += len(arg_leaves)
+
+    key = (
+        spec,
+        tuple(
+            (tuple(leaf.shape), leaf.dtype, leaf.device)
+            if isinstance(leaf, torch.Tensor)
+            else _hashable(leaf)
+            for leaf in leaves
+        ),
+    )
+
+    def rebuild(tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
+        filled = list(leaves)
+        for slot, leaf_index in enumerate(tensor_pos):
+            filled[leaf_index] = tensors[slot]
+        return tree_unflatten(filled, spec)
+
+    tensors = tuple(leaves[i] for i in tensor_pos)
+    return FlatCall(tensors, tuple(diff), layouts, key, rebuild)
+
+
+def _check_differentiable(leaf: Any, argnum: int, index: int, call: str) -> None:
+    where = f"argument {argnum}" + (f" (leaf {index})" if index else "")
+    if not isinstance(leaf, torch.Tensor):
+        raise InputError(
+            f"{call}: {where} is differentiated but is a {type(leaf).__name__}, not a tensor.\n"
+            f"  Expected: a floating-point tensor, or a pytree (dict/list/tuple) of them.\n"
+            f"  Fix: pass it as a tensor, or leave it out of argnums."
+        )
+    if not leaf.dtype.is_floating_point:
+        raise InputError(
+            f"{call}: {where} is differentiated but has dtype {leaf.dtype}.\n"
+            f"  Expected: a real floating-point tensor (float16/bfloat16/float32/float64).\n"
+            f"  Fix: convert it, e.g. `x.double()`, or leave it out of argnums."
+        )
+
+
+def flatten_outputs(value: Any, what: str, call: str) -> tuple[list[torch.Tensor], TreeSpec]:
+    """Flatten the function's output; every leaf must be a tensor."""
+    leaves, spec = tree_flatten(value)
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise InputError(
+                f"{call}: the function's {what} contains a {type(leaf).__name__}.\n"
+                f"  Expected: a tensor or a pytree (tuple/list/dict) of tensors.\n"
+                f"  Fix: return tensors only (wrap numbers with torch.tensor), or return "
+                f"extra values through has_aux=True."
+            )
+    return leaves, spec

@@ -1,0 +1,154 @@
+"""hod.derivative against nested torch.func in float64, orders 1-4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import broadcasting, seed_mlp, tanh_mlp, vector_valued
+from torch.func import functional_call
+
+import hod
+from conftest import assert_same_tree, reference
+
+D = torch.float64
+ORDERS = [1, 2, 3, 4]
+
+
+def mlp_inputs(batch=3, width=4, depth=3):
+    X = torch.rand(batch, width, dtype=D)
+    return X, *[torch.randn(width, width, dtype=D) for _ in range(depth)]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("argnums", [0, (0, 1, 2, 3)], ids=["x", "x+params"])
+def test_seed_mlp(order, argnums):
+    args = mlp_inputs()
+    actual = hod.derivative(seed_mlp, order, argnums)(*args)
+    assert_same_tree(actual, reference(seed_mlp, order, argnums)(*args))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_tanh_mlp_with_biases(order):
+    args = (
+        torch.randn(2, 3, dtype=D), torch.randn(3, 4, dtype=D), torch.randn(4, dtype=D),
+        torch.randn(4, 2, dtype=D), torch.randn(2, dtype=D),
+    )
+    argnums = (0, 1, 2) if order < 4 else (0, 2)
+    actual = hod.derivative(tanh_mlp, order, argnums)(*args)
+    assert_same_tree(actual, reference(tanh_mlp, order, argnums)(*args))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_vector_valued(order):
+    x = torch.rand(2, 3, dtype=D)
+    assert_same_tree(hod.derivative(vector_valued, order)(x), reference(vector_valued, order)(x))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1, 0)])
+def test_two_arguments_broadcasting(order, argnums):
+    x, y = torch.randn(3, 2, dtype=D), torch.randn(2, 1, 4, dtype=D)[0]
+    actual = hod.derivative(broadcasting, order, argnums)(x, y)
+    assert_same_tree(actual, reference(broadcasting, order, argnums)(x, y))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_module_parameters_dict(order):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)
+    ).to(D)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(5, 3, dtype=D)
+
+    def loss(p, x):
+        return (functional_call(model, p, (x,)) ** 2).mean()
+
+    assert_same_tree(hod.derivative(loss, order)(params, x), reference(loss, order)(params, x))
+
+
+def test_pytree_output_and_list_input():
+    def f(xs):
+        a, b = xs
+        return {"sum": (a * b).sum(), "prod": torch.sin(a) * b.exp()}
+
+    xs = [torch.randn(3, dtype=D), torch.randn(3, dtype=D)]
+    for order in (1, 2):
+        assert_same_tree(hod.derivative(f, order)(xs), reference(f, order)(xs))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_has_aux(order):
+    def f(x, W):
+        y = torch.tanh(x @ W)
+        return y.pow(2).sum(), {"y": y, "norm": y.norm()}
+
+    x, W = torch.randn(2, 3, dtype=D), torch.randn(3, 3, dtype=D)
+    actual = hod.derivative(f, order, (0, 1), has_aux=True)(x, W)
+    expected = reference(f, order, (0, 1), has_aux=True)(x, W)
+    assert_same_tree(actual, expected)
+
+
+@pytest.mark.parametrize("argnums", [0, (0, 1)])
+def test_derivatives_match_each_derivative(argnums):
+    x, W = torch.randn(2, 3, dtype=D), torch.randn(3, 2, dtype=D)
+
+    def f(x, W):
+        return torch.log_softmax(torch.sin(x @ W), dim=-1)
+
+    value, *ds = hod.derivatives(f, 3, argnums)(x, W)
+    torch.testing.assert_close(value, f(x, W))
+    for k, d in enumerate(ds, start=1):
+        assert_same_tree(d, hod.derivative(f, k, argnums)(x, W))
+
+
+def test_jacobian_and_hessian_are_orders_one_and_two():
+    args = mlp_inputs()
+    assert_same_tree(hod.jacobian(seed_mlp)(*args), torch.func.jacrev(seed_mlp)(*args))
+    assert_same_tree(
+        hod.hessian(seed_mlp, (0, 1))(*args), torch.func.hessian(seed_mlp, (0, 1))(*args)
+    )
+
+
+def test_non_tensor_arguments_are_constants():
+    def f(x, power, scale=1.0):
+        return (scale * x**power).sum()
+
+    fn = hod.hessian(f)
+    x = torch.rand(3, dtype=D)
+    for power, scale in [(3, 2.0), (2, 0.5)]:
+        expected = torch.func.hessian(lambda x: f(x, power, scale=scale))(x)
+        assert_same_tree(fn(x, power, scale=scale), expected)
+    assert len(fn._cache) == 2
+
+
+def test_cache_retraces_on_new_signature():
+    fn = hod.hessian(seed_mlp)
+    small, large = mlp_inputs(batch=2), mlp_inputs(batch=5)
+    first = fn.lower(*small)
+    assert fn.lower(*small) is first
+    assert_same_tree(fn(*large), torch.func.hessian(seed_mlp)(*large))
+    assert fn.lower(*large) is not first
+    assert_same_tree(fn(*small), torch.func.hessian(seed_mlp)(*small))
+    as_float32 = [a.float() for a in small]
+    assert fn.lower(*as_float32) is not first
+    assert fn(*as_float32)[0].dtype == torch.float32
+
+
+def test_lower_exposes_straight_line_code():
+    args = mlp_inputs()
+    lowered = hod.hessian(seed_mlp).lower(*args)
+    assert isinstance(lowered.graph_module, torch.fx.GraphModule)
+    assert "torch.ops.aten" in lowered.code
+    assert "for " not in lowered.code and "while " not in lowered.code
+    out = lowered.graph_module(*args)[0]
+    torch.testing.assert_close(out, torch.func.hessian(seed_mlp)(*args))
+
+
+def test_second_derivative_of_relu_emits_nothing():
+    def f(x):
+        return torch.relu(x).pow(1).sum()
+
+    code = hod.derivative(lambda x: torch.relu(x), 2).lower(torch.randn(3, dtype=D)).code
+    # relu'' = 0: the whole second derivative is a zeros tensor, no relu derivative math.
+    assert "gt" not in code and "zeros" in code
+    assert torch.count_nonzero(hod.derivative(torch.relu, 2)(torch.randn(4, dtype=D))) == 0
