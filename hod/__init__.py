@@ -4,7 +4,7 @@
 of ``f``, equal to nested ``torch.func`` transforms, as straight-line generated code.
 """
 
-from ._api import DerivativeFunction, derivative, derivatives, hessian, jacobian
+from ._api import DEFAULT_MEMORY_LIMIT, DerivativeFunction, derivative, derivatives, hessian, jacobian
 from ._build import Lowered
 from .errors import (
     HodError,
@@ -16,6 +16,7 @@ from .errors import (
 )
 
 __all__ = [
+    "DEFAULT_MEMORY_LIMIT",
     "DerivativeFunction",
     "HodError",
     "InputError",

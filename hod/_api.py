@@ -17,6 +17,9 @@ from .errors import InputError
 #: How many signatures one transformed function keeps generated code for.
 CACHE_SIZE = 64
 
+#: Default ``memory_limit``: no single tensor the generated code allocates may exceed it.
+DEFAULT_MEMORY_LIMIT = 8 * 2**30
+
 
 class DerivativeFunction:
     """What the transforms return: call it like ``f``; ``lower`` shows the generated code.
@@ -110,15 +113,24 @@ def _validate(call: str, f: Any, order: Any, argnums: Any) -> tuple[int, ...]:
 
 def _transform(
     name: str, f: Callable, order: int, argnums: int | tuple[int, ...], has_aux: bool,
-    with_values: bool, shown_order: int | None,
+    with_values: bool, shown_order: int | None, memory_limit: int | None,
 ) -> DerivativeFunction:
     call = _describe(name, f, shown_order, argnums)
     nums = _validate(call, f, order, argnums)
-    return DerivativeFunction(Request(f, order, argnums, has_aux, with_values, call), nums)
+    if memory_limit is not None and (
+        isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
+    ):
+        raise InputError(
+            f"{call}: memory_limit must be a positive number of bytes or None, "
+            f"got {memory_limit!r}.\n  Fix: e.g. memory_limit=16 * 2**30 for 16 GiB."
+        )
+    request = Request(f, order, argnums, has_aux, with_values, call, memory_limit)
+    return DerivativeFunction(request, nums)
 
 
 def derivative(
-    f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False
+    f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
 ) -> DerivativeFunction:
     """The order-``order`` derivative of ``f`` with respect to ``args[argnums]``.
 
@@ -127,29 +139,36 @@ def derivative(
     ``x_i, x_j, ...`` has shape ``y.shape + x_i.shape + x_j.shape + ...``; a tuple
     ``argnums`` nests tuples ``order`` levels deep. With ``has_aux=True`` ``f`` returns
     ``(output, aux)`` and the result is ``(derivative, aux)``.
+
+    ``memory_limit`` (bytes, default :data:`DEFAULT_MEMORY_LIMIT`, None for no limit)
+    bounds every tensor the generated code allocates; a signature that would exceed it
+    raises :class:`~hod.MemoryLimitError` when it is traced, before anything is computed.
     """
-    return _transform("derivative", f, order, argnums, has_aux, False, order)
+    return _transform("derivative", f, order, argnums, has_aux, False, order, memory_limit)
 
 
 def derivatives(
-    f: Callable, order: int, argnums: int | tuple[int, ...] = 0
+    f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *,
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
 ) -> DerivativeFunction:
     """``(value, D1, ..., Dn)`` of ``f`` from one generated function.
 
     ``Dk`` equals ``derivative(f, k, argnums)``; ``value`` is ``f``'s output.
     """
-    return _transform("derivatives", f, order, argnums, False, True, order)
+    return _transform("derivatives", f, order, argnums, False, True, order, memory_limit)
 
 
 def jacobian(
-    f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False
+    f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
 ) -> DerivativeFunction:
     """``derivative(f, 1, argnums)``: equals ``torch.func.jacrev(f, argnums)``."""
-    return _transform("jacobian", f, 1, argnums, has_aux, False, None)
+    return _transform("jacobian", f, 1, argnums, has_aux, False, None, memory_limit)
 
 
 def hessian(
-    f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False
+    f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
 ) -> DerivativeFunction:
     """``derivative(f, 2, argnums)``: equals ``torch.func.hessian(f, argnums)``."""
-    return _transform("hessian", f, 2, argnums, has_aux, False, None)
+    return _transform("hessian", f, 2, argnums, has_aux, False, None, memory_limit)

@@ -43,6 +43,7 @@ class Request:
     has_aux: bool
     with_values: bool  # derivatives(): (value, D1, ..., Dn) instead of Dn alone
     call: str
+    memory_limit: int | None
 
 
 @dataclass
@@ -98,7 +99,7 @@ def build(request: Request, flat: FlatCall) -> Lowered:
     mode = choose_mode(request.order, [v.numel() for v in out_vals], seed_size)
     traced = forward if mode == "forward" else _trace_reverse(request, flat, forward)
     example = flat.tensors[flat.diff[0]]
-    em = Emitter(example.device, example.dtype)
+    em = Emitter(example.device, example.dtype, request.memory_limit, call)
     fwd_order = request.order if mode == "forward" else request.order - 1
     ctx = DeriveContext(em, fwd_order, seed_size)
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .errors import MemoryLimitError
+
 aten = torch.ops.aten
 
 Operand = fx.Node | float | int | bool | None
@@ -54,8 +56,13 @@ class Emitter:
     emitted on it, while shapes are computed on the ``meta`` device.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, memory_limit: int | None = None,
+        call: str = "hod",
+    ) -> None:
         self.graph = fx.Graph()
+        self.memory_limit = memory_limit
+        self.call_name = call
         self.device = device
         self.dtype = dtype
         self.constants: dict[str, torch.Tensor] = {}
@@ -86,10 +93,25 @@ class Emitter:
             meta_args = _to_meta(args)
             meta_kwargs = {k: _to_meta(v) for k, v in kwargs.items()}
             val = op(*meta_args, **meta_kwargs)
+            self._check_size(op, val)
             node = self.graph.call_function(op, tuple(args), dict(kwargs))
             node.meta["val"] = val
             self._seen[key] = node
         return node
+
+    def _check_size(self, op: Any, val: Any) -> None:
+        """Refuse, at trace time, a tensor the generated code would allocate past the limit."""
+        if self.memory_limit is None or not isinstance(val, torch.Tensor) or val._is_view():
+            return
+        size = val.numel() * val.element_size()
+        if size > self.memory_limit:
+            raise MemoryLimitError(
+                f"{self.call_name}: the generated code would allocate a tensor of shape "
+                f"{tuple(val.shape)} ({_human(size)}, from {op}), over the memory "
+                f"limit of {_human(self.memory_limit)}. Nothing was computed.\n"
+                f"  Fix: differentiate fewer inputs or a lower order, use smaller inputs, "
+                f"or raise the limit with memory_limit=<bytes> (None disables it)."
+            )
 
     def output(self, values: Sequence[fx.Node]) -> None:
         self.graph.output(list(values))
@@ -209,3 +231,10 @@ def _is_zero(value: Operand) -> bool:
 
 def _is_one(value: Operand) -> bool:
     return not isinstance(value, fx.Node) and value is not None and value == 1
+
+
+def _human(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} bytes"

@@ -13,20 +13,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx
-from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .decompositions import DECOMPOSITIONS
 from .errors import TracingError
 
 aten = torch.ops.aten
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _HOD_DIR = os.path.dirname(__file__)
-
-#: ATen decompositions applied while tracing: PyTorch's core set shrinks the op surface
-#: to primitives that have rules (``addmm``/``_softmax`` stay fused: they have rules).
-DECOMPOSITIONS = core_aten_decompositions()
 
 
 def trace(fn: Callable[..., list[torch.Tensor]], examples: Sequence[torch.Tensor], call: str):

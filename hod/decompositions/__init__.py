@@ -1,0 +1,24 @@
+"""hod's decomposition table: PyTorch's core ATen decompositions plus hod's own.
+
+hod's own decompositions rewrite ops that have no rule into ops that have one (for
+instance ``native_layer_norm`` into mean, var and rsqrt). Each family module registers
+into :data:`HOD_DECOMPOSITIONS` with :func:`register_decomposition`.
+"""
+
+from __future__ import annotations
+
+from torch._decomp import core_aten_decompositions
+
+from ._registry import HOD_DECOMPOSITIONS, register_decomposition
+
+__all__ = ["DECOMPOSITIONS", "HOD_DECOMPOSITIONS", "register_decomposition"]
+
+
+def _table() -> dict:
+    table = dict(core_aten_decompositions())
+    table.update(HOD_DECOMPOSITIONS)
+    return table
+
+
+#: The table ``make_fx`` traces with.
+DECOMPOSITIONS = _table()

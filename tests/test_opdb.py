@@ -1,0 +1,55 @@
+"""Every op database entry, every order up to its maximum, against nested torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opdb import OPS, OpInfo
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import hod
+from conftest import assert_same_tree, reference
+from hod.decompositions import DECOMPOSITIONS
+from hod.rules import RULES
+
+
+def _cases():
+    for info in OPS:
+        for order in range(1, info.max_order + 1):
+            marks = [pytest.mark.slow] if order >= info.slow_from else []
+            yield pytest.param(info, order, id=f"{info.name}-order{order}", marks=marks)
+
+
+@pytest.mark.parametrize("info, order", list(_cases()))
+def test_op_matches_torch_func(info: OpInfo, order: int):
+    for sample in info.samples():
+        actual = hod.derivative(info.fn, order, info.argnums)(*sample)
+        expected = reference(info.fn, order, info.argnums)(*sample)
+        assert_same_tree(actual, expected, rtol=info.rtol, atol=info.atol)
+
+
+def _traced_ops(info: OpInfo) -> set:
+    """ATen ops in the forward and gradient graphs of the entry's samples."""
+    ops = set()
+    for sample in info.samples():
+        def scalar(*args):
+            out = info.fn(*args)
+            return sum(o.sum() for o in (out if isinstance(out, tuple) else (out,)))
+
+        for fn in (info.fn, torch.func.grad(scalar, info.argnums)):
+            gm = make_fx(fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake",
+                         _allow_non_fake_inputs=True)(*sample)
+            ops |= {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    return ops
+
+
+@pytest.mark.parametrize("info", OPS, ids=[i.name for i in OPS])
+def test_entry_exercises_the_ops_it_claims(info: OpInfo):
+    missing = set(info.aten) - _traced_ops(info)
+    assert not missing, f"{info.name} claims {missing} but its graphs do not contain them"
+
+
+def test_every_rule_has_a_database_entry():
+    claimed = {op for info in OPS for op in info.aten}
+    unclaimed = sorted(str(op) for op in set(RULES) - claimed)
+    assert not unclaimed, f"rules without an op database entry: {unclaimed}"
