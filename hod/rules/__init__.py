@@ -1,6 +1,15 @@
 """Derivative rules, one module per op family, collected in :data:`RULES`."""
 
-from . import elementwise, linalg, nn, reductions, shape  # noqa: F401 - fill the table
+from . import (  # noqa: F401 - importing a family fills the table
+    activations,
+    elementwise,
+    indexing,
+    linalg,
+    losses,
+    nn,
+    reductions,
+    shape,
+)
 from ._registry import RULES, Rule
 
 __all__ = ["RULES", "Rule"]

@@ -59,7 +59,14 @@ def rand(*shape: int, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
 
 
 def _load_families() -> None:
-    from . import core  # noqa: F401
+    from . import (  # noqa: F401 - importing a family adds its entries
+        core,
+        elementwise,
+        linalg,
+        nn,
+        reductions,
+        shape,
+    )
 
 
 _load_families()

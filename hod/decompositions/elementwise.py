@@ -1,0 +1,3 @@
+"""hod decompositions: elementwise ops (being written)."""
+
+from __future__ import annotations

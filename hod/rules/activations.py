@@ -1,0 +1,3 @@
+"""activations rules (being written)"""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""indexing rules (being written)"""
+
+from __future__ import annotations

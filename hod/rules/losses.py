@@ -1,0 +1,3 @@
+"""losses rules (being written)"""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Op database entries: nn (being written)."""
+
+from __future__ import annotations
