@@ -22,7 +22,6 @@ import os
 import select
 import shutil
 import subprocess
-import sys
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.compare import Blocks, flatten_nested
+from bench.compare import Blocks, StructureError, flatten_nested
 from bench.models import Case, Forward
 from bench.timing import timed
 
@@ -48,13 +47,23 @@ class EngineFailure(RuntimeError):
         self.kind = kind
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception is an allocation failure (CUDA's, or the CPU allocator's)."""
+    text = str(exc)
+    return (
+        isinstance(exc, MemoryError | torch.OutOfMemoryError)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
+
+
 def failure_kind(exc: BaseException) -> str:
-    """Classify an exception raised by an engine call."""
+    """Classify an exception raised by an engine call (a misshapen result counts as WRONG)."""
     if isinstance(exc, EngineFailure):
         return exc.kind
-    if isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in str(exc):
-        return "OOM"
-    return "ERROR"
+    if isinstance(exc, StructureError):
+        return "WRONG"
+    return "OOM" if is_out_of_memory(exc) else "ERROR"
 
 
 @dataclass
@@ -82,7 +91,7 @@ class Runner(ABC):
     def time_call(self) -> float:
         """One timed call, in seconds."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the runner holds."""
 
 
@@ -99,11 +108,15 @@ class Engine(ABC):
         """Why this engine does not handle ``case`` (None if it does)."""
         return None
 
+    def version(self) -> str:
+        """What runs behind this engine, for the result file (call after unavailable_reason)."""
+        return f"torch {torch.__version__}"
+
     @abstractmethod
     def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
         """Build the callable for ``case`` on ``inputs`` (not timed)."""
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release engine-wide resources (worker processes)."""
 
 
@@ -133,13 +146,6 @@ def torch_func_derivative(f: Forward, order: int, argnums: int | tuple[int, ...]
     return fn
 
 
-def reference_blocks(case: Case, inputs: tuple[Tensor, ...]) -> Blocks:
-    """The reference result: torch.func in float64 on the inputs cast to float64."""
-    inputs64 = tuple(t.double() for t in inputs)
-    out = torch_func_derivative(case.forward, case.order, case.argnums)(*inputs64)
-    return flatten_nested(out, case.order, case.argnums)
-
-
 class TorchFuncEngine(Engine):
     """torch.func's composable transforms."""
 
@@ -159,7 +165,8 @@ class AutogradFunctionalEngine(Engine):
         return None if case.order in (1, 2) else "orders 1 and 2 only"
 
     def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
-        api = torch.autograd.functional.jacobian if case.order == 1 else torch.autograd.functional.hessian
+        functional = torch.autograd.functional
+        api = functional.jacobian if case.order == 1 else functional.hessian
         X, *params = inputs
         forward = case.forward
         if case.param_grad:
@@ -193,6 +200,11 @@ class HodEngine(Engine):
             except Exception as exc:  # a broken work-in-progress hod must not stop the run
                 self._import_error = f"cannot import hod: {type(exc).__name__}: {exc}"
         return self._import_error
+
+    def version(self) -> str:
+        if self._module is None:
+            return "not importable"
+        return f"hod {getattr(self._module, '__version__', '?')} from {self._module.__file__}"
 
     def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
         fn = self._module.derivative(case.forward, case.order, argnums=case.argnums)
@@ -305,7 +317,7 @@ class ThoadEngine(Engine):
         self._worker: ThoadWorker | None = None
         self._unavailable: str | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="hod-bench-thoad-"))
-        self.version = ""
+        self._version = ""
 
     def unavailable_reason(self) -> str | None:
         if self._unavailable is None and self._worker is None:
@@ -314,7 +326,7 @@ class ThoadEngine(Engine):
                 self._unavailable = f"no thoad environment at {python}; {THOAD_SETUP_HINT}"
             else:
                 try:
-                    self.version = self._ensure_worker()
+                    self._version = self._ensure_worker()
                 except EngineFailure as exc:
                     self._unavailable = f"thoad worker does not start: {exc}; {THOAD_SETUP_HINT}"
         return self._unavailable
@@ -322,12 +334,15 @@ class ThoadEngine(Engine):
     def _ensure_worker(self) -> str:
         """Start the worker if it is not running; return its version line."""
         if self._worker is not None and self._worker.alive():
-            return self.version
+            return self._version
         if self._worker is not None:
             self._worker.close()
         self._worker = ThoadWorker(thoad_python(), self._workdir / "worker.log")
         reply = self._worker.request({"cmd": "hello"}, timeout_s=180.0)
         return f"thoad {reply['thoad']} (python {reply['python']}, torch {reply['torch']})"
+
+    def version(self) -> str:
+        return self._version or "not started"
 
     def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
         self._ensure_worker()
@@ -335,7 +350,8 @@ class ThoadEngine(Engine):
         inputs_path = self._workdir / "inputs.pt"
         torch.save(tuple(t.detach().cpu() for t in inputs), inputs_path)
         self._worker.request(
-            {"cmd": "setup", "case": case.to_dict(), "inputs": str(inputs_path), "device": device},
+            {"cmd": "setup", "case": case.to_dict(), "inputs": str(inputs_path), "device": device,
+             "threads": torch.get_num_threads()},
             self.timeout_s,
         )
         return ThoadRunner(self._worker, self._workdir, self.timeout_s)
@@ -363,7 +379,3 @@ def make_engines(names: list[str], thoad_timeout_s: float) -> list[Engine]:
         raise ValueError(f"unknown engines {sorted(unknown)}; choose from {ENGINE_NAMES}")
     return [factories[n]() for n in ENGINE_NAMES if n in names]
 
-
-def python_description() -> str:
-    """Interpreter and torch of this process, for the result file."""
-    return f"python {sys.version.split()[0]}, torch {torch.__version__}"

@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,8 @@ class MemoryResult:
 
 def _child_command(python: Path | str, engine: str, case: Case, device: str) -> list[str]:
     return [str(python), "-m", "bench.memory", "--child", engine,
-            "--case", json.dumps(case.to_dict()), "--device", device]
+            "--case", json.dumps(case.to_dict()), "--device", device,
+            "--threads", str(torch.get_num_threads())]
 
 
 def _wait_with_usage(pid: int, timeout_s: float) -> tuple[resource.struct_rusage, int | None]:
@@ -103,7 +105,7 @@ def measure(engine_names: list[str], case: Case, device: str, timeout_s: float,
     results: list[MemoryResult] = []
     if "thoad" in engine_names:
         if thoad_python().exists():
-            plans += [(BASELINE, "thoad env", thoad_python()), ("thoad", "thoad env", thoad_python())]
+            plans += [(name, "thoad env", thoad_python()) for name in (BASELINE, "thoad")]
         else:
             results.append(MemoryResult("thoad", "thoad env", "absent", None,
                                         detail=f"no thoad environment; {THOAD_SETUP_HINT}"))
@@ -124,10 +126,10 @@ def format_memory(case: Case, results: list[MemoryResult]) -> str:
     from bench.report import render_table
 
     header = ["engine", "interpreter", "status", "max RSS MiB", "above baseline", "cuda peak MiB",
-              "median call ms"]
+              "median of 3 calls ms"]
     rows = [header]
     for r in results:
-        median = sorted(r.call_ms)[len(r.call_ms) // 2] if r.call_ms else None
+        median = statistics.median(r.call_ms) if r.call_ms else None
         rows.append([
             r.engine, r.interpreter, r.status,
             f"{r.max_rss_mib:.0f}" if r.max_rss_mib is not None else "-",
@@ -172,7 +174,10 @@ def main() -> None:
     parser.add_argument("--child", required=True)
     parser.add_argument("--case", required=True, help="Case as JSON")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     case = Case.from_dict(json.loads(args.case))
     try:
         report = _child_main(args.child, case, args.device)

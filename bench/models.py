@@ -78,12 +78,6 @@ class Case:
         """Number of differentiated inputs."""
         return 1 + self.depth if self.param_grad else 1
 
-    @property
-    def n_variables(self) -> int:
-        """Total number of scalar variables that are differentiated."""
-        n = self.batch * self.width
-        return n + self.depth * self.width * self.width if self.param_grad else n
-
     def label(self) -> str:
         """A short human-readable description, e.g. ``tanh o3 b4 w4 d2 +params``."""
         grad = " +params" if self.param_grad else ""
@@ -104,10 +98,15 @@ class Case:
 def make_inputs(
     case: Case, seed: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, ...]:
-    """The inputs ``(X, *params)`` of a case: ``torch.rand`` as in the seed, reproducible by seed."""
+    """The inputs ``(X, *params)``: ``torch.rand`` as in the seed, reproducible from ``seed``.
+
+    They are drawn on the CPU and then moved, so every device sees the same values.
+    """
     gen = torch.Generator().manual_seed(seed)
     X = torch.rand(case.batch, case.width, generator=gen, dtype=dtype)
-    params = [torch.rand(case.width, case.width, generator=gen, dtype=dtype) for _ in range(case.depth)]
+    params = [
+        torch.rand(case.width, case.width, generator=gen, dtype=dtype) for _ in range(case.depth)
+    ]
     return tuple(t.to(device) for t in (X, *params))
 
 

@@ -46,12 +46,6 @@ def machine_info(device: str) -> dict[str, object]:
         props = torch.cuda.get_device_properties(torch.device(device))
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-    try:
-        import hod
-
-        info["hod"] = getattr(hod, "__version__", "unknown version")
-    except Exception as exc:  # hod may be absent or half-written
-        info["hod"] = f"not importable ({type(exc).__name__})"
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     )
@@ -109,10 +103,12 @@ def format_table(sweep: Sweep, rows: Sequence[RowResult]) -> str:
 def render_table(table: list[list[str]]) -> list[str]:
     """Align a table: first column left, the others right."""
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    return [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in table
-    ]
+    lines = []
+    for row in table:
+        cells = [c.rjust(w) for c, w in zip(row, widths, strict=True)]
+        cells[0] = row[0].ljust(widths[0])
+        lines.append("  ".join(cells))
+    return lines
 
 
 def _problem_notes(rows: Sequence[RowResult]) -> list[str]:
@@ -148,27 +144,41 @@ def write_json(path: Path, payload: dict[str, object]) -> None:
 
 
 def plot(path: Path, results: Sequence[tuple[Sweep, Sequence[RowResult]]], title: str) -> None:
-    """One panel per sweep: median time vs swept size, log y, one line per engine."""
+    """One panel per sweep: median time vs swept size, log y, one line per engine.
+
+    Each engine keeps its colour and marker in every panel. Sweeps whose rows are not one
+    numeric size (the order-3/4 ones) are drawn as points over the row labels.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     n = len(results)
     cols = min(4, n)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
+    height = 3.6 * nrows + 0.9
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, height), squeeze=False)
     engines = list(results[0][1][0].engines) if results and results[0][1] else []
-    markers = dict(zip(engines, "osD^v<>", strict=False))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    style = {
+        name: {"color": colours[i % len(colours)], "marker": "osD^v<>"[i % 7]}
+        for i, name in enumerate(engines)
+    }
     for ax, (sweep, rows) in zip(axes.flat, results, strict=False):
-        positions = list(range(len(rows))) if not sweep.numeric_x else [r.x for r in rows]
+        positions = [r.x for r in rows] if sweep.numeric_x else list(range(len(rows)))
         for name in engines:
             pts = [(x, r.engines[name].median_ms) for x, r in zip(positions, rows, strict=True)
                    if r.engines[name].median_ms is not None]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker=markers.get(name, "o"), ms=4, label=name)
+                line = "-" if sweep.numeric_x else "none"
+                ax.plot(xs, ys, linestyle=line, ms=4, label=name, **style[name])
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(sweep.title, fontsize=8)
         ax.set_ylabel("median ms", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -177,18 +187,17 @@ def plot(path: Path, results: Sequence[tuple[Sweep, Sequence[RowResult]]], title
             ax.set_xlabel(sweep.x_name, fontsize=8)
         else:
             ax.set_xticks(positions)
-            ax.set_xticklabels([str(r.x).replace(" o", "\no", 1) for r in rows],
-                               rotation=60, ha="right", fontsize=6)
+            ax.set_xticklabels([str(r.x) for r in rows], rotation=50, ha="right", fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     legend: dict[str, object] = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
+    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
     fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=max(1, len(legend)),
-               fontsize=9)
-    fig.suptitle(title, fontsize=10, y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+               fontsize=9, bbox_to_anchor=(0.5, 1 - 0.35 / height))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.85 / height))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

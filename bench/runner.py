@@ -19,9 +19,12 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from bench.compare import Blocks, compare_blocks
-from bench.engines import Engine, Runner, failure_kind, reference_blocks
+from torch import Tensor
+
+from bench.compare import compare_blocks
+from bench.engines import Engine, Runner, failure_kind
 from bench.models import Case, Sweep, make_inputs
+from bench.reference import Reference, reference
 from bench.timing import RepPolicy, interleaved, median_ms
 
 # Engine statuses. Only OK rows carry a median.
@@ -38,6 +41,7 @@ class EngineResult:
 
     status: str
     median_ms: float | None = None
+    min_ms: float | None = None
     times_ms: list[float] = field(default_factory=list)
     warmup_ms: float | None = None
     detail: str = ""
@@ -114,12 +118,12 @@ class SweepRunner:
         """Check and time every engine on one case."""
         settings = self.settings
         inputs = make_inputs(case, row_seed(case, settings.seed), settings.device)
-        reference: Blocks | None
+        ref: Reference | None
         try:
-            reference = reference_blocks(case, inputs)
-            ref_note = "torch.func float64"
+            ref = reference(case, inputs)
+            ref_note = ref.describe()
         except Exception as exc:  # the row still gets timed, unchecked
-            reference = None
+            ref = None
             ref_note = f"reference failed ({failure_kind(exc)}: {exc}); results unchecked"
         results: dict[str, EngineResult] = {}
         runners: dict[str, Runner] = {}
@@ -128,11 +132,11 @@ class SweepRunner:
             if skip is not None:
                 results[engine.name] = skip
                 continue
-            result, runner = self._warm_up(engine, case, inputs, reference)
+            result, runner = self._warm_up(engine, case, inputs, ref)
             results[engine.name] = result
             if runner is not None:
                 runners[engine.name] = runner
-        del reference
+        del ref
         gc.collect()
         self._time(runners, results)
         for runner in runners.values():
@@ -151,7 +155,7 @@ class SweepRunner:
         return None
 
     def _warm_up(
-        self, engine: Engine, case: Case, inputs: tuple, reference: Blocks | None
+        self, engine: Engine, case: Case, inputs: tuple[Tensor, ...], ref: Reference | None
     ) -> tuple[EngineResult, Runner | None]:
         """Prepare and warm up one engine; return its provisional result and runner if timable."""
         try:
@@ -160,10 +164,10 @@ class SweepRunner:
         except Exception as exc:
             return EngineResult(failure_kind(exc), detail=_short(exc)), None
         result = EngineResult(OK, warmup_ms=1e3 * warm.seconds)
-        if reference is None:
+        if ref is None:
             result.detail = "unchecked"
         else:
-            check = compare_blocks(warm.blocks, reference, reshape=warm.reshape)
+            check = compare_blocks(warm.blocks, ref.blocks, floor=ref.floor, reshape=warm.reshape)
             result.detail = check.summary() + (f"; {warm.note}" if warm.note else "")
             if not check.ok:
                 result.status = WRONG
@@ -190,6 +194,7 @@ class SweepRunner:
             if result.status == OK:
                 result.times_ms = [1e3 * t for t in times]
                 result.median_ms = median_ms(times)
+                result.min_ms = min(result.times_ms, default=None)
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:

@@ -1,13 +1,14 @@
-"""thoad worker: run under the Python 3.12 environment, driven by :class:`bench.engines.ThoadEngine`.
+"""thoad worker: runs under the Python 3.12 environment, driven by ``bench.engines.ThoadEngine``.
 
 Started as ``<venv312>/bin/python -m bench.thoad_worker`` from the repository root. It reads one
 JSON request per line on stdin and writes one JSON reply per line on the original stdout
 (anything else printed goes to stderr). Requests:
 
 * ``{"cmd": "hello"}`` -> versions.
-* ``{"cmd": "setup", "case": {...}, "inputs": "in.pt", "device": "cpu"}``: load ``(X, *params)``
-  saved by the harness (the very tensors the other engines get) and mark them as the seed does:
-  ``X.requires_grad_(True)``, params ``requires_grad_(param_grad)``.
+* ``{"cmd": "setup", "case": {...}, "inputs": "in.pt", "device": "cpu", "threads": 2}``: use the
+  harness's number of torch threads, load ``(X, *params)`` saved by the harness (the very tensors
+  the other engines get) and mark them as the seed does: ``X.requires_grad_(True)``, params
+  ``requires_grad_(param_grad)``.
 * ``{"cmd": "warmup", "result": "out.pt"}``: one call, then fetch every derivative block with
   ``ctrl.fetch_hgrad`` and save them as ``{index tuple: tensor}``; replies with the call's time.
 * ``{"cmd": "time"}``: one timed call (forward, ``backward`` and ``ctrl.clear()``, as in the seed).
@@ -29,6 +30,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
+from bench.engines import is_out_of_memory
 from bench.models import Case
 
 
@@ -91,6 +93,7 @@ def _handle(request: dict[str, Any], state: dict[str, ThoadCase]) -> dict[str, A
         }
     if cmd == "setup":
         state.pop("case", None)
+        torch.set_num_threads(request["threads"])
         inputs = torch.load(request["inputs"])
         state["case"] = ThoadCase(Case.from_dict(request["case"]), inputs, request["device"])
         return {}
@@ -111,10 +114,7 @@ def serve(requests: TextIO, replies: TextIO) -> None:
         try:
             reply = {"ok": True, **_handle(request, state)}
         except Exception as exc:  # reported to the harness, which decides what to do
-            oom = isinstance(exc, MemoryError | torch.OutOfMemoryError) or "out of memory" in str(
-                exc
-            )
-            reply = {"ok": False, "kind": "OOM" if oom else "ERROR",
+            reply = {"ok": False, "kind": "OOM" if is_out_of_memory(exc) else "ERROR",
                      "error": f"{type(exc).__name__}: {exc}"[:500]}
         replies.write(json.dumps(reply) + "\n")
         replies.flush()

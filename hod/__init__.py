@@ -4,7 +4,14 @@
 of ``f``, equal to nested ``torch.func`` transforms, as straight-line generated code.
 """
 
-from ._api import DEFAULT_MEMORY_LIMIT, DerivativeFunction, derivative, derivatives, hessian, jacobian
+from ._api import (
+    DEFAULT_MEMORY_LIMIT,
+    DerivativeFunction,
+    derivative,
+    derivatives,
+    hessian,
+    jacobian,
+)
 from ._build import Lowered
 from .errors import (
     HodError,

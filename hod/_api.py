@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from types import CellType
 from typing import Any
 
+import torch
 from torch.utils._pytree import tree_unflatten
 
 from ._build import Lowered, Request, build
-from ._signature import flatten_call
+from ._signature import FlatCall, flatten_call
 from .errors import InputError
 
 #: How many signatures one transformed function keeps generated code for.
@@ -21,12 +23,31 @@ CACHE_SIZE = 64
 DEFAULT_MEMORY_LIMIT = 8 * 2**30
 
 
+#: Where ``f`` reads a tensor by name (a globals dict or a closure cell), and the tensor.
+_Binding = tuple[dict | CellType, str, torch.Tensor]
+
+
 class DerivativeFunction:
     """What the transforms return: call it like ``f``; ``lower`` shows the generated code.
 
-    Code is generated on the first call with a new signature (pytree structure, shapes,
-    dtypes, devices and non-tensor argument values) and reused afterwards; at most
-    :data:`CACHE_SIZE` signatures are kept (least recently used first out).
+    **Cache.** Code is generated on the first call with a new signature (pytree structure,
+    shapes, dtypes, devices, and the values of non-tensor arguments, compared with ``==``,
+    or by identity when unhashable) and reused afterwards; at most :data:`CACHE_SIZE`
+    signatures are kept, least recently used first out. Calls from several threads are
+    safe; code generation itself runs one at a time.
+
+    **Captured tensors.** Tensors ``f`` reads from its closure, globals or a module
+    (parameters of a model it calls) are not arguments: the generated code holds a
+    *reference* to each, so in-place updates (``W.mul_(2)``, ``optimizer.step()``,
+    ``load_state_dict``) show in the next call's result. *Rebinding* a name to a new
+    tensor (``W = W * 2``) is seen when ``f`` itself names it (a global or closure
+    variable of ``f``): hod then drops its generated code and retraces. A rebinding that
+    ``f`` reaches only indirectly (an attribute of a module, a global of a helper ``f``
+    calls) is not seen: pass such tensors as arguments, or call :meth:`clear_cache`.
+    Gradients flow into captured tensors that require them (``.backward()`` reaches a
+    captured model's parameters). Inside ``torch.func.grad``/``vmap``, a tensor that the
+    transform tracks must be an argument of ``f``, not captured: that raises
+    :class:`~hod.TracingError`.
     """
 
     def __init__(self, request: Request, argnums: tuple[int, ...]) -> None:
@@ -34,6 +55,7 @@ class DerivativeFunction:
         self._argnums = argnums
         self._cache: OrderedDict[Any, Lowered] = OrderedDict()
         self._lock = threading.Lock()
+        self._bindings: list[_Binding] = []
         functools.update_wrapper(self, request.f, updated=())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -45,7 +67,12 @@ class DerivativeFunction:
         """The generated artifact for this call's signature (``.code``, ``.graph_module``)."""
         return self._lowered(self._flatten(args, kwargs))
 
-    def _flatten(self, args: tuple, kwargs: dict):
+    def clear_cache(self) -> None:
+        """Forget all generated code: the next call traces ``f`` again."""
+        with self._lock:
+            self._cache.clear()
+
+    def _flatten(self, args: tuple, kwargs: dict) -> FlatCall:
         call = self._request.call
         for a in self._argnums:
             if a >= len(args):
@@ -56,21 +83,68 @@ class DerivativeFunction:
                 )
         return flatten_call(args, kwargs, self._argnums, call)
 
-    def _lowered(self, flat) -> Lowered:
+    # torch.compile must not trace code generation itself; it compiles what this returns.
+    @torch.compiler.disable
+    def _lowered(self, flat: FlatCall) -> Lowered:
+        lowered = self._cached(flat.key)
+        if lowered is None:
+            # make_fx keeps global tracer state, so code generation is serialised;
+            # reentrant because f may call a hod function that is traced for the first time.
+            with _BUILD_LOCK:
+                lowered = self._cached(flat.key)  # another thread may have just built it
+                if lowered is None:
+                    lowered = build(self._request, flat)
+                    self._store(flat.key, lowered, _tensor_bindings(self._request.f))
+        return lowered
+
+    def _cached(self, key: Hashable) -> Lowered | None:
         with self._lock:
-            lowered = self._cache.get(flat.key)
+            if any(_read(scope, name) is not t for scope, name, t in self._bindings):
+                self._cache.clear()  # f names a rebound tensor: all its code is stale
+            lowered = self._cache.get(key)
             if lowered is not None:
-                self._cache.move_to_end(flat.key)
-                return lowered
-        lowered = build(self._request, flat)
+                self._cache.move_to_end(key)
+            return lowered
+
+    def _store(self, key: Hashable, lowered: Lowered, bindings: list[_Binding]) -> None:
         with self._lock:
-            self._cache[flat.key] = lowered
+            self._bindings = bindings
+            self._cache[key] = lowered
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return lowered
 
     def __repr__(self) -> str:
         return f"<hod {self._request.call}>"
+
+
+_BUILD_LOCK = threading.RLock()
+_MISSING = object()
+
+
+def _tensor_bindings(f: Callable) -> list[_Binding]:
+    """The tensors ``f``'s own code names through a closure cell or a global."""
+    func = getattr(f, "__func__", f)  # a bound method's function
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return []
+    cells = func.__closure__ or ()
+    scopes = [(cell, name) for name, cell in zip(code.co_freevars, cells, strict=True)]
+    scopes += [(func.__globals__, name) for name in code.co_names]
+    bindings = []
+    for scope, name in scopes:
+        value = _read(scope, name)
+        if isinstance(value, torch.Tensor):
+            bindings.append((scope, name, value))
+    return bindings
+
+
+def _read(scope: dict | CellType, name: str) -> object:
+    if isinstance(scope, dict):
+        return scope.get(name, _MISSING)
+    try:
+        return scope.cell_contents
+    except ValueError:  # an empty cell
+        return _MISSING
 
 
 def _describe(name: str, f: Callable, order: int | None, argnums: Any) -> str:
@@ -113,7 +187,7 @@ def _validate(call: str, f: Any, order: Any, argnums: Any) -> tuple[int, ...]:
 
 def _transform(
     name: str, f: Callable, order: int, argnums: int | tuple[int, ...], has_aux: bool,
-    with_values: bool, shown_order: int | None, memory_limit: int | None,
+    with_values: bool, shown_order: int | None, memory_limit: int | None, allow_random: bool,
 ) -> DerivativeFunction:
     call = _describe(name, f, shown_order, argnums)
     nums = _validate(call, f, order, argnums)
@@ -124,13 +198,35 @@ def _transform(
             f"{call}: memory_limit must be a positive number of bytes or None, "
             f"got {memory_limit!r}.\n  Fix: e.g. memory_limit=16 * 2**30 for 16 GiB."
         )
-    request = Request(f, order, argnums, has_aux, with_values, call, memory_limit)
+    request = Request(
+        f, order, argnums, has_aux, with_values, call, memory_limit, allow_random=allow_random
+    )
     return DerivativeFunction(request, nums)
 
 
+_COMMON_KEYWORDS = """
+
+    ``memory_limit`` (bytes, default :data:`DEFAULT_MEMORY_LIMIT`, None for no limit)
+    bounds every tensor the generated code allocates; a signature that would exceed it
+    raises :class:`~hod.MemoryLimitError` when it is traced, before anything is computed.
+
+    ``f`` must be deterministic: random ops (dropout in training mode, ``torch.rand``,
+    ``bernoulli``) raise :class:`~hod.TracingError`. With ``allow_random=True`` they are
+    kept: the draw happens inside the generated code, anew on every call, so each call
+    differentiates a freshly drawn function (the random state advances as ``f``'s would,
+    but the draws need not equal those of calling ``f`` itself).
+"""
+
+
+def _document(transform: Callable) -> Callable:
+    transform.__doc__ += _COMMON_KEYWORDS
+    return transform
+
+
+@_document
 def derivative(
     f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
-    memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
 ) -> DerivativeFunction:
     """The order-``order`` derivative of ``f`` with respect to ``args[argnums]``.
 
@@ -139,36 +235,43 @@ def derivative(
     ``x_i, x_j, ...`` has shape ``y.shape + x_i.shape + x_j.shape + ...``; a tuple
     ``argnums`` nests tuples ``order`` levels deep. With ``has_aux=True`` ``f`` returns
     ``(output, aux)`` and the result is ``(derivative, aux)``.
-
-    ``memory_limit`` (bytes, default :data:`DEFAULT_MEMORY_LIMIT`, None for no limit)
-    bounds every tensor the generated code allocates; a signature that would exceed it
-    raises :class:`~hod.MemoryLimitError` when it is traced, before anything is computed.
     """
-    return _transform("derivative", f, order, argnums, has_aux, False, order, memory_limit)
+    return _transform(
+        "derivative", f, order, argnums, has_aux, False, order, memory_limit, allow_random
+    )
 
 
+@_document
 def derivatives(
     f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *,
-    memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
 ) -> DerivativeFunction:
     """``(value, D1, ..., Dn)`` of ``f`` from one generated function.
 
     ``Dk`` equals ``derivative(f, k, argnums)``; ``value`` is ``f``'s output.
     """
-    return _transform("derivatives", f, order, argnums, False, True, order, memory_limit)
+    return _transform(
+        "derivatives", f, order, argnums, False, True, order, memory_limit, allow_random
+    )
 
 
+@_document
 def jacobian(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
-    memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
 ) -> DerivativeFunction:
     """``derivative(f, 1, argnums)``: equals ``torch.func.jacrev(f, argnums)``."""
-    return _transform("jacobian", f, 1, argnums, has_aux, False, None, memory_limit)
+    return _transform(
+        "jacobian", f, 1, argnums, has_aux, False, None, memory_limit, allow_random
+    )
 
 
+@_document
 def hessian(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
-    memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
 ) -> DerivativeFunction:
     """``derivative(f, 2, argnums)``: equals ``torch.func.hessian(f, argnums)``."""
-    return _transform("hessian", f, 2, argnums, has_aux, False, None, memory_limit)
+    return _transform(
+        "hessian", f, 2, argnums, has_aux, False, None, memory_limit, allow_random
+    )

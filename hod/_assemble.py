@@ -9,6 +9,7 @@ of that argument.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,38 +62,99 @@ def block_structure(
 
 @dataclass(frozen=True)
 class Segment:
-    """Where a differentiated input leaf sits in the seed space."""
+    """Where a differentiated input leaf sits in the seed space.
+
+    An uncompressed leaf spans ``numel`` seeds. A leaf compressed along ``batch_dim`` (of
+    size ``batch_size``) spans one seed per within-slice coordinate: ``numel / B``.
+    """
 
     offset: int
     shape: tuple[int, ...]
+    batch_dim: int | None = None
+    batch_size: int = 1
+
+    @property
+    def sub_shape(self) -> tuple[int, ...]:
+        """The leaf's shape without its batch dim (its full shape when uncompressed)."""
+        if self.batch_dim is None:
+            return self.shape
+        return self.shape[: self.batch_dim] + self.shape[self.batch_dim + 1 :]
 
     @property
     def size(self) -> int:
-        return int(torch.Size(self.shape).numel())
+        return math.prod(self.sub_shape)
 
 
 def extract_block(
     em: Emitter,
     t: Operand,
-    seed_leaves: Sequence[Segment],
+    value_shape: Sequence[int],
+    value_batch_dim: int | None,
+    seeds: Sequence[Segment],
+    group_order: Sequence[int],
     full_seed: int,
     shape: Sequence[int],
     dtype: torch.dtype,
 ) -> fx.Node:
-    """One block from ``t`` = ``(S,) * j + value_dims`` (``None``: a zero block).
+    """One dense block from ``t`` = ``(S,) * j + value_shape`` (``None``: a zero block).
 
-    Seed axis ``i`` is narrowed to ``seed_leaves[i]``, then the seed axes move behind the
-    value dims and the result is reshaped to ``shape`` (a contiguous tensor).
+    Seed axis ``i`` is narrowed to ``seeds[i]`` and unflattened to that leaf's shape,
+    behind the value dims. Compressed seeds then get their batch dim back: the block is
+    nonzero only where it equals the value's batch dim ``value_batch_dim``, which a
+    product with identity matrices spreads out. ``group_order`` lists the groups (0 = the
+    value dims, ``i`` = seed axis ``i``) in the order of the result's dims, which is then
+    reshaped to ``shape`` (a contiguous tensor).
     """
-    if t is None:
+    compressed = [s for s in seeds if s.batch_dim is not None]
+    if t is None or (compressed and value_batch_dim is None):
         return em.zeros(shape, dtype)
-    j = len(seed_leaves)
-    for axis, segment in enumerate(seed_leaves):
+    j = len(seeds)
+    for axis, segment in enumerate(seeds):
         if segment.size != full_seed:
             t = em.call(
                 torch.ops.aten.slice.Tensor, t, axis, segment.offset,
                 segment.offset + segment.size,
             )
-    value_rank = em.rank(t) - j
-    t = em.permute(t, list(range(j, j + value_rank)) + list(range(j)))
-    return em.contiguous(em.reshape(t, shape))
+    rank = len(value_shape)
+    t = em.permute(t, list(range(j, j + rank)) + list(range(j)))
+    groups = [list(value_shape)] + [list(s.shape) for s in seeds]
+    if compressed:
+        t = _spread_batch(em, t, groups, value_batch_dim, seeds)
+    else:
+        t = em.reshape(t, [d for g in groups for d in g])
+    return em.contiguous(em.reshape(_order_groups(em, t, groups, group_order), shape))
+
+
+def _spread_batch(
+    em: Emitter, t: fx.Node, groups: list[list[int]], value_batch_dim: int,
+    seeds: Sequence[Segment],
+) -> fx.Node:
+    """Insert each compressed seed's batch dim, nonzero on the value's batch diagonal."""
+    with_unit = [groups[0]] + [
+        list(s.shape) if s.batch_dim is None else
+        [1 if d == s.batch_dim else n for d, n in enumerate(s.shape)]
+        for s in seeds
+    ]
+    t = em.reshape(t, [d for g in with_unit for d in g])
+    rank = sum(len(g) for g in groups)
+    masks = []
+    start = len(groups[0])
+    for segment, group in zip(seeds, groups[1:]):
+        if segment.batch_dim is not None:
+            view = [1] * rank
+            view[value_batch_dim] = view[start + segment.batch_dim] = segment.batch_size
+            eye = em.call(
+                torch.ops.aten.eye.default, segment.batch_size, dtype=em.dtype_of(t),
+                device=em.device,
+            )
+            masks.append(em.reshape(eye, view))
+        start += len(group)
+    return em.mul(t, em.product(masks))
+
+
+def _order_groups(
+    em: Emitter, t: fx.Node, groups: list[list[int]], group_order: Sequence[int]
+) -> fx.Node:
+    starts = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
+    dims = [starts[g] + d for g in group_order for d in range(len(groups[g]))]
+    return em.permute(t, dims)

@@ -18,19 +18,17 @@ import torch
 from torch import fx
 from torch.utils._pytree import TreeSpec
 
+from ._analysis import MIXED
 from ._assemble import BlockKey, Segment, block_structure, extract_block
 from ._derive import derive
 from ._emitter import Emitter, Operand
 from ._jet import DeriveContext, Jet
+from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds
 from ._signature import FlatCall, flatten_outputs
 from ._tracing import find_call_site, trace
 from .errors import OutputError
 
 aten = torch.ops.aten
-
-#: Reverse-last is chosen when ``REVERSE_COST * numel(output) <= seed size``: one
-#: reverse sweep costs a few forward sweeps.
-REVERSE_COST = 3
 
 
 @dataclass
@@ -44,6 +42,7 @@ class Request:
     with_values: bool  # derivatives(): (value, D1, ..., Dn) instead of Dn alone
     call: str
     memory_limit: int | None
+    allow_random: bool = False  # keep random ops (dropout, torch.rand) in the graph
 
 
 @dataclass
@@ -83,40 +82,28 @@ class _Traced:
 
 def build(request: Request, flat: FlatCall) -> Lowered:
     """Generate the function computing ``request`` for calls shaped like ``flat``."""
-    call = request.call
-    segments = _segments(flat)
-    seed_size = sum(s.size for s in segments)
     forward = _trace_forward(request, flat)
     out_vals = [n.meta["val"] for n in _outputs(forward.gm)[: forward.n_out]]
-    for val in out_vals:
-        if not val.dtype.is_floating_point:
-            raise OutputError(
-                f"{call}: the function returns a tensor of dtype {val.dtype}.\n"
-                f"  Expected: floating-point outputs (integer outputs have no derivative).\n"
-                f"  Fix: return a floating tensor, or move it to the aux output "
-                f"(has_aux=True)."
-            )
-    mode = choose_mode(request.order, [v.numel() for v in out_vals], seed_size)
-    traced = forward if mode == "forward" else _trace_reverse(request, flat, forward)
-    example = flat.tensors[flat.diff[0]]
-    em = Emitter(example.device, example.dtype, request.memory_limit, call)
-    fwd_order = request.order if mode == "forward" else request.order - 1
-    ctx = DeriveContext(em, fwd_order, seed_size)
+    _check_outputs(out_vals, request.call)
+    mode, traced, seeds = _plan(request, flat, forward, out_vals)
 
+    example = flat.tensors[flat.diff[0]]
+    em = Emitter(example.device, example.dtype, request.memory_limit, request.call)
+    fwd_order = request.order if mode == "forward" else request.order - 1
+    ctx = DeriveContext(em, fwd_order, seeds.size)
     inputs = []
     for i, t in enumerate(flat.tensors):
         node = em.placeholder(f"t{i}", t)
         derivs: list[Operand] = [None] * fwd_order
         if i in flat.diff and fwd_order > 0:
-            derivs[0] = _seed(em, segments[flat.diff.index(i)], seed_size, node)
+            derivs[0] = _seed(em, seeds.segments[flat.diff.index(i)], seeds.size, node)
         inputs.append(Jet(node, derivs))
 
     def call_site(op: object) -> str | None:
         return find_call_site(_flat_function(request, flat, None), flat.tensors, op)
 
-    out_jets = derive(
-        traced.gm, ctx, inputs, call, call_site, len(_outputs(traced.gm)) - traced.n_aux
-    )
+    n_diff = len(_outputs(traced.gm)) - traced.n_aux
+    out_jets = derive(traced.gm, ctx, inputs, request.call, call_site, n_diff)
     orders = range(0 if request.with_values else request.order, request.order + 1)
     results: list[fx.Node] = []
     specs = []
@@ -125,61 +112,95 @@ def build(request: Request, flat: FlatCall) -> Lowered:
             forward.out_spec, forward.n_out, request.argnums, flat.layouts, order
         )
         specs.append(spec)
-        for key in keys:
-            results.append(_block(em, mode, key, out_jets, out_vals, segments, seed_size, flat))
-    aux = [j.primal for j in out_jets[len(out_jets) - traced.n_aux:]] if traced.n_aux else []
+        results += [_block(em, mode, key, out_jets, out_vals, seeds) for key in keys]
+    aux = [j.primal for j in out_jets[n_diff:]]
     em.output(results + aux)
     em.graph.eliminate_dead_code()
     root = torch.nn.Module()
     for name, value in em.constants.items():
         setattr(root, name, value)
     gm = fx.GraphModule(root, em.graph)
-    spec = _result_spec(specs, request, traced.aux_spec)
-    return Lowered(gm, spec, mode, seed_size, len(results))
+    return Lowered(gm, _result_spec(specs, request, traced.aux_spec), mode, seeds.size)
 
 
-def choose_mode(order: int, out_sizes: Sequence[int], seed_size: int) -> str:
-    """``"reverse-last"`` for one small output, else ``"forward"`` (see module doc)."""
-    if len(out_sizes) == 1 and REVERSE_COST * out_sizes[0] <= seed_size:
-        return "reverse-last"
-    return "forward"
+def _check_outputs(out_vals: list[torch.Tensor], call: str) -> None:
+    for val in out_vals:
+        if not val.dtype.is_floating_point:
+            raise OutputError(
+                f"{call}: the function returns a tensor of dtype {val.dtype}.\n"
+                f"  Expected: floating-point outputs (integer outputs have no derivative).\n"
+                f"  Fix: return a floating tensor, or move it to the aux output "
+                f"(has_aux=True)."
+            )
 
 
-def _segments(flat: FlatCall) -> list[Segment]:
-    segments, offset = [], 0
-    for pos in flat.diff:
-        shape = tuple(flat.tensors[pos].shape)
-        segments.append(Segment(offset, shape))
-        offset += segments[-1].size
-    return segments
+def _plan(
+    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor]
+) -> tuple[str, _Traced, SeedPlan]:
+    """Pick the mode and the seed space (with batch compression where it is valid)."""
+    shapes = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
+    outputs = list(range(forward.n_out))
+    seeds = plan_seeds(forward.gm, flat.diff, shapes, lambda batch: outputs)
+    mode = choose_mode(request.order, [v.numel() for v in out_vals], seeds.size)
+    if mode == "forward":
+        return mode, forward, seeds
+    reverse = _trace_reverse(request, flat, forward)
+    if out_vals[0].numel() == 1:
+        seeds = plan_seeds(
+            reverse.gm, flat.diff, shapes, lambda batch: [1 + leaf for leaf in batch]
+        )
+    else:
+        seeds = SeedPlan(tuple(plain_segments(shapes)), ())
+    return mode, reverse, seeds
 
 
 def _seed(em: Emitter, segment: Segment, seed_size: int, like: fx.Node) -> fx.Node:
-    """``D^1`` of an input leaf: the identity's columns of its segment, ``(S,) + shape``."""
-    eye = em.call(
-        aten.eye.default, seed_size, dtype=em.dtype_of(like), device=em.device
-    )
+    """``D^1`` of an input leaf, ``(S,) + shape``: ones where seed and coordinate match.
+
+    A compressed leaf's seeds are the identity over its within-slice coordinates,
+    repeated along its batch dim.
+    """
+    eye = em.call(aten.eye.default, seed_size, dtype=em.dtype_of(like), device=em.device)
     if segment.size != seed_size:
         eye = em.call(aten.slice.Tensor, eye, 1, segment.offset, segment.offset + segment.size)
-    return em.reshape(eye, [seed_size, *segment.shape])
+    if segment.batch_dim is None:
+        return em.reshape(eye, [seed_size, *segment.shape])
+    shape = list(segment.shape)
+    shape[segment.batch_dim] = 1
+    return em.expand(em.reshape(eye, [seed_size, *shape]), [seed_size, *segment.shape])
 
 
 def _block(
     em: Emitter, mode: str, key: BlockKey, out_jets: list[Jet], out_vals: list[torch.Tensor],
-    segments: list[Segment], seed_size: int, flat: FlatCall,
+    seeds: SeedPlan,
 ) -> fx.Node:
-    y = out_vals[key.out]
-    shape = list(y.shape) + [d for leaf in key.leaves for d in segments[leaf].shape]
+    """The tensor of one result block (see :func:`~hod._assemble.extract_block`)."""
     if not key.leaves:
         return out_jets[key.out].primal
+    y = out_vals[key.out]
+    segments = seeds.segments
+    shape = list(y.shape) + [d for leaf in key.leaves for d in segments[leaf].shape]
     if mode == "forward":
-        t = out_jets[key.out].d(len(key.leaves))
-        seeds = key.leaves
+        source, seeded, order = key.out, list(key.leaves), list(range(len(key.leaves) + 1))
+        value_shape = y.shape
     else:
-        # out_jets = [y, J_leaf0, J_leaf1, ...]: J of the first leaf, seeded by the rest.
-        t = out_jets[1 + key.leaves[0]].d(len(key.leaves) - 1)
-        seeds = key.leaves[1:]
-    return extract_block(em, t, [segments[s] for s in seeds], seed_size, shape, y.dtype)
+        # Output 1 + l is the gradient w.r.t. leaf l: read the block from the gradient of
+        # a compressed leaf when there is one (by symmetry), seeded by the others.
+        lead = next((i for i, leaf in enumerate(key.leaves) if segments[leaf].batch_dim
+                     is not None), 0)
+        source = 1 + key.leaves[lead]
+        seeded = [leaf for i, leaf in enumerate(key.leaves) if i != lead]
+        order = [1 + i - (i > lead) if i != lead else 0 for i in range(len(key.leaves))]
+        value_shape = out_jets[source].primal.meta["val"].shape
+    state = None
+    if any(segments[s].batch_dim is not None for s in seeded):
+        state = seeds.out_states[source]
+        assert state != MIXED, "the planner only compresses seeds for tracked outputs"
+    t = out_jets[source].d(len(seeded))
+    return extract_block(
+        em, t, list(value_shape), state, [segments[s] for s in seeded], order, seeds.size,
+        shape, y.dtype,
+    )
 
 
 def _outputs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -232,7 +253,10 @@ def _flat_function(request: Request, flat: FlatCall, holder: dict | None):
 
 def _trace_forward(request: Request, flat: FlatCall) -> _Traced:
     holder: dict = {}
-    gm = trace(_flat_function(request, flat, holder), flat.tensors, request.call)
+    gm = trace(
+        _flat_function(request, flat, holder), flat.tensors, request.call,
+        request.allow_random,
+    )
     return _Traced(gm, holder["out_spec"], holder.get("aux_spec"), holder["n_out"],
                    holder["n_aux"])
 
@@ -259,5 +283,5 @@ def _trace_reverse(request: Request, flat: FlatCall, forward: _Traced) -> _Trace
             grads = torch.func.vmap(vjp_fn)(basis.view(y.numel(), *y.shape))
         return [y, *grads, *aux]
 
-    gm = trace(reverse, flat.tensors, request.call)
+    gm = trace(reverse, flat.tensors, request.call, request.allow_random)
     return _Traced(gm, forward.out_spec, forward.aux_spec, 1 + len(flat.diff), forward.n_aux)

@@ -7,6 +7,7 @@ seed space. Nodes that depend on no seeded input cost nothing beyond their value
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -44,6 +45,8 @@ def derive(
         elif node.op == "get_attr":
             value = getattr(gm, node.target)
             env[node] = Jet(em.constant(node.target, value), [None] * ctx.order)
+        elif node.op == "call_function" and node.target is operator.getitem:
+            env[node] = env[node.args[0]][node.args[1]]  # one output of a multi-output op
         elif node.op == "call_function":
             env[node] = _derive_node(ctx, node, env, call, call_site, node in needed)
         elif node.op == "output":
@@ -64,7 +67,12 @@ def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
 
 def _derive_node(
     ctx: DeriveContext, node: fx.Node, env: dict, call: str, call_site: CallSite, needed: bool
-) -> Jet:
+) -> Jet | tuple[Jet, ...]:
+    """The node's Jet; for an op returning several tensors, a tuple of Jets (one each).
+
+    A multi-output op's rule gets ``out`` as the tuple of its outputs' nodes and returns
+    one derivative list per output (``None`` for an output without derivatives).
+    """
     em = ctx.em
     args = fx.node.map_aggregate(node.args, lambda a: env[a] if isinstance(a, fx.Node) else a)
     kwargs = fx.node.map_aggregate(
@@ -75,13 +83,25 @@ def _derive_node(
     out = em.call(node.target, *primal, **dict(primal_kwargs))
     jets = [a for a in _flat(args) + _flat(kwargs) if isinstance(a, Jet)]
     val = out.meta["val"]
-    if not isinstance(val, torch.Tensor):
+    if val is None:  # an op run for its checks only, such as _linalg_check_errors
+        return Jet(out, [None] * ctx.order)
+    multi = isinstance(val, (tuple, list)) and all(
+        isinstance(v, torch.Tensor) or v is None for v in val
+    )
+    if not isinstance(val, torch.Tensor) and not multi:
         raise UnsupportedOperatorError(
             f"{call}: the ATen op {node.target} returns {type(val).__name__}, not a tensor; "
-            f"hod differentiates single-tensor ops only.{_where(call_site, node.target)}"
+            f"hod differentiates tensor ops only.{_where(call_site, node.target)}"
         )
-    if not needed or all(j.is_constant for j in jets) or not val.dtype.is_floating_point:
-        return Jet(out, [None] * ctx.order)
+    if multi:  # outputs that are None (masked off) get no node
+        outs = tuple(None if v is None else em.call(operator.getitem, out, i)
+                     for i, v in enumerate(val))
+    else:
+        outs = (out,)
+    floating = any(o is not None and em.dtype_of(o).is_floating_point for o in outs)
+    if not needed or all(j.is_constant for j in jets) or not floating:
+        jets_out = tuple(o and Jet(o, [None] * ctx.order) for o in outs)
+        return jets_out if multi else jets_out[0]
     rule = RULES.get(node.target)
     if rule is None:
         raise UnsupportedOperatorError(
@@ -91,8 +111,15 @@ def _derive_node(
             f"  Fix: rewrite that line with supported ops, or open an issue asking for a "
             f"rule for {node.target}."
         )
-    derivs = rule(ctx, args, dict(kwargs), out)
-    return Jet(out, [_conform(em, ctx, d, k, out, node) for k, d in enumerate(derivs, 1)])
+    per_output = rule(ctx, args, dict(kwargs), outs if multi else out)
+    if not multi:
+        per_output = [per_output]
+    jets_out = tuple(
+        Jet(o, [_conform(em, ctx, d, k, o, node) for k, d in enumerate(derivs, 1)])
+        if derivs is not None else o and Jet(o, [None] * ctx.order)
+        for o, derivs in zip(outs, per_output)
+    )
+    return jets_out if multi else jets_out[0]
 
 
 def _where(call_site: CallSite, op: object) -> str:

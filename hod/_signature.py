@@ -34,11 +34,24 @@ class FlatCall:
     rebuild: Callable[[list[torch.Tensor]], tuple[tuple, dict]]
 
 
+class _Identity:
+    """Keys an unhashable argument by identity, holding it so its id cannot be reused."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+
 def _hashable(value: Any) -> Hashable:
     try:
         hash(value)
     except TypeError:
-        return ("id", id(value))
+        return _Identity(value)
     return (type(value), value)
 
 
@@ -80,7 +93,8 @@ def flatten_call(
             filled[leaf_index] = tensors[slot]
         return tree_unflatten(filled, spec)
 
-    tensors = tuple(leaves[i] for i in tensor_pos)
+    # Code is traced for contiguous inputs: a traced `reshape` may have become a `view`.
+    tensors = tuple(leaves[i].contiguous() for i in tensor_pos)
     return FlatCall(tensors, tuple(diff), layouts, key, rebuild)
 
 

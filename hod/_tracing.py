@@ -8,16 +8,22 @@ Python control flow into an error instead of a silently baked-in branch.
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx
+from torch._C._functorch import get_unwrapped, is_batchedtensor, is_gradtrackingtensor
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .decompositions import DECOMPOSITIONS
-from .errors import TracingError
+from .errors import TracingError, UnsupportedOperatorError
 
 aten = torch.ops.aten
 
@@ -25,21 +31,41 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _HOD_DIR = os.path.dirname(__file__)
 
 
-def trace(fn: Callable[..., list[torch.Tensor]], examples: Sequence[torch.Tensor], call: str):
-    """``make_fx`` of ``fn`` (functionalized, decomposed) on fake copies of ``examples``.
+def trace(
+    fn: Callable[..., list[torch.Tensor]], examples: Sequence[torch.Tensor], call: str,
+    allow_random: bool = False,
+) -> fx.GraphModule:
+    """``make_fx`` of ``fn`` (functionalized, decomposed) on contiguous fake copies of
+    ``examples`` (the generated code is called on contiguous tensors).
 
-    ``call`` names the public call for error messages. Returns the GraphModule.
+    ``call`` names the public call for error messages. Random ops are refused unless
+    ``allow_random``. Returns the GraphModule.
+
+    Tracing runs outside any enclosing ``torch.func`` transform (``grad``, ``vmap``): the
+    graph describes ``f`` on plain tensors, and the generated code is then run on the
+    caller's (possibly wrapped) tensors, so the transforms apply to it as to any function.
+    Under ``grad`` the transform's interpreter would otherwise swallow the traced ops.
     """
-    fakes = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-             for t in examples]
-    traced_fn = torch.func.functionalize(fn)
+    with temporarily_clear_interpreter_stack():
+        fakes = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in examples]
+        gm = _make_fx(fn, fakes, call)
+    _reject_input_mutation(gm, call)
+    _reject_data_dependence(gm, call, lambda op: find_call_site(fn, examples, op))
+    if not allow_random:
+        _reject_random(gm, call, lambda: find_call_site(fn, examples, _is_random))
+    _functional_views(gm)
+    return gm
+
+
+def _make_fx(fn: Callable, fakes: list[torch.Tensor], call: str) -> fx.GraphModule:
     try:
-        gm = make_fx(
-            traced_fn,
-            decomposition_table=DECOMPOSITIONS,
-            tracing_mode="fake",
-            _allow_non_fake_inputs=True,
-        )(*fakes)
+        with _RejectTransformedCaptures(call):
+            return make_fx(
+                torch.func.functionalize(fn),
+                decomposition_table=DECOMPOSITIONS,
+                tracing_mode="fake",
+                _allow_non_fake_inputs=True,
+            )(*fakes)
     except TracingError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with context below
@@ -50,9 +76,78 @@ def trace(fn: Callable[..., list[torch.Tensor]], examples: Sequence[torch.Tensor
                 f"  Expected: control flow that depends only on shapes and Python values.\n"
                 f"  Fix: replace `if tensor...` with torch.where(cond, a, b) or torch.cond."
             ) from exc
+        missing = re.search(r"derivative for '(\w+)' is not implemented", str(exc))
+        if isinstance(exc, NotImplementedError) and missing:
+            site = find_call_site(fn, fakes, lambda op: missing[1] in str(op))
+            raise UnsupportedOperatorError(
+                f"{call}: torch has no derivative formula for the op '{missing[1]}'"
+                + (f" (from {site})" if site else "")
+                + ", and hod traces torch's formulas for the reverse part of a derivative.\n"
+                "  Expected: ops with a hod rule or a torch derivative formula.\n"
+                "  Fix: rewrite that line with supported ops, or open an issue asking for a "
+                "rule."
+            ) from exc
         raise
-    _reject_input_mutation(gm, call)
-    return gm
+
+
+def _reject_data_dependence(
+    gm: fx.GraphModule, call: str, call_site: Callable[[object], str | None]
+) -> None:
+    """Refuse values that depend on tensor data (``.item()``, ``nonzero``, masks)."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        shape = val.shape if isinstance(val, torch.Tensor) else ()
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)) or not all(
+            isinstance(d, int) for d in shape
+        ):
+            site = call_site(node.target)
+            raise TracingError(
+                f"{call}: a value or shape depends on the data in a tensor ({node.target}"
+                + (f", from {site}" if site else "")
+                + ").\n"
+                "  Expected: shapes and Python numbers that follow from the input shapes "
+                "alone (no .item(), .tolist(), nonzero or boolean-mask indexing).\n"
+                "  Fix: keep values as tensors and select with torch.where(cond, a, b) "
+                "or a multiplicative mask."
+            )
+
+
+class _RejectTransformedCaptures(TorchFunctionMode):
+    """Refuses a captured tensor that belongs to an enclosing ``torch.func`` transform.
+
+    Such a tensor (the ``W`` of ``grad(lambda W: hod.hessian(lambda x: f(x, W))(x))``)
+    lives only while that transform runs, so it cannot become a constant of cached code.
+    Transforms used while tracing (hod's own ``vjp``, or ``f``'s) wrap fake tensors; an
+    enclosing one wraps a real tensor.
+    """
+
+    def __init__(self, call: str) -> None:
+        super().__init__()
+        self.call = call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for leaf in tree_leaves((args, kwargs or {})):
+            if isinstance(leaf, torch.Tensor) and _from_enclosing_transform(leaf):
+                raise TracingError(
+                    f"{self.call}: the function uses a tensor from its closure that an "
+                    f"enclosing torch.func transform (grad, vmap, jacrev, ...) is tracking.\n"
+                    f"  Expected: tensors the transform tracks reach the function as "
+                    f"arguments.\n"
+                    f"  Fix: pass it as an argument, e.g. hod.hessian(f)(x, W) instead of "
+                    f"hod.hessian(lambda x: f(x, W))(x)."
+                )
+        return func(*args, **(kwargs or {}))
+
+
+def _from_enclosing_transform(t: torch.Tensor) -> bool:
+    wrapped = False
+    while True:
+        if is_batchedtensor(t) or is_gradtrackingtensor(t):
+            t, wrapped = get_unwrapped(t), True
+        elif torch._is_functional_tensor(t):
+            t = torch._from_functional_tensor(t)
+        else:
+            return wrapped and not isinstance(t, FakeTensor)
 
 
 def _is_data_dependent(exc: BaseException) -> bool:
@@ -68,7 +163,9 @@ def _is_data_dependent(exc: BaseException) -> bool:
 def _reject_input_mutation(gm: fx.GraphModule, call: str) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is aten.copy_.default:
+        if node.op == "call_function" and (
+            node.target is aten.copy_.default or _is_inplace_view(node.target)
+        ):
             if node.args[0] in placeholders:
                 index = placeholders.index(node.args[0])
                 raise TracingError(
@@ -80,16 +177,56 @@ def _reject_input_mutation(gm: fx.GraphModule, call: str) -> None:
                 )
 
 
-class _FirstCallSite(TorchDispatchMode):
-    """Remembers the first user-code line that dispatches a given ATen op."""
+def _is_random(op: object) -> bool:
+    return isinstance(op, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in op.tags
 
-    def __init__(self, op: torch._ops.OpOverload) -> None:
+
+def _reject_random(gm: fx.GraphModule, call: str, call_site: Callable[[], str | None]) -> None:
+    for node in gm.graph.nodes:
+        op = node.target
+        if _is_random(op):
+            site = call_site()
+            raise TracingError(
+                f"{call}: the function draws random numbers ({op}"
+                + (f", from {site}" if site else "")
+                + ").\n"
+                "  Expected: a deterministic function (dropout in eval mode, no torch.rand, "
+                "bernoulli, ...).\n"
+                "  Fix: call model.eval() or pass the noise in as an argument; or opt in "
+                "with allow_random=True, and the draw happens inside the generated code, "
+                "anew on every call."
+            )
+
+
+def _is_inplace_view(op: object) -> bool:
+    return isinstance(op, torch._ops.OpOverload) and torch.Tag.inplace_view in op.tags
+
+
+def _functional_views(gm: fx.GraphModule) -> None:
+    """Replace in-place view ops (``squeeze_``, which ``matmul`` of a vector emits and
+    functionalization leaves in place) by their out-of-place overloads.
+
+    ``make_fx`` maps each tensor object to the node that last produced it, so every later
+    use of a tensor whose metadata an in-place view changed already reads that node's
+    output: renaming the op is enough.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and _is_inplace_view(node.target):
+            packet = getattr(aten, node.target._schema.name.split("::")[1].rstrip("_"))
+            node.target = getattr(packet, node.target._overloadname)
+    gm.recompile()
+
+
+class _FirstCallSite(TorchDispatchMode):
+    """Remembers the first user-code line that dispatches an ATen op ``matches`` accepts."""
+
+    def __init__(self, matches: Callable[[torch._ops.OpOverload], bool]) -> None:
         super().__init__()
-        self.op = op
+        self.matches = matches
         self.site: str | None = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is self.op and self.site is None:
+        if self.site is None and self.matches(func):
             self.site = user_frame()
         return func(*args, **(kwargs or {}))
 
@@ -107,13 +244,17 @@ def user_frame() -> str | None:
 def find_call_site(
     fn: Callable[..., list[torch.Tensor]],
     examples: Sequence[torch.Tensor],
-    op: torch._ops.OpOverload,
+    op: torch._ops.OpOverload | Callable[[torch._ops.OpOverload], bool],
 ) -> str | None:
-    """Re-run ``fn`` on meta tensors to find the line that calls ``op`` (error path only)."""
+    """Re-run ``fn`` on meta tensors to find the line that calls ``op`` (error path only).
+
+    ``op`` is an ATen op, or a predicate over ATen ops.
+    """
+    matches = op if not isinstance(op, torch._ops.OpOverload) else (lambda f: f is op)
     metas = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in examples]
-    mode = _FirstCallSite(op)
+    mode = _FirstCallSite(matches)
     try:
-        with mode:
+        with temporarily_clear_interpreter_stack(), mode:
             fn(*metas)
     except Exception:  # noqa: BLE001 - best effort: the site is a hint in an error message
         pass

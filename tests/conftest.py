@@ -21,11 +21,13 @@ def assert_same_tree(actual, expected, rtol: float = 1e-9, atol: float = 1e-9) -
     leaves_a, spec_a = tree_flatten(actual)
     leaves_e, spec_e = tree_flatten(expected)
     assert spec_a == spec_e, f"structure differs:\n{spec_a}\n!=\n{spec_e}"
-    for i, (a, e) in enumerate(zip(leaves_a, leaves_e)):
+    for i, (a, e) in enumerate(zip(leaves_a, leaves_e, strict=True)):
         assert isinstance(a, torch.Tensor), f"leaf {i} is {type(a)}"
         assert a.shape == e.shape, f"leaf {i}: shape {tuple(a.shape)} != {tuple(e.shape)}"
         assert a.dtype == e.dtype, f"leaf {i}: dtype {a.dtype} != {e.dtype}"
-        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"leaf {i}: {m}")
+        torch.testing.assert_close(
+            a, e, rtol=rtol, atol=atol, msg=lambda m, i=i: f"leaf {i}: {m}"
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import operator
+from collections.abc import Callable
+
 import torch
 from torch import fx
 
-from .._emitter import Operand
-from .._jet import DeriveContext
+from .._emitter import Emitter, Operand
+from .._combinatorics import subsets
+from .._jet import DeriveContext, Jet
+from ..errors import UnsupportedOperatorError
 from ._registry import register
 from .elementwise import as_jet
 
@@ -32,3 +38,246 @@ def _addmm(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[
         em.add(em.mul(beta, ctx.align(bias.d(k), k, rank)), em.mul(alpha, products[k - 1]))
         for k in range(1, ctx.order + 1)
     ]
+
+
+
+# -- convolution ------------------------------------------------------------------------
+# A Leibniz term is one convolution of operands with leading seed axes. The axes fold
+# into the batch dim when only the batch-like operand carries them; otherwise they fold
+# into the groups, so that copy p of one operand meets copy p of the other and no other.
+def _lead(em: Emitter, t: fx.Node, value_rank: int) -> list[int]:
+    return list(em.shape(t))[: em.rank(t) - value_rank]
+
+
+def _fold(em: Emitter, t: fx.Node, value_rank: int, lead: list[int], dim: int) -> fx.Node:
+    """``t`` (leading axes, value) broadcast to ``lead`` and merged into value dim ``dim``."""
+    own, value = _lead(em, t, value_rank), list(em.shape(t))[em.rank(t) - value_rank:]
+    m = len(lead)
+    t = em.expand(em.reshape(t, [1] * (m - len(own)) + own + value), lead + value)
+    t = em.permute(t, [*range(m, m + dim), *range(m), *range(m + dim, m + value_rank)])
+    return em.reshape(t, value[:dim] + [-1] + value[dim + 1:])
+
+
+def _unfold(em: Emitter, r: fx.Node, lead: list[int], dim: int) -> fx.Node:
+    """Inverse of :func:`_fold`: split ``lead`` out of ``dim`` and move it to the front."""
+    shape, m = list(em.shape(r)), len(lead)
+    r = em.reshape(r, shape[:dim] + lead + [-1] + shape[dim + 1:])
+    return em.permute(r, [*range(dim, dim + m), *range(dim), *range(dim + m, len(shape) + m)])
+
+
+def _shape_only(em: Emitter, shape: list[int], like: fx.Node) -> fx.Node:
+    """A zero tensor of ``shape`` that allocates nothing (for arguments read for shape)."""
+    zero = em.reshape(em.full_scalar(0.0, like), [1] * len(shape))
+    return em.expand(zero, shape)
+
+
+def _broadcast(a: list[int], b: list[int]) -> list[int]:
+    m = max(len(a), len(b))
+    a, b = [1] * (m - len(a)) + a, [1] * (m - len(b)) + b
+    return [max(x, y) for x, y in zip(a, b)]
+
+
+class _Convolution:
+    """One convolution's parameters and the bilinear maps its derivatives are made of.
+
+    ``forward(x, w)`` is the convolution; ``grad_input(g, w)`` and ``grad_weight(g, x)``
+    are the parts of its backward. Each takes operands with leading seed axes (or none).
+    """
+
+    def __init__(self, em: Emitter, x: fx.Node, w: fx.Node, params: tuple) -> None:
+        self.em, self.x, self.w, self.rank = em, x, w, em.rank(x)
+        *self.params, self.groups = params
+
+    def _backward(self, g: fx.Node, x: fx.Node, w: fx.Node, copies: int, which: int) -> fx.Node:
+        mask = [which == 0, which == 1, False]
+        grads = self.em.call(
+            aten.convolution_backward.default, g, x, w, None, *self.params,
+            self.groups * copies, mask,
+        )
+        return self.em.call(operator.getitem, grads, which)
+
+    def _batch_like(self, a: fx.Node, b: fx.Node, op) -> fx.Node:
+        """``op(a, b, copies, dim)`` on ``a`` (batch first) and a weight-shaped ``b``.
+
+        The seed axes fold into ``a``'s batch dim when ``b`` has none, else into the
+        channel dim of ``a`` and the first dim of ``b`` as extra groups.
+        """
+        em, rank = self.em, self.rank
+        lead_a, lead_b = _lead(em, a, rank), _lead(em, b, rank)
+        if _prod(lead_b) == 1:
+            b = em.reshape(b, list(em.shape(b))[len(lead_b):])
+            return _unfold(em, op(_fold(em, a, rank, lead_a, 0), b, _prod(lead_a), 0), lead_a, 0)
+        lead = _broadcast(lead_a, lead_b)
+        a, b = _fold(em, a, rank, lead, 1), _fold(em, b, rank, lead, 0)
+        return _unfold(em, op(a, b, _prod(lead), 1), lead, 1)
+
+    def forward(self, x: fx.Node, w: fx.Node) -> fx.Node:
+        def op(a: fx.Node, b: fx.Node, copies: int, dim: int) -> fx.Node:
+            groups = self.groups * (copies if dim == 1 else 1)
+            return self.em.call(aten.convolution.default, a, b, None, *self.params, groups)
+
+        return self._batch_like(x, w, op)
+
+    def grad_input(self, g: fx.Node, w: fx.Node) -> fx.Node:
+        def op(a: fx.Node, b: fx.Node, copies: int, dim: int) -> fx.Node:
+            shape = list(self.em.shape(self.x))
+            shape[dim] *= copies
+            x = _shape_only(self.em, shape, a)
+            return self._backward(a, x, b, copies if dim == 1 else 1, which=0)
+
+        return self._batch_like(g, w, op)
+
+    def grad_weight(self, g: fx.Node, x: fx.Node) -> fx.Node:
+        em, rank = self.em, self.rank
+        lead = _broadcast(_lead(em, g, rank), _lead(em, x, rank))
+        copies = _prod(lead)
+        shape = list(em.shape(self.w))
+        shape[0] *= copies
+        g, x = _fold(em, g, rank, lead, 1), _fold(em, x, rank, lead, 1)
+        grad = self._backward(g, x, _shape_only(em, shape, g), copies, which=1)
+        return _unfold(em, grad, lead, 0)
+
+
+def _prod(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _channel_bias(ctx: DeriveContext, bias: Jet, k: int, rank: int) -> Operand:
+    """``D^k bias`` shaped to broadcast over an ``(N, C, *spatial)`` value of ``rank``."""
+    d = bias.d(k)
+    if d is None:
+        return None
+    return ctx.em.reshape(d, [ctx.seed_size] * k + [1, -1] + [1] * (rank - 2))
+
+
+@register(aten.convolution.default)
+def _convolution(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
+    """Bilinear in input and weight; affine in the bias."""
+    x, w, bias = as_jet(ctx, args[0]), as_jet(ctx, args[1]), args[2]
+    conv = _Convolution(ctx.em, x.primal, w.primal, args[3:])
+    products = ctx.bilinear(x, w, conv.forward, rank=None)
+    if bias is None:
+        return products
+    rank = ctx.em.rank(out)
+    return [ctx.em.add(p, _channel_bias(ctx, bias, k, rank)) for k, p in enumerate(products, 1)]
+
+
+@register(aten.convolution_backward.default)
+def _convolution_backward(
+    ctx: DeriveContext, args: tuple, kwargs: dict, out: tuple
+) -> list[list[Operand] | None]:
+    """``(grad_input, grad_weight, grad_bias)``: bilinear, bilinear, linear in ``grad``."""
+    g, x, w = (as_jet(ctx, a) for a in args[:3])
+    mask = args[10]
+    conv = _Convolution(ctx.em, x.primal, w.primal, args[4:10])
+    sum_dims = [0, *range(2, conv.rank)]
+    return [
+        ctx.bilinear(g, w, conv.grad_input, rank=None) if mask[0] else None,
+        ctx.bilinear(g, x, conv.grad_weight, rank=None) if mask[1] else None,
+        ctx.linear(g, lambda t, k: ctx.em.call(
+            aten.sum.dim_IntList, t, [d - conv.rank for d in sum_dims]
+        )) if mask[2] else None,
+    ]
+
+
+# -- inverse, solve, log-determinant ----------------------------------------------------
+# Differentiating ``A X = B`` by Leibniz gives, with ``solve`` applying ``A^-1``,
+#   D^m X = A^-1 (D^m B - sum_{T nonempty} D^|T| A[T] @ D^(m-|T|) X[rest]),
+# each order from the lower ones; ``D log|det A| = tr(A^-1 DA)`` then gives the
+# log-determinant's derivatives by Leibniz on the product ``A^-1 @ DA``.
+def _placed(ctx: DeriveContext, x: Jet, positions: tuple[int, ...], m: int) -> Operand:
+    """``D^|positions| x`` with its seed axes at ``positions`` of ``m`` (the value if none)."""
+    if not positions:
+        return x.primal
+    return ctx.place(x.d(len(positions)), len(positions), positions, m, ctx.em.rank(x.primal))
+
+
+def _solve_jet(
+    ctx: DeriveContext, a: Jet, b: Jet, x: fx.Node, solve: Callable[[fx.Node], fx.Node]
+) -> list[Operand]:
+    """Derivatives of ``X = A^-1 B`` (matrices ``(..., n, k)``), given ``X``'s node."""
+    em = ctx.em
+    jet = Jet(x, [])
+    for m in range(1, ctx.order + 1):
+        terms = [em.neg(em.call(aten.matmul.default, left, right))
+                 for chosen, rest in subsets(m) if chosen
+                 for left, right in [(_placed(ctx, a, chosen, m), _placed(ctx, jet, rest, m))]
+                 if left is not None and right is not None]
+        rhs = em.sum_terms([ctx.align(b.d(m), m, em.rank(x)), *terms])
+        jet.derivs.append(None if rhs is None else solve(rhs))
+    return jet.derivs
+
+
+def _as_matrix(ctx: DeriveContext, b: Jet) -> Jet:
+    """A vector right-hand side ``(..., n)`` as a one-column matrix ``(..., n, 1)``."""
+    em = ctx.em
+    unsqueeze = lambda t: None if t is None else em.call(aten.unsqueeze.default, t, -1)  # noqa: E731
+    return Jet(unsqueeze(b.primal), [unsqueeze(d) for d in b.derivs])
+
+
+@register(aten.linalg_inv_ex.default)
+def _inverse(ctx: DeriveContext, args: tuple, kwargs: dict, out: tuple) -> list:
+    """``(inverse, info)``: ``B`` is the (constant) identity."""
+    inverse = out[0]
+    identity = as_jet(ctx, None)
+    derivs = _solve_jet(
+        ctx, args[0], identity, inverse, lambda t: ctx.em.call(aten.matmul.default, inverse, t)
+    )
+    return [derivs, None]
+
+
+@register(aten._linalg_solve_ex.default)
+def _solve(ctx: DeriveContext, args: tuple, kwargs: dict, out: tuple) -> list:
+    """``(result, LU, pivots, info)`` of ``A X = B``; solves reuse the LU factors."""
+    if not kwargs.get("left", True):
+        raise UnsupportedOperatorError(
+            "hod: torch.linalg.solve(A, B, left=False) has no derivative rule.\n"
+            "  Fix: solve the transposed system, linalg.solve(A.mT, B.mT).mT."
+        )
+    a, b = as_jet(ctx, args[0]), as_jet(ctx, args[1])
+    em = ctx.em
+    lu, pivots = out[1], out[2]
+    vector = em.rank(b.primal) == em.rank(a.primal) - 1
+    x = out[0]
+    if vector:
+        b, x = _as_matrix(ctx, b), em.call(aten.unsqueeze.default, x, -1)
+    derivs = _solve_jet(
+        ctx, a, b, x, lambda t: em.call(aten.linalg_lu_solve.default, lu, pivots, t)
+    )
+    if vector:
+        derivs = [None if d is None else em.call(aten.squeeze.dim, d, -1) for d in derivs]
+    return [derivs, None, None, None]
+
+
+@register(aten._linalg_slogdet.default)
+def _slogdet(ctx: DeriveContext, args: tuple, kwargs: dict, out: tuple) -> list:
+    """``(sign, logabsdet, LU, pivots)``; only ``logabsdet`` has derivatives.
+
+    ``D^m log|det A| = sum_T tr(D^|T| A^-1 [T] @ D^(m-|T|) A [{0} + rest])`` over subsets
+    ``T`` of the positions after the first, the first seed axis staying with ``D A``.
+    """
+    a = args[0]
+    em = ctx.em
+    lu, pivots = out[2], out[3]
+    n = em.shape(a.primal)[-1]
+    identity = em.call(aten.eye.default, n, dtype=em.dtype_of(a.primal), device=em.device)
+    inverse = em.call(aten.linalg_lu_solve.default, lu, pivots, identity)
+    inverse_jet = Jet(inverse, _solve_jet(
+        ctx, a, as_jet(ctx, None), inverse, lambda t: em.call(aten.matmul.default, inverse, t)
+    ))
+    derivs = []
+    for m in range(1, ctx.order + 1):
+        terms = []
+        for chosen, rest in subsets(m - 1):
+            left = _placed(ctx, inverse_jet, tuple(i + 1 for i in chosen), m)
+            right = _placed(ctx, a, (0, *(i + 1 for i in rest)), m)
+            if left is not None and right is not None:
+                terms.append(_trace_of_product(em, left, right))
+        derivs.append(em.sum_terms(terms))
+    return [None, derivs, None, None]
+
+
+def _trace_of_product(em: Emitter, p: fx.Node, q: fx.Node) -> fx.Node:
+    """``tr(p @ q)`` over the last two dims, broadcasting the rest."""
+    product = em.call(aten.mul.Tensor, p, em.call(aten.transpose.int, q, -2, -1))
+    return em.call(aten.sum.dim_IntList, product, [-2, -1])

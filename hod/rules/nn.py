@@ -47,3 +47,41 @@ def _softmax(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> lis
     log_softmax = ctx.em.call(aten._log_softmax.default, x.primal, dim, False)
     log_jet = Jet(log_softmax, _log_softmax_jet(ctx, x, dim, log_softmax))
     return ctx.unary(log_jet, _exp_tower(ctx, log_softmax, out))
+
+
+def _fold_lead(ctx: DeriveContext, t: fx.Node, rank: int) -> fx.Node:
+    """``t`` with every dim before its last ``rank`` folded into one leading dim."""
+    return ctx.em.reshape(t, [-1, *ctx.em.shape(t)[-rank:]])
+
+
+@register(aten.avg_pool2d.default)
+def _avg_pool2d(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
+    """Linear in the input; pools the last two dims of any leading shape."""
+    x, params = args[0], args[1:]
+    lead = list(ctx.em.shape(out))
+
+    def apply(t: fx.Node, k: int) -> Operand:
+        pooled = ctx.em.call(aten.avg_pool2d.default, _fold_lead(ctx, t, 2), *params, **kwargs)
+        return ctx.em.reshape(pooled, [ctx.seed_size] * k + lead)
+
+    return ctx.linear(x, apply)
+
+
+@register(aten.avg_pool2d_backward.default)
+def _avg_pool2d_backward(
+    ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node
+) -> list[Operand]:
+    """Linear in ``grad_output``; the input only gives the shape."""
+    grad, x, params = args[0], args[1].primal, args[2:]
+    em = ctx.em
+    shape = list(em.shape(out))
+
+    def apply(t: fx.Node, k: int) -> Operand:
+        like = em.expand(x, [ctx.seed_size] * k + shape)
+        pooled = em.call(
+            aten.avg_pool2d_backward.default, _fold_lead(ctx, t, 2), _fold_lead(ctx, like, 2),
+            *params, **kwargs,
+        )
+        return em.reshape(pooled, [ctx.seed_size] * k + shape)
+
+    return ctx.linear(grad, apply)

@@ -25,6 +25,8 @@ class OpInfo:
     ``fn`` takes the sample's tensors; ``samples()`` returns argument tuples (float64,
     inside the op's domain); ``argnums`` are differentiated; ``max_order`` is the highest
     order tested; orders ``>= slow_from`` are marked ``slow`` (left out of CI's subset).
+    ``ref`` replaces ``fn`` in the torch.func reference where torch.func cannot
+    differentiate ``fn`` itself (fused attention) or gets it wrong.
     """
 
     name: str
@@ -37,6 +39,7 @@ class OpInfo:
     rtol: float = 1e-7
     atol: float = 1e-7
     family: str = ""
+    ref: Callable | None = None
     notes: str = field(default="", compare=False)
 
 

@@ -1,0 +1,170 @@
+"""Benchmark hod against torch.func, torch.autograd.functional and thoad.
+
+Run from the repository root::
+
+    python -m bench.run --quick                 # a few rows of every sweep, a few minutes
+    python -m bench.run                         # every row of the seed notebook's sweeps
+    python -m bench.run --sweeps hess_all_width,o3_x --device cuda
+    python -m bench.run --memory                # peak RSS per engine on the largest Hessian row
+    python -m bench.run --list                  # the sweeps and their rows
+
+See bench/README.md for what is measured and how results are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from bench.engines import ENGINE_NAMES, make_engines
+from bench.memory import format_memory, measure
+from bench.models import MEMORY_SWEEP, SWEEPS, Sweep
+from bench.report import check_summary, format_table, machine_info, plot, write_json
+from bench.runner import RowResult, RunSettings, SweepRunner
+from bench.timing import FULL_POLICY, QUICK_POLICY
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="a subset of each sweep's rows and fewer repetitions")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--sweeps", default="all",
+                        help="comma-separated sweep names (see --list), default all")
+    parser.add_argument("--engines", default=",".join(ENGINE_NAMES),
+                        help=f"comma-separated engines, default {','.join(ENGINE_NAMES)}")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"directory for the JSON and PNG results (default {DEFAULT_OUT})")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of the sweeps, measure each engine's peak RSS alone in a "
+                             f"child process on the largest {MEMORY_SWEEP} row")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds per call above which an engine is skipped on the larger "
+                             "rows of a sweep (default 20, 5 with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the inputs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for this process (default: torch's)")
+    parser.add_argument("--list", action="store_true", help="list the sweeps and exit")
+    return parser.parse_args(argv)
+
+
+def select_sweeps(spec: str) -> list[Sweep]:
+    """The sweeps named in ``spec`` (``all`` for every one), in definition order."""
+    if spec == "all":
+        return list(SWEEPS.values())
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SWEEPS]
+    if unknown:
+        raise SystemExit(f"unknown sweeps {unknown}; known: {', '.join(SWEEPS)}")
+    return [SWEEPS[n] for n in names]
+
+
+def list_sweeps() -> None:
+    for sweep in SWEEPS.values():
+        xs = [str(sweep.x_value(c)) for c in sweep.cases]
+        quick = [xs[i] for i in sweep.quick]
+        print(f"{sweep.name:15s} {sweep.title}\n{'':15s} rows: {', '.join(xs)}\n"
+              f"{'':15s} --quick: {', '.join(quick)}")
+
+
+def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path) -> None:
+    policy = QUICK_POLICY if args.quick else FULL_POLICY
+    budget = args.budget if args.budget is not None else (5.0 if args.quick else 20.0)
+    engines = make_engines(engine_names, thoad_timeout_s=max(120.0, 6 * budget))
+    settings = RunSettings(device=args.device, policy=policy, budget_s=budget, seed=args.seed)
+    runner = SweepRunner(engines, settings)
+    for name, reason in runner.absent.items():
+        print(f"note: engine {name} is absent: {reason}")
+    info = machine_info(args.device)
+    info["engines"] = {e.name: runner.absent.get(e.name) or e.version() for e in engines}
+    sweeps_json: list[dict[str, object]] = []
+    payload: dict[str, object] = {
+        "machine": info,
+        "settings": {"quick": args.quick, "budget_s": budget, "policy": asdict(policy),
+                     "engines": engine_names, "seed": args.seed,
+                     "reference": "torch.func (jacrev in n-1 jacfwd) in float64"},
+        "sweeps": sweeps_json,
+    }
+    done: list[tuple[Sweep, list[RowResult]]] = []
+    json_path = out_stem.with_suffix(".json")
+    start = time.perf_counter()
+    try:
+        for sweep in select_sweeps(args.sweeps):
+            print(f"\n-- {sweep.name}: {sweep.title}", flush=True)
+            rows = runner.run_sweep(sweep, args.quick)
+            done.append((sweep, rows))
+            print(format_table(sweep, rows))
+            print("\n".join(check_summary(rows)), flush=True)
+            sweeps_json.append({
+                "name": sweep.name, "title": sweep.title, "x_name": sweep.x_name,
+                "notes": list(sweep.notes), "rows": [r.to_dict() for r in rows],
+            })
+            payload["elapsed_s"] = round(time.perf_counter() - start, 1)
+            write_json(json_path, payload)
+    finally:
+        for engine in engines:
+            engine.shutdown()
+    print(f"\nresults: {json_path} ({time.perf_counter() - start:.0f} s)")
+    if done and not args.no_plots:
+        png = out_stem.with_suffix(".png")
+        plot(png, done, f"hod benchmark, {args.device}, torch {torch.__version__}"
+                        f"{' (quick)' if args.quick else ''}")
+        print(f"plots:   {png}")
+
+
+def run_memory(args: argparse.Namespace, engine_names: list[str], out_stem: Path) -> None:
+    sweep = SWEEPS[MEMORY_SWEEP]
+    case = sweep.selected(args.quick)[-1]
+    results = measure(engine_names, case, args.device, timeout_s=600.0)
+    print(format_memory(case, results))
+    json_path = out_stem.with_name(out_stem.name + "-memory").with_suffix(".json")
+    write_json(json_path, {"machine": machine_info(args.device), "case": case.to_dict(),
+                           "memory": [asdict(r) for r in results]})
+    print(f"\nresults: {json_path}")
+
+
+def warn_if_busy() -> None:
+    """Say so when other processes already keep the cores busy: timings will be noisy."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores before starting; other "
+              "processes will distort the timings (with several torch threads, a lot: "
+              "--threads 1 suffers less)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.list:
+        list_sweeps()
+        return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine_names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_stem = args.out / f"run-{stamp}{'-quick' if args.quick else ''}"
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+          f"python {sys.version.split()[0]}")
+    warn_if_busy()
+    if args.memory:
+        run_memory(args, engine_names, out_stem)
+    else:
+        run_sweeps(args, engine_names, out_stem)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The planner: forward or reverse-last, and which inputs to seed compressed by batch.
+
+Cost model (in units of one sweep through the graph at seed width 1): forward costs
+about ``S^n``; reverse-last costs about ``REVERSE_COST * m * S^(n-1)`` for an output of
+``m`` elements. Compressing a batch dim divides a leaf's share of ``S`` by the batch size,
+so the planner looks for the compression that makes ``S`` smallest while keeping every
+block it must read valid (see :mod:`hod._analysis`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import fx
+
+from ._analysis import MIXED, State, track_batch
+from ._assemble import Segment
+
+#: One reverse sweep costs about this many forward sweeps.
+REVERSE_COST = 3
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """The seed space: a segment per differentiated leaf and the states of the outputs."""
+
+    segments: tuple[Segment, ...]
+    out_states: tuple[State, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.segments)
+
+
+def plain_segments(shapes: Sequence[tuple[int, ...]]) -> list[Segment]:
+    """Uncompressed segments, one after another."""
+    segments, offset = [], 0
+    for shape in shapes:
+        segments.append(Segment(offset, tuple(shape)))
+        offset += segments[-1].size
+    return segments
+
+
+#: ``required(batch)``: the outputs that compressed seeds of the leaves in ``batch`` are
+#: read from; each must stay tracked (or free) for the compression to be valid.
+Required = Callable[[dict[int, int]], Sequence[int]]
+
+
+def plan_seeds(
+    gm: fx.GraphModule,
+    diff_positions: Sequence[int],
+    shapes: Sequence[tuple[int, ...]],
+    required: Required,
+) -> SeedPlan:
+    """The smallest valid seed space for derivatives of ``gm``'s outputs.
+
+    ``diff_positions[l]`` is leaf ``l``'s placeholder index and ``shapes[l]`` its shape.
+    In forward mode every differentiated output is read with every seed; in reverse-last
+    mode a compressed leaf's blocks are read from its own gradient output.
+    """
+    best = SeedPlan(tuple(plain_segments(shapes)), ())
+    for first, shape in enumerate(shapes):
+        for dim, size in enumerate(shape):
+            if size < 2:
+                continue
+            batch = _grow(gm, diff_positions, shapes, required, {first: dim}, size)
+            if batch is None:
+                continue
+            candidate = _seed_plan(gm, diff_positions, shapes, batch, size)
+            if candidate.size < best.size:
+                best = candidate
+    if not best.out_states:
+        states = track_batch(gm, {})
+        best = SeedPlan(best.segments, tuple(states))
+    return best
+
+
+def _grow(gm, diff_positions, shapes, required: Required, batch: dict[int, int], size: int):
+    """Start from one compressed leaf and add every other leaf that keeps it valid."""
+    if not _valid(gm, diff_positions, required, batch):
+        return None
+    for leaf, shape in enumerate(shapes):
+        if leaf in batch:
+            continue
+        for dim, n in enumerate(shape):
+            if n == size and _valid(gm, diff_positions, required, {**batch, leaf: dim}):
+                batch = {**batch, leaf: dim}
+                break
+    return batch
+
+
+def _valid(gm, diff_positions, required: Required, batch: dict[int, int]) -> bool:
+    states = track_batch(gm, {diff_positions[leaf]: dim for leaf, dim in batch.items()})
+    return all(states[i] != MIXED for i in required(batch))
+
+
+def _seed_plan(gm, diff_positions, shapes, batch: dict[int, int], size: int) -> SeedPlan:
+    segments, offset = [], 0
+    for leaf, shape in enumerate(shapes):
+        dim = batch.get(leaf)
+        segment = Segment(offset, tuple(shape), dim, size if dim is not None else 1)
+        segments.append(segment)
+        offset += segment.size
+    states = track_batch(gm, {diff_positions[leaf]: dim for leaf, dim in batch.items()})
+    return SeedPlan(tuple(segments), tuple(states))
+
+
+def choose_mode(order: int, out_sizes: Sequence[int], seed_size: int) -> str:
+    """``"reverse-last"`` for one output small against the seed space, else ``"forward"``."""
+    if len(out_sizes) == 1 and REVERSE_COST * out_sizes[0] <= seed_size:
+        return "reverse-last"
+    return "forward"
