@@ -13,7 +13,7 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from ._build import Lowered, Request, build
-from ._signature import FlatCall, flatten_call
+from ._signature import FlatCall, call_signature, flatten_call
 from .errors import InputError
 
 #: How many signatures one transformed function keeps generated code for.
@@ -59,13 +59,13 @@ class DerivativeFunction:
         functools.update_wrapper(self, request.f, updated=())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat = self._flatten(args, kwargs)
-        lowered = self._lowered(flat)
-        return tree_unflatten(lowered.run(flat.tensors), lowered.result_spec)
+        tensors, key = call_signature(args, kwargs)
+        lowered = self._cached(key) or self._lowered(args, kwargs)
+        return tree_unflatten(lowered.run(tensors), lowered.result_spec)
 
     def lower(self, *args: Any, **kwargs: Any) -> Lowered:
         """The generated artifact for this call's signature (``.code``, ``.graph_module``)."""
-        return self._lowered(self._flatten(args, kwargs))
+        return self._lowered(args, kwargs)
 
     def clear_cache(self) -> None:
         """Forget all generated code: the next call traces ``f`` again."""
@@ -85,7 +85,8 @@ class DerivativeFunction:
 
     # torch.compile must not trace code generation itself; it compiles what this returns.
     @torch.compiler.disable
-    def _lowered(self, flat: FlatCall) -> Lowered:
+    def _lowered(self, args: tuple, kwargs: dict) -> Lowered:
+        flat = self._flatten(args, kwargs)
         lowered = self._cached(flat.key)
         if lowered is None:
             # make_fx keeps global tracer state, so code generation is serialised;
@@ -98,13 +99,16 @@ class DerivativeFunction:
         return lowered
 
     def _cached(self, key: Hashable) -> Lowered | None:
-        with self._lock:
-            if any(_read(scope, name) is not t for scope, name, t in self._bindings):
-                self._cache.clear()  # f names a rebound tensor: all its code is stale
-            lowered = self._cache.get(key)
-            if lowered is not None:
-                self._cache.move_to_end(key)
-            return lowered
+        if self._bindings and any(
+            _read(scope, name) is not t for scope, name, t in self._bindings
+        ):
+            self.clear_cache()  # f names a rebound tensor: all its code is stale
+        lowered = self._cache.get(key)
+        if lowered is not None:
+            with self._lock:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+        return lowered
 
     def _store(self, key: Hashable, lowered: Lowered, bindings: list[_Binding]) -> None:
         with self._lock:

@@ -88,33 +88,34 @@ class Segment:
 def extract_block(
     em: Emitter,
     t: Operand,
+    span: tuple[int, int],
     value_shape: Sequence[int],
     value_batch_dim: int | None,
     seeds: Sequence[Segment],
     group_order: Sequence[int],
-    full_seed: int,
     shape: Sequence[int],
     dtype: torch.dtype,
 ) -> fx.Node:
-    """One dense block from ``t`` = ``(S,) * j + value_shape`` (``None``: a zero block).
+    """One dense block from ``t`` = ``(W,) * j + value_shape`` (``None``: a zero block),
+    whose seed axes cover the seeds ``span = [lo, lo + W)``.
 
     Seed axis ``i`` is narrowed to ``seeds[i]`` and unflattened to that leaf's shape,
     behind the value dims. Compressed seeds then get their batch dim back: the block is
     nonzero only where it equals the value's batch dim ``value_batch_dim``, which a
     product with identity matrices spreads out. ``group_order`` lists the groups (0 = the
     value dims, ``i`` = seed axis ``i``) in the order of the result's dims, which is then
-    reshaped to ``shape`` (a contiguous tensor).
+    reshaped to ``shape``. Like torch.func's, the block may be a non-contiguous view.
     """
     compressed = [s for s in seeds if s.batch_dim is not None]
-    if t is None or (compressed and value_batch_dim is None):
+    lo, hi = span
+    outside = any(s.offset < lo or s.offset + s.size > hi for s in seeds)
+    if t is None or outside or (compressed and value_batch_dim is None):
         return em.zeros(shape, dtype)
     j = len(seeds)
     for axis, segment in enumerate(seeds):
-        if segment.size != full_seed:
-            t = em.call(
-                torch.ops.aten.slice.Tensor, t, axis, segment.offset,
-                segment.offset + segment.size,
-            )
+        if segment.size != hi - lo:
+            start = segment.offset - lo
+            t = em.call(torch.ops.aten.slice.Tensor, t, axis, start, start + segment.size)
     rank = len(value_shape)
     t = em.permute(t, list(range(j, j + rank)) + list(range(j)))
     groups = [list(value_shape)] + [list(s.shape) for s in seeds]
@@ -122,7 +123,7 @@ def extract_block(
         t = _spread_batch(em, t, groups, value_batch_dim, seeds)
     else:
         t = em.reshape(t, [d for g in groups for d in g])
-    return em.contiguous(em.reshape(_order_groups(em, t, groups, group_order), shape))
+    return em.reshape(_order_groups(em, t, groups, group_order), shape)
 
 
 def _spread_batch(

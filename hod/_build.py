@@ -12,7 +12,7 @@ Two ways to reach an order-``n`` derivative, chosen by :func:`choose_mode`:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -59,14 +59,14 @@ class Lowered:
     result_spec: TreeSpec
     mode: str
     seed_size: int
-    _n_results: int = field(repr=False, default=0)
 
     @property
     def code(self) -> str:
         return self.graph_module.code
 
     def run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self.graph_module(*tensors)
+        # ``forward`` directly: the generated module has no hooks, so skip Module.__call__.
+        return self.graph_module.forward(*tensors)
 
 
 @dataclass
@@ -95,9 +95,12 @@ def build(request: Request, flat: FlatCall) -> Lowered:
     for i, t in enumerate(flat.tensors):
         node = em.placeholder(f"t{i}", t)
         derivs: list[Operand] = [None] * fwd_order
+        span = None
         if i in flat.diff and fwd_order > 0:
-            derivs[0] = _seed(em, seeds.segments[flat.diff.index(i)], seeds.size, node)
-        inputs.append(Jet(node, derivs))
+            segment = seeds.segments[flat.diff.index(i)]
+            derivs[0] = _seed(em, segment, node)
+            span = (segment.offset, segment.offset + segment.size)
+        inputs.append(Jet(node, derivs, span))
 
     def call_site(op: object) -> str | None:
         return find_call_site(_flat_function(request, flat, None), flat.tensors, op)
@@ -154,20 +157,19 @@ def _plan(
     return mode, reverse, seeds
 
 
-def _seed(em: Emitter, segment: Segment, seed_size: int, like: fx.Node) -> fx.Node:
-    """``D^1`` of an input leaf, ``(S,) + shape``: ones where seed and coordinate match.
+def _seed(em: Emitter, segment: Segment, like: fx.Node) -> fx.Node:
+    """``D^1`` of an input leaf over its own segment of seeds, ``(size,) + shape``.
 
-    A compressed leaf's seeds are the identity over its within-slice coordinates,
-    repeated along its batch dim.
+    The identity: seed ``s`` is one at coordinate ``s``. A compressed leaf's seeds are the
+    identity over its within-slice coordinates, repeated along its batch dim.
     """
-    eye = em.call(aten.eye.default, seed_size, dtype=em.dtype_of(like), device=em.device)
-    if segment.size != seed_size:
-        eye = em.call(aten.slice.Tensor, eye, 1, segment.offset, segment.offset + segment.size)
+    size = segment.size
+    eye = em.call(aten.eye.default, size, dtype=em.dtype_of(like), device=em.device)
     if segment.batch_dim is None:
-        return em.reshape(eye, [seed_size, *segment.shape])
+        return em.reshape(eye, [size, *segment.shape])
     shape = list(segment.shape)
     shape[segment.batch_dim] = 1
-    return em.expand(em.reshape(eye, [seed_size, *shape]), [seed_size, *segment.shape])
+    return em.expand(em.reshape(eye, [size, *shape]), [size, *segment.shape])
 
 
 def _block(
@@ -196,10 +198,10 @@ def _block(
     if any(segments[s].batch_dim is not None for s in seeded):
         state = seeds.out_states[source]
         assert state != MIXED, "the planner only compresses seeds for tracked outputs"
-    t = out_jets[source].d(len(seeded))
+    jet = out_jets[source]
     return extract_block(
-        em, t, list(value_shape), state, [segments[s] for s in seeded], order, seeds.size,
-        shape, y.dtype,
+        em, jet.d(len(seeded)), jet.span or (0, seeds.size), list(value_shape), state,
+        [segments[s] for s in seeded], order, shape, y.dtype,
     )
 
 

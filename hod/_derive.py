@@ -99,27 +99,51 @@ def _derive_node(
     else:
         outs = (out,)
     floating = any(o is not None and em.dtype_of(o).is_floating_point for o in outs)
-    if not needed or all(j.is_constant for j in jets) or not floating:
-        jets_out = tuple(o and Jet(o, [None] * ctx.order) for o in outs)
-        return jets_out if multi else jets_out[0]
-    rule = RULES.get(node.target)
-    if rule is None:
-        raise UnsupportedOperatorError(
-            f"{call}: no derivative rule for the ATen op {node.target}.\n"
-            f"  Expected: ops listed in hod's README (or ones that decompose into them)."
-            f"{_where(call_site, node.target)}\n"
-            f"  Fix: rewrite that line with supported ops, or open an issue asking for a "
-            f"rule for {node.target}."
-        )
-    per_output = rule(ctx, args, dict(kwargs), outs if multi else out)
-    if not multi:
-        per_output = [per_output]
+    per_output: list = [None] * len(outs)
+    if needed and floating and not all(j.is_constant for j in jets):
+        rule = RULES.get(node.target)
+        if rule is None:
+            raise UnsupportedOperatorError(
+                f"{call}: no derivative rule for the ATen op {node.target}.\n"
+                f"  Expected: ops listed in hod's README (or ones that decompose into them)."
+                f"{_where(call_site, node.target)}\n"
+                f"  Fix: rewrite that line with supported ops, or open an issue asking for a "
+                f"rule for {node.target}."
+            )
+        span = _common_span(ctx, jets)
+        args, kwargs = _widened(ctx, args, span), _widened(ctx, kwargs, span)
+        ctx.enter(span)
+        derivs = rule(ctx, args, dict(kwargs), outs if multi else out)
+        per_output = derivs if multi else [derivs]
     jets_out = tuple(
-        Jet(o, [_conform(em, ctx, d, k, o, node) for k, d in enumerate(derivs, 1)])
-        if derivs is not None else o and Jet(o, [None] * ctx.order)
-        for o, derivs in zip(outs, per_output)
+        _output_jet(em, ctx, o, d, node) for o, d in zip(outs, per_output, strict=True)
     )
     return jets_out if multi else jets_out[0]
+
+
+def _common_span(ctx: DeriveContext, jets: list[Jet]) -> tuple[int, int]:
+    """The smallest seed range covering every non-constant input jet."""
+    spans = [ctx.span_of(j) for j in jets if not j.is_constant]
+    return min(lo for lo, _ in spans), max(hi for _, hi in spans)
+
+
+def _widened(ctx: DeriveContext, value: object, span: tuple[int, int]):
+    """``value`` (args or kwargs) with every jet widened to ``span``."""
+    return fx.node.map_aggregate(
+        value, lambda v: ctx.widen(v, span) if isinstance(v, Jet) else v
+    )
+
+
+def _output_jet(
+    em: Emitter, ctx: DeriveContext, out: fx.Node | None, derivs: list | None, node: fx.Node
+) -> Jet | None:
+    """One output's Jet (None for an output the op did not compute)."""
+    if out is None:
+        return None
+    if derivs is None:
+        return Jet(out, [None] * ctx.order)
+    conformed = [_conform(em, ctx, d, k, out, node) for k, d in enumerate(derivs, 1)]
+    return Jet(out, conformed, ctx.span)
 
 
 def _where(call_site: CallSite, op: object) -> str:

@@ -93,9 +93,16 @@ class Emitter:
             meta_args = _to_meta(args)
             meta_kwargs = {k: _to_meta(v) for k, v in kwargs.items()}
             val = op(*meta_args, **meta_kwargs)
+            simpler = _simplify(op, args, val)
+            if simpler is not None:
+                self._seen[key] = simpler
+                return simpler
             self._check_size(op, val)
             node = self.graph.call_function(op, tuple(args), dict(kwargs))
             node.meta["val"] = val
+            constant = _constant_value(op, args)
+            if constant is not None:
+                node.meta[_SCALAR] = constant
             self._seen[key] = node
         return node
 
@@ -212,17 +219,48 @@ class Emitter:
             aten.scalar_tensor.default, value, dtype=self.dtype_of(like), device=self.device
         )
 
-    def contiguous(self, node: fx.Node) -> fx.Node:
-        if node.meta["val"].is_contiguous():
-            return node
-        return self.call(aten.clone.default, node, memory_format=torch.contiguous_format)
-
     def _is_view_compatible(self, node: fx.Node, shape: list[int]) -> bool:
         try:
             node.meta["val"].view(shape)
         except RuntimeError:
             return False
         return True
+
+
+_SCALAR = "hod_scalar"  # meta key: every element of the node equals this number
+
+_FILLS = {aten.full_like.default: 1, aten.full.default: 1, aten.scalar_tensor.default: 0}
+_SAME_VALUES = {
+    aten.expand.default, aten.view.default, aten.clone.default, aten.alias.default,
+    aten._to_copy.default, aten.reshape.default, aten.permute.default,
+}
+
+
+def _constant_value(op: Any, args: tuple) -> float | None:
+    """The single value every element of ``op(*args)`` holds, when known at trace time."""
+    if op in _FILLS:
+        value = args[_FILLS[op]]
+        return value if isinstance(value, (int, float)) else None
+    if op in _SAME_VALUES and isinstance(args[0], fx.Node):
+        return args[0].meta.get(_SCALAR)
+    return None
+
+
+def _simplify(op: Any, args: tuple, val: Any) -> fx.Node | None:
+    """An existing node equal to ``op(*args)``: multiplying by ones, adding zeros."""
+    if op not in (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor) or len(args) != 2:
+        return None
+    identity = 1 if op is aten.mul.Tensor else 0
+    a, b = args
+    candidates = [(b, a)] if op is aten.sub.Tensor else [(a, b), (b, a)]
+    for const, other in candidates:
+        if (
+            isinstance(const, fx.Node) and const.meta.get(_SCALAR) == identity
+            and isinstance(other, fx.Node)
+            and other.meta["val"].shape == val.shape and other.meta["val"].dtype == val.dtype
+        ):
+            return other
+    return None
 
 
 def _is_zero(value: Operand) -> bool:

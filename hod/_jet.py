@@ -14,18 +14,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
 from ._combinatorics import set_partitions, subsets
 from ._emitter import Emitter, Operand
 
 
+Span = tuple[int, int]  # a range [lo, hi) of the seed space
+
+
 @dataclass
 class Jet:
-    """A value and its derivatives ``derivs[k-1] = D^k value`` (``None`` when zero)."""
+    """A value and its derivatives ``derivs[k-1] = D^k value`` (``None`` when zero).
+
+    ``span`` is the range of seeds the derivatives cover (None: the whole seed space);
+    outside it they are zero, so ``D^k`` has shape ``(hi - lo,) * k + value.shape``.
+    A jet widened to a larger span keeps its original in ``narrow``.
+    """
 
     primal: fx.Node
     derivs: list[Operand]
+    span: Span | None = None
+    narrow: Jet | None = None
 
     def d(self, k: int) -> Operand:
         """``D^k`` of the value; ``D^0`` is the value itself."""
@@ -42,12 +53,43 @@ Tower = Callable[[int], Operand]
 
 
 class DeriveContext:
-    """What a rule sees: the emitter, the order ``n`` and the seed-space size ``S``."""
+    """What a rule sees: the emitter, the order ``n`` and the seed-space size ``S``.
+
+    While a rule runs, every jet it gets covers the same span of seeds, ``span``, and
+    ``seed_size`` is that span's width: rules never see spans.
+    """
 
     def __init__(self, em: Emitter, order: int, seed_size: int) -> None:
         self.em = em
         self.order = order
+        self.full_size = seed_size
+        self.span: Span = (0, seed_size)
         self.seed_size = seed_size
+
+    # -- spans -----------------------------------------------------------------------------
+    def span_of(self, jet: Jet) -> Span:
+        return jet.span or (0, self.full_size)
+
+    def enter(self, span: Span) -> None:
+        """Make ``span`` the span rules work in."""
+        self.span = span
+        self.seed_size = span[1] - span[0]
+
+    def widen(self, jet: Jet, span: Span) -> Jet:
+        """``jet`` with its derivatives zero-padded to cover ``span`` (which contains it)."""
+        own = self.span_of(jet)
+        if own == span or jet.is_constant:
+            return jet
+        derivs = [self.pad(d, k, own, span) for k, d in enumerate(jet.derivs, 1)]
+        return Jet(jet.primal, derivs, span, jet)
+
+    def pad(self, t: Operand, k: int, own: Span, span: Span) -> Operand:
+        """Zero-pad ``t``'s ``k`` leading seed axes from ``own`` to ``span``."""
+        if t is None or own == span:
+            return t
+        value_rank = self.em.rank(t) - k
+        pads = [0, 0] * value_rank + [own[0] - span[0], span[1] - own[1]] * k
+        return self.em.call(torch.ops.aten.constant_pad_nd.default, t, pads, 0.0)
 
     # -- placing seed axes -----------------------------------------------------------------
     def place(self, t: Operand, k: int, positions: Sequence[int], m: int, rank: int) -> Operand:
@@ -109,13 +151,26 @@ class DeriveContext:
         for m in range(1, self.order + 1):
             terms = []
             for chosen, rest in subsets(m):
-                left = self._operand(a, chosen, m, rank)
-                right = self._operand(b, rest, m, rank)
-                if left is None or right is None:
-                    continue
-                terms.append(apply(left, right))
+                terms.append(self._leibniz_term(a, b, chosen, rest, m, apply, rank))
             result.append(self.em.sum_terms(terms))
         return result
+
+    def _leibniz_term(self, a, b, chosen, rest, m, apply, rank) -> Operand:
+        """One term; when one factor is a value, the other is taken over its own span."""
+        if not rest and a.narrow is not None:
+            a, own = a.narrow, self.span_of(a.narrow)
+        elif not chosen and b.narrow is not None:
+            b, own = b.narrow, self.span_of(b.narrow)
+        else:
+            own = self.span
+        outer, self.seed_size = self.seed_size, own[1] - own[0]
+        try:
+            left = self._operand(a, chosen, m, rank)
+            right = self._operand(b, rest, m, rank)
+            term = None if left is None or right is None else apply(left, right)
+        finally:
+            self.seed_size = outer
+        return self.pad(term, m, own, self.span)
 
     def _operand(self, x: Jet, positions: tuple[int, ...], m: int, rank: int | None) -> Operand:
         k = len(positions)

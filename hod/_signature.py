@@ -55,6 +55,30 @@ def _hashable(value: Any) -> Hashable:
     return (type(value), value)
 
 
+def call_signature(args: tuple, kwargs: dict) -> tuple[tuple[torch.Tensor, ...], Hashable]:
+    """The tensor leaves of a call (contiguous) and its cache key, as cheaply as possible.
+
+    Calls whose arguments are all tensors take a fast path; others flatten the pytree.
+    Both give the same tensors, in the order :func:`flatten_call` lists them.
+    """
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        key = tuple((a.shape, a.dtype, a.device) for a in args)
+        return tuple(a.contiguous() for a in args), key
+    leaves, spec = tree_flatten((args, kwargs))
+    key = (
+        spec,
+        tuple(
+            (leaf.shape, leaf.dtype, leaf.device)
+            if isinstance(leaf, torch.Tensor)
+            else _hashable(leaf)
+            for leaf in leaves
+        ),
+    )
+    # Code is traced for contiguous inputs: a traced `reshape` may have become a `view`.
+    tensors = tuple(leaf.contiguous() for leaf in leaves if isinstance(leaf, torch.Tensor))
+    return tensors, key
+
+
 def flatten_call(
     args: tuple, kwargs: dict, argnums: tuple[int, ...], call: str
 ) -> FlatCall:
@@ -77,24 +101,13 @@ def flatten_call(
             layouts[a] = ArgLayout(arg_spec, tuple(ids))
         start += len(arg_leaves)
 
-    key = (
-        spec,
-        tuple(
-            (tuple(leaf.shape), leaf.dtype, leaf.device)
-            if isinstance(leaf, torch.Tensor)
-            else _hashable(leaf)
-            for leaf in leaves
-        ),
-    )
-
     def rebuild(tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
         filled = list(leaves)
         for slot, leaf_index in enumerate(tensor_pos):
             filled[leaf_index] = tensors[slot]
         return tree_unflatten(filled, spec)
 
-    # Code is traced for contiguous inputs: a traced `reshape` may have become a `view`.
-    tensors = tuple(leaves[i].contiguous() for i in tensor_pos)
+    tensors, key = call_signature(args, kwargs)
     return FlatCall(tensors, tuple(diff), layouts, key, rebuild)
 
 

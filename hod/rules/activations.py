@@ -73,9 +73,10 @@ def _gelu_erf() -> ChainTower:
     def generators(ctx: DeriveContext, x: fx.Node, y: fx.Node) -> list[Operand]:
         em = ctx.em
         erf = em.call(aten.erf.default, em.mul(x, 1 / math.sqrt(2)))
-        return [x, em.mul(em.add(erf, 1.0), 0.5), em.call(aten.exp.default, em.mul(em.mul(x, x), -0.5))]
+        gaussian = em.call(aten.exp.default, em.mul(em.mul(x, x), -0.5))
+        return [x, em.mul(em.add(erf, 1.0), 0.5), gaussian]
 
-    return ChainTower(generators, (u._lift(1.0), density, -u * e), cdf + u * density)
+    return ChainTower(generators, (u.lift(1.0), density, -u * e), cdf + u * density)
 
 
 def _gelu_tanh() -> ChainTower:
@@ -89,7 +90,7 @@ def _gelu_tanh() -> ChainTower:
         inner = em.mul(em.add(x, em.mul(c, em.call(aten.pow.Tensor_Scalar, x, 3))), k)
         return [x, em.call(aten.tanh.default, inner)]
 
-    return ChainTower(generators, (u._lift(1.0), dt), 0.5 * (1.0 + t) + 0.5 * u * dt)
+    return ChainTower(generators, (u.lift(1.0), dt), 0.5 * (1.0 + t) + 0.5 * u * dt)
 
 
 _GELU = {"none": _gelu_erf(), "tanh": _gelu_tanh()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -22,6 +23,13 @@ from ._registry import defpointwise_linear, defunary, defzero, register
 aten = torch.ops.aten
 
 Exponents = tuple[int, ...]
+
+
+def as_jet(ctx: DeriveContext, value) -> Jet:
+    """A Jet for an operand that may be a Python number (a constant)."""
+    if isinstance(value, Jet):
+        return value
+    return Jet(value, [None] * ctx.order)
 
 
 # -- polynomials in generator values --------------------------------------------------------
@@ -36,19 +44,20 @@ class Poly:
     def variables(rank: int) -> list[Poly]:
         return [Poly({tuple(int(i == j) for j in range(rank)): 1.0}, rank) for i in range(rank)]
 
-    def _lift(self, other: Poly | float) -> Poly:
+    def lift(self, other: Poly | float) -> Poly:
+        """``other`` as a polynomial in the same variables."""
         return other if isinstance(other, Poly) else Poly({(0,) * self.rank: other}, self.rank)
 
     def __add__(self, other: Poly | float) -> Poly:
         terms = dict(self.terms)
-        for e, c in self._lift(other).terms.items():
+        for e, c in self.lift(other).terms.items():
             terms[e] = terms.get(e, 0.0) + c
         return Poly(terms, self.rank)
 
     def __mul__(self, other: Poly | float) -> Poly:
         terms: dict[Exponents, float] = {}
         for e1, c1 in self.terms.items():
-            for e2, c2 in self._lift(other).terms.items():
+            for e2, c2 in self.lift(other).terms.items():
                 e = tuple(a + b for a, b in zip(e1, e2, strict=True))
                 terms[e] = terms.get(e, 0.0) + c1 * c2
         return Poly(terms, self.rank)
@@ -57,7 +66,7 @@ class Poly:
         return self * -1.0
 
     def __sub__(self, other: Poly | float) -> Poly:
-        return self + -self._lift(other)
+        return self + -self.lift(other)
 
     def __rsub__(self, other: float) -> Poly:
         return -self + other
@@ -66,7 +75,7 @@ class Poly:
     __rmul__ = __mul__
 
     def __pow__(self, n: int) -> Poly:
-        result = self._lift(1.0)
+        result = self.lift(1.0)
         for _ in range(n):
             result = result * self
         return result
@@ -124,7 +133,7 @@ class ChainTower:
 def self_tower(slope: Callable[[Poly], Poly | float]) -> ChainTower:
     """``g' = slope(g)`` (exp: ``y``, tanh: ``1 - y^2``, tan: ``1 + y^2``)."""
     (u,) = Poly.variables(1)
-    s = u._lift(slope(u))
+    s = u.lift(slope(u))
     return ChainTower(lambda ctx, x, y: [y], (s,), s)
 
 
@@ -132,10 +141,9 @@ def _pair_tower(first: str, second: str, sign: float, derivative_index: int) -> 
     """sin/cos and sinh/cosh: generators ``(f(x), h(x))`` with ``f' = h``, ``h' = sign f``."""
     f, h = Poly.variables(2)
     ops = (getattr(aten, first).default, getattr(aten, second).default)
+    slopes = (h, sign * f)
     return ChainTower(
-        lambda ctx, x, y: [ctx.em.call(op, x) for op in ops],
-        (h, sign * f),
-        (h, sign * f)[derivative_index],
+        lambda ctx, x, y: [ctx.em.call(op, x) for op in ops], slopes, slopes[derivative_index]
     )
 
 
@@ -158,7 +166,7 @@ def _inverse_tower(a: float, b: float, p: float, sign: float) -> ChainTower:
         em = ctx.em
         return [x, _power(ctx, em.add(em.mul(b, em.mul(x, x)), a), p)]
 
-    return ChainTower(generators, (u._lift(1.0), 2 * p * b * u * s ** round(1 - 1 / p)), sign * s)
+    return ChainTower(generators, (u.lift(1.0), 2 * p * b * u * s ** round(1 - 1 / p)), sign * s)
 
 
 def _gaussian_tower(scale: float) -> ChainTower:
@@ -169,7 +177,7 @@ def _gaussian_tower(scale: float) -> ChainTower:
         em = ctx.em
         return [x, em.call(aten.exp.default, em.neg(em.mul(x, x)))]
 
-    return ChainTower(generators, (u._lift(1.0), -2 * u * e), scale * e)
+    return ChainTower(generators, (u.lift(1.0), -2 * u * e), scale * e)
 
 
 def exponential_tower(log_base: float) -> ChainTower:
@@ -282,7 +290,7 @@ def _shift(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[
     return ctx.linear(args[0], lambda t, k: t)
 
 
-def defslope(op, slope: Callable[..., Operand]) -> None:
+def defslope(op: Any, slope: Callable[..., Operand]) -> None:
     """A piecewise-linear unary op: ``D^k out = slope * D^k x``.
 
     ``slope(ctx, x, *args, **kwargs)`` gives ``g'`` at the primal ``x`` (the op's other
@@ -299,8 +307,8 @@ def defslope(op, slope: Callable[..., Operand]) -> None:
 def _clamp_slope(ctx: DeriveContext, x: fx.Node, low=None, high=None) -> Operand:
     """1 on ``[low, high]`` (torch's clamp passes the gradient at the bounds), else 0."""
     em = ctx.em
-    masks = [em.call(op, x, bound) for op, bound in ((aten.ge.Scalar, low), (aten.le.Scalar, high))
-             if bound is not None]
+    bounds = ((aten.ge.Scalar, low), (aten.le.Scalar, high))
+    masks = [em.call(op, x, bound) for op, bound in bounds if bound is not None]
     return masks[0] if len(masks) == 1 else em.call(aten.logical_and.default, *masks)
 
 
@@ -314,13 +322,6 @@ defzero(
 
 
 # -- binary ops ---------------------------------------------------------------------------
-def as_jet(ctx: DeriveContext, value) -> Jet:
-    """A Jet for an operand that may be a Python number (a constant)."""
-    if isinstance(value, Jet):
-        return value
-    return Jet(value, [None] * ctx.order)
-
-
 def _weighted(ctx: DeriveContext, out: fx.Node, parts: Sequence[tuple[Operand, Jet]]):
     """Derivatives of ``sum_i w_i * x_i`` for constant weights ``w_i`` (numbers or nodes
     broadcasting to ``out``), with the ``x_i``'s value dims right-aligned to ``out``'s."""
@@ -398,7 +399,8 @@ def _extremum(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> li
     em = ctx.em
     a, b = as_jet(ctx, args[0]), as_jet(ctx, args[1])
     direction = 0.5 if out.target is aten.maximum.default else -0.5
-    step = em.mul(direction, em.call(aten.sign.default, em.call(aten.sub.Tensor, a.primal, b.primal)))
+    sign = em.call(aten.sign.default, em.call(aten.sub.Tensor, a.primal, b.primal))
+    step = em.mul(direction, sign)
     return _weighted(ctx, out, [(em.add(step, 0.5), a), (em.sub(0.5, step), b)])
 
 

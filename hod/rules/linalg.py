@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from .._emitter import Emitter, Operand
 from .._combinatorics import subsets
+from .._emitter import Emitter, Operand
 from .._jet import DeriveContext, Jet
 from ..errors import UnsupportedOperatorError
 from ._registry import register
@@ -23,7 +23,7 @@ def _matmul(ctx: DeriveContext):
     return lambda a, b: ctx.em.call(aten.matmul.default, a, b)
 
 
-@register(aten.mm.default, aten.bmm.default, aten.matmul.default)
+@register(aten.mm.default, aten.bmm.default)
 def _mm(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
     return ctx.bilinear(as_jet(ctx, args[0]), as_jet(ctx, args[1]), _matmul(ctx), rank=None)
 
@@ -74,7 +74,7 @@ def _shape_only(em: Emitter, shape: list[int], like: fx.Node) -> fx.Node:
 def _broadcast(a: list[int], b: list[int]) -> list[int]:
     m = max(len(a), len(b))
     a, b = [1] * (m - len(a)) + a, [1] * (m - len(b)) + b
-    return [max(x, y) for x, y in zip(a, b)]
+    return [max(x, y) for x, y in zip(a, b, strict=True)]
 
 
 class _Convolution:

@@ -1,4 +1,10 @@
-"""Reductions: sums and means are linear; their derivatives reduce the same value dims."""
+"""Reductions and scans over value dims (counted from the end, past the seed axes).
+
+Sums, means and cumulative sums are linear. ``amax``/``max`` are linear too once the
+arg-max is fixed: their derivatives read the extreme entries' derivatives. ``prod``,
+``cumprod``, ``var``, the norms and ``max.dim`` arrive decomposed (see
+``hod/decompositions/elementwise.py``); ``logsumexp`` by torch's own decomposition.
+"""
 
 from __future__ import annotations
 
@@ -15,26 +21,31 @@ from .shape import from_end
 aten = torch.ops.aten
 
 
-def _reduced_dims(dims, rank: int) -> list[int]:
-    """Value dims a reduction covers, counted from the end (``None``/``[]`` means all)."""
+def _reduced_dims(args: tuple, kwargs: dict, rank: int) -> tuple[list[int], bool]:
+    """``(dims, keepdim)`` of a reduction ``op(x, dim=None, keepdim=False)``.
+
+    ``dims`` are counted from the end; ``None`` or an empty list means all of them.
+    """
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if isinstance(dims, int):
+        dims = [dims]
     if not dims:
-        return list(range(-rank, 0))
-    return sorted(from_end(d, rank) for d in dims)
+        return list(range(-rank, 0)), keepdim
+    return sorted(from_end(d, rank) for d in dims), keepdim
 
 
 def _linear_reduction(ctx: DeriveContext, args: tuple, kwargs: dict, mean: bool) -> list[Operand]:
     x = args[0]
-    dims = args[1] if len(args) > 1 else kwargs.get("dim")
-    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     em = ctx.em
     shape = em.shape(x.primal)
-    value_dims = _reduced_dims(dims, len(shape))
-    scale = 1.0 / math.prod(shape[d] for d in value_dims) if mean else 1.0
+    dims, keepdim = _reduced_dims(args, kwargs, len(shape))
+    scale = 1.0 / math.prod(shape[d] for d in dims) if mean else 1.0
 
     def apply(t: fx.Node, k: int) -> Operand:
-        if not value_dims:
+        if not dims:
             return t
-        return em.mul(scale, em.call(aten.sum.dim_IntList, t, value_dims, keepdim))
+        return em.mul(scale, em.call(aten.sum.dim_IntList, t, dims, keepdim))
 
     return ctx.linear(x, apply)
 
@@ -49,32 +60,25 @@ def _mean(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[O
     return _linear_reduction(ctx, args, kwargs, mean=True)
 
 
-def _dims_and_keepdim(args: tuple, kwargs: dict) -> tuple[list[int] | None, bool]:
-    dims = args[1] if len(args) > 1 else kwargs.get("dim")
-    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    return ([dims] if isinstance(dims, int) else dims), keepdim
-
-
 @register(aten.amax.default, aten.amin.default, aten.max.default, aten.min.default)
 def _extremum(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
     """As torch: the derivatives of the extreme entries, averaged over ties.
 
-    ``D^k out = sum(w * D^k x, dims)`` with ``w = [x == out] / count`` (shape of ``x``).
+    ``D^k out = sum(w * D^k x, dims)`` with ``w = [x == out] / count`` (``x``'s shape).
     """
     x = args[0]
     em = ctx.em
-    dims, keepdim = _dims_and_keepdim(args, kwargs)
-    value_dims = _reduced_dims(dims, em.rank(x.primal))
-    if not value_dims:
+    dims, keepdim = _reduced_dims(args, kwargs, em.rank(x.primal))
+    if not dims:
         return ctx.linear(x, lambda t, k: t)
-    shape = list(em.shape(x.primal))
-    for d in value_dims:
-        shape[d] = 1
-    hits = em.call(aten.eq.Tensor, x.primal, em.reshape(out, shape))
+    kept_shape = list(em.shape(x.primal))
+    for d in dims:
+        kept_shape[d] = 1
+    hits = em.call(aten.eq.Tensor, x.primal, em.reshape(out, kept_shape))
     hits = em.call(aten._to_copy.default, hits, dtype=em.dtype_of(out))
-    weights = em.call(aten.div.Tensor, hits, em.call(aten.sum.dim_IntList, hits, value_dims, True))
+    weights = em.call(aten.div.Tensor, hits, em.call(aten.sum.dim_IntList, hits, dims, True))
     return ctx.linear(
-        x, lambda t, k: em.call(aten.sum.dim_IntList, em.mul(weights, t), value_dims, keepdim)
+        x, lambda t, k: em.call(aten.sum.dim_IntList, em.mul(weights, t), dims, keepdim)
     )
 
 
@@ -85,7 +89,7 @@ def _cumsum(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list
     return ctx.linear(x, lambda t, k: ctx.em.call(aten.cumsum.default, t, dim, **kwargs))
 
 
-# The reverse graphs of cumsum and prod (torch's backward formulas) flip along the
+# The gradient graphs of cumsum and prod (torch's backward formulas) flip along the
 # reduced dim. This linear rule belongs with the shape family; it lives here until that
 # family has one.
 @register(aten.flip.default)

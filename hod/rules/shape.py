@@ -24,11 +24,9 @@ def from_end(dim: int, rank: int) -> int:
     return dim - rank if dim >= 0 else dim
 
 
-@register(
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-    aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-    aten.flatten.using_ints,
-)
+# Only the view ops that survive the core decompositions (reshape, flatten, transpose and
+# friends become view/permute).
+@register(aten.view.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default)
 def _reshape(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
     shape = list(ctx.em.shape(out))
     return ctx.linear(args[0], lambda t, k: ctx.em.reshape(t, [ctx.seed_size] * k + shape))
@@ -41,18 +39,6 @@ def _permute(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> lis
     dims = [d % rank for d in dims] if rank else []
     return ctx.linear(
         x, lambda t, k: ctx.em.permute(t, list(range(k)) + [k + d for d in dims])
-    )
-
-
-@register(aten.t.default, aten.transpose.int)
-def _transpose(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
-    x = args[0]
-    rank = ctx.em.rank(x.primal)
-    d0, d1 = (args[1], args[2]) if len(args) == 3 else (0, 1)
-    if rank < 2:
-        return ctx.linear(x, lambda t, k: t)
-    return ctx.linear(
-        x, lambda t, k: ctx.em.call(aten.transpose.int, t, from_end(d0, rank), from_end(d1, rank))
     )
 
 
@@ -139,7 +125,7 @@ def _diagonal_params(params: tuple, kwargs: dict, rank: int) -> tuple[int, int, 
     names = ("offset", "dim1", "dim2")
     offset, dim1, dim2 = (
         params[i] if i < len(params) else kwargs.get(name, default)
-        for i, (name, default) in enumerate(zip(names, (0, 0, 1)))
+        for i, (name, default) in enumerate(zip(names, (0, 0, 1), strict=True))
     )
     return offset, from_end(dim1, rank), from_end(dim2, rank)
 
