@@ -55,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds per call above which an engine is skipped on the larger "
                              "rows of a sweep (default 20, 5 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of the inputs")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads for this process (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the harness, the thoad worker and the memory "
+                             "children (default 1; 0 keeps torch's default of one per core)")
     parser.add_argument("--list", action="store_true", help="list the sweeps and exit")
     return parser.parse_args(argv)
 
@@ -120,8 +121,8 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
     print(f"\nresults: {json_path} ({time.perf_counter() - start:.0f} s)")
     if done and not args.no_plots:
         png = out_stem.with_suffix(".png")
-        plot(png, done, f"hod benchmark, {args.device}, torch {torch.__version__}"
-                        f"{' (quick)' if args.quick else ''}")
+        plot(png, done, f"hod benchmark, {args.device}, torch {torch.__version__}, "
+                        f"{torch.get_num_threads()} threads{' (quick)' if args.quick else ''}")
         print(f"plots:   {png}")
 
 
@@ -141,8 +142,7 @@ def warn_if_busy() -> None:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores:
         print(f"warning: load average {load:.1f} on {cores} cores before starting; other "
-              "processes will distort the timings (with several torch threads, a lot: "
-              "--threads 1 suffers less)")
+              "processes will distort the timings")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     engine_names = [n.strip() for n in args.engines.split(",") if n.strip()]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -58,7 +58,7 @@ PIP_ARGS=()
 if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
     PIP_ARGS+=(--extra-index-url "$TORCH_INDEX_URL")
 fi
-"$VENV/bin/python" -m pip install "${PIP_ARGS[@]}" "torch==$TORCH_VERSION" "thoad==$THOAD_VERSION" numpy
+"$VENV/bin/python" -m pip install ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "torch==$TORCH_VERSION" "thoad==$THOAD_VERSION" numpy
 
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md

@@ -140,7 +140,7 @@ def _spread_batch(
     rank = sum(len(g) for g in groups)
     masks = []
     start = len(groups[0])
-    for segment, group in zip(seeds, groups[1:]):
+    for segment, group in zip(seeds, groups[1:], strict=True):
         if segment.batch_dim is not None:
             view = [1] * rank
             view[value_batch_dim] = view[start + segment.batch_dim] = segment.batch_size

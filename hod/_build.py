@@ -106,7 +106,8 @@ def build(request: Request, flat: FlatCall) -> Lowered:
         return find_call_site(_flat_function(request, flat, None), flat.tensors, op)
 
     n_diff = len(_outputs(traced.gm)) - traced.n_aux
-    out_jets = derive(traced.gm, ctx, inputs, request.call, call_site, n_diff)
+    needs = _needs(mode, n_diff, seeds)
+    out_jets = derive(traced.gm, ctx, inputs, request.call, call_site, needs)
     orders = range(0 if request.with_values else request.order, request.order + 1)
     results: list[fx.Node] = []
     specs = []
@@ -157,6 +158,33 @@ def _plan(
     return mode, reverse, seeds
 
 
+def _needs(mode: str, n_diff: int, seeds: SeedPlan) -> list[tuple[int, int] | None]:
+    """The seeds each differentiated output's derivatives must cover.
+
+    Forward mode reads every seed of every output. Reverse-last reads a block
+    ``(l1, ..., ln)`` from the gradient of its lead leaf (see :func:`_lead`), seeded by
+    the others, whose segments come later: so the gradient of an uncompressed leaf needs
+    only the seeds from its own segment on (the other blocks follow by symmetry).
+    """
+    full = (0, seeds.size)
+    if mode == "forward":
+        return [full] * n_diff
+    needs: list[tuple[int, int] | None] = [None]
+    for segment in seeds.segments:
+        needs.append(full if segment.batch_dim is not None else (segment.offset, seeds.size))
+    return needs
+
+
+def _lead(key: BlockKey, segments: Sequence[Segment]) -> int:
+    """Which leaf of a reverse-last block to read the block from: a compressed one (its
+    gradient is tracked), else the one whose segment comes first."""
+    return min(
+        range(len(key.leaves)),
+        key=lambda i: (segments[key.leaves[i]].batch_dim is None,
+                       segments[key.leaves[i]].offset),
+    )
+
+
 def _seed(em: Emitter, segment: Segment, like: fx.Node) -> fx.Node:
     """``D^1`` of an input leaf over its own segment of seeds, ``(size,) + shape``.
 
@@ -186,10 +214,9 @@ def _block(
         source, seeded, order = key.out, list(key.leaves), list(range(len(key.leaves) + 1))
         value_shape = y.shape
     else:
-        # Output 1 + l is the gradient w.r.t. leaf l: read the block from the gradient of
-        # a compressed leaf when there is one (by symmetry), seeded by the others.
-        lead = next((i for i, leaf in enumerate(key.leaves) if segments[leaf].batch_dim
-                     is not None), 0)
+        # Output 1 + l is the gradient w.r.t. leaf l; by symmetry any leaf of the block
+        # can lead, seeded by the others.
+        lead = _lead(key, segments)
         source = 1 + key.leaves[lead]
         seeded = [leaf for i, leaf in enumerate(key.leaves) if i != lead]
         order = [1 + i - (i > lead) if i != lead else 0 for i in range(len(key.leaves))]
@@ -271,7 +298,7 @@ def _trace_reverse(request: Request, flat: FlatCall, forward: _Traced) -> _Trace
     def reverse(*tensors: torch.Tensor) -> list[torch.Tensor]:
         def of_diff(*diff: torch.Tensor):
             filled = list(tensors)
-            for pos, value in zip(flat.diff, diff):
+            for pos, value in zip(flat.diff, diff, strict=True):
                 filled[pos] = value
             outs = flat_f(*filled)
             return outs[0], outs[n_out:]

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from ._emitter import Emitter, Operand
-from ._jet import DeriveContext, Jet
+from ._jet import DeriveContext, Jet, Span
 from .errors import UnsupportedOperatorError
 from .rules import RULES
 
@@ -28,16 +28,18 @@ def derive(
     inputs: Sequence[Jet],
     call: str,
     call_site: CallSite,
-    differentiated: int,
+    needs: Sequence[Span | None],
 ) -> list[Jet]:
     """Jets of ``gm``'s outputs, given the jets of its placeholders (in order).
 
-    Only the first ``differentiated`` outputs get derivatives; nodes that feed nothing
-    but the others (aux outputs) are computed as values only.
+    ``needs[i]`` is the range of seeds whose derivatives output ``i`` must carry (None:
+    none, a value only; outputs past ``needs`` are values too, such as aux outputs).
+    Every node computes its derivatives over the seeds some output needs from it.
     """
     em = ctx.em
     env: dict[fx.Node, object] = {}
-    needed = _ancestors(list(gm.graph.nodes)[-1].args[0][:differentiated])
+    outputs = list(gm.graph.nodes)[-1].args[0]
+    needed = _needed_spans(outputs, needs)
     placeholders = iter(inputs)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -48,25 +50,35 @@ def derive(
         elif node.op == "call_function" and node.target is operator.getitem:
             env[node] = env[node.args[0]][node.args[1]]  # one output of a multi-output op
         elif node.op == "call_function":
-            env[node] = _derive_node(ctx, node, env, call, call_site, node in needed)
+            env[node] = _derive_node(ctx, node, env, call, call_site, needed.get(node))
         elif node.op == "output":
             return [env[v] for v in node.args[0]]
     raise AssertionError("graph without output")
 
 
-def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
+def _needed_spans(
+    outputs: Sequence[fx.Node], needs: Sequence[Span | None]
+) -> dict[fx.Node, Span]:
+    """For each node, the hull of the seed ranges the outputs it feeds need."""
+    needed: dict[fx.Node, Span] = {}
+    for out, span in zip(outputs, needs, strict=False):
+        if span is not None:
+            needed[out] = _hull(needed.get(out), span)
+    for node in reversed(list(outputs[0].graph.nodes) if outputs else []):
+        span = needed.get(node)
+        if span is not None:
+            for source in node.all_input_nodes:
+                needed[source] = _hull(needed.get(source), span)
+    return needed
+
+
+def _hull(a: Span | None, b: Span) -> Span:
+    return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
 
 
 def _derive_node(
-    ctx: DeriveContext, node: fx.Node, env: dict, call: str, call_site: CallSite, needed: bool
+    ctx: DeriveContext, node: fx.Node, env: dict, call: str, call_site: CallSite,
+    needed: Span | None,
 ) -> Jet | tuple[Jet, ...]:
     """The node's Jet; for an op returning several tensors, a tuple of Jets (one each).
 
@@ -100,7 +112,7 @@ def _derive_node(
         outs = (out,)
     floating = any(o is not None and em.dtype_of(o).is_floating_point for o in outs)
     per_output: list = [None] * len(outs)
-    if needed and floating and not all(j.is_constant for j in jets):
+    if needed is not None and floating and not all(j.is_constant for j in jets):
         rule = RULES.get(node.target)
         if rule is None:
             raise UnsupportedOperatorError(
@@ -110,28 +122,29 @@ def _derive_node(
                 f"  Fix: rewrite that line with supported ops, or open an issue asking for a "
                 f"rule for {node.target}."
             )
-        span = _common_span(ctx, jets)
-        args, kwargs = _widened(ctx, args, span), _widened(ctx, kwargs, span)
-        ctx.enter(span)
-        derivs = rule(ctx, args, dict(kwargs), outs if multi else out)
-        per_output = derivs if multi else [derivs]
+        span = _common_span(ctx, jets, needed)
+        if span is not None:
+            args, kwargs = _fitted(ctx, args, span), _fitted(ctx, kwargs, span)
+            ctx.enter(span)
+            derivs = rule(ctx, args, dict(kwargs), outs if multi else out)
+            per_output = derivs if multi else [derivs]
     jets_out = tuple(
         _output_jet(em, ctx, o, d, node) for o, d in zip(outs, per_output, strict=True)
     )
     return jets_out if multi else jets_out[0]
 
 
-def _common_span(ctx: DeriveContext, jets: list[Jet]) -> tuple[int, int]:
-    """The smallest seed range covering every non-constant input jet."""
+def _common_span(ctx: DeriveContext, jets: list[Jet], needed: Span) -> Span | None:
+    """The seeds a node's derivatives cover: its inputs' hull, within what is needed."""
     spans = [ctx.span_of(j) for j in jets if not j.is_constant]
-    return min(lo for lo, _ in spans), max(hi for _, hi in spans)
+    lo = max(min(lo for lo, _ in spans), needed[0])
+    hi = min(max(hi for _, hi in spans), needed[1])
+    return (lo, hi) if lo < hi else None
 
 
-def _widened(ctx: DeriveContext, value: object, span: tuple[int, int]):
-    """``value`` (args or kwargs) with every jet widened to ``span``."""
-    return fx.node.map_aggregate(
-        value, lambda v: ctx.widen(v, span) if isinstance(v, Jet) else v
-    )
+def _fitted(ctx: DeriveContext, value: object, span: Span):
+    """``value`` (args or kwargs) with every jet fitted to ``span``."""
+    return fx.node.map_aggregate(value, lambda v: ctx.fit(v, span) if isinstance(v, Jet) else v)
 
 
 def _output_jet(

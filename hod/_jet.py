@@ -20,7 +20,6 @@ from torch import fx
 from ._combinatorics import set_partitions, subsets
 from ._emitter import Emitter, Operand
 
-
 Span = tuple[int, int]  # a range [lo, hi) of the seed space
 
 
@@ -75,13 +74,34 @@ class DeriveContext:
         self.span = span
         self.seed_size = span[1] - span[0]
 
-    def widen(self, jet: Jet, span: Span) -> Jet:
-        """``jet`` with its derivatives zero-padded to cover ``span`` (which contains it)."""
+    def fit(self, jet: Jet, span: Span) -> Jet:
+        """``jet`` with derivatives over exactly ``span``: cut outside it, zero-padded in it.
+
+        A jet that had to be padded keeps its unpadded self in ``narrow``.
+        """
         own = self.span_of(jet)
         if own == span or jet.is_constant:
             return jet
-        derivs = [self.pad(d, k, own, span) for k, d in enumerate(jet.derivs, 1)]
+        inner = (max(own[0], span[0]), min(own[1], span[1]))
+        if inner[0] >= inner[1]:
+            return Jet(jet.primal, [None] * self.order, span)
+        if inner != own:
+            derivs = [self._cut(d, k, own, inner) for k, d in enumerate(jet.derivs, 1)]
+            jet = Jet(jet.primal, derivs, inner)
+        if inner == span:
+            return jet
+        derivs = [self.pad(d, k, inner, span) for k, d in enumerate(jet.derivs, 1)]
         return Jet(jet.primal, derivs, span, jet)
+
+    def _cut(self, t: Operand, k: int, own: Span, inner: Span) -> Operand:
+        """The part of ``t``'s ``k`` leading seed axes inside ``inner`` (views)."""
+        if t is None:
+            return None
+        for axis in range(k):
+            t = self.em.call(
+                torch.ops.aten.slice.Tensor, t, axis, inner[0] - own[0], inner[1] - own[0]
+            )
+        return t
 
     def pad(self, t: Operand, k: int, own: Span, span: Span) -> Operand:
         """Zero-pad ``t``'s ``k`` leading seed axes from ``own`` to ``span``."""
