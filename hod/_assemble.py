@@ -89,22 +89,23 @@ def extract_block(
     em: Emitter,
     t: Operand,
     span: tuple[int, int],
-    value_shape: Sequence[int],
+    value_groups: Sequence[Sequence[int]],
     value_batch_dim: int | None,
     seeds: Sequence[Segment],
     group_order: Sequence[int],
     shape: Sequence[int],
     dtype: torch.dtype,
 ) -> fx.Node:
-    """One dense block from ``t`` = ``(W,) * j + value_shape`` (``None``: a zero block),
+    """One dense block from ``t`` = ``(W,) * j + value dims`` (``None``: a zero block),
     whose seed axes cover the seeds ``span = [lo, lo + W)``.
 
     Seed axis ``i`` is narrowed to ``seeds[i]`` and unflattened to that leaf's shape,
     behind the value dims. Compressed seeds then get their batch dim back: the block is
     nonzero only where it equals the value's batch dim ``value_batch_dim``, which a
-    product with identity matrices spreads out. ``group_order`` lists the groups (0 = the
-    value dims, ``i`` = seed axis ``i``) in the order of the result's dims, which is then
-    reshaped to ``shape``. Like torch.func's, the block may be a non-contiguous view.
+    product with identity matrices spreads out. The value dims are split into
+    ``value_groups``; ``group_order`` lists the groups (value groups first, then one per
+    seed axis) in the order of the result's dims, which is then reshaped to ``shape``.
+    Like torch.func's, the block may be a non-contiguous view.
     """
     compressed = [s for s in seeds if s.batch_dim is not None]
     lo, hi = span
@@ -116,22 +117,22 @@ def extract_block(
         if segment.size != hi - lo:
             start = segment.offset - lo
             t = em.call(torch.ops.aten.slice.Tensor, t, axis, start, start + segment.size)
-    rank = len(value_shape)
+    rank = em.rank(t) - j
     t = em.permute(t, list(range(j, j + rank)) + list(range(j)))
-    groups = [list(value_shape)] + [list(s.shape) for s in seeds]
+    groups = [list(g) for g in value_groups] + [list(s.shape) for s in seeds]
     if compressed:
-        t = _spread_batch(em, t, groups, value_batch_dim, seeds)
+        t = _spread_batch(em, t, groups, len(value_groups), value_batch_dim, seeds)
     else:
         t = em.reshape(t, [d for g in groups for d in g])
     return em.reshape(_order_groups(em, t, groups, group_order), shape)
 
 
 def _spread_batch(
-    em: Emitter, t: fx.Node, groups: list[list[int]], value_batch_dim: int,
+    em: Emitter, t: fx.Node, groups: list[list[int]], n_value: int, value_batch_dim: int,
     seeds: Sequence[Segment],
 ) -> fx.Node:
     """Insert each compressed seed's batch dim, nonzero on the value's batch diagonal."""
-    with_unit = [groups[0]] + [
+    with_unit = groups[:n_value] + [
         list(s.shape) if s.batch_dim is None else
         [1 if d == s.batch_dim else n for d, n in enumerate(s.shape)]
         for s in seeds
@@ -139,8 +140,8 @@ def _spread_batch(
     t = em.reshape(t, [d for g in with_unit for d in g])
     rank = sum(len(g) for g in groups)
     masks = []
-    start = len(groups[0])
-    for segment, group in zip(seeds, groups[1:], strict=True):
+    start = sum(len(g) for g in groups[:n_value])
+    for segment, group in zip(seeds, groups[n_value:], strict=True):
         if segment.batch_dim is not None:
             view = [1] * rank
             view[value_batch_dim] = view[start + segment.batch_dim] = segment.batch_size

@@ -212,22 +212,29 @@ def _block(
     shape = list(y.shape) + [d for leaf in key.leaves for d in segments[leaf].shape]
     if mode == "forward":
         source, seeded, order = key.out, list(key.leaves), list(range(len(key.leaves) + 1))
-        value_shape = y.shape
+        value_groups = [list(y.shape)]
     else:
-        # Output 1 + l is the gradient w.r.t. leaf l; by symmetry any leaf of the block
-        # can lead, seeded by the others.
+        # Output 1 + l is the gradient w.r.t. leaf l, of shape x_l.shape, or (m,) + x_l.shape
+        # for an output of m > 1 elements; by symmetry any leaf of the block can lead,
+        # seeded by the others.
         lead = _lead(key, segments)
         source = 1 + key.leaves[lead]
         seeded = [leaf for i, leaf in enumerate(key.leaves) if i != lead]
-        order = [1 + i - (i > lead) if i != lead else 0 for i in range(len(key.leaves))]
-        value_shape = out_jets[source].primal.meta["val"].shape
+        value_groups = [list(segments[key.leaves[lead]].shape)]
+        if y.numel() > 1:
+            value_groups.insert(0, [y.numel()])
+        first = len(value_groups)  # the first seed group
+        order = [first - 1 if i == lead else first + i - (i > lead)
+                 for i in range(len(key.leaves))]
+        if y.numel() > 1:
+            order.insert(0, 0)
     state = None
     if any(segments[s].batch_dim is not None for s in seeded):
         state = seeds.out_states[source]
         assert state != MIXED, "the planner only compresses seeds for tracked outputs"
     jet = out_jets[source]
     return extract_block(
-        em, jet.d(len(seeded)), jet.span or (0, seeds.size), list(value_shape), state,
+        em, jet.d(len(seeded)), jet.span or (0, seeds.size), value_groups, state,
         [segments[s] for s in seeded], order, shape, y.dtype,
     )
 

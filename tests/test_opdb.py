@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_tree, reference
 from opdb import OPS, OpInfo
-from torch.fx.experimental.proxy_tensor import make_fx
 
 import hod
-from conftest import assert_same_tree, reference
-from hod.decompositions import DECOMPOSITIONS
+from hod._tracing import trace
 from hod.rules import RULES
 
 
@@ -37,8 +36,7 @@ def _traced_ops(info: OpInfo) -> set:
             return sum(o.sum() for o in (out if isinstance(out, tuple) else (out,)))
 
         for fn in (info.fn, torch.func.grad(scalar, info.argnums)):
-            gm = make_fx(fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake",
-                         _allow_non_fake_inputs=True)(*sample)
+            gm = trace(fn, sample, "opdb")  # as hod traces: functionalized, decomposed
             ops |= {n.target for n in gm.graph.nodes if n.op == "call_function"}
     return ops
 

@@ -39,11 +39,12 @@ def unary(
     name: str, fn: Callable, aten_ops: tuple, grad_aten: tuple = (), *, low: float = -1.0,
     high: float = 1.0, kinks: tuple[float, ...] = (), family: str = "elementwise",
 ) -> None:
-    """Entries ``name`` (the op, forward mode) and ``name.sum`` (through its gradient)."""
+    """Entries ``name`` (the op, to order 5) and ``name.sum`` (its gradient graph, whose
+    order-4 derivatives push order-3 jets through the backward formula)."""
     samples = _unary_samples(low, high, kinks)
     add(
         OpInfo(name, fn, samples, aten=aten_ops, max_order=5, family=family),
-        OpInfo(f"{name}.sum", lambda x: fn(x).sum(), samples, aten=grad_aten, max_order=5,
+        OpInfo(f"{name}.sum", lambda x: fn(x).sum(), samples, aten=grad_aten, max_order=4,
                family=family),
     )
 
@@ -93,27 +94,32 @@ unary("floor_divide", lambda x: torch.div(x, 0.3, rounding_mode="floor") * x,
       (aten.div.Tensor_mode,))
 unary("detach_alias_clone", lambda x: x.detach() * x[...] + x.clone(),
       (aten.detach.default, aten.alias.default, aten.clone.default))
-unary("where_comparison", lambda x: torch.where(x > 0.2, torch.sin(x), x * x),
-      (aten.where.self,), kinks=(0.2,))
+unary("where_comparison",
+      lambda x: torch.where((x > 0.2) | (x < -0.5) | (x == 0.0), torch.sin(x), x * x),
+      (aten.where.self,), kinks=(0.2, -0.5, 0.0))
 
 # -- activations ----------------------------------------------------------------------------
 def activation(name: str, fn: Callable, aten_ops: tuple, grad_aten: tuple = (), **kw) -> None:
     unary(name, fn, aten_ops, grad_aten, family="activation", **kw)
 
 
-activation("relu", lambda x: F.relu(x), (aten.relu.default,), (aten.where.self,), kinks=(0.0, 0.5))
+activation("relu", lambda x: F.relu(x), (aten.relu.default,), (aten.where.self,),
+           kinks=(0.0, 0.5))
 activation("leaky_relu", lambda x: F.leaky_relu(x, 0.2), (aten.leaky_relu.default,),
            kinks=(0.0, -0.5))
 activation("elu", lambda x: F.elu(x), (aten.elu.default,), kinks=(0.0, -0.5, 0.5))
 activation("elu_scaled", lambda x: F.elu(x, 0.5), (aten.elu.default,), kinks=(0.0,))
 activation("selu", lambda x: F.selu(x), (aten.elu.default,), kinks=(0.0,))
 activation("celu", lambda x: F.celu(x, 0.7), (aten.elu.default,), kinks=(0.0,))
-activation("gelu", lambda x: F.gelu(x), (aten.gelu.default,), (aten.erf.default,), low=-2.0, high=2.0)
+activation("gelu", lambda x: F.gelu(x), (aten.gelu.default,), (aten.erf.default,),
+           low=-2.0, high=2.0)
 activation("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), (aten.gelu.default,),
            low=-2.0, high=2.0)
 activation("silu", lambda x: F.silu(x), (aten.sigmoid.default,), low=-2.0, high=2.0)
-activation("mish", lambda x: F.mish(x), (aten.log1p.default, aten.tanh.default), low=-2.0, high=2.0)
-activation("softplus", lambda x: F.softplus(x), (aten.log1p.default, aten.where.self), low=-3.0, high=3.0)
+activation("mish", lambda x: F.mish(x), (aten.log1p.default, aten.tanh.default),
+           low=-2.0, high=2.0)
+activation("softplus", lambda x: F.softplus(x), (aten.log1p.default, aten.where.self),
+           low=-3.0, high=3.0)
 activation("softplus_threshold", lambda x: F.softplus(x, beta=2.0, threshold=3.0),
            (aten.log1p.default,), low=-3.0, high=3.0, kinks=(2.0, -0.5))
 activation("logsigmoid", lambda x: F.logsigmoid(x), (aten.minimum.default, aten.abs.default),
@@ -174,6 +180,12 @@ add(
         lambda x: x ** torch.tensor([2.0, 3.0, -1.0], dtype=D),
         lambda: [(rand(2, 3, low=0.5, high=2.0),), (rand(2, 3, low=-2.0, high=-0.5),)],
         aten=(aten.pow.Tensor_Tensor,), max_order=5, family="binary",
+    ),
+    OpInfo(
+        "clamp_tensor_bounds", torch.clamp,
+        lambda: [(rand(2, 3), rand(3, low=-0.6, high=-0.2), rand(2, 1, low=0.2, high=0.6)),
+                 tuple(torch.tensor(v, dtype=D) for v in ([-0.5, 0.5, 0], [-0.5] * 3, [0.5] * 3))],
+        aten=(aten.where.self,), argnums=(0, 1, 2), max_order=5, family="binary",
     ),
     OpInfo(
         "div_by_scalar", lambda x: x / 3.0 - 2.0 * x, lambda: [(rand(2, 3),)],

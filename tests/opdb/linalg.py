@@ -38,8 +38,8 @@ _entry("bmm", torch.bmm, lambda: [(rand(2, 3, 4), rand(2, 4, 2))], (aten.bmm.def
        (0, 1))
 _entry("matmul_vv", torch.matmul, lambda: [(rand(4), rand(4))], (aten.sum.dim_IntList,),
        (0, 1))
-_entry("matmul_vm", torch.matmul, lambda: [(rand(4), rand(4, 3))], (aten.mm.default,),
-       (0, 1))
+_entry("matmul_vm", torch.matmul, lambda: [(rand(4), rand(4, 3))],
+       (aten.mm.default, aten.squeeze.dim), (0, 1))
 _entry("matmul_mv", torch.matmul, lambda: [(rand(3, 4), rand(4))], (aten.sum.dim_IntList,),
        (0, 1))
 _entry("matmul_batched", torch.matmul, lambda: [(rand(2, 1, 3, 4), rand(2, 4, 2))],
@@ -63,7 +63,7 @@ _entry("outer", torch.outer, lambda: [(rand(3), rand(4))], (aten.mul.Tensor,), (
 
 _CONV = (aten.convolution.default, aten.convolution_backward.default)
 _entry("conv1d", lambda x, w, b: F.conv1d(x, w, b, stride=2, padding=1),
-       lambda: [(rand(2, 2, 7), rand(3, 2, 3), rand(3))], _CONV, (0, 1, 2), slow_from=3)
+       lambda: [(rand(1, 2, 5), rand(2, 2, 3), rand(2))], _CONV, (0, 1, 2), slow_from=3)
 _entry("conv2d", lambda x, w: F.conv2d(x, w, padding=1, dilation=2, groups=2),
        lambda: [(rand(1, 2, 3, 3), rand(2, 1, 2, 2))], _CONV, (0, 1), slow_from=3)
 _entry("conv3d", lambda x, w: F.conv3d(x, w, stride=(1, 2, 1)),

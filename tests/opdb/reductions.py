@@ -1,8 +1,9 @@
 """Op database entries: reductions and scans.
 
-Reductions to a few numbers are differentiated through torch's gradient graph
-(reverse-last); the ``*_rows`` entries keep an output as large as a third of the input,
-so hod pushes forward derivatives through the reduction itself. Entries of max/min-like
+hod's planner differentiates a scalar (an all-reduction, or a ``.sum`` entry) through
+torch's gradient graph (reverse-last), so those entries test the ops of the reduction's
+backward formula; entries keeping one output per row (``*_rows`` and most ``dim=``
+entries) push derivatives forward through the reduction itself. Entries of max/min-like
 reductions add a sample with ties, where hod must split or pick as torch does.
 """
 
@@ -16,16 +17,18 @@ from . import D, OpInfo, add, rand
 
 aten = torch.ops.aten
 
+# Samples with ties: (3, 4) reduces to a few numbers, (4, 2) keeps one per row.
 _TIES = torch.tensor([[0.3, 0.7, 0.7, -0.2], [0.5, 0.5, 0.5, 0.1], [0.0, -0.5, 0.9, 0.9]], dtype=D)
+_TIES_ROWS = torch.tensor([[0.5, 0.5], [0.1, 0.3], [-0.7, -0.7], [-0.2, 0.4]], dtype=D)
 
 
-def _grid(*shape: int, low: float = -1.0, high: float = 1.0, ties: bool = False):
-    """A ``shape`` tensor, the same shape transposed (non-contiguous), and the ties."""
+def _grid(*shape: int, low: float = -1.0, high: float = 1.0, ties: torch.Tensor | None = None):
+    """A ``shape`` tensor, the same shape transposed (non-contiguous), and ``ties``."""
 
     def samples() -> list[tuple]:
         flipped = rand(*reversed(shape), low=low, high=high).permute(*reversed(range(len(shape))))
         out = [(rand(*shape, low=low, high=high),), (flipped,)]
-        return [*out, (_TIES,)] if ties else out
+        return out if ties is None else [*out, (ties,)]
 
     return samples
 
@@ -47,18 +50,26 @@ reduction("mean_rows", lambda x: x.mean(1), (aten.mean.dim,), _grid(4, 2))
 reduction("prod", lambda x: x.prod(), (aten.flip.default,), _grid(3, 3))
 reduction("prod_dim", lambda x: x.prod(1), (aten.mul.Tensor,), _grid(3, 5))
 reduction("prod_rows", lambda x: x.prod(-1, keepdim=True), (aten.cat.default,), _grid(4, 3))
-reduction("amax", lambda x: x.amax(1), (aten.amax.default,), _grid(3, 4, ties=True))
-reduction("amax_dims", lambda x: x.amax((0, 1)), (aten.amax.default,), _grid(3, 4, ties=True))
+reduction("amax", lambda x: x.amax(1), (aten.amax.default,), _grid(3, 4, ties=_TIES))
+reduction("amax_dims", lambda x: x.amax((0, 1)), (aten.amax.default,), _grid(3, 4, ties=_TIES))
 reduction("amax_rows", lambda x: x.amax(-1, keepdim=True), (aten.amax.default,),
-          _grid(4, 2))
-reduction("amin", lambda x: x.amin(0), (aten.amin.default,), _grid(3, 4, ties=True))
-reduction("amin_rows", lambda x: x.amin(-1), (aten.amin.default,), _grid(4, 2))
-reduction("max", lambda x: x.max(), (aten.max.default,), _grid(3, 4, ties=True))
-reduction("min", lambda x: x.min(), (aten.min.default,), _grid(3, 4, ties=True))
-reduction("max_dim", lambda x: x.max(1).values, (), _grid(3, 4, ties=True))
-reduction("max_dim_rows", lambda x: x.max(-1, keepdim=True)[0], (), _grid(4, 2))
-reduction("min_dim", lambda x: x.min(0).values, (), _grid(3, 4, ties=True))
-reduction("min_dim_rows", lambda x: x.min(1)[0], (), _grid(4, 2))
+          _grid(4, 2, ties=_TIES_ROWS))
+reduction("amin", lambda x: x.amin(0), (aten.amin.default,), _grid(3, 4, ties=_TIES))
+reduction("amin_rows", lambda x: x.amin(-1), (aten.amin.default,),
+          _grid(4, 2, ties=_TIES_ROWS))
+reduction("max", lambda x: x.max(), (aten.max.default,), _grid(3, 4, ties=_TIES))
+reduction("min", lambda x: x.min(), (aten.min.default,), _grid(3, 4, ties=_TIES))
+# max.dim/min.dim read the chosen entry through a one-hot mask (a decomposition).
+reduction("max_dim", lambda x: x.max(1).values, (aten.where.self,), _grid(3, 4, ties=_TIES))
+reduction("max_dim_rows", lambda x: x.max(-1, keepdim=True)[0], (aten.where.self,),
+          _grid(4, 2, ties=_TIES_ROWS))
+reduction("max_dim.sum", lambda x: (x.max(1).values ** 2).sum(), (aten.where.self,),
+          _grid(3, 4, ties=_TIES))
+reduction("amax.sum", lambda x: (x.amax(0) ** 2).sum(), (aten.amax.default,),
+          _grid(3, 4, ties=_TIES))
+reduction("min_dim", lambda x: x.min(0).values, (aten.where.self,), _grid(3, 4, ties=_TIES))
+reduction("min_dim_rows", lambda x: x.min(1)[0], (aten.where.self,),
+          _grid(4, 2, ties=_TIES_ROWS))
 reduction("logsumexp", lambda x: torch.logsumexp(x, 1), (aten.amax.default, aten.abs.default),
           _grid(3, 4))
 reduction("logsumexp_rows", lambda x: torch.logsumexp(x, (-1,), keepdim=True),
@@ -78,7 +89,7 @@ reduction("norm_rows", lambda x: torch.norm(x, dim=1), (aten.pow.Tensor_Scalar,)
 reduction("vector_norm_1", lambda x: torch.linalg.vector_norm(x, 1, dim=1),
           (aten.abs.default, aten.sign.default), _grid(3, 4))
 reduction("vector_norm_inf", lambda x: torch.linalg.vector_norm(x, float("inf"), dim=1),
-          (aten.abs.default, aten.amax.default), _grid(3, 4, ties=True))
+          (aten.abs.default, aten.amax.default), _grid(3, 4, ties=_TIES))
 reduction("vector_norm_neg_inf", lambda x: torch.linalg.vector_norm(x, -float("inf")),
           (aten.abs.default, aten.amin.default), _grid(3, 4))
 reduction("vector_norm_p3", lambda x: torch.linalg.vector_norm(x, 3, dim=(0, 1)),

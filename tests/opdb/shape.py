@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import OpInfo, add, rand
+from . import D, OpInfo, add, rand
 
 aten = torch.ops.aten
 
@@ -68,6 +68,8 @@ _shape("tril", lambda x: torch.tril(x, 1), lambda: [(rand(3, 4),)], (aten.where.
        family="linalg")
 _shape("triu", lambda x: torch.triu(x, -1), lambda: [(rand(4, 3),)], (aten.where.self,),
        family="linalg")
+_shape("to_copy", lambda x: x.to(torch.float32).to(D), lambda: [(rand(2, 3),)],
+       (aten._to_copy.default,))
 _shape("flip", lambda x: x.flip(1), lambda: [(rand(2, 3),)], (aten.flip.default,))
 _shape("roll", lambda x: x.roll((1, 2), (0, 1)), lambda: [(rand(2, 3),)],
        (aten.index_select.default,))
