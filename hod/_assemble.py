@@ -105,7 +105,7 @@ def extract_block(
     product with identity matrices spreads out. The value dims are split into
     ``value_groups``; ``group_order`` lists the groups (value groups first, then one per
     seed axis) in the order of the result's dims, which is then reshaped to ``shape``.
-    Like torch.func's, the block may be a non-contiguous view.
+    Like torch.func's, the block may be a non-contiguous view; it has type ``dtype``.
     """
     compressed = [s for s in seeds if s.batch_dim is not None]
     lo, hi = span
@@ -124,7 +124,10 @@ def extract_block(
         t = _spread_batch(em, t, groups, len(value_groups), value_batch_dim, seeds)
     else:
         t = em.reshape(t, [d for g in groups for d in g])
-    return em.reshape(_order_groups(em, t, groups, group_order), shape)
+    t = em.reshape(_order_groups(em, t, groups, group_order), shape)
+    if em.dtype_of(t) != dtype:
+        t = em.call(torch.ops.aten._to_copy.default, t, dtype=dtype)
+    return t
 
 
 def _spread_batch(

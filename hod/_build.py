@@ -26,7 +26,7 @@ from ._jet import DeriveContext, Jet
 from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds
 from ._signature import FlatCall, flatten_outputs
 from ._tracing import find_call_site, trace
-from .errors import OutputError
+from .errors import OutputError, UnsupportedOperatorError
 
 aten = torch.ops.aten
 
@@ -81,16 +81,41 @@ class _Traced:
 
 
 def build(request: Request, flat: FlatCall) -> Lowered:
-    """Generate the function computing ``request`` for calls shaped like ``flat``."""
+    """Generate the function computing ``request`` for calls shaped like ``flat``.
+
+    When reverse-last is planned but the gradient graph holds an op without a rule (or
+    torch cannot differentiate one), forward mode is tried before giving up.
+    """
     forward = _trace_forward(request, flat)
     out_vals = [n.meta["val"] for n in _outputs(forward.gm)[: forward.n_out]]
     _check_outputs(out_vals, request.call)
-    mode, traced, seeds = _plan(request, flat, forward, out_vals)
+    shapes = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
+    outputs = list(range(forward.n_out))
+    seeds = plan_seeds(forward.gm, flat.diff, shapes, lambda batch: outputs)
+    if choose_mode(request.order, [v.numel() for v in out_vals], seeds.size) == "forward":
+        return _generate(request, flat, forward, out_vals, "forward", forward, seeds)
+    try:
+        reverse, reverse_seeds = _plan_reverse(request, flat, forward, out_vals, shapes)
+        return _generate(
+            request, flat, forward, out_vals, "reverse-last", reverse, reverse_seeds
+        )
+    except UnsupportedOperatorError as reverse_error:
+        try:
+            return _generate(request, flat, forward, out_vals, "forward", forward, seeds)
+        except UnsupportedOperatorError as forward_error:
+            raise forward_error from reverse_error
 
+
+def _generate(
+    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor],
+    mode: str, traced: _Traced, seeds: SeedPlan,
+) -> Lowered:
+    """Derive ``traced`` in ``mode`` over ``seeds`` and assemble the result blocks."""
     example = flat.tensors[flat.diff[0]]
     em = Emitter(example.device, example.dtype, request.memory_limit, request.call)
     fwd_order = request.order if mode == "forward" else request.order - 1
     ctx = DeriveContext(em, fwd_order, seeds.size)
+    leaf_dtypes = [flat.tensors[pos].dtype for pos in flat.diff]
     inputs = []
     for i, t in enumerate(flat.tensors):
         node = em.placeholder(f"t{i}", t)
@@ -116,7 +141,9 @@ def build(request: Request, flat: FlatCall) -> Lowered:
             forward.out_spec, forward.n_out, request.argnums, flat.layouts, order
         )
         specs.append(spec)
-        results += [_block(em, mode, key, out_jets, out_vals, seeds) for key in keys]
+        results += [
+            _block(em, mode, key, out_jets, out_vals, seeds, leaf_dtypes) for key in keys
+        ]
     aux = [j.primal for j in out_jets[n_diff:]]
     em.output(results + aux)
     em.graph.eliminate_dead_code()
@@ -138,16 +165,11 @@ def _check_outputs(out_vals: list[torch.Tensor], call: str) -> None:
             )
 
 
-def _plan(
-    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor]
-) -> tuple[str, _Traced, SeedPlan]:
-    """Pick the mode and the seed space (with batch compression where it is valid)."""
-    shapes = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
-    outputs = list(range(forward.n_out))
-    seeds = plan_seeds(forward.gm, flat.diff, shapes, lambda batch: outputs)
-    mode = choose_mode(request.order, [v.numel() for v in out_vals], seeds.size)
-    if mode == "forward":
-        return mode, forward, seeds
+def _plan_reverse(
+    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor],
+    shapes: list[tuple[int, ...]],
+) -> tuple[_Traced, SeedPlan]:
+    """The gradient graph and its seed space (batch compression for a scalar output)."""
     reverse = _trace_reverse(request, flat, forward)
     if out_vals[0].numel() == 1:
         seeds = plan_seeds(
@@ -155,7 +177,7 @@ def _plan(
         )
     else:
         seeds = SeedPlan(tuple(plain_segments(shapes)), ())
-    return mode, reverse, seeds
+    return reverse, seeds
 
 
 def _needs(mode: str, n_diff: int, seeds: SeedPlan) -> list[tuple[int, int] | None]:
@@ -202,9 +224,13 @@ def _seed(em: Emitter, segment: Segment, like: fx.Node) -> fx.Node:
 
 def _block(
     em: Emitter, mode: str, key: BlockKey, out_jets: list[Jet], out_vals: list[torch.Tensor],
-    seeds: SeedPlan,
+    seeds: SeedPlan, leaf_dtypes: list[torch.dtype],
 ) -> fx.Node:
-    """The tensor of one result block (see :func:`~hod._assemble.extract_block`)."""
+    """The tensor of one result block (see :func:`~hod._assemble.extract_block`).
+
+    Its dtype is that of the first input it differentiates by, as in torch.func (the
+    reverse-mode Jacobian takes its input's dtype).
+    """
     if not key.leaves:
         return out_jets[key.out].primal
     y = out_vals[key.out]
@@ -235,7 +261,7 @@ def _block(
     jet = out_jets[source]
     return extract_block(
         em, jet.d(len(seeded)), jet.span or (0, seeds.size), value_groups, state,
-        [segments[s] for s in seeded], order, shape, y.dtype,
+        [segments[s] for s in seeded], order, shape, leaf_dtypes[key.leaves[0]],
     )
 
 
