@@ -200,7 +200,7 @@ def _cat(node: fx.Node, states: dict[fx.Node, State]) -> State:
 
 _ZERO_DERIVATIVE = {
     aten.full_like.default, aten.zeros_like.default, aten.ones_like.default,
-    aten.empty_like.default,
+    aten.empty_like.default, aten.detach.default,
 }
 
 _HANDLERS: dict[object, Callable[[fx.Node, dict], State]] = {

@@ -136,7 +136,14 @@ class _RejectTransformedCaptures(TorchFunctionMode):
                     f"  Fix: pass it as an argument, e.g. hod.hessian(f)(x, W) instead of "
                     f"hod.hessian(lambda x: f(x, W))(x)."
                 )
+        if isinstance(func, type(_DATA_GETTER)) and func == _DATA_GETTER:
+            # `.data` dispatches no ATen op, so it would vanish from the graph and be
+            # differentiated through; record it as the detach it stands for.
+            return args[0].detach()
         return func(*args, **(kwargs or {}))
+
+
+_DATA_GETTER = torch.Tensor.data.__get__
 
 
 def _from_enclosing_transform(t: torch.Tensor) -> bool:

@@ -152,3 +152,11 @@ def test_second_derivative_of_relu_emits_nothing():
     # relu'' = 0: the whole second derivative is a zeros tensor, no relu derivative math.
     assert "gt" not in code and "zeros" in code
     assert torch.count_nonzero(hod.derivative(torch.relu, 2)(torch.randn(4, dtype=D))) == 0
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_data_and_detach_are_constants(order):
+    x = torch.rand(3, dtype=D)
+    expected = reference(lambda x: (x.detach() * x.sin()).sum(), order)(x)
+    for f in (lambda x: (x.detach() * x.sin()).sum(), lambda x: (x.data * x.sin()).sum()):
+        assert_same_tree(hod.derivative(f, order)(x), expected)
