@@ -15,23 +15,15 @@ from torch import fx
 
 from .._emitter import Operand
 from .._jet import DeriveContext, Tower
+from .._op_table import registrar
 
 Rule = Callable[[DeriveContext, tuple, dict, fx.Node], list[Operand]]
 
 RULES: dict[Any, Rule] = {}
 
 
-def register(*ops: Any) -> Callable[[Rule], Rule]:
-    """Decorator: use the decorated function as the rule of every op in ``ops``."""
-
-    def decorate(rule: Rule) -> Rule:
-        for op in ops:
-            if op in RULES:
-                raise ValueError(f"two rules registered for {op}")
-            RULES[op] = rule
-        return rule
-
-    return decorate
+#: ``@register(*ops)``: use the decorated function as the rule of every op in ``ops``.
+register = registrar(RULES, "rules")
 
 
 def defzero(*ops: Any) -> None:

@@ -8,6 +8,8 @@ for the call and back to the front after it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 
@@ -52,27 +54,24 @@ def _gather(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list
     )
 
 
-@register(aten.scatter_add.default)
-def _scatter_add(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
-    base, dim, index, src = as_jet(ctx, args[0]), args[1], args[2].primal, as_jet(ctx, args[3])
-    dim = from_end(dim, ctx.em.rank(out))
-    return write_into(
-        ctx, base, src,
-        lambda b, s, k: ctx.em.call(
-            aten.scatter_add.default, b, dim, _lead_index(ctx, index, k), s
-        ),
-        accumulate=True,
-    )
+def _def_scatter(op: Any, accumulate: bool) -> None:
+    """``scatter``-like ops writing ``src`` into ``self`` at ``index`` along ``dim``."""
+
+    def rule(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
+        base, dim, index = as_jet(ctx, args[0]), args[1], args[2].primal
+        src = as_jet(ctx, args[3])
+        dim = from_end(dim, ctx.em.rank(out))
+        return write_into(
+            ctx, base, src,
+            lambda b, s, k: ctx.em.call(op, b, dim, _lead_index(ctx, index, k), s),
+            accumulate=accumulate,
+        )
+
+    register(op)(rule)
 
 
-@register(aten.scatter.src)
-def _scatter(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
-    base, dim, index, src = as_jet(ctx, args[0]), args[1], args[2].primal, as_jet(ctx, args[3])
-    dim = from_end(dim, ctx.em.rank(out))
-    return write_into(
-        ctx, base, src,
-        lambda b, s, k: ctx.em.call(aten.scatter.src, b, dim, _lead_index(ctx, index, k), s),
-    )
+_def_scatter(aten.scatter_add.default, accumulate=True)
+_def_scatter(aten.scatter.src, accumulate=False)
 
 
 def _indices(args: tuple) -> list:
