@@ -6,9 +6,11 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,17 +145,56 @@ def write_json(path: Path, payload: dict[str, object]) -> None:
     tmp.replace(path)
 
 
-def plot(path: Path, results: Sequence[tuple[Sweep, Sequence[RowResult]]], title: str) -> None:
-    """One panel per sweep: median time vs swept size, log y, one line per engine.
+def engine_styles(engines: Sequence[str]) -> dict[str, dict[str, str]]:
+    """A colour and marker per engine, so that each engine looks the same in every panel."""
+    import matplotlib.pyplot as plt
 
-    Each engine keeps its colour and marker in every panel. Sweeps whose rows are not one
-    numeric size (the order-3/4 ones) are drawn as points over the row labels.
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {
+        name: {"color": colours[i % len(colours)], "marker": "osD^v<>"[i % 7]}
+        for i, name in enumerate(engines)
+    }
+
+
+def draw_panel(
+    ax: Any, sweep: Sweep, rows: Sequence[RowResult], style: dict[str, dict[str, str]]
+) -> None:
+    """Draw one sweep on ``ax``: median time vs swept size, log y, one line per engine.
+
+    Sweeps whose rows are not one numeric size (the order-3/4 ones) are drawn as points over
+    the row labels.
     """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    positions = [r.x for r in rows] if sweep.numeric_x else list(range(len(rows)))
+    for name in style:
+        pts = [(x, r.engines[name].median_ms) for x, r in zip(positions, rows, strict=True)
+               if r.engines[name].median_ms is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            line = "-" if sweep.numeric_x else "none"
+            ax.plot(xs, ys, linestyle=line, ms=4, label=name, **style[name])
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_title(sweep.title, fontsize=8)
+    ax.set_ylabel("median ms", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    if sweep.numeric_x:
+        ax.set_xlabel(sweep.x_name, fontsize=8)
+    else:
+        ax.set_xticks(positions)
+        ax.set_xticklabels([str(r.x) for r in rows], rotation=50, ha="right", fontsize=6)
+
+
+def plot(path: Path, results: Sequence[tuple[Sweep, Sequence[RowResult]]], title: str) -> None:
+    """One panel per sweep (see :func:`draw_panel`), saved as a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     n = len(results)
     cols = min(4, n)
@@ -161,33 +202,9 @@ def plot(path: Path, results: Sequence[tuple[Sweep, Sequence[RowResult]]], title
     height = 3.6 * nrows + 0.9
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, height), squeeze=False)
     engines = list(results[0][1][0].engines) if results and results[0][1] else []
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    style = {
-        name: {"color": colours[i % len(colours)], "marker": "osD^v<>"[i % 7]}
-        for i, name in enumerate(engines)
-    }
+    style = engine_styles(engines)
     for ax, (sweep, rows) in zip(axes.flat, results, strict=False):
-        positions = [r.x for r in rows] if sweep.numeric_x else list(range(len(rows)))
-        for name in engines:
-            pts = [(x, r.engines[name].median_ms) for x, r in zip(positions, rows, strict=True)
-                   if r.engines[name].median_ms is not None]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                line = "-" if sweep.numeric_x else "none"
-                ax.plot(xs, ys, linestyle=line, ms=4, label=name, **style[name])
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(sweep.title, fontsize=8)
-        ax.set_ylabel("median ms", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(True, which="both", alpha=0.3)
-        if sweep.numeric_x:
-            ax.set_xlabel(sweep.x_name, fontsize=8)
-        else:
-            ax.set_xticks(positions)
-            ax.set_xticklabels([str(r.x) for r in rows], rotation=50, ha="right", fontsize=6)
+        draw_panel(ax, sweep, rows, style)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     legend: dict[str, object] = {}
@@ -201,3 +218,39 @@ def plot(path: Path, results: Sequence[tuple[Sweep, Sequence[RowResult]]], title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_sweep(sweep: Sweep, rows: Sequence[RowResult]) -> Any:
+    """One sweep in its own pyplot figure (for notebooks); returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    draw_panel(ax, sweep, rows, engine_styles(list(rows[0].engines) if rows else []))
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def speedup_summary(results: Sequence[tuple[Sweep, Sequence[RowResult]]]) -> str:
+    """Per sweep, hod's speedup over the fastest peer of each row: min / median / max over the
+    rows where both have a time, and which engines were left without a time on how many rows."""
+    table = [["sweep", "rows", "hod vs best: min", "median", "max", "not timed"]]
+    for sweep, rows in results:
+        engines = list(rows[0].engines) if rows else []
+        peers = [e for e in engines if e != HOD]
+        ratios = sorted(r for row in rows if (r := speedups(row, peers)[0]) is not None)
+        spread = (ratios[0], statistics.median(ratios), ratios[-1]) if ratios else ()
+        cells = [f"{r:.2f}x" for r in spread] or ["-"] * 3
+        table.append([sweep.name, str(len(rows)), *cells, _not_timed(rows, engines)])
+    return "\n".join(render_table(table))
+
+
+def _not_timed(rows: Sequence[RowResult], engines: Sequence[str]) -> str:
+    """E.g. ``thoad WRONG 3`` for the engines and statuses that left rows without a time."""
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        for name in engines:
+            status = row.engines[name].status
+            if row.engines[name].median_ms is None:
+                counts[name, status] = counts.get((name, status), 0) + 1
+    return ", ".join(f"{short(n)} {s} {c}" for (n, s), c in counts.items()) or "-"

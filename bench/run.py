@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -81,12 +82,32 @@ def list_sweeps() -> None:
               f"{'':15s} --quick: {', '.join(quick)}")
 
 
-def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path) -> None:
-    policy = QUICK_POLICY if args.quick else FULL_POLICY
-    budget = args.budget if args.budget is not None else (5.0 if args.quick else 20.0)
+def make_runner(
+    engine_names: list[str],
+    *,
+    quick: bool,
+    device: str = "cpu",
+    budget: float | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> SweepRunner:
+    """The engines and sweep runner of a run, with the defaults of the command line.
+
+    ``quick`` picks the repetition policy and the default budget (5 s, else 20 s); the rows are
+    picked per sweep by :meth:`SweepRunner.run_sweep`. Call ``shutdown()`` on each of the
+    runner's engines when done (it stops the thoad worker).
+    """
+    policy = QUICK_POLICY if quick else FULL_POLICY
+    budget = budget if budget is not None else (5.0 if quick else 20.0)
     engines = make_engines(engine_names, thoad_timeout_s=max(120.0, 6 * budget))
-    settings = RunSettings(device=args.device, policy=policy, budget_s=budget, seed=args.seed)
-    runner = SweepRunner(engines, settings)
+    settings = RunSettings(device=device, policy=policy, budget_s=budget, seed=seed)
+    return SweepRunner(engines, settings, log)
+
+
+def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path) -> None:
+    runner = make_runner(engine_names, quick=args.quick, device=args.device,
+                         budget=args.budget, seed=args.seed)
+    engines, policy, budget = runner.engines, runner.settings.policy, runner.settings.budget_s
     for name, reason in runner.absent.items():
         print(f"note: engine {name} is absent: {reason}")
     info = machine_info(args.device)
