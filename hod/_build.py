@@ -20,6 +20,7 @@ from torch.utils._pytree import TreeSpec
 
 from ._analysis import MIXED
 from ._assemble import BlockKey, Segment, block_structure, extract_block
+from ._codegen import generate
 from ._derive import derive
 from ._emitter import Emitter, Operand
 from ._jet import DeriveContext, Jet
@@ -146,11 +147,7 @@ def _generate(
         ]
     aux = [j.primal for j in out_jets[n_diff:]]
     em.output(results + aux)
-    em.graph.eliminate_dead_code()
-    root = torch.nn.Module()
-    for name, value in em.constants.items():
-        setattr(root, name, value)
-    gm = fx.GraphModule(root, em.graph)
+    gm = generate(em.graph, em.constants)
     return Lowered(gm, _result_spec(specs, request, traced.aux_spec), mode, seeds.size)
 
 

@@ -7,16 +7,27 @@ into :data:`HOD_DECOMPOSITIONS` with :func:`register_decomposition`.
 
 from __future__ import annotations
 
+import torch
 from torch._decomp import core_aten_decompositions
 
 from . import elementwise, linalg, nn  # noqa: F401 - importing a family fills the table
 from ._registry import HOD_DECOMPOSITIONS, register_decomposition
 
-__all__ = ["DECOMPOSITIONS", "HOD_DECOMPOSITIONS", "register_decomposition"]
+__all__ = ["DECOMPOSITIONS", "HOD_DECOMPOSITIONS", "KEPT_WHOLE", "register_decomposition"]
+
+aten = torch.ops.aten
+
+
+#: Core-decomposed ops hod keeps whole: it has rules for them, and one fused op in the
+#: generated code is cheaper than its decomposition (relu's backward is one call instead
+#: of a comparison and a select).
+KEPT_WHOLE = (aten.threshold_backward.default,)
 
 
 def _table() -> dict:
     table = dict(core_aten_decompositions())
+    for op in KEPT_WHOLE:
+        table.pop(op, None)
     table.update(HOD_DECOMPOSITIONS)
     return table
 

@@ -101,3 +101,14 @@ def _gelu(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[O
     x = args[0]
     tower = _GELU[kwargs.get("approximate", args[1] if len(args) > 1 else "none")]
     return ctx.unary(x, tower(ctx, x.primal, out))
+
+
+@register(aten.threshold_backward.default)
+def _threshold_backward(
+    ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node
+) -> list[Operand]:
+    """``where(x <= threshold, 0, grad)``: linear in ``grad``; ``x`` only picks entries."""
+    grad, x, threshold = args
+    return ctx.linear(
+        grad, lambda t, k: ctx.em.call(aten.threshold_backward.default, t, x.primal, threshold)
+    )

@@ -103,7 +103,7 @@ def activation(name: str, fn: Callable, aten_ops: tuple, grad_aten: tuple = (), 
     unary(name, fn, aten_ops, grad_aten, family="activation", **kw)
 
 
-activation("relu", lambda x: F.relu(x), (aten.relu.default,), (aten.where.self,),
+activation("relu", lambda x: F.relu(x), (aten.relu.default,), (aten.threshold_backward.default,),
            kinks=(0.0, 0.5))
 activation("leaky_relu", lambda x: F.leaky_relu(x, 0.2), (aten.leaky_relu.default,),
            kinks=(0.0, -0.5))

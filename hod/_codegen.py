@@ -1,0 +1,56 @@
+"""Stage 5: the emitted graph becomes a GraphModule whose code is a straight line of calls.
+
+ATen overloads are called through ``torch.ops``, which costs about a microsecond more per
+call than the matching public ``torch`` function; at the sizes where hod is fastest that
+overhead is most of the time, so ops with an exact public twin are called through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+#: ATen overloads and the public functions that compute exactly the same thing.
+FAST_TWINS: dict[object, Callable] = {
+    aten.mm.default: torch.mm,
+    aten.bmm.default: torch.bmm,
+    aten.matmul.default: torch.matmul,
+    aten.mul.Tensor: torch.mul,
+    aten.add.Tensor: torch.add,
+    aten.sub.Tensor: torch.sub,
+    aten.div.Tensor: torch.div,
+    aten.neg.default: torch.neg,
+    aten.exp.default: torch.exp,
+    aten.log.default: torch.log,
+    aten.tanh.default: torch.tanh,
+    aten.sigmoid.default: torch.sigmoid,
+    aten.relu.default: torch.relu,
+    aten.sin.default: torch.sin,
+    aten.cos.default: torch.cos,
+    aten.reciprocal.default: torch.reciprocal,
+    aten.where.self: torch.where,
+    aten.permute.default: torch.permute,
+    aten.view.default: torch.Tensor.view,
+    aten.expand.default: torch.Tensor.expand,
+    aten._softmax.default: torch._softmax,
+    aten._log_softmax.default: torch._log_softmax,
+    aten.gt.Scalar: torch.gt,
+    aten.le.Scalar: torch.le,
+}
+
+
+def generate(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The GraphModule running ``graph`` (dead code removed, fast callables substituted),
+    holding ``constants`` as attributes."""
+    graph.eliminate_dead_code()
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in FAST_TWINS:
+            node.target = FAST_TWINS[node.target]
+    root = torch.nn.Module()
+    for name, value in constants.items():
+        setattr(root, name, value)
+    return fx.GraphModule(root, graph)
