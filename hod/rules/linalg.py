@@ -249,19 +249,19 @@ def _solve(ctx: DeriveContext, args: tuple, kwargs: dict, out: tuple) -> list:
     return [derivs, None, None, None]
 
 
-@register(aten._linalg_slogdet.default)
-def _slogdet(ctx: DeriveContext, args: tuple, kwargs: dict, out: tuple) -> list:
-    """``(sign, logabsdet, LU, pivots)``; only ``logabsdet`` has derivatives.
+def _logabsdet_derivs(ctx: DeriveContext, a: Jet, lu: fx.Node, pivots: fx.Node) -> list:
+    """Derivatives of ``log|det A|`` from the LU factors of ``A^T`` that det and slogdet
+    return.
 
     ``D^m log|det A| = sum_T tr(D^|T| A^-1 [T] @ D^(m-|T|) A [{0} + rest])`` over subsets
     ``T`` of the positions after the first, the first seed axis staying with ``D A``.
     """
-    a = args[0]
     em = ctx.em
-    lu, pivots = out[2], out[3]
     n = em.shape(a.primal)[-1]
     identity = em.call(aten.eye.default, n, dtype=em.dtype_of(a.primal), device=em.device)
-    inverse = em.call(aten.linalg_lu_solve.default, lu, pivots, identity)
+    # det and slogdet return the LU factors of A^T (torch works in column-major), so the
+    # adjoint solve is the one that inverts A.
+    inverse = em.call(aten.linalg_lu_solve.default, lu, pivots, identity, adjoint=True)
     inverse_jet = Jet(inverse, _solve_jet(
         ctx, a, as_jet(ctx, None), inverse, lambda t: em.call(aten.matmul.default, inverse, t)
     ))
@@ -274,7 +274,26 @@ def _slogdet(ctx: DeriveContext, args: tuple, kwargs: dict, out: tuple) -> list:
             if left is not None and right is not None:
                 terms.append(_trace_of_product(em, left, right))
         derivs.append(em.sum_terms(terms))
-    return [None, derivs, None, None]
+    return derivs
+
+
+@register(aten._linalg_slogdet.default)
+def _slogdet(ctx: DeriveContext, args: tuple, kwargs: dict, out: tuple) -> list:
+    """``(sign, logabsdet, LU, pivots)``; only ``logabsdet`` has derivatives."""
+    return [None, _logabsdet_derivs(ctx, args[0], out[2], out[3]), None, None]
+
+
+@register(aten._linalg_det.default)
+def _det(ctx: DeriveContext, args: tuple, kwargs: dict, out: tuple) -> list:
+    """``(det, LU, pivots)``: ``det = sign * exp(log|det|)``, so every derivative of det
+    with respect to ``log|det|`` is det itself (Faà di Bruno with an exp-like tower).
+
+    torch's own backward of det runs through an SVD, which has no rule: a scalar det is
+    differentiated in forward mode, where this rule applies.
+    """
+    det, lu, pivots = out
+    logabsdet = Jet(det, _logabsdet_derivs(ctx, args[0], lu, pivots))
+    return [ctx.unary(logabsdet, lambda j: det), None, None]
 
 
 def _trace_of_product(em: Emitter, p: fx.Node, q: fx.Node) -> fx.Node:

@@ -91,8 +91,29 @@ def _cofactor_det(a: torch.Tensor) -> torch.Tensor:
     return total
 
 
-add(OpInfo(
-    "slogdet", lambda a: torch.linalg.slogdet(a)[1], lambda: [(_well_conditioned(3),)],
-    aten=(aten._linalg_slogdet.default, aten._linalg_solve_ex.default), family="linalg",
-    ref=lambda a: _cofactor_det(a).abs().log(),
-))
+def _with_sum(g):
+    """``g`` next to a second output: two outputs are differentiated in forward mode."""
+    return lambda a: (g(a), a.sum())
+
+
+def _logabsdet(a):
+    return torch.linalg.slogdet(a)[1]
+
+
+def _cofactor_logabsdet(a):
+    return _cofactor_det(a).abs().log()
+
+
+add(
+    OpInfo("slogdet", _logabsdet, lambda: [(_well_conditioned(3),)],
+           aten=(aten._linalg_slogdet.default, aten._linalg_solve_ex.default),
+           family="linalg", ref=_cofactor_logabsdet),
+    OpInfo("slogdet.forward", _with_sum(_logabsdet), lambda: [(_well_conditioned(3, 2),)],
+           aten=(aten._linalg_slogdet.default,), family="linalg",
+           ref=_with_sum(_cofactor_logabsdet)),
+    # torch's backward of det goes through an SVD: hod falls back to forward mode.
+    OpInfo("det", torch.linalg.det, lambda: [(_well_conditioned(3),)],
+           aten=(aten._linalg_det.default,), family="linalg", ref=_cofactor_det),
+    OpInfo("det.forward", _with_sum(torch.linalg.det), lambda: [(_well_conditioned(3, 2),)],
+           aten=(aten._linalg_det.default,), family="linalg", ref=_with_sum(_cofactor_det)),
+)
