@@ -1,0 +1,98 @@
+"""The planner: batch-compressed seeds, the mode, and seed spans, checked against torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_same_tree, reference
+from models import seed_mlp
+
+import hod
+
+D = torch.float64
+
+
+def per_sample_loss(X, W):
+    return (torch.tanh(X @ W) ** 2).sum(1)
+
+
+def mixes_rows(X, W):
+    """Row b of the output depends on every row of X (a Gram matrix), so no compression."""
+    return torch.sigmoid(X @ X.T @ X @ W).sum()
+
+
+def batch_normalised(X):
+    """Normalising over the batch couples the rows, but each feature column stays alone."""
+    return torch.tanh((X - X.mean(0)) / (X.var(0) + 1.0).sqrt()).sum()
+
+
+def globally_normalised(X):
+    """Every entry depends on every other one."""
+    return torch.tanh(X / X.norm()).sum()
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_seed_mlp_hessian_compresses_the_batch(order):
+    X, *Ps = torch.rand(6, 4, dtype=D), *[torch.randn(4, 4, dtype=D) for _ in range(3)]
+    fn = hod.derivative(seed_mlp, order)
+    lowered = fn.lower(X, *Ps)
+    assert lowered.mode == "reverse-last"
+    assert lowered.seed_size == 4  # one seed per column, not per entry of X
+    assert_same_tree(fn(X, *Ps), reference(seed_mlp, order)(X, *Ps))
+
+
+def test_parameters_are_seeded_whole_next_to_a_compressed_batch():
+    X, *Ps = torch.rand(5, 3, dtype=D), *[torch.randn(3, 3, dtype=D) for _ in range(2)]
+    fn = hod.hessian(seed_mlp, (0, 1, 2))
+    assert fn.lower(X, *Ps).seed_size == 3 + 9 + 9
+    assert_same_tree(fn(X, *Ps), torch.func.hessian(seed_mlp, (0, 1, 2))(X, *Ps))
+
+
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1)])
+def test_vector_output_goes_forward_with_compression(argnums):
+    X, W = torch.rand(6, 3, dtype=D), torch.rand(3, 2, dtype=D)
+    fn = hod.hessian(per_sample_loss, argnums)
+    lowered = fn.lower(X, W)
+    assert lowered.mode == "forward"
+    assert lowered.seed_size == {0: 3, 1: 6, (0, 1): 9}[argnums]
+    assert_same_tree(fn(X, W), reference(per_sample_loss, 2, argnums)(X, W))
+
+
+@pytest.mark.parametrize("f, args", [
+    (mixes_rows, (torch.rand(4, 3, dtype=D), torch.rand(3, 2, dtype=D))),
+    (globally_normalised, (torch.rand(5, 3, dtype=D),)),
+], ids=["gram", "global-norm"])
+def test_coupled_rows_are_not_compressed(f, args):
+    fn = hod.hessian(f)
+    assert fn.lower(*args).seed_size == args[0].numel()
+    assert_same_tree(fn(*args), torch.func.hessian(f)(*args))
+
+
+def test_batch_norm_compresses_along_features():
+    X = torch.rand(5, 3, dtype=D)
+    fn = hod.hessian(batch_normalised)
+    assert fn.lower(X).seed_size == 5  # one seed per row: the 3 columns are independent
+    assert_same_tree(fn(X), torch.func.hessian(batch_normalised)(X))
+
+
+def test_batch_along_a_later_dim():
+    def column_sums(X):
+        return (torch.sin(X) * X.cos()).sum(0)
+
+    X = torch.rand(6, 5, dtype=D)
+    fn = hod.hessian(column_sums)
+    assert fn.lower(X).seed_size == 6  # columns are independent: one seed per row index
+    assert_same_tree(fn(X), reference(column_sums, 2)(X))
+
+
+def test_mixed_argument_order_reads_blocks_by_symmetry():
+    X, *Ps = torch.rand(4, 3, dtype=D), *[torch.randn(3, 3, dtype=D) for _ in range(2)]
+
+    def swapped(P1, X, P2):
+        return seed_mlp(X, P1, P2)
+
+    argnums = (2, 0, 1)
+    assert_same_tree(
+        hod.derivative(swapped, 3, argnums)(Ps[0], X, Ps[1]),
+        reference(swapped, 3, argnums)(Ps[0], X, Ps[1]),
+    )
