@@ -231,6 +231,7 @@ class ThoadWorker:
         self._proc = subprocess.Popen(
             [str(python), "-m", "bench.thoad_worker"],
             cwd=REPO_ROOT,
+            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
