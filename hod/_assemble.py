@@ -101,8 +101,8 @@ def extract_block(
 
     Seed axis ``i`` is narrowed to ``seeds[i]`` and unflattened to that leaf's shape,
     behind the value dims. Compressed seeds then get their batch dim back: the block is
-    nonzero only where it equals the value's batch dim ``value_batch_dim``, which a
-    product with identity matrices spreads out. The value dims are split into
+    nonzero only where it equals the value's batch dim ``value_batch_dim`` (see
+    :func:`_spread_batch`). The value dims are split into
     ``value_groups``; ``group_order`` lists the groups (value groups first, then one per
     seed axis) in the order of the result's dims, which is then reshaped to ``shape``.
     Like torch.func's, the block may be a non-contiguous view; it has type ``dtype``.
@@ -134,27 +134,24 @@ def _spread_batch(
     em: Emitter, t: fx.Node, groups: list[list[int]], n_value: int, value_batch_dim: int,
     seeds: Sequence[Segment],
 ) -> fx.Node:
-    """Insert each compressed seed's batch dim, nonzero on the value's batch diagonal."""
-    with_unit = groups[:n_value] + [
-        list(s.shape) if s.batch_dim is None else
-        [1 if d == s.batch_dim else n for d, n in enumerate(s.shape)]
-        for s in seeds
-    ]
-    t = em.reshape(t, [d for g in with_unit for d in g])
-    rank = sum(len(g) for g in groups)
-    masks = []
+    """Insert each compressed seed's batch dim, nonzero on the value's batch diagonal.
+
+    Each insertion is one ``diag_embed`` of the value's batch dim: it writes the compact
+    entries into zeros, where multiplying by a broadcast identity would visit every entry
+    of the (much larger) dense block.
+    """
+    without = groups[:n_value] + [list(s.sub_shape) for s in seeds]
+    t = em.reshape(t, [d for g in without for d in g])
     start = sum(len(g) for g in groups[:n_value])
     for segment, group in zip(seeds, groups[n_value:], strict=True):
         if segment.batch_dim is not None:
-            view = [1] * rank
-            view[value_batch_dim] = view[start + segment.batch_dim] = segment.batch_size
-            eye = em.call(
-                torch.ops.aten.eye.default, segment.batch_size, dtype=em.dtype_of(t),
-                device=em.device,
+            t = em.call(torch.ops.aten.movedim.int, t, value_batch_dim, -1)
+            t = em.call(
+                torch.ops.aten.diag_embed.default, t, 0, value_batch_dim,
+                start + segment.batch_dim,
             )
-            masks.append(em.reshape(eye, view))
         start += len(group)
-    return em.mul(t, em.product(masks))
+    return t
 
 
 def _order_groups(
