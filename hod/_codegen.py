@@ -46,10 +46,32 @@ FAST_TWINS: dict[object, Callable] = {
 def generate(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
     """The GraphModule running ``graph`` (dead code removed, fast callables substituted),
     holding ``constants`` as attributes."""
+    _fuse_transposed_mm(graph)
     graph.eliminate_dead_code()
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in FAST_TWINS:
+        if node.op != "call_function":
+            continue
+        if node.target in FAST_TWINS:
             node.target = FAST_TWINS[node.target]
+        elif node.target is aten.sum.dim_IntList and node.args[1]:
+            node.target = torch.sum  # an empty dim list is left to aten, which sums all
+    return _module(graph, constants)
+
+
+def _fuse_transposed_mm(graph: fx.Graph) -> None:
+    """``mm(x, permute(w, [1, 0]))`` (every backward of a matmul) as ``linear(x, w)``."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.mm.default:
+            x, other = node.args
+            if (
+                isinstance(other, fx.Node) and other.target is aten.permute.default
+                and list(other.args[1]) == [1, 0]
+            ):
+                node.target = torch.nn.functional.linear
+                node.args = (x, other.args[0])
+
+
+def _module(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
     root = torch.nn.Module()
     for name, value in constants.items():
         setattr(root, name, value)
