@@ -84,8 +84,9 @@ class _Traced:
 def build(request: Request, flat: FlatCall) -> Lowered:
     """Generate the function computing ``request`` for calls shaped like ``flat``.
 
-    When reverse-last is planned but the gradient graph holds an op without a rule (or
-    torch cannot differentiate one), forward mode is tried before giving up.
+    When reverse-last is planned but the gradient graph holds an op without a rule, or
+    torch cannot trace its backward (some fused cells, such as ``GRUCell``, fail inside
+    functionalization), forward mode is tried before giving up.
     """
     forward = _trace_forward(request, flat)
     out_vals = [n.meta["val"] for n in _outputs(forward.gm)[: forward.n_out]]
@@ -100,7 +101,7 @@ def build(request: Request, flat: FlatCall) -> Lowered:
         return _generate(
             request, flat, forward, out_vals, "reverse-last", reverse, reverse_seeds
         )
-    except UnsupportedOperatorError as reverse_error:
+    except (UnsupportedOperatorError, RuntimeError) as reverse_error:
         try:
             return _generate(request, flat, forward, out_vals, "forward", forward, seeds)
         except UnsupportedOperatorError as forward_error:
