@@ -147,3 +147,22 @@ def test_gauss_newton_step_from_the_residual_jacobian():
         J = hod.jacobian(residual)(theta)
         theta = theta - torch.linalg.lstsq(J, residual(theta).unsqueeze(1)).solution[:, 0]
     torch.testing.assert_close(theta, torch.tensor([2.0, -1.5], dtype=D))
+
+
+def test_multihead_attention_module_where_torch_func_cannot():
+    """torch.func.hessian fails on the fused attention kernel (no forward AD); hod decomposes
+    it. Checked against the same layer written with matmul and softmax."""
+    att = torch.nn.MultiheadAttention(4, 2, batch_first=True).double().eval()
+    q = torch.rand(1, 3, 4, dtype=D)
+
+    def layer(q):
+        return att(q, q, q, need_weights=False)[0].sum()
+
+    def by_hand(q):
+        Q, K, V = (q @ att.in_proj_weight.T + att.in_proj_bias).chunk(3, -1)
+        heads = [t.view(1, 3, 2, 2).transpose(1, 2) for t in (Q, K, V)]
+        A = torch.softmax(heads[0] @ heads[1].transpose(-1, -2) / 2**0.5, -1) @ heads[2]
+        return (A.transpose(1, 2).reshape(1, 3, 4) @ att.out_proj.weight.T
+                + att.out_proj.bias).sum()
+
+    torch.testing.assert_close(hod.hessian(layer)(q), torch.func.hessian(by_hand)(q))
