@@ -20,7 +20,23 @@ aten = torch.ops.aten
 
 
 def _matmul(ctx: DeriveContext):
-    return lambda a, b: ctx.em.call(aten.matmul.default, a, b)
+    """``a @ b`` over broadcast leading axes.
+
+    Past one leading axis, or when both operands carry leading axes that broadcast
+    against each other (a Leibniz cross term ``D a[s1] @ D b[s2]``), ``einsum`` folds the
+    axes into one large product; ``matmul`` would expand the operands and run one tiny
+    product per pair of seeds (10-30x slower at about 130 seeds). With at most one leading
+    axis ``matmul`` folds it itself, and is as fast or faster.
+    """
+
+    def apply(a: fx.Node, b: fx.Node) -> fx.Node:
+        em = ctx.em
+        ra, rb = em.rank(a), em.rank(b)
+        if max(ra, rb) > 3 or (ra > 2 and rb > 2 and em.shape(a)[:-2] != em.shape(b)[:-2]):
+            return em.call(aten.einsum.default, "...ik,...kj->...ij", [a, b])
+        return em.call(aten.matmul.default, a, b)
+
+    return apply
 
 
 @register(aten.mm.default, aten.bmm.default)
