@@ -24,6 +24,7 @@ from ._codegen import generate
 from ._derive import derive
 from ._emitter import Emitter, Operand
 from ._jet import DeriveContext, Jet
+from ._memory import Memory, plain
 from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds
 from ._signature import FlatCall, flatten_outputs
 from ._tracing import find_call_site, trace
@@ -53,13 +54,17 @@ class Lowered:
     ``graph_module`` is the generated ``torch.fx.GraphModule`` (a straight line of ATen
     calls over the flat tensor leaves); ``code`` is its Python source; ``mode`` says how
     it differentiates (``"forward"`` or ``"reverse-last"``); ``seed_size`` is the size of
-    the seed space its derivative tensors span.
+    the seed space its derivative tensors span. ``planned_module``, when set, is the same
+    code writing its large tensors into ``memory`` (see :mod:`hod._memory`); it runs
+    instead of ``graph_module`` on plain CPU tensors.
     """
 
     graph_module: fx.GraphModule
     result_spec: TreeSpec
     mode: str
     seed_size: int
+    planned_module: fx.GraphModule | None = None
+    memory: Memory | None = None
 
     @property
     def code(self) -> str:
@@ -67,6 +72,12 @@ class Lowered:
 
     def run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         # ``forward`` directly: the generated module has no hooks, so skip Module.__call__.
+        memory = self.memory
+        if memory is not None and plain(tensors) and memory.lock.acquire(blocking=False):
+            try:
+                return self.planned_module.forward(*tensors, *memory.tensors())
+            finally:
+                memory.lock.release()
         return self.graph_module.forward(*tensors)
 
 
@@ -148,8 +159,9 @@ def _generate(
         ]
     aux = [j.primal for j in out_jets[n_diff:]]
     em.output(results + aux)
-    gm = generate(em.graph, em.constants)
-    return Lowered(gm, _result_spec(specs, request, traced.aux_spec), mode, seeds.size)
+    gm, planned, memory = generate(em.graph, em.constants, em.device)
+    spec = _result_spec(specs, request, traced.aux_spec)
+    return Lowered(gm, spec, mode, seeds.size, planned, memory)
 
 
 def _check_outputs(out_vals: list[torch.Tensor], call: str) -> None:
@@ -212,9 +224,9 @@ def _seed(em: Emitter, segment: Segment, like: fx.Node) -> fx.Node:
     identity over its within-slice coordinates, repeated along its batch dim.
     """
     size = segment.size
-    eye = em.call(aten.eye.default, size, dtype=em.dtype_of(like), device=em.device)
     if segment.batch_dim is None:
-        return em.reshape(eye, [size, *segment.shape])
+        return em.seed_identity(size, segment.shape, like)
+    eye = em.call(aten.eye.default, size, dtype=em.dtype_of(like), device=em.device)
     shape = list(segment.shape)
     shape[segment.batch_dim] = 1
     return em.expand(em.reshape(eye, [size, *shape]), [size, *segment.shape])

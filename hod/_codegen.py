@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
+from . import _memory
+
 aten = torch.ops.aten
 
 #: ATen overloads and the public functions that compute exactly the same thing.
@@ -40,14 +42,26 @@ FAST_TWINS: dict[object, Callable] = {
     aten._log_softmax.default: torch._log_softmax,
     aten.gt.Scalar: torch.gt,
     aten.le.Scalar: torch.le,
+    aten.cat.default: torch.cat,
 }
 
 
-def generate(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
+def generate(
+    graph: fx.Graph, constants: dict[str, torch.Tensor], device: torch.device
+) -> tuple[fx.GraphModule, fx.GraphModule | None, _memory.Memory | None]:
     """The GraphModule running ``graph`` (dead code removed, fast callables substituted),
-    holding ``constants`` as attributes."""
+    holding ``constants`` as attributes; on the CPU also the variant writing its large
+    tensors into reused memory, and that memory (see :mod:`hod._memory`), or None."""
     _fuse_transposed_mm(graph)
     graph.eliminate_dead_code()
+    planned = _memory.plan(graph) if device.type == "cpu" else None
+    if planned is None:
+        return _finish(graph, constants), None, None
+    planned_graph, memory = planned
+    return _finish(graph, constants), _finish(planned_graph, constants), memory
+
+
+def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op != "call_function":
             continue

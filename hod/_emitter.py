@@ -103,6 +103,9 @@ class Emitter:
             constant = _constant_value(op, args)
             if constant is not None:
                 node.meta[_SCALAR] = constant
+            strides = _delta_of_permute(op, args)
+            if strides is not None:
+                node.meta[_DELTA] = strides
             self._seen[key] = node
         return node
 
@@ -205,6 +208,18 @@ class Emitter:
             return node
         return self.call(aten.permute.default, node, dims)
 
+    def seed_identity(self, size: int, shape: Sequence[int], like: fx.Node) -> fx.Node:
+        """The identity seed of a ``shape`` leaf, ``(size,) + shape`` with ``size = numel``:
+        seed ``s`` is one at the coordinate whose row-major index is ``s``.
+
+        The node records its structure (see :func:`delta_strides`) so that products with
+        it can be emitted as placements instead of dense products.
+        """
+        eye = self.call(aten.eye.default, size, dtype=self.dtype_of(like), device=self.device)
+        node = self.reshape(eye, [size, *shape])
+        node.meta[_DELTA] = tuple(torch.empty(shape, device="meta").stride())
+        return node
+
     def zeros(self, shape: Sequence[int], dtype: torch.dtype | None = None) -> fx.Node:
         return self.call(
             aten.zeros.default,
@@ -228,6 +243,23 @@ class Emitter:
 
 
 _SCALAR = "hod_scalar"  # meta key: every element of the node equals this number
+# meta key: the node is an identity seed, ``t[s, *i] = (s == sum_d i_d * c_d)`` with these
+# coefficients ``c`` (one per value dim); a permutation of the value dims permutes them.
+_DELTA = "hod_delta"
+
+
+def delta_strides(node: Operand) -> tuple[int, ...] | None:
+    """The coefficients ``c`` of an identity-seed node (see ``_DELTA``), else None."""
+    return node.meta.get(_DELTA) if isinstance(node, fx.Node) else None
+
+
+def _delta_of_permute(op: Any, args: tuple) -> tuple[int, ...] | None:
+    if op is not aten.permute.default or not isinstance(args[0], fx.Node):
+        return None
+    strides, dims = args[0].meta.get(_DELTA), args[1]
+    if strides is None or dims[0] != 0:
+        return None
+    return tuple(strides[d - 1] for d in dims[1:])
 
 _FILLS = {aten.full_like.default: 1, aten.full.default: 1, aten.scalar_tensor.default: 0}
 _SAME_VALUES = {

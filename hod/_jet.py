@@ -169,14 +169,16 @@ class DeriveContext:
         """
         result: list[Operand] = []
         for m in range(1, self.order + 1):
-            terms = []
-            for chosen, rest in subsets(m):
-                terms.append(self._leibniz_term(a, b, chosen, rest, m, apply, rank))
-            result.append(self.em.sum_terms(terms))
+            pieces = [
+                self._leibniz_term(a, b, chosen, rest, m, apply, rank)
+                for chosen, rest in subsets(m)
+            ]
+            result.append(self.sum_pieces(pieces, m))
         return result
 
-    def _leibniz_term(self, a, b, chosen, rest, m, apply, rank) -> Operand:
-        """One term; when one factor is a value, the other is taken over its own span."""
+    def _leibniz_term(self, a, b, chosen, rest, m, apply, rank) -> tuple[Operand, Span]:
+        """One term and the span it covers; when one factor is a value, the other is
+        taken over its own span."""
         if not rest and a.narrow is not None:
             a, own = a.narrow, self.span_of(a.narrow)
         elif not chosen and b.narrow is not None:
@@ -190,7 +192,36 @@ class DeriveContext:
             term = None if left is None or right is None else apply(left, right)
         finally:
             self.seed_size = outer
-        return self.pad(term, m, own, self.span)
+        return term, own
+
+    def sum_pieces(self, pieces: Sequence[tuple[Operand, Span]], k: int) -> Operand:
+        """The sum over ``self.span`` of derivatives with ``k`` seed axes, each covering
+        its own span (zero outside it).
+
+        With one seed axis the span is cut where pieces start and end, and the parts are
+        concatenated: each part is the sum of the pieces covering it (slices, added only
+        where pieces overlap), or zeros. That writes the result once, where padding every
+        piece to the whole span and adding would write it once per piece and then again.
+        """
+        em = self.em
+        pieces = [(t, own) for t, own in pieces if t is not None]
+        if k != 1 or len(pieces) < 2 or len({em.rank(t) for t, _ in pieces}) > 1:
+            return em.sum_terms([self.pad(t, k, own, self.span) for t, own in pieces])
+        value_shape = list(torch.broadcast_shapes(*(em.shape(t)[1:] for t, _ in pieces)))
+        cuts = sorted({self.span[0], self.span[1], *(e for _, own in pieces for e in own)})
+        parts = []
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
+            covering = [
+                t if own == (lo, hi) else em.call(
+                    torch.ops.aten.slice.Tensor, t, 0, lo - own[0], hi - own[0]
+                )
+                for t, own in pieces if own[0] <= lo and hi <= own[1]
+            ]
+            part = em.sum_terms(covering)
+            if part is None:
+                part = em.zeros([hi - lo, *value_shape], em.dtype_of(pieces[0][0]))
+            parts.append(em.expand(part, [hi - lo, *value_shape]))
+        return parts[0] if len(parts) == 1 else em.call(torch.ops.aten.cat.default, parts, 0)
 
     def _operand(self, x: Jet, positions: tuple[int, ...], m: int, rank: int | None) -> Operand:
         k = len(positions)

@@ -1,0 +1,138 @@
+"""Reused memory (hod._memory): the planned code, when it runs, and what it must not do."""
+
+from __future__ import annotations
+
+import math
+import operator
+import threading
+
+import pytest
+import torch
+from conftest import assert_same_tree, reference
+from models import seed_mlp
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import hod
+import hod._memory
+from hod._memory import plan
+
+
+@pytest.fixture
+def everything_planned(monkeypatch):
+    monkeypatch.setattr(hod._memory, "MIN_PLANNED_BYTES", 0)
+
+
+def _inputs(width: int = 6, batch: int = 4, dtype=torch.float64):
+    x = torch.rand(batch, width, dtype=dtype)
+    return x, *(torch.rand(width, width, dtype=dtype) for _ in range(3))
+
+
+ARGNUMS = (0, 1, 2, 3)
+
+
+def test_a_wide_hessian_runs_the_planned_code():
+    args = _inputs(width=24, batch=10)
+    fn = hod.hessian(seed_mlp, ARGNUMS)
+    lowered = fn.lower(*args)
+    assert lowered.memory is not None and lowered.memory.slots
+    assert_same_tree(fn(*args), reference(seed_mlp, 2, ARGNUMS)(*args))
+    assert lowered.memory._arena is not None  # the arena was made: the planned code ran
+
+
+def _chain(x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    """Intermediates with overlapping and disjoint lifetimes, and two escaping ones."""
+    a = torch.tanh(x @ w)
+    b = a * x
+    c = torch.exp(b) + a
+    d = (c @ w).sin()
+    e = d * b + c
+    return [e @ w, torch.cos(e)[1:]]
+
+
+def test_arena_buffers_alive_together_never_overlap(everything_planned):
+    graph = make_fx(_chain)(torch.rand(8, 8), torch.rand(8, 8)).graph
+    planned, memory = plan(graph)
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    end, escaped = hod._memory._lifetimes(nodes, index)
+    inner = [n for n in nodes if n in end and n not in escaped and n.target is not operator.getitem]
+    assert len(memory.arena_layout) == len(inner) >= 6 and len(memory.slots) == 2
+    for (off_a, shape_a, _), a in zip(memory.arena_layout, inner, strict=True):
+        for (off_b, shape_b, _), b in zip(memory.arena_layout, inner, strict=True):
+            if a is b or index[a] > end[b] or index[b] > end[a]:
+                continue  # not alive at the same time
+            stop_a, stop_b = off_a + 4 * math.prod(shape_a), off_b + 4 * math.prod(shape_b)
+            assert stop_a <= off_b or stop_b <= off_a, (a, b)
+    x, w = torch.rand(8, 8), torch.rand(8, 8)
+    module = torch.fx.GraphModule(torch.nn.Module(), planned)
+    for actual, expected in zip(module(x, w, *memory.tensors()), _chain(x, w), strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_results_held_by_the_caller_keep_their_values(everything_planned):
+    fn = hod.hessian(seed_mlp, ARGNUMS)
+    calls = [_inputs() for _ in range(3)]
+    held = [fn(*args) for args in calls]
+    for args, result in zip(calls, held, strict=True):
+        assert_same_tree(result, reference(seed_mlp, 2, ARGNUMS)(*args))
+
+
+def test_a_view_of_a_result_keeps_its_memory(everything_planned):
+    fn = hod.hessian(seed_mlp, ARGNUMS)
+    args = _inputs()
+    corner = fn(*args)[3][3][0, 0].clone(), fn(*args)[3][3][0]
+    fn(*_inputs())
+    torch.testing.assert_close(corner[1][0], corner[0])
+
+
+def test_gradients_through_the_result_use_the_plain_code(everything_planned):
+    args = [t.requires_grad_() for t in _inputs()]
+    hess = hod.hessian(seed_mlp, 0)(*args)
+    assert hess.grad_fn is not None
+    (g,) = torch.autograd.grad(hess.sum(), args[1])
+    expected = torch.func.grad(lambda p: torch.func.hessian(seed_mlp)(args[0], p, *args[2:]).sum())(
+        args[1].detach()
+    )
+    torch.testing.assert_close(g, expected)
+
+
+def test_vmap_uses_the_plain_code(everything_planned):
+    fn = hod.derivative(lambda x, w: torch.tanh(x @ w).sum(), 2)
+    xs, w = torch.rand(3, 5, dtype=torch.float64), torch.rand(5, 4, dtype=torch.float64)
+    batched = torch.func.vmap(fn, in_dims=(0, None))(xs, w)
+    for x, h in zip(xs, batched, strict=True):
+        assert_same_tree(h, reference(lambda x, w: torch.tanh(x @ w).sum(), 2)(x, w))
+
+
+def test_inference_mode_and_back(everything_planned):
+    fn = hod.hessian(seed_mlp, ARGNUMS)
+    args = _inputs()
+    with torch.inference_mode():
+        inside = fn(*args)
+    outside = fn(*args)
+    expected = reference(seed_mlp, 2, ARGNUMS)(*args)
+    assert_same_tree(inside, expected)
+    assert_same_tree(outside, expected)
+
+
+def test_concurrent_calls_from_threads(everything_planned):
+    fn = hod.hessian(seed_mlp, ARGNUMS)
+    calls = [_inputs() for _ in range(8)]
+    results: list = [None] * len(calls)
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            results[i] = fn(*calls[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for args, result in zip(calls, results, strict=True):
+        assert_same_tree(result, reference(seed_mlp, 2, ARGNUMS)(*args))
+
+
+def test_small_functions_plan_nothing():
+    graph = hod.hessian(seed_mlp, ARGNUMS).lower(*_inputs()).graph_module.graph
+    assert plan(graph) is None
