@@ -23,11 +23,13 @@ from __future__ import annotations
 import mmap
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+
+from ._concat import concatenate_in_place, into_form
 
 aten = torch.ops.aten
 
@@ -45,8 +47,12 @@ _NATIVE_OUT = {
 }
 
 
-def out_form(op: object) -> tuple[torch._ops.OpOverload, str] | None:
-    """The overload of ``op`` writing into one ``out`` tensor, and that argument's name."""
+def out_form(node: fx.Node) -> tuple[Callable, str] | None:
+    """The op computing ``node`` into a given tensor, and the name of that argument."""
+    into = into_form(node)
+    if into is not None:
+        return into, "out"
+    op = node.target
     if not isinstance(op, torch._ops.OpOverload) or op.overloadpacket not in _NATIVE_OUT:
         return None
     packet = op.overloadpacket
@@ -126,24 +132,32 @@ class Memory:
 def plan(graph: fx.Graph) -> tuple[fx.Graph, Memory] | None:
     """A copy of ``graph`` that writes its large tensors into reused memory (taken as
     extra trailing inputs), and that memory; None when nothing is worth planning."""
-    nodes = list(graph.nodes)
+    work, _ = _copy_with_inputs(graph, 0)
+    concatenate_in_place(work, out_form)
+    nodes = list(work.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     end, escaped = _lifetimes(nodes, index)
     large = [
         n for n in nodes
-        if n in end and out_form(n.target) is not None and _bytes(n) >= MIN_PLANNED_BYTES
+        if n in end and _bytes(n) >= MIN_PLANNED_BYTES
+        and (n.target is aten.empty.memory_format or out_form(n) is not None)
     ]
     if not large:
         return None
     inner = [n for n in large if n not in escaped]
     results = [n for n in large if n in escaped]
     offsets, size = _assign(inner, index, end)
-    copy, env = _copy_with_inputs(graph, len(large))
+    copy, env = _copy_with_inputs(work, len(large))
     buffers = [n for n in copy.nodes if n.op == "placeholder"][-len(large):]
     for node, buffer in zip(inner + results, buffers, strict=True):
-        op, out_name = out_form(node.target)
-        env[node].target = op
-        env[node].kwargs = {**env[node].kwargs, out_name: buffer}
+        new = env[node]
+        if node.target is aten.empty.memory_format:
+            new.replace_all_uses_with(buffer)
+            copy.erase_node(new)
+            continue
+        op, out_name = out_form(node)
+        new.target = op
+        new.kwargs = {**new.kwargs, out_name: buffer}
     layout = [(offsets[n], _shape(n), n.meta["val"].dtype) for n in inner]
     slots = [_Slot(_shape(n), n.meta["val"].dtype) for n in results]
     return copy, Memory(size, layout, slots)

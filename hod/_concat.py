@@ -1,0 +1,165 @@
+"""Concatenations written in place, for the planned code of :mod:`hod._memory`.
+
+Derivatives over seed spans are assembled with ``cat`` along the seed axis (see
+``DeriveContext.sum_pieces``), which copies every part once more. In the planned code,
+where no autograd or vmap watches the tensors, the parts can be written where the
+result will be instead:
+
+* parts that are fresh tensors read only by the ``cat`` are computed with ``out=`` a slice
+  of one buffer, which then is the result;
+* ``cat(A[:a], A[a:b] + D, A[b:])``, the slices of one fresh ``A`` in order, becomes
+  ``A[a:b] += D`` and then ``A``.
+
+Some ops have no native ``out=`` form but cheap in-place equivalents (:data:`INTO`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+def _diag_embed_into(x, offset=0, dim1=-2, dim2=-1, *, out):
+    out.zero_()
+    out.diagonal(offset, dim1, dim2).copy_(x)
+    return out
+
+
+def _constant_pad_into(x, pad, value=0.0, *, out):
+    out.fill_(value)
+    inner = out
+    for i in range(len(pad) // 2):
+        dim = out.dim() - 1 - i
+        inner = inner.narrow(dim, pad[2 * i], x.shape[dim])
+    inner.copy_(x)
+    return out
+
+
+#: ATen ops without a native ``out=`` form, and functions writing their result into ``out``.
+INTO: dict[object, Callable] = {
+    aten.diag_embed.default: _diag_embed_into,
+    aten.constant_pad_nd.default: _constant_pad_into,
+}
+
+
+def into_form(node: fx.Node) -> Callable | None:
+    """``node``'s :data:`INTO` function, when it has one that applies."""
+    if node.target is aten.constant_pad_nd.default and any(p < 0 for p in node.args[1]):
+        return None  # negative pads crop
+    return INTO.get(node.target)
+
+
+#: ``writer(node)``: the op computing ``node`` into a tensor, and that argument's name.
+Writer = Callable[[fx.Node], "tuple[Callable, str] | None"]
+
+
+def concatenate_in_place(graph: fx.Graph, writer: Writer) -> None:
+    """Rewrite the seed-axis ``cat`` nodes of ``graph`` as described in the module
+    docstring."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.cat.default:
+            continue
+        parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        if dim != 0 or len(parts) < 2:
+            continue
+        if not _add_into_base(graph, node, parts):
+            _write_parts_into_buffer(graph, node, parts, writer)
+
+
+def _add_into_base(graph: fx.Graph, cat: fx.Node, parts: list[fx.Node]) -> bool:
+    """``cat(A[:a], A[a:b] + D, ...)`` as ``A[a:b] += D``; False when not of that form."""
+    slices, adds = [], []
+    for part in parts:
+        if _is_slice0(part):
+            slices.append(part)
+        elif part.target is aten.add.Tensor and len(part.users) == 1 and not part.kwargs:
+            inner = [a for a in part.args if _is_slice0(a)]
+            if not inner or _val(part).shape != _val(inner[0]).shape:
+                return False
+            slices.append(inner[0])
+            adds.append((part, inner[0]))
+        else:
+            return False
+    base = slices[0].args[0]
+    stops = [0] + [s.args[3] for s in slices]
+    if (
+        not adds or base.op != "call_function" or not _fresh(base)
+        or any(s.args[0] is not base or s.args[2] != stops[i] for i, s in enumerate(slices))
+        or stops[-1] != _val(base).shape[0] or _val(base).dtype != _val(cat).dtype
+        or any(len(s.users) != 1 for s in slices) or set(base.users) != set(slices)
+    ):
+        return False
+    for add, target in adds:
+        add.target = aten.add.out
+        add.kwargs = {"out": target}
+    cat.replace_all_uses_with(base)
+    graph.erase_node(cat)
+    return True
+
+
+def _write_parts_into_buffer(
+    graph: fx.Graph, cat: fx.Node, parts: list[fx.Node], writer: Writer
+) -> None:
+    """Compute every part into its slice of one buffer, when every part allows it."""
+    val = _val(cat)
+    sources = [_source(p) for p in parts]
+    if not all(
+        p.op == "call_function" and len(p.users) == 1 and _fresh(p) and writer(p)
+        and _val(p).dtype == val.dtype
+        for p in sources
+    ):
+        return
+    first = min(sources, key=lambda p: list(graph.nodes).index(p))
+    with graph.inserting_before(first):
+        buffer = graph.call_function(
+            aten.empty.memory_format, (list(val.shape),),
+            {"dtype": val.dtype, "device": torch.device("cpu")},
+        )
+    buffer.meta["val"] = torch.empty(val.shape, dtype=val.dtype, device="meta")
+    start = 0
+    for part, source in zip(parts, sources, strict=True):
+        stop = start + _val(part).shape[0]
+        with graph.inserting_before(source):
+            window = graph.call_function(aten.slice.Tensor, (buffer, 0, start, stop))
+            window.meta["val"] = buffer.meta["val"][start:stop]
+            if source is not part:  # the part is a view of what the source computes
+                shape = list(_val(source).shape)
+                window = graph.call_function(aten.view.default, (window, shape))
+                window.meta["val"] = window.args[0].meta["val"].view(shape)
+        op, out_name = writer(source)
+        source.target = op
+        source.kwargs = {**source.kwargs, out_name: window}
+        start = stop
+    cat.replace_all_uses_with(buffer)
+    graph.erase_node(cat)
+
+
+def _source(part: fx.Node) -> fx.Node:
+    """The node computing ``part``'s elements: through a reshaping ``view`` of a tensor
+    read only by it (a view of a contiguous tensor has its element order)."""
+    if part.target is aten.view.default and len(part.users) == 1:
+        return part.args[0]
+    return part
+
+
+def _is_slice0(node: object) -> bool:
+    return (
+        isinstance(node, fx.Node) and node.target is aten.slice.Tensor
+        and node.args[1] == 0 and len(node.args) == 4
+    )
+
+
+def _fresh(node: fx.Node) -> bool:
+    """A tensor the op allocates (not a view of its inputs)."""
+    op = node.target
+    return isinstance(op, torch._ops.OpOverload) and not any(
+        r.alias_info is not None for r in op._schema.returns
+    ) and isinstance(_val(node), torch.Tensor)
+
+
+def _val(node: fx.Node):
+    return node.meta.get("val")
