@@ -43,6 +43,10 @@ FAST_TWINS: dict[object, Callable] = {
     aten.gt.Scalar: torch.gt,
     aten.le.Scalar: torch.le,
     aten.cat.default: torch.cat,
+    aten.constant_pad_nd.default: torch.constant_pad_nd,
+    aten.diag_embed.default: torch.diag_embed,
+    aten.movedim.int: torch.movedim,
+    aten.eye.default: torch.eye,
 }
 
 
