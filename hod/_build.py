@@ -24,7 +24,7 @@ from ._codegen import generate
 from ._derive import derive
 from ._emitter import Emitter, Operand
 from ._jet import DeriveContext, Jet
-from ._memory import Memory, plain
+from ._memory import Memory
 from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds
 from ._signature import FlatCall, flatten_outputs
 from ._tracing import find_call_site, trace
@@ -73,7 +73,7 @@ class Lowered:
     def run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         # ``forward`` directly: the generated module has no hooks, so skip Module.__call__.
         memory = self.memory
-        if memory is not None and plain(tensors) and memory.lock.acquire(blocking=False):
+        if memory is not None and memory.usable(tensors) and memory.lock.acquire(blocking=False):
             try:
                 return self.planned_module.forward(*tensors, *memory.tensors())
             finally:

@@ -62,6 +62,7 @@ def generate(
     if planned is None:
         return _finish(graph, constants), None, None
     planned_graph, memory = planned
+    memory.captured = list(constants.values())
     return _finish(graph, constants), _finish(planned_graph, constants), memory
 
 

@@ -64,7 +64,7 @@ def concatenate_in_place(graph: fx.Graph, writer: Writer) -> None:
         if node.op != "call_function" or node.target is not aten.cat.default:
             continue
         parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
-        if dim != 0 or len(parts) < 2:
+        if dim != 0 or len(parts) < 2 or len(set(parts)) < len(parts):
             continue
         if not _add_into_base(graph, node, parts):
             _write_parts_into_buffer(graph, node, parts, writer)
@@ -78,7 +78,7 @@ def _add_into_base(graph: fx.Graph, cat: fx.Node, parts: list[fx.Node]) -> bool:
             slices.append(part)
         elif part.target is aten.add.Tensor and len(part.users) == 1 and not part.kwargs:
             inner = [a for a in part.args if _is_slice0(a)]
-            if not inner or _val(part).shape != _val(inner[0]).shape:
+            if len(inner) != 1 or _val(part).shape != _val(inner[0]).shape:
                 return False
             slices.append(inner[0])
             adds.append((part, inner[0]))
@@ -107,7 +107,7 @@ def _write_parts_into_buffer(
     """Compute every part into its slice of one buffer, when every part allows it."""
     val = _val(cat)
     sources = [_source(p) for p in parts]
-    if not all(
+    if len(set(sources)) < len(sources) or not all(
         p.op == "call_function" and len(p.users) == 1 and _fresh(p) and writer(p)
         and _val(p).dtype == val.dtype
         for p in sources

@@ -117,8 +117,13 @@ class Memory:
     arena_size: int
     arena_layout: list[tuple[int, tuple[int, ...], torch.dtype]]  # offset, shape, dtype
     slots: list[_Slot]
+    captured: list[torch.Tensor] = field(default_factory=list)  # tensors the code reads
     lock: threading.Lock = field(default_factory=threading.Lock)
     _arena: list[torch.Tensor] | None = None
+
+    def usable(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether the planned code may run on ``inputs`` (and the captured tensors)."""
+        return plain(inputs) and plain(self.captured)
 
     def tensors(self) -> list[torch.Tensor]:
         """The buffers the planned code writes into: arena views, then slot tensors."""

@@ -156,3 +156,21 @@ def test_concatenations_are_written_in_place(everything_planned):
     ]
     assert len(in_place) == 3  # one per layer's weight seeds in the backward pass
     assert_same_tree(fn(*args), reference(seed_mlp, 2, ARGNUMS)(*args))
+
+
+def test_gradients_into_captured_weights_use_the_plain_code(everything_planned):
+    """A captured tensor that requires grad makes the results require grad too: the
+    planned code (whose ``out=`` forms autograd refuses) must not run."""
+    w = torch.rand(6, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(4, 6, dtype=torch.float64)
+
+    def f(x):
+        return torch.tanh(x @ w).sum()
+
+    hess = hod.hessian(f)(x)
+    (g,) = torch.autograd.grad(hess.sum(), w)
+
+    def reference_sum(w):
+        return torch.func.hessian(lambda x: torch.tanh(x @ w).sum())(x).sum()
+
+    torch.testing.assert_close(g, torch.func.grad(reference_sum)(w.detach()))

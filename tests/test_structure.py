@@ -96,3 +96,19 @@ def test_mixed_argument_order_reads_blocks_by_symmetry():
         hod.derivative(swapped, 3, argnums)(Ps[0], X, Ps[1]),
         reference(swapped, 3, argnums)(Ps[0], X, Ps[1]),
     )
+
+
+def weights_both_sides(x, W, V):
+    """A weight on the right of one product and (transposed) on the left of another."""
+    return torch.tanh(torch.tanh(x @ W) @ V).sum() + torch.sin(W.T @ x.T).sum()
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_products_with_weight_seeds_are_placements(order):
+    """``x @ dW`` (and ``dW.T @ ...``, ``g @ dV.T`` in the gradient graph) place ``x`` on a
+    diagonal instead of multiplying by an identity; non-square weights catch a mix-up of
+    rows and columns."""
+    x, W, V = torch.rand(3, 4, dtype=D), torch.rand(4, 6, dtype=D), torch.rand(6, 2, dtype=D)
+    fn = hod.derivative(weights_both_sides, order, (0, 1, 2))
+    assert "diag_embed" in fn.lower(x, W, V).code
+    assert_same_tree(fn(x, W, V), reference(weights_both_sides, order, (0, 1, 2))(x, W, V))
