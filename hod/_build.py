@@ -30,8 +30,6 @@ from ._signature import FlatCall, flatten_outputs
 from ._tracing import find_call_site, trace
 from .errors import OutputError, UnsupportedOperatorError
 
-aten = torch.ops.aten
-
 
 @dataclass
 class Request:
@@ -226,10 +224,9 @@ def _seed(em: Emitter, segment: Segment, like: fx.Node) -> fx.Node:
     size = segment.size
     if segment.batch_dim is None:
         return em.seed_identity(size, segment.shape, like)
-    eye = em.call(aten.eye.default, size, dtype=em.dtype_of(like), device=em.device)
     shape = list(segment.shape)
     shape[segment.batch_dim] = 1
-    return em.expand(em.reshape(eye, [size, *shape]), [size, *segment.shape])
+    return em.expand(em.reshape(em.eye(size, like), [size, *shape]), [size, *segment.shape])
 
 
 def _block(

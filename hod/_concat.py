@@ -87,7 +87,7 @@ def _add_into_base(graph: fx.Graph, cat: fx.Node, parts: list[fx.Node]) -> bool:
     base = slices[0].args[0]
     stops = [0] + [s.args[3] for s in slices]
     if (
-        not adds or base.op != "call_function" or not _fresh(base)
+        not adds or not allocates(base)
         or any(s.args[0] is not base or s.args[2] != stops[i] for i, s in enumerate(slices))
         or stops[-1] != _val(base).shape[0] or _val(base).dtype != _val(cat).dtype
         or any(len(s.users) != 1 for s in slices) or set(base.users) != set(slices)
@@ -108,12 +108,13 @@ def _write_parts_into_buffer(
     val = _val(cat)
     sources = [_source(p) for p in parts]
     if len(set(sources)) < len(sources) or not all(
-        p.op == "call_function" and len(p.users) == 1 and _fresh(p) and writer(p)
-        and _val(p).dtype == val.dtype
-        for p in sources
+        len(p.users) == 1 and allocates(p) and _val(p).dtype == val.dtype for p in sources
     ):
         return
-    first = min(sources, key=lambda p: list(graph.nodes).index(p))
+    writers = [writer(p) for p in sources]
+    if None in writers:
+        return
+    first = min(sources, key=list(graph.nodes).index)
     with graph.inserting_before(first):
         buffer = graph.call_function(
             aten.empty.memory_format, (list(val.shape),),
@@ -121,7 +122,7 @@ def _write_parts_into_buffer(
         )
     buffer.meta["val"] = torch.empty(val.shape, dtype=val.dtype, device="meta")
     start = 0
-    for part, source in zip(parts, sources, strict=True):
+    for part, source, (op, out_name) in zip(parts, sources, writers, strict=True):
         stop = start + _val(part).shape[0]
         with graph.inserting_before(source):
             window = graph.call_function(aten.slice.Tensor, (buffer, 0, start, stop))
@@ -130,7 +131,6 @@ def _write_parts_into_buffer(
                 shape = list(_val(source).shape)
                 window = graph.call_function(aten.view.default, (window, shape))
                 window.meta["val"] = window.args[0].meta["val"].view(shape)
-        op, out_name = writer(source)
         source.target = op
         source.kwargs = {**source.kwargs, out_name: window}
         start = stop
@@ -153,12 +153,16 @@ def _is_slice0(node: object) -> bool:
     )
 
 
-def _fresh(node: fx.Node) -> bool:
-    """A tensor the op allocates (not a view of its inputs)."""
-    op = node.target
-    return isinstance(op, torch._ops.OpOverload) and not any(
-        r.alias_info is not None for r in op._schema.returns
-    ) and isinstance(_val(node), torch.Tensor)
+def allocates(node: fx.Node) -> bool:
+    """Whether ``node`` is a single-tensor ATen op whose result is new memory: not one
+    whose schema says the result aliases an input, nor a view by its shape information
+    (anything else may alias its inputs)."""
+    op, val = node.target, _val(node)
+    return (
+        isinstance(op, torch._ops.OpOverload) and isinstance(val, torch.Tensor)
+        and not any(r.alias_info is not None for r in op._schema.returns)
+        and not val._is_view()
+    )
 
 
 def _val(node: fx.Node):

@@ -208,6 +208,10 @@ class Emitter:
             return node
         return self.call(aten.permute.default, node, dims)
 
+    def eye(self, n: int, like: fx.Node) -> fx.Node:
+        """The ``n x n`` identity with ``like``'s dtype."""
+        return self.call(aten.eye.default, n, dtype=self.dtype_of(like), device=self.device)
+
     def seed_identity(self, size: int, shape: Sequence[int], like: fx.Node) -> fx.Node:
         """The identity seed of a ``shape`` leaf, ``(size,) + shape`` with ``size = numel``:
         seed ``s`` is one at the coordinate whose row-major index is ``s``.
@@ -215,8 +219,7 @@ class Emitter:
         The node records its structure (see :func:`delta_strides`) so that products with
         it can be emitted as placements instead of dense products.
         """
-        eye = self.call(aten.eye.default, size, dtype=self.dtype_of(like), device=self.device)
-        node = self.reshape(eye, [size, *shape])
+        node = self.reshape(self.eye(size, like), [size, *shape])
         node.meta[_DELTA] = tuple(torch.empty(shape, device="meta").stride())
         return node
 
@@ -260,6 +263,7 @@ def _delta_of_permute(op: Any, args: tuple) -> tuple[int, ...] | None:
     if strides is None or dims[0] != 0:
         return None
     return tuple(strides[d - 1] for d in dims[1:])
+
 
 _FILLS = {aten.full_like.default: 1, aten.full.default: 1, aten.scalar_tensor.default: 0}
 _SAME_VALUES = {

@@ -95,8 +95,8 @@ class DeriveContext:
 
     def _cut(self, t: Operand, k: int, own: Span, inner: Span) -> Operand:
         """The part of ``t``'s ``k`` leading seed axes inside ``inner`` (views)."""
-        if t is None:
-            return None
+        if t is None or inner == own:
+            return t
         for axis in range(k):
             t = self.em.call(
                 torch.ops.aten.slice.Tensor, t, axis, inner[0] - own[0], inner[1] - own[0]
@@ -187,8 +187,8 @@ class DeriveContext:
             own = self.span
         outer, self.seed_size = self.seed_size, own[1] - own[0]
         try:
-            left = self._operand(a, chosen, m, rank)
-            right = self._operand(b, rest, m, rank)
+            left = self.operand(a, chosen, m, rank)
+            right = self.operand(b, rest, m, rank)
             term = None if left is None or right is None else apply(left, right)
         finally:
             self.seed_size = outer
@@ -212,10 +212,7 @@ class DeriveContext:
         parts = []
         for lo, hi in zip(cuts, cuts[1:], strict=False):
             covering = [
-                t if own == (lo, hi) else em.call(
-                    torch.ops.aten.slice.Tensor, t, 0, lo - own[0], hi - own[0]
-                )
-                for t, own in pieces if own[0] <= lo and hi <= own[1]
+                self._cut(t, 1, own, (lo, hi)) for t, own in pieces if own[0] <= lo and hi <= own[1]
             ]
             part = em.sum_terms(covering)
             if part is None:
@@ -223,7 +220,11 @@ class DeriveContext:
             parts.append(em.expand(part, [hi - lo, *value_shape]))
         return parts[0] if len(parts) == 1 else em.call(torch.ops.aten.cat.default, parts, 0)
 
-    def _operand(self, x: Jet, positions: tuple[int, ...], m: int, rank: int | None) -> Operand:
+    def operand(
+        self, x: Jet, positions: tuple[int, ...], m: int, rank: int | None = None
+    ) -> Operand:
+        """``D^|positions| x`` with its seed axes at ``positions`` of ``m`` (the value if
+        there are none); see :meth:`place` for ``rank``."""
         k = len(positions)
         if k == 0:
             return x.primal

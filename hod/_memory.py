@@ -23,6 +23,7 @@ code.
 
 from __future__ import annotations
 
+import math
 import mmap
 import sys
 import threading
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ._concat import concatenate_in_place, into_form
+from ._concat import allocates, concatenate_in_place, into_form
 
 aten = torch.ops.aten
 
@@ -93,7 +94,7 @@ def _mapped(nbytes: int) -> mmap.mmap:
 
 
 def _view(block: mmap.mmap, offset: int, shape: Sequence[int], dtype: torch.dtype):
-    numel = _numel(shape)
+    numel = math.prod(shape)
     return torch.frombuffer(block, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
@@ -109,7 +110,7 @@ class _Slot:
         # Two references when free: ``self.block`` and getrefcount's argument; every
         # tensor storage made from the block holds one more.
         if self.block is None or sys.getrefcount(self.block) > 2:
-            self.block = _mapped(_numel(self.shape) * self.dtype.itemsize)
+            self.block = _mapped(math.prod(self.shape) * self.dtype.itemsize)
         return _view(self.block, 0, self.shape, self.dtype)
 
 
@@ -140,50 +141,37 @@ class Memory:
 def plan(graph: fx.Graph) -> tuple[fx.Graph, Memory] | None:
     """A copy of ``graph`` that writes its large tensors into reused memory (taken as
     extra trailing inputs), and that memory; None when nothing is worth planning."""
-    work, _ = _copy_with_inputs(graph, 0)
-    concatenate_in_place(work, out_form)
-    nodes = list(work.nodes)
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    concatenate_in_place(copy, out_form)
+    nodes = list(copy.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     end, escaped = _lifetimes(nodes, index)
-    large = [
-        n for n in nodes
+    writers = {
+        n: None if n.target is aten.empty.memory_format else out_form(n)
+        for n in nodes
         if n in end and _bytes(n) >= MIN_PLANNED_BYTES
-        and (n.target is aten.empty.memory_format or out_form(n) is not None)
-    ]
+    }
+    large = [n for n, w in writers.items() if w is not None or n.target is aten.empty.memory_format]
     if not large:
         return None
     inner = [n for n in large if n not in escaped]
     results = [n for n in large if n in escaped]
     offsets, size = _assign(inner, index, end)
-    copy, env = _copy_with_inputs(work, len(large))
-    buffers = [n for n in copy.nodes if n.op == "placeholder"][-len(large):]
-    for node, buffer in zip(inner + results, buffers, strict=True):
-        new = env[node]
-        if node.target is aten.empty.memory_format:
-            new.replace_all_uses_with(buffer)
-            copy.erase_node(new)
-            continue
-        op, out_name = out_form(node)
-        new.target = op
-        new.kwargs = {**new.kwargs, out_name: buffer}
+    anchor = [n for n in nodes if n.op == "placeholder"][-1]
+    for i, node in enumerate(inner + results):
+        with copy.inserting_after(anchor):
+            anchor = buffer = copy.placeholder(f"buffer{i}")
+        if writers[node] is None:  # an empty buffer: the planned memory itself
+            node.replace_all_uses_with(buffer)
+            copy.erase_node(node)
+        else:
+            op, out_name = writers[node]
+            node.target = op
+            node.kwargs = {**node.kwargs, out_name: buffer}
     layout = [(offsets[n], _shape(n), n.meta["val"].dtype) for n in inner]
     slots = [_Slot(_shape(n), n.meta["val"].dtype) for n in results]
     return copy, Memory(size, layout, slots)
-
-
-def _copy_with_inputs(graph: fx.Graph, extra: int) -> tuple[fx.Graph, dict]:
-    """A copy of ``graph`` with ``extra`` more placeholders after its own."""
-    copy = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for node in placeholders:
-        env[node] = copy.node_copy(node, lambda n: env[n])
-    for i in range(extra):
-        copy.placeholder(f"buffer{i}")
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            env[node] = copy.node_copy(node, lambda n: env[n])
-    return copy, env
 
 
 def _lifetimes(
@@ -202,21 +190,12 @@ def _lifetimes(
             escaped = set().union(*(roots.get(a, set()) for a in node.all_input_nodes))
         elif node.op != "call_function":
             roots[node] = set()  # inputs and constants belong to the caller
-        elif _is_view(node):
-            roots[node] = set().union(*(roots.get(a, set()) for a in node.all_input_nodes))
-        else:
+        elif allocates(node):
             roots[node] = {node}
             end[node] = index[node]
+        else:  # may alias its inputs
+            roots[node] = set().union(*(roots.get(a, set()) for a in node.all_input_nodes))
     return end, escaped
-
-
-def _is_view(node: fx.Node) -> bool:
-    """Whether the node's result may share memory with its inputs: an op whose schema
-    says its result aliases an input, or anything that is not a single-tensor ATen op."""
-    op, val = node.target, node.meta.get("val")
-    if not isinstance(op, torch._ops.OpOverload) or not isinstance(val, torch.Tensor):
-        return True
-    return any(r.alias_info is not None for r in op._schema.returns) or val._is_view()
 
 
 def _assign(
@@ -244,11 +223,4 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 
 def _bytes(node: fx.Node) -> int:
     val = node.meta.get("val")
-    return _numel(val.shape) * val.dtype.itemsize if isinstance(val, torch.Tensor) else 0
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return math.prod(val.shape) * val.dtype.itemsize if isinstance(val, torch.Tensor) else 0

@@ -108,7 +108,6 @@ def _addmm(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[
     ]
 
 
-
 # -- convolution ------------------------------------------------------------------------
 # A Leibniz term is one convolution of operands with leading seed axes. The axes fold
 # into the batch dim when only the batch-like operand carries them; otherwise they fold
@@ -139,12 +138,6 @@ def _shape_only(em: Emitter, shape: list[int], like: fx.Node) -> fx.Node:
     return em.expand(zero, shape)
 
 
-def _broadcast(a: list[int], b: list[int]) -> list[int]:
-    m = max(len(a), len(b))
-    a, b = [1] * (m - len(a)) + a, [1] * (m - len(b)) + b
-    return [max(x, y) for x, y in zip(a, b, strict=True)]
-
-
 class _Convolution:
     """One convolution's parameters and the bilinear maps its derivatives are made of.
 
@@ -172,12 +165,13 @@ class _Convolution:
         """
         em, rank = self.em, self.rank
         lead_a, lead_b = _lead(em, a, rank), _lead(em, b, rank)
-        if _prod(lead_b) == 1:
+        if math.prod(lead_b) == 1:
             b = em.reshape(b, list(em.shape(b))[len(lead_b):])
-            return _unfold(em, op(_fold(em, a, rank, lead_a, 0), b, _prod(lead_a), 0), lead_a, 0)
-        lead = _broadcast(lead_a, lead_b)
+            folded = _fold(em, a, rank, lead_a, 0)
+            return _unfold(em, op(folded, b, math.prod(lead_a), 0), lead_a, 0)
+        lead = list(torch.broadcast_shapes(lead_a, lead_b))
         a, b = _fold(em, a, rank, lead, 1), _fold(em, b, rank, lead, 0)
-        return _unfold(em, op(a, b, _prod(lead), 1), lead, 1)
+        return _unfold(em, op(a, b, math.prod(lead), 1), lead, 1)
 
     def forward(self, x: fx.Node, w: fx.Node) -> fx.Node:
         def op(a: fx.Node, b: fx.Node, copies: int, dim: int) -> fx.Node:
@@ -197,17 +191,13 @@ class _Convolution:
 
     def grad_weight(self, g: fx.Node, x: fx.Node) -> fx.Node:
         em, rank = self.em, self.rank
-        lead = _broadcast(_lead(em, g, rank), _lead(em, x, rank))
-        copies = _prod(lead)
+        lead = list(torch.broadcast_shapes(_lead(em, g, rank), _lead(em, x, rank)))
+        copies = math.prod(lead)
         shape = list(em.shape(self.w))
         shape[0] *= copies
         g, x = _fold(em, g, rank, lead, 1), _fold(em, x, rank, lead, 1)
         grad = self._backward(g, x, _shape_only(em, shape, g), copies, which=1)
         return _unfold(em, grad, lead, 0)
-
-
-def _prod(shape) -> int:
-    return math.prod(int(s) for s in shape)
 
 
 def _channel_bias(ctx: DeriveContext, bias: Jet, k: int, rank: int) -> Operand:
@@ -253,13 +243,6 @@ def _convolution_backward(
 #   D^m X = A^-1 (D^m B - sum_{T nonempty} D^|T| A[T] @ D^(m-|T|) X[rest]),
 # each order from the lower ones; ``D log|det A| = tr(A^-1 DA)`` then gives the
 # log-determinant's derivatives by Leibniz on the product ``A^-1 @ DA``.
-def _placed(ctx: DeriveContext, x: Jet, positions: tuple[int, ...], m: int) -> Operand:
-    """``D^|positions| x`` with its seed axes at ``positions`` of ``m`` (the value if none)."""
-    if not positions:
-        return x.primal
-    return ctx.place(x.d(len(positions)), len(positions), positions, m, ctx.em.rank(x.primal))
-
-
 def _solve_jet(
     ctx: DeriveContext, a: Jet, b: Jet, x: fx.Node, solve: Callable[[fx.Node], fx.Node]
 ) -> list[Operand]:
@@ -269,7 +252,7 @@ def _solve_jet(
     for m in range(1, ctx.order + 1):
         terms = [em.neg(em.call(aten.matmul.default, left, right))
                  for chosen, rest in subsets(m) if chosen
-                 for left, right in [(_placed(ctx, a, chosen, m), _placed(ctx, jet, rest, m))]
+                 for left, right in [(ctx.operand(a, chosen, m), ctx.operand(jet, rest, m))]
                  if left is not None and right is not None]
         rhs = em.sum_terms([ctx.align(b.d(m), m, em.rank(x)), *terms])
         jet.derivs.append(None if rhs is None else solve(rhs))
@@ -326,7 +309,7 @@ def _logabsdet_derivs(ctx: DeriveContext, a: Jet, lu: fx.Node, pivots: fx.Node) 
     """
     em = ctx.em
     n = em.shape(a.primal)[-1]
-    identity = em.call(aten.eye.default, n, dtype=em.dtype_of(a.primal), device=em.device)
+    identity = em.eye(n, a.primal)
     # det and slogdet return the LU factors of A^T (torch works in column-major), so the
     # adjoint solve is the one that inverts A.
     inverse = em.call(aten.linalg_lu_solve.default, lu, pivots, identity, adjoint=True)
@@ -337,8 +320,8 @@ def _logabsdet_derivs(ctx: DeriveContext, a: Jet, lu: fx.Node, pivots: fx.Node) 
     for m in range(1, ctx.order + 1):
         terms = []
         for chosen, rest in subsets(m - 1):
-            left = _placed(ctx, inverse_jet, tuple(i + 1 for i in chosen), m)
-            right = _placed(ctx, a, (0, *(i + 1 for i in rest)), m)
+            left = ctx.operand(inverse_jet, tuple(i + 1 for i in chosen), m)
+            right = ctx.operand(a, (0, *(i + 1 for i in rest)), m)
             if left is not None and right is not None:
                 terms.append(_trace_of_product(em, left, right))
         derivs.append(em.sum_terms(terms))
