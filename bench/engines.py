@@ -5,6 +5,7 @@ the first (untimed, checked) call and returns the result as :data:`~bench.compar
 whose ``time_call`` makes one timed call. Engines:
 
 * ``hod``: ``hod.derivative(f, order, argnums)``, built once per row outside the timed region.
+* ``hod.compile``: the same with ``compile=True`` (not run unless named in ``--engines``).
 * ``torch.func``: ``jacrev(f, argnums)`` (order 1), ``torch.func.hessian`` (order 2), and
   ``jacrev`` inside ``order - 1`` ``jacfwd`` beyond.
 * ``autograd.functional``: ``torch.autograd.functional.jacobian`` / ``hessian`` called exactly
@@ -99,6 +100,9 @@ class Engine(ABC):
     """A way of computing the order-n derivative of a case's model."""
 
     name: str
+    #: Whether the warm-up call compiles (its time then says nothing of the calls after it,
+    #: so the time budget looks at the timed calls only).
+    compiles_in_warmup: bool = False
 
     def unavailable_reason(self) -> str | None:
         """Why this engine cannot run at all in this environment (None if it can)."""
@@ -185,6 +189,7 @@ class HodEngine(Engine):
     """``hod.derivative`` (imported lazily: hod may be missing or incomplete)."""
 
     name = "hod"
+    options: dict[str, Any] = {}  # keywords of hod.derivative
 
     def __init__(self) -> None:
         self._module: Any = None
@@ -207,8 +212,19 @@ class HodEngine(Engine):
         return f"hod {getattr(self._module, '__version__', '?')} from {self._module.__file__}"
 
     def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
-        fn = self._module.derivative(case.forward, case.order, argnums=case.argnums)
+        fn = self._module.derivative(
+            case.forward, case.order, argnums=case.argnums, **self.options
+        )
         return CallableRunner(lambda: fn(*inputs), case, device)
+
+
+class HodCompiledEngine(HodEngine):
+    """``hod.derivative(..., compile=True)``: the generated code through torch.compile
+    (compiled during the warm-up call, which the timings leave out)."""
+
+    name = "hod.compile"
+    options = {"compile": True}
+    compiles_in_warmup = True
 
 
 def thoad_python() -> Path:
@@ -364,13 +380,17 @@ class ThoadEngine(Engine):
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
-ENGINE_NAMES = ("hod", "torch.func", "autograd.functional", "thoad")
+ENGINE_NAMES = ("hod", "hod.compile", "torch.func", "autograd.functional", "thoad")
+
+#: What a run times unless told otherwise: compiling adds seconds to every row's warm-up.
+DEFAULT_ENGINES = tuple(n for n in ENGINE_NAMES if n != "hod.compile")
 
 
 def make_engines(names: list[str], thoad_timeout_s: float) -> list[Engine]:
     """Instantiate the named engines, in the order of :data:`ENGINE_NAMES`."""
     factories: dict[str, Callable[[], Engine]] = {
         "hod": HodEngine,
+        "hod.compile": HodCompiledEngine,
         "torch.func": TorchFuncEngine,
         "autograd.functional": AutogradFunctionalEngine,
         "thoad": lambda: ThoadEngine(timeout_s=thoad_timeout_s),

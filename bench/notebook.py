@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
-from bench.engines import ENGINE_NAMES
+from bench.engines import DEFAULT_ENGINES
 from bench.models import SWEEPS, Sweep
 from bench.report import check_summary, format_table, machine_info, speedup_summary
 from bench.run import make_runner
@@ -55,7 +56,7 @@ def cpu_model() -> str:
 class NotebookSession:
     """The engines of a notebook run, and the rows of every sweep run so far."""
 
-    def __init__(self, scale: str, engines: tuple[str, ...] = ENGINE_NAMES, seed: int = 0):
+    def __init__(self, scale: str, engines: tuple[str, ...] = DEFAULT_ENGINES, seed: int = 0):
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; choose from {SCALES}")
         self.scale = scale
@@ -89,10 +90,13 @@ class NotebookSession:
             lines.append(f"{sweep.name:15s} {len(xs):2d}/{len(sweep.cases):2d}: {', '.join(xs)}")
         return "\n".join(lines)
 
-    def run(self, name: str) -> tuple[Sweep, list[RowResult]]:
-        """Run the sweep ``name`` at this scale, print its table and checks, keep its rows."""
+    def run(
+        self, name: str, engines: Collection[str] | None = None
+    ) -> tuple[Sweep, list[RowResult]]:
+        """Run the sweep ``name`` at this scale (with the session's engines, or those of them
+        named in ``engines``), print its table and checks, keep its rows."""
         sweep = scaled(SWEEPS[name], self.scale)
-        rows = self.runner.run_sweep(sweep, quick=False)
+        rows = self.runner.run_sweep(sweep, quick=False, only=engines)
         self.results.append((sweep, rows))
         print(format_table(sweep, rows))
         print("\n".join(check_summary(rows)))

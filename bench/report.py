@@ -60,39 +60,54 @@ def _cell(row: RowResult, engine: str) -> str:
     return f"{result.median_ms:.3f}" if result.median_ms is not None else result.status
 
 
-def _ratio(row: RowResult, peer: str) -> float | None:
-    """How many times faster hod is than ``peer`` on this row (None if either lacks a time)."""
-    hod, other = row.engines.get(HOD), row.engines.get(peer)
-    if hod is None or other is None or hod.median_ms is None or other.median_ms is None:
+def is_hod(engine: str) -> bool:
+    """Whether ``engine`` is hod itself (``hod``) or a variant of it (``hod.compile``)."""
+    return engine == HOD or engine.startswith(HOD + ".")
+
+
+def _ratio(row: RowResult, peer: str, hod: str = HOD) -> float | None:
+    """How many times faster ``hod`` is than ``peer`` on this row (None if either lacks a
+    time)."""
+    ours, other = row.engines.get(hod), row.engines.get(peer)
+    if ours is None or other is None or ours.median_ms is None or other.median_ms is None:
         return None
-    return other.median_ms / hod.median_ms
+    return other.median_ms / ours.median_ms
 
 
-def speedups(row: RowResult, peers: Sequence[str]) -> tuple[float | None, str | None]:
-    """hod's speedup over the fastest peer that has a time on this row, and that peer."""
+def speedups(
+    row: RowResult, peers: Sequence[str], hod: str = HOD
+) -> tuple[float | None, str | None]:
+    """``hod``'s speedup over the fastest peer that has a time on this row, and that peer."""
     timed = [p for p in peers if row.engines[p].median_ms is not None]
     if not timed:
         return None, None
     best = min(timed, key=lambda p: row.engines[p].median_ms or math.inf)
-    return _ratio(row, best), best
+    return _ratio(row, best, hod), best
+
+
+def _timed_hods(engines: Sequence[str], rows: Sequence[RowResult]) -> list[str]:
+    return [e for e in engines if is_hod(e) and any(r.engines[e].median_ms for r in rows)]
 
 
 def format_table(sweep: Sweep, rows: Sequence[RowResult]) -> str:
-    """A fixed-width table of medians (ms) and, when hod ran, its speedups."""
+    """A fixed-width table of medians (ms) and, per hod engine that ran, its speedup over
+    the best peer; hod's over each peer too."""
     if not rows:
         return f"== {sweep.name}: no rows =="
     engines = list(rows[0].engines)
-    peers = [e for e in engines if e != HOD]
-    with_hod = HOD in engines and any(r.engines[HOD].median_ms is not None for r in rows)
+    peers = [e for e in engines if not is_hod(e)]
+    hods = _timed_hods(engines, rows)
     header = [sweep.x_name] + [short(e) for e in engines]
-    if with_hod:
-        header += ["hod vs best"] + [f"vs {short(p)}" for p in peers]
+    header += [f"{h} vs best" for h in hods]
+    if HOD in hods:
+        header += [f"vs {short(p)}" for p in peers]
     lines = []
     for row in rows:
         cells = [str(row.x)] + [_cell(row, e) for e in engines]
-        if with_hod:
-            best_ratio, best = speedups(row, peers)
+        for hod in hods:
+            best_ratio, best = speedups(row, peers, hod)
             cells.append(f"{best_ratio:.2f}x ({short(best)})" if best_ratio and best else "-")
+        if HOD in hods:
             cells += [f"{r:.2f}x" if (r := _ratio(row, p)) else "-" for p in peers]
         lines.append(cells)
     out = [f"== {sweep.name}: {sweep.title} (median ms) =="]
@@ -232,16 +247,20 @@ def plot_sweep(sweep: Sweep, rows: Sequence[RowResult]) -> Any:
 
 
 def speedup_summary(results: Sequence[tuple[Sweep, Sequence[RowResult]]]) -> str:
-    """Per sweep, hod's speedup over the fastest peer of each row: min / median / max over the
-    rows where both have a time, and which engines were left without a time on how many rows."""
-    table = [["sweep", "rows", "hod vs best: min", "median", "max", "not timed"]]
+    """Per sweep and hod engine, its speedup over the fastest peer of each row: min / median /
+    max over the rows where both have a time, and which engines were left without a time on
+    how many rows."""
+    table = [["sweep", "rows", "engine", "vs best: min", "median", "max", "not timed"]]
     for sweep, rows in results:
         engines = list(rows[0].engines) if rows else []
-        peers = [e for e in engines if e != HOD]
-        ratios = sorted(r for row in rows if (r := speedups(row, peers)[0]) is not None)
-        spread = (ratios[0], statistics.median(ratios), ratios[-1]) if ratios else ()
-        cells = [f"{r:.2f}x" for r in spread] or ["-"] * 3
-        table.append([sweep.name, str(len(rows)), *cells, _not_timed(rows, engines)])
+        peers = [e for e in engines if not is_hod(e)]
+        for hod in _timed_hods(engines, rows) or [HOD]:
+            ratios = sorted(
+                r for row in rows if (r := speedups(row, peers, hod)[0]) is not None
+            )
+            spread = (ratios[0], statistics.median(ratios), ratios[-1]) if ratios else ()
+            cells = [f"{r:.2f}x" for r in spread] or ["-"] * 3
+            table.append([sweep.name, str(len(rows)), hod, *cells, _not_timed(rows, engines)])
     return "\n".join(render_table(table))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.engines import ENGINE_NAMES, make_engines
+from bench.engines import DEFAULT_ENGINES, ENGINE_NAMES, make_engines
 from bench.memory import format_memory, measure
 from bench.models import MEMORY_SWEEP, SWEEPS, Sweep
 from bench.report import check_summary, format_table, machine_info, plot, write_json
@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--sweeps", default="all",
                         help="comma-separated sweep names (see --list), default all")
-    parser.add_argument("--engines", default=",".join(ENGINE_NAMES),
-                        help=f"comma-separated engines, default {','.join(ENGINE_NAMES)}")
+    parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                        help=f"comma-separated engines of {','.join(ENGINE_NAMES)}; "
+                             f"default {','.join(DEFAULT_ENGINES)}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"directory for the JSON and PNG results (default {DEFAULT_OUT})")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

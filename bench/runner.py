@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 
 from torch import Tensor
@@ -95,27 +95,38 @@ class SweepRunner:
         self.log = log
         self.absent = {e.name: reason for e in engines if (reason := e.unavailable_reason())}
 
-    def run_sweep(self, sweep: Sweep, quick: bool) -> list[RowResult]:
-        """Run the selected rows of ``sweep``, smallest first, applying the time budget."""
+    def run_sweep(
+        self, sweep: Sweep, quick: bool, only: Collection[str] | None = None
+    ) -> list[RowResult]:
+        """Run the selected rows of ``sweep``, smallest first, applying the time budget, with
+        every engine or those named in ``only``."""
+        engines = [e for e in self.engines if only is None or e.name in only]
         over_budget: dict[str, str] = {}
         rows = []
         for case in sweep.selected(quick):
-            row = self.run_row(case, sweep.x_value(case), over_budget)
+            row = self.run_row(case, sweep.x_value(case), over_budget, engines)
             rows.append(row)
             self.log(f"  {sweep.x_name}={row.x}: " + _row_line(row))
-            for name, result in row.engines.items():
-                if name not in over_budget and self._is_over_budget(result):
-                    over_budget[name] = f"over the {self.settings.budget_s:g} s budget at {row.x}"
+            for engine in engines:
+                result = row.engines[engine.name]
+                if engine.name not in over_budget and self._is_over_budget(engine, result):
+                    over_budget[engine.name] = (
+                        f"over the {self.settings.budget_s:g} s budget at {row.x}"
+                    )
         return rows
 
-    def _is_over_budget(self, result: EngineResult) -> bool:
+    def _is_over_budget(self, engine: Engine, result: EngineResult) -> bool:
         limit_ms = 1e3 * self.settings.budget_s
-        slow_warmup = result.warmup_ms is not None and result.warmup_ms > limit_ms
+        slow_warmup = (not engine.compiles_in_warmup and result.warmup_ms is not None
+                       and result.warmup_ms > limit_ms)
         slow_call = result.median_ms is not None and result.median_ms > limit_ms
         return slow_warmup or slow_call
 
-    def run_row(self, case: Case, x: int | str, over_budget: dict[str, str]) -> RowResult:
-        """Check and time every engine on one case."""
+    def run_row(
+        self, case: Case, x: int | str, over_budget: dict[str, str],
+        engines: list[Engine] | None = None,
+    ) -> RowResult:
+        """Check and time ``engines`` (default: every engine) on one case."""
         settings = self.settings
         inputs = make_inputs(case, row_seed(case, settings.seed), settings.device)
         ref: Reference | None
@@ -127,7 +138,7 @@ class SweepRunner:
             ref_note = f"reference failed ({failure_kind(exc)}: {exc}); results unchecked"
         results: dict[str, EngineResult] = {}
         runners: dict[str, Runner] = {}
-        for engine in self.engines:
+        for engine in self.engines if engines is None else engines:
             skip = self._skip_reason(engine, case, over_budget)
             if skip is not None:
                 results[engine.name] = skip

@@ -14,6 +14,7 @@ from ._api import (
 )
 from ._build import Lowered
 from .errors import (
+    CompileError,
     HodError,
     InputError,
     MemoryLimitError,
@@ -23,6 +24,7 @@ from .errors import (
 )
 
 __all__ = [
+    "CompileError",
     "DEFAULT_MEMORY_LIMIT",
     "DerivativeFunction",
     "HodError",

@@ -13,6 +13,7 @@ import torch
 from torch.utils._pytree import tree_unflatten
 
 from ._build import Lowered, Request, build
+from ._compiled import compile_options
 from ._signature import FlatCall, call_signature, flatten_call
 from .errors import InputError
 
@@ -192,6 +193,7 @@ def _validate(call: str, f: Any, order: Any, argnums: Any) -> tuple[int, ...]:
 def _transform(
     name: str, f: Callable, order: int, argnums: int | tuple[int, ...], has_aux: bool,
     with_values: bool, shown_order: int | None, memory_limit: int | None, allow_random: bool,
+    compile: bool | dict[str, Any],
 ) -> DerivativeFunction:
     call = _describe(name, f, shown_order, argnums)
     nums = _validate(call, f, order, argnums)
@@ -203,7 +205,8 @@ def _transform(
             f"got {memory_limit!r}.\n  Fix: e.g. memory_limit=16 * 2**30 for 16 GiB."
         )
     request = Request(
-        f, order, argnums, has_aux, with_values, call, memory_limit, allow_random=allow_random
+        f, order, argnums, has_aux, with_values, call, memory_limit, allow_random=allow_random,
+        compile=compile_options(call, compile),
     )
     return DerivativeFunction(request, nums)
 
@@ -219,6 +222,13 @@ _COMMON_KEYWORDS = """
     kept: the draw happens inside the generated code, anew on every call, so each call
     differentiates a freshly drawn function (the random state advances as ``f``'s would,
     but the draws need not equal those of calling ``f`` itself).
+
+    ``compile=True`` compiles each signature's generated code with ``torch.compile``
+    (inductor by default; a dict gives its ``backend``, ``mode`` or ``options``). The first
+    call of a signature then takes seconds to compile; later calls run fused kernels, much
+    faster when the derivative tensors are many and small (orders 3 and 4). Calls under
+    autograd, ``torch.func`` transforms or an enclosing ``torch.compile`` run the eager
+    code. A compiler failure raises :class:`~hod.CompileError`.
 """
 
 
@@ -231,6 +241,7 @@ def _document(transform: Callable) -> Callable:
 def derivative(
     f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
+    compile: bool | dict[str, Any] = False,
 ) -> DerivativeFunction:
     """The order-``order`` derivative of ``f`` with respect to ``args[argnums]``.
 
@@ -241,7 +252,8 @@ def derivative(
     ``(output, aux)`` and the result is ``(derivative, aux)``.
     """
     return _transform(
-        "derivative", f, order, argnums, has_aux, False, order, memory_limit, allow_random
+        "derivative", f, order, argnums, has_aux, False, order, memory_limit, allow_random,
+        compile,
     )
 
 
@@ -249,13 +261,15 @@ def derivative(
 def derivatives(
     f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
+    compile: bool | dict[str, Any] = False,
 ) -> DerivativeFunction:
     """``(value, D1, ..., Dn)`` of ``f`` from one generated function.
 
     ``Dk`` equals ``derivative(f, k, argnums)``; ``value`` is ``f``'s output.
     """
     return _transform(
-        "derivatives", f, order, argnums, False, True, order, memory_limit, allow_random
+        "derivatives", f, order, argnums, False, True, order, memory_limit, allow_random,
+        compile,
     )
 
 
@@ -263,10 +277,11 @@ def derivatives(
 def jacobian(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
+    compile: bool | dict[str, Any] = False,
 ) -> DerivativeFunction:
     """``derivative(f, 1, argnums)``: equals ``torch.func.jacrev(f, argnums)``."""
     return _transform(
-        "jacobian", f, 1, argnums, has_aux, False, None, memory_limit, allow_random
+        "jacobian", f, 1, argnums, has_aux, False, None, memory_limit, allow_random, compile
     )
 
 
@@ -274,8 +289,9 @@ def jacobian(
 def hessian(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
+    compile: bool | dict[str, Any] = False,
 ) -> DerivativeFunction:
     """``derivative(f, 2, argnums)``: equals ``torch.func.hessian(f, argnums)``."""
     return _transform(
-        "hessian", f, 2, argnums, has_aux, False, None, memory_limit, allow_random
+        "hessian", f, 2, argnums, has_aux, False, None, memory_limit, allow_random, compile
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -21,6 +22,7 @@ from torch.utils._pytree import TreeSpec
 from ._analysis import MIXED
 from ._assemble import BlockKey, Segment, block_structure, extract_block
 from ._codegen import generate
+from ._compiled import CompiledCode
 from ._derive import derive
 from ._emitter import Emitter, Operand
 from ._jet import DeriveContext, Jet
@@ -43,6 +45,7 @@ class Request:
     call: str
     memory_limit: int | None
     allow_random: bool = False  # keep random ops (dropout, torch.rand) in the graph
+    compile: dict[str, Any] | None = None  # torch.compile keywords; None: eager code
 
 
 @dataclass
@@ -54,7 +57,9 @@ class Lowered:
     it differentiates (``"forward"`` or ``"reverse-last"``); ``seed_size`` is the size of
     the seed space its derivative tensors span. ``planned_module``, when set, is the same
     code writing its large tensors into ``memory`` (see :mod:`hod._memory`); it runs
-    instead of ``graph_module`` on plain CPU tensors.
+    instead of ``graph_module`` on plain CPU tensors. ``compiled``, when set, is
+    ``graph_module`` compiled with torch.compile (see :mod:`hod._compiled`); it runs on
+    tensors that no transform watches.
     """
 
     graph_module: fx.GraphModule
@@ -63,6 +68,7 @@ class Lowered:
     seed_size: int
     planned_module: fx.GraphModule | None = None
     memory: Memory | None = None
+    compiled: CompiledCode | None = None
 
     @property
     def code(self) -> str:
@@ -70,6 +76,8 @@ class Lowered:
 
     def run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         # ``forward`` directly: the generated module has no hooks, so skip Module.__call__.
+        if self.compiled is not None and self.compiled.usable(tensors):
+            return self.compiled(tensors)
         memory = self.memory
         if memory is not None and memory.usable(tensors) and memory.lock.acquire(blocking=False):
             try:
@@ -157,8 +165,12 @@ def _generate(
         ]
     aux = [j.primal for j in out_jets[n_diff:]]
     em.output(results + aux)
-    gm, planned, memory = generate(em.graph, em.constants, em.device)
     spec = _result_spec(specs, request, traced.aux_spec)
+    if request.compile is not None:  # the compiler plans memory itself
+        gm = generate(em.graph, em.constants, em.device, plan_memory=False)[0]
+        compiled = CompiledCode(gm, request.compile, request.call, list(em.constants.values()))
+        return Lowered(gm, spec, mode, seeds.size, compiled=compiled)
+    gm, planned, memory = generate(em.graph, em.constants, em.device)
     return Lowered(gm, spec, mode, seeds.size, planned, memory)
 
 

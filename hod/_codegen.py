@@ -51,14 +51,16 @@ FAST_TWINS: dict[object, Callable] = {
 
 
 def generate(
-    graph: fx.Graph, constants: dict[str, torch.Tensor], device: torch.device
+    graph: fx.Graph, constants: dict[str, torch.Tensor], device: torch.device,
+    plan_memory: bool = True,
 ) -> tuple[fx.GraphModule, fx.GraphModule | None, _memory.Memory | None]:
     """The GraphModule running ``graph`` (dead code removed, fast callables substituted),
-    holding ``constants`` as attributes; on the CPU also the variant writing its large
-    tensors into reused memory, and that memory (see :mod:`hod._memory`), or None."""
+    holding ``constants`` as attributes; on the CPU with ``plan_memory`` also the variant
+    writing its large tensors into reused memory, and that memory (see
+    :mod:`hod._memory`), or None."""
     _fuse_transposed_mm(graph)
     graph.eliminate_dead_code()
-    planned = _memory.plan(graph) if device.type == "cpu" else None
+    planned = _memory.plan(graph) if plan_memory and device.type == "cpu" else None
     if planned is None:
         return _finish(graph, constants), None, None
     planned_graph, memory = planned

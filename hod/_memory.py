@@ -17,7 +17,7 @@ here, but a call whose results were still held (so its slots needed fresh memory
 took 3.6x longer (414 ms against 115 ms), stalled in the kernel.
 
 The planned code runs only on plain CPU tensors outside autograd, vmap and compilation
-(:func:`plain`), one call at a time per generated function; other calls run the ordinary
+(:func:`unwatched`), one call at a time per generated function; other calls run the ordinary
 code.
 """
 
@@ -71,13 +71,15 @@ def out_form(node: fx.Node) -> tuple[Callable, str] | None:
     return None
 
 
-def plain(tensors: Sequence[object]) -> bool:
-    """Whether every tensor is an ordinary CPU tensor that no transform watches."""
+def unwatched(tensors: Sequence[object], device_type: str | None = None) -> bool:
+    """Whether every tensor is an ordinary tensor that no transform watches (autograd,
+    vmap/grad, an enclosing torch.compile), on ``device_type`` when one is given."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:
         if isinstance(t, torch.Tensor) and (
-            type(t) is not torch.Tensor or t.device.type != "cpu"
+            type(t) is not torch.Tensor
+            or (device_type is not None and t.device.type != device_type)
             or (t.requires_grad and torch.is_grad_enabled())
             or torch._C._functorch.is_functorch_wrapped_tensor(t)
         ):
@@ -127,7 +129,7 @@ class Memory:
 
     def usable(self, inputs: Sequence[torch.Tensor]) -> bool:
         """Whether the planned code may run on ``inputs`` (and the captured tensors)."""
-        return plain(inputs) and plain(self.captured)
+        return unwatched(inputs, "cpu") and unwatched(self.captured, "cpu")
 
     def tensors(self) -> list[torch.Tensor]:
         """The buffers the planned code writes into: arena views, then slot tensors."""

@@ -25,3 +25,7 @@ class OutputError(HodError, TypeError):
 
 class MemoryLimitError(HodError, MemoryError):
     """A derivative tensor would exceed the configured memory limit."""
+
+
+class CompileError(HodError, RuntimeError):
+    """``torch.compile`` failed on the generated code (with ``compile=`` set)."""

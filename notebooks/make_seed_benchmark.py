@@ -39,7 +39,7 @@ The seed notebook timed `torch.autograd.functional` against
 [thoad](https://pypi.org/project/thoad/) on the Jacobian and the Hessian of a small MLP, in twelve
 sweeps over batch size, parameter size and depth, w.r.t. the input `X` alone and w.r.t. `X` and
 every weight. This notebook runs the same sweeps, in the same order and with the same sizes, through
-the benchmark harness in `bench/` (see `bench/README.md`), with four engines side by side:
+the benchmark harness in `bench/` (see `bench/README.md`), with these engines side by side:
 
 * **hod**: `hod.derivative(f, order, argnums)`, built once per row (its first call traces and
   generates code, untimed);
@@ -47,7 +47,10 @@ the benchmark harness in `bench/` (see `bench/README.md`), with four engines sid
 * **autograd.functional**: `torch.autograd.functional.jacobian` / `hessian`, called exactly as the
   seed calls them (orders 1 and 2 only);
 * **thoad**: `backward(tensor=f(X, *params), order=n, crossings=..., keep_batch=True)` then
-  `ctrl.clear()`, as in the seed, in a Python 3.12 worker process that times its own calls.
+  `ctrl.clear()`, as in the seed, in a Python 3.12 worker process that times its own calls;
+* **hod.compile**, on the order-3/4 sweeps only: hod with `compile=True`, its generated code run
+  through `torch.compile` (the first call also compiles, untimed; compiling every Jacobian and
+  Hessian row as well would add minutes to the run).
 
 Every timed call includes the forward pass; the engines of a row are timed interleaved and the
 tables show **median milliseconds** and **hod's speedup** (`2.00x`: hod takes half the time) over
@@ -76,6 +79,7 @@ import torch
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "bench" / "runner.py").exists())
 sys.path.insert(0, str(ROOT))
 
+from bench.engines import DEFAULT_ENGINES, ENGINE_NAMES  # noqa: E402
 from bench.notebook import NotebookSession  # noqa: E402
 from bench.report import plot_sweep  # noqa: E402
 from bench.run import warn_if_busy  # noqa: E402
@@ -83,7 +87,7 @@ from bench.run import warn_if_busy  # noqa: E402
 SCALE = "{scale}"
 torch.set_num_threads(1)
 started = time.perf_counter()
-session = NotebookSession(SCALE)
+session = NotebookSession(SCALE, engines=ENGINE_NAMES)
 print(session.machine())
 warn_if_busy()"""
 
@@ -97,7 +101,7 @@ from bench.models import relu_softmax_mlp, tanh_mlp
 print(inspect.getsource(relu_softmax_mlp))
 print(inspect.getsource(tanh_mlp))"""
 
-SWEEP_CODE = """sweep, rows = session.run("{name}")
+SWEEP_CODE = """sweep, rows = session.run("{name}"{engines})
 plot_sweep(sweep, rows)
 plt.show()"""
 
@@ -135,7 +139,8 @@ SECTIONS: list[tuple[str, str, list[tuple[str, str]]]] = [
                          "(batch 10, width 10).")]),
     ("Orders 3 and 4 (not in the seed)",
      "The harness's extra sweeps: small sizes, both the seed's MLP and a tanh MLP (non-zero "
-     "derivatives); torch.func nests `jacrev` in `jacfwd`s, autograd.functional has no such order.",
+     "derivatives); torch.func nests `jacrev` in `jacfwd`s, autograd.functional has no such order; "
+     "hod.compile is hod with `compile=True`.",
      [("o3_x", "The order-3 derivative w.r.t. `X`."),
       ("o3_all", "The order-3 derivative w.r.t. `X` and every weight."),
       ("o4_x", "The order-4 derivative w.r.t. `X`."),
@@ -157,14 +162,19 @@ def header_cells(scale: str) -> list[tuple[str, str]]:
     ]
 
 
+#: The sweeps that also time hod with ``compile=True``.
+COMPILED_SWEEPS = ("o3_x", "o3_all", "o4_x", "o4_all")
+
+
 def sweep_cells() -> list[tuple[str, str]]:
     """One section per group of sweeps: what the seed measured, the table, the plot."""
     cells = []
     for heading, sentence, sweeps in SECTIONS:
         cells.append(("md", f"## {heading}\n\n{sentence}"))
         for name, measured in sweeps:
+            engines = "" if name in COMPILED_SWEEPS else ", engines=DEFAULT_ENGINES"
             cells.append(("md", f"### `{name}`\n\n{measured}"))
-            cells.append(("code", SWEEP_CODE.format(name=name)))
+            cells.append(("code", SWEEP_CODE.format(name=name, engines=engines)))
     return cells
 
 

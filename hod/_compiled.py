@@ -1,0 +1,93 @@
+"""Generated code compiled with ``torch.compile`` (the ``compile=`` keyword).
+
+The generated code is one straight line of ATen calls whose shapes are fixed by the
+signature, which is what a compiler fuses best: the Faà di Bruno and Leibniz terms are
+many small broadcasting products and sums that inductor turns into a few loops, without
+a Python call, a dispatch and a fresh tensor per term. Compilation happens on the first
+call of a signature (seconds to tens of seconds) and is kept with that signature's code.
+
+The compiled code runs on tensors no transform watches (see
+:func:`~hod._memory.unwatched`); a call under autograd, ``torch.func`` transforms or an
+enclosing ``torch.compile`` runs the eager code, which computes the same values.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from ._memory import unwatched
+from .errors import CompileError, InputError
+
+#: The ``torch.compile`` keywords ``compile=`` may set (hod fixes ``fullgraph=True`` and
+#: ``dynamic=False``: a signature's code never changes shape).
+COMPILE_KEYWORDS = ("backend", "mode", "options")
+
+
+def compile_options(call: str, compile: object) -> dict[str, Any] | None:
+    """The ``torch.compile`` keywords for ``compile=`` (None: do not compile)."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, Mapping):
+        unknown = sorted(str(k) for k in compile if k not in COMPILE_KEYWORDS)
+        if not unknown:
+            return dict(compile)
+        problem = f"a dict with the keys {unknown}"
+    else:
+        problem = repr(compile)
+    raise InputError(
+        f"{call}: compile must be True, False or a dict of torch.compile keywords "
+        f"({', '.join(COMPILE_KEYWORDS)}), got {problem}.\n"
+        f"  Fix: e.g. compile=True, or compile={{'mode': 'max-autotune'}}."
+    )
+
+
+class CompiledCode:
+    """``graph_module`` compiled with ``torch.compile(**options)`` on its first call."""
+
+    def __init__(
+        self, graph_module: fx.GraphModule, options: dict[str, Any], call: str,
+        captured: Sequence[torch.Tensor],
+    ) -> None:
+        self._function = torch.compile(graph_module, fullgraph=True, dynamic=False, **options)
+        self._call = call
+        self._captured = list(captured)
+        self._compiled = False
+        self._lock = threading.Lock()
+
+    def usable(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether the compiled code may run on ``inputs`` (and the captured tensors)."""
+        return unwatched(inputs) and unwatched(self._captured)
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self._compiled:
+            return self._function(*inputs)
+        with self._lock:  # one thread compiles; the others wait for its code
+            try:
+                result = self._function(*inputs)
+            except Exception as exc:
+                raise CompileError(
+                    f"{self._call}: torch.compile failed on the generated code: "
+                    f"{_describe(exc)}\n"
+                    f"  Expected: torch.compile to compile the straight-line ATen code hod "
+                    f"generated for this signature.\n"
+                    f"  Fix: pass compile=False (the eager code computes the same values); "
+                    f"the default inductor backend needs a C++ compiler on the CPU, and "
+                    f"compile={{'backend': 'aot_eager'}} needs none."
+                ) from exc
+            self._compiled = True
+            return result
+
+
+def _describe(exc: BaseException) -> str:
+    """The root cause's type and first line (dynamo wraps a backend's error in its own)."""
+    while getattr(exc, "inner_exception", None) is not None or exc.__cause__ is not None:
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"
