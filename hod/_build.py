@@ -152,6 +152,9 @@ def _generate(
     n_diff = len(_outputs(traced.gm)) - traced.n_aux
     needs = _needs(mode, n_diff, seeds)
     out_jets = derive(traced.gm, ctx, inputs, request.call, call_site, needs)
+    if ctx.grouped:  # see DeriveContext: the top order is exact once symmetrized
+        for jet in {id(j): j for j in out_jets[:n_diff]}.values():
+            jet.derivs[-1] = ctx.symmetrized(jet.derivs[-1], fwd_order)
     orders = range(0 if request.with_values else request.order, request.order + 1)
     results: list[fx.Node] = []
     specs = []

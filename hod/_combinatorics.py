@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from itertools import combinations
+from math import comb
 
 Block = tuple[int, ...]
 
@@ -33,3 +34,23 @@ def subsets(m: int) -> tuple[tuple[Block, Block], ...]:
             rest = tuple(i for i in everything if i not in chosen)
             splits.append((chosen, rest))
     return tuple(splits)
+
+
+@cache
+def partition_kinds(m: int) -> tuple[tuple[tuple[Block, ...], int], ...]:
+    """One partition of ``{0, ..., m-1}`` per multiset of block sizes, with how many
+    partitions share those sizes."""
+    kinds: dict[tuple[int, ...], list] = {}
+    for partition in set_partitions(m):
+        sizes = tuple(sorted(len(b) for b in partition))
+        kinds.setdefault(sizes, [partition, 0])[1] += 1
+    return tuple((partition, count) for partition, count in kinds.values())
+
+
+@cache
+def subset_sizes(m: int) -> tuple[tuple[Block, Block, int], ...]:
+    """One split ``(chosen, rest)`` of ``{0, ..., m-1}`` per size of ``chosen``, with how
+    many splits have that size."""
+    return tuple(
+        (tuple(range(j)), tuple(range(j, m)), comb(m, j)) for j in range(m + 1)
+    )

@@ -11,13 +11,14 @@ drop every term that contains one, so nothing is emitted for it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from ._combinatorics import set_partitions, subsets
+from ._combinatorics import partition_kinds, set_partitions, subset_sizes, subsets
 from ._emitter import Emitter, Operand
 
 Span = tuple[int, int]  # a range [lo, hi) of the seed space
@@ -51,11 +52,26 @@ class Jet:
 Tower = Callable[[int], Operand]
 
 
+#: Orders whose top derivative is computed up to symmetry (see ``DeriveContext``). Order 4
+#: is left out: symmetrizing its result would take 4! = 24 permuted sums.
+GROUPED_ORDERS = (2, 3)
+
+
 class DeriveContext:
     """What a rule sees: the emitter, the order ``n`` and the seed-space size ``S``.
 
     While a rule runs, every jet it gets covers the same span of seeds, ``span``, and
     ``seed_size`` is that span's width: rules never see spans.
+
+    **The top order up to symmetry.** When ``grouped`` (orders in :data:`GROUPED_ORDERS`),
+    ``D^n`` of every value is carried as a tensor whose symmetrization over its ``n`` seed
+    axes (the mean over their permutations, :meth:`symmetrized`) is ``D^n``: Faà di Bruno
+    and Leibniz sum one term per kind of partition or split (sizes of its blocks), weighted
+    by how many there are, instead of one per placement. That is valid because ``D^n`` of a
+    result depends on ``D^n`` of its inputs linearly and only through ops on their value
+    dims, which commute with permuting seed axes, while its other terms come from the
+    exact, symmetric lower orders. Rules that sum every placement themselves stay valid:
+    a symmetric tensor is its own symmetrization. Results are symmetrized once, at the end.
     """
 
     def __init__(self, em: Emitter, order: int, seed_size: int) -> None:
@@ -64,6 +80,7 @@ class DeriveContext:
         self.full_size = seed_size
         self.span: Span = (0, seed_size)
         self.seed_size = seed_size
+        self.grouped = order in GROUPED_ORDERS
 
     # -- spans -----------------------------------------------------------------------------
     def span_of(self, jet: Jet) -> Span:
@@ -147,16 +164,48 @@ class DeriveContext:
         result: list[Operand] = []
         for m in range(1, self.order + 1):
             terms = []
-            for partition in set_partitions(m):
+            for partition, count in self._partitions(m):
                 factors = [self.place(x.d(len(b)), len(b), b, m, rank) for b in partition]
                 if any(f is None for f in factors):
                     continue
                 coefficient = tower(len(partition))
                 if coefficient is None:
                     continue
-                terms.append(em.mul(coefficient, em.product(factors)))
+                terms.append(em.mul(em.mul(count, coefficient), em.product(factors)))
             result.append(em.sum_terms(terms))
         return result
+
+    def _partitions(self, m: int):
+        """Faà di Bruno's partitions of the ``m`` seed positions, with their weights."""
+        if self.grouped and m == self.order:
+            return partition_kinds(m)
+        return [(partition, 1) for partition in set_partitions(m)]
+
+    def _splits(self, m: int):
+        """Leibniz's splits ``(chosen, rest)`` of the ``m`` seed positions, weighted."""
+        if self.grouped and m == self.order:
+            return subset_sizes(m)
+        return [(chosen, rest, 1) for chosen, rest in subsets(m)]
+
+    def symmetrized(self, t: Operand, k: int) -> Operand:
+        """The mean of ``t`` over the permutations of its ``k`` leading seed axes.
+
+        Summed a coset at a time: ``u``, symmetric in the axes after the first, then ``u``
+        with axis 0 swapped with each of the others; ``k = 3`` takes 3 sums, not 5.
+        """
+        if t is None or k < 2:
+            return t
+        em = self.em
+        u = em.mul(t, 1 / math.factorial(k))
+        for first in range(k - 2, -1, -1):  # u becomes symmetric in axes first..k-1
+            dims = list(range(em.rank(t)))
+            swaps = []
+            for other in range(first + 1, k):
+                swapped = dims.copy()
+                swapped[first], swapped[other] = other, first
+                swaps.append(em.permute(u, swapped))
+            u = em.sum_terms([u, *swaps])
+        return u
 
     def bilinear(
         self, a: Jet, b: Jet, apply: Callable[[Operand, Operand], Operand], rank: int | None
@@ -170,15 +219,15 @@ class DeriveContext:
         result: list[Operand] = []
         for m in range(1, self.order + 1):
             pieces = [
-                self._leibniz_term(a, b, chosen, rest, m, apply, rank)
-                for chosen, rest in subsets(m)
+                self._leibniz_term(a, b, chosen, rest, m, apply, rank, count)
+                for chosen, rest, count in self._splits(m)
             ]
             result.append(self.sum_pieces(pieces, m))
         return result
 
-    def _leibniz_term(self, a, b, chosen, rest, m, apply, rank) -> tuple[Operand, Span]:
-        """One term and the span it covers; when one factor is a value, the other is
-        taken over its own span."""
+    def _leibniz_term(self, a, b, chosen, rest, m, apply, rank, count) -> tuple[Operand, Span]:
+        """``count`` times one term, and the span it covers; when one factor is a value, the
+        other is taken over its own span. The count scales the smaller factor."""
         if not rest and a.narrow is not None:
             a, own = a.narrow, self.span_of(a.narrow)
         elif not chosen and b.narrow is not None:
@@ -189,6 +238,11 @@ class DeriveContext:
         try:
             left = self.operand(a, chosen, m, rank)
             right = self.operand(b, rest, m, rank)
+            if count != 1 and left is not None and right is not None:
+                if _numel(left) <= _numel(right):
+                    left = self.em.mul(count, left)
+                else:
+                    right = self.em.mul(count, right)
             term = None if left is None or right is None else apply(left, right)
         finally:
             self.seed_size = outer
@@ -233,3 +287,7 @@ class DeriveContext:
             return None
         value_rank = self.em.rank(x.primal)
         return self.place(t, k, positions, m, value_rank if rank is None else rank)
+
+
+def _numel(t: Operand) -> int:
+    return math.prod(t.meta["val"].shape) if isinstance(t, fx.Node) else 1

@@ -8,6 +8,7 @@ from conftest import assert_same_tree, reference
 from models import seed_mlp
 
 import hod
+import hod._jet
 
 D = torch.float64
 
@@ -112,3 +113,23 @@ def test_products_with_weight_seeds_are_placements(order):
     fn = hod.derivative(weights_both_sides, order, (0, 1, 2))
     assert "diag_embed" in fn.lower(x, W, V).code
     assert_same_tree(fn(x, W, V), reference(weights_both_sides, order, (0, 1, 2))(x, W, V))
+
+
+def _node_count(fn, *args) -> int:
+    return sum(1 for n in fn.lower(*args).graph_module.graph.nodes if n.op == "call_function")
+
+
+@pytest.mark.parametrize(("order", "argnums"), [(3, (0, 1, 2)), (4, (0, 1, 2)), (3, 0)])
+def test_top_order_is_computed_up_to_symmetry(monkeypatch, order, argnums):
+    """One Faà di Bruno or Leibniz term per kind of placement at the top order, weighted,
+    then one symmetrization: fewer ops than a term per placement, and the same values."""
+    x, W, V = torch.rand(3, 4, dtype=D), torch.rand(4, 6, dtype=D), torch.rand(6, 2, dtype=D)
+    grouped = _node_count(hod.derivative(weights_both_sides, order, argnums), x, W, V)
+    monkeypatch.setattr(hod._jet, "GROUPED_ORDERS", ())
+    every_placement = _node_count(hod.derivative(weights_both_sides, order, argnums), x, W, V)
+    assert grouped < every_placement
+    monkeypatch.undo()
+    assert_same_tree(
+        hod.derivative(weights_both_sides, order, argnums)(x, W, V),
+        reference(weights_both_sides, order, argnums)(x, W, V),
+    )
