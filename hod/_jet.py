@@ -52,9 +52,8 @@ class Jet:
 Tower = Callable[[int], Operand]
 
 
-#: Orders whose top derivative is computed up to symmetry (see ``DeriveContext``). Order 4
-#: is left out: symmetrizing its result would take 4! = 24 permuted sums.
-GROUPED_ORDERS = (2, 3)
+#: Whether the top order is computed up to symmetry (see ``DeriveContext``).
+GROUP_TOP_ORDER = True
 
 
 class DeriveContext:
@@ -63,7 +62,7 @@ class DeriveContext:
     While a rule runs, every jet it gets covers the same span of seeds, ``span``, and
     ``seed_size`` is that span's width: rules never see spans.
 
-    **The top order up to symmetry.** When ``grouped`` (orders in :data:`GROUPED_ORDERS`),
+    **The top order up to symmetry.** When ``grouped`` (orders from 2 on),
     ``D^n`` of every value is carried as a tensor whose symmetrization over its ``n`` seed
     axes (the mean over their permutations, :meth:`symmetrized`) is ``D^n``: Faà di Bruno
     and Leibniz sum one term per kind of partition or split (sizes of its blocks), weighted
@@ -80,7 +79,7 @@ class DeriveContext:
         self.full_size = seed_size
         self.span: Span = (0, seed_size)
         self.seed_size = seed_size
-        self.grouped = order in GROUPED_ORDERS
+        self.grouped = GROUP_TOP_ORDER and order >= 2
 
     # -- spans -----------------------------------------------------------------------------
     def span_of(self, jet: Jet) -> Span:
@@ -191,7 +190,8 @@ class DeriveContext:
         """The mean of ``t`` over the permutations of its ``k`` leading seed axes.
 
         Summed a coset at a time: ``u``, symmetric in the axes after the first, then ``u``
-        with axis 0 swapped with each of the others; ``k = 3`` takes 3 sums, not 5.
+        with axis 0 swapped with each of the others; ``k(k-1)/2`` sums in all, not
+        ``k! - 1`` (6 for ``k = 4``, not 23).
         """
         if t is None or k < 2:
             return t
