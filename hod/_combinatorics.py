@@ -39,12 +39,18 @@ def subsets(m: int) -> tuple[tuple[Block, Block], ...]:
 @cache
 def partition_kinds(m: int) -> tuple[tuple[tuple[Block, ...], int], ...]:
     """One partition of ``{0, ..., m-1}`` per multiset of block sizes, with how many
-    partitions share those sizes."""
-    kinds: dict[tuple[int, ...], list] = {}
+    partitions share those sizes. The one given has blocks of consecutive positions,
+    largest first (its factors then broadcast over whole runs of leading axes)."""
+    counts: dict[tuple[int, ...], int] = {}
     for partition in set_partitions(m):
-        sizes = tuple(sorted(len(b) for b in partition))
-        kinds.setdefault(sizes, [partition, 0])[1] += 1
-    return tuple((partition, count) for partition, count in kinds.values())
+        sizes = tuple(sorted((len(b) for b in partition), reverse=True))
+        counts[sizes] = counts.get(sizes, 0) + 1
+    kinds = []
+    for sizes, count in counts.items():
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        blocks = tuple(tuple(range(s, s + n)) for s, n in zip(starts, sizes, strict=True))
+        kinds.append((blocks, count))
+    return tuple(kinds)
 
 
 @cache
