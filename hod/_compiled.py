@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ._jet import REALIZE
 from ._memory import unwatched
 from .errors import CompileError, InputError
 
@@ -48,6 +49,22 @@ def compile_options(call: str, compile: object) -> dict[str, Any] | None:
     )
 
 
+def with_realized_outputs(graph_module: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of ``graph_module`` (sharing its tensors) that also returns the nodes marked
+    :data:`~hod._jet.REALIZE`, and how many outputs it had before.
+
+    Inductor inlines a pointwise result into each reader; a symmetrized derivative read by
+    a ``diag_embed`` that spreads it over a batch diagonal would then be recomputed, six
+    permuted loads at a time, at every entry of a mostly-zero block. An output is always
+    computed into memory, and its readers load it from there.
+    """
+    graph = fx.Graph()
+    values = graph.graph_copy(graph_module.graph, {})
+    extra = [n for n in graph.nodes if n.meta.get(REALIZE)]
+    graph.output([*values, *extra])
+    return fx.GraphModule(graph_module, graph), len(values)
+
+
 class CompiledCode:
     """``graph_module`` compiled with ``torch.compile(**options)`` on its first call."""
 
@@ -55,7 +72,8 @@ class CompiledCode:
         self, graph_module: fx.GraphModule, options: dict[str, Any], call: str,
         captured: Sequence[torch.Tensor],
     ) -> None:
-        self._function = torch.compile(graph_module, fullgraph=True, dynamic=False, **options)
+        module, self._n_results = with_realized_outputs(graph_module)
+        self._function = torch.compile(module, fullgraph=True, dynamic=False, **options)
         self._call = call
         self._captured = list(captured)
         self._compiled = False
@@ -67,7 +85,7 @@ class CompiledCode:
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self._compiled:
-            return self._function(*inputs)
+            return self._function(*inputs)[: self._n_results]
         with self._lock:  # one thread compiles; the others wait for its code
             try:
                 result = self._function(*inputs)
@@ -82,7 +100,7 @@ class CompiledCode:
                     f"compile={{'backend': 'aot_eager'}} needs none."
                 ) from exc
             self._compiled = True
-            return result
+            return result[: self._n_results]
 
 
 def _describe(exc: BaseException) -> str:

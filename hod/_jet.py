@@ -55,6 +55,10 @@ Tower = Callable[[int], Operand]
 #: Whether the top order is computed up to symmetry (see ``DeriveContext``).
 GROUP_TOP_ORDER = True
 
+#: Marks a node a compiler should compute once into memory rather than inline into its
+#: readers (see :mod:`hod._compiled`).
+REALIZE = "hod_realize"
+
 
 class DeriveContext:
     """What a rule sees: the emitter, the order ``n`` and the seed-space size ``S``.
@@ -205,6 +209,7 @@ class DeriveContext:
                 swapped[first], swapped[other] = other, first
                 swaps.append(em.permute(u, swapped))
             u = em.sum_terms([u, *swaps])
+        u.meta[REALIZE] = True
         return u
 
     def bilinear(

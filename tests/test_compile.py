@@ -10,6 +10,8 @@ from conftest import assert_same_tree, reference
 from models import seed_mlp, tanh_mlp
 
 import hod
+from hod._compiled import with_realized_outputs
+from hod._jet import REALIZE
 
 
 class CountingBackend:
@@ -110,3 +112,17 @@ def test_a_failing_compiler_raises_compile_error_naming_the_cause():
     fn = hod.hessian(seed_mlp, compile={"backend": broken})
     with pytest.raises(hod.CompileError, match=r"hod.hessian\(seed_mlp\).*ValueError: no code"):
         fn(*_mlp_inputs(depth=1))
+
+
+def test_symmetrized_derivatives_are_extra_outputs_of_the_compiled_graph():
+    """Computed into memory once, not inlined into the mostly-zero blocks that read them."""
+    args = _mlp_inputs(batch=4, depth=2)
+    lowered = hod.derivative(seed_mlp, 4, 0).lower(*args)
+    module, n_results = with_realized_outputs(lowered.graph_module)
+    outputs = next(n for n in module.graph.nodes if n.op == "output").args[0]
+    original = next(n for n in lowered.graph_module.graph.nodes if n.op == "output").args[0]
+    assert n_results == len(original) < len(outputs)
+    assert all(n.meta.get(REALIZE) for n in outputs[n_results:])
+    results = module(*args)
+    for a, b in zip(results[:n_results], lowered.graph_module(*args), strict=True):
+        torch.testing.assert_close(a, b)
