@@ -86,7 +86,9 @@ def speedups(
 
 
 def _timed_hods(engines: Sequence[str], rows: Sequence[RowResult]) -> list[str]:
-    return [e for e in engines if is_hod(e) and any(r.engines[e].median_ms for r in rows)]
+    return [
+        e for e in engines if is_hod(e) and any(r.engines[e].median_ms is not None for r in rows)
+    ]
 
 
 def format_table(sweep: Sweep, rows: Sequence[RowResult]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ._jet import REALIZE
+from ._emitter import REALIZE
 from ._memory import unwatched
 from .errors import CompileError, InputError
 
@@ -51,7 +51,7 @@ def compile_options(call: str, compile: object) -> dict[str, Any] | None:
 
 def with_realized_outputs(graph_module: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of ``graph_module`` (sharing its tensors) that also returns the nodes marked
-    :data:`~hod._jet.REALIZE`, and how many outputs it had before.
+    :data:`~hod._emitter.REALIZE`, and how many outputs it had before.
 
     Inductor inlines a pointwise result into each reader; a symmetrized derivative read by
     a ``diag_embed`` that spreads it over a batch diagonal would then be recomputed, six

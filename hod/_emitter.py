@@ -246,6 +246,9 @@ class Emitter:
 
 
 _SCALAR = "hod_scalar"  # meta key: every element of the node equals this number
+#: Meta key: a compiler should compute the node once into memory rather than inline it
+#: into its readers (see :mod:`hod._compiled`).
+REALIZE = "hod_realize"
 # meta key: the node is an identity seed, ``t[s, *i] = (s == sum_d i_d * c_d)`` with these
 # coefficients ``c`` (one per value dim); a permutation of the value dims permutes them.
 _DELTA = "hod_delta"

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from ._combinatorics import partition_kinds, set_partitions, subset_sizes, subsets
-from ._emitter import Emitter, Operand
+from ._emitter import REALIZE, Emitter, Operand
 
 Span = tuple[int, int]  # a range [lo, hi) of the seed space
 
@@ -54,10 +54,6 @@ Tower = Callable[[int], Operand]
 
 #: Whether the top order is computed up to symmetry (see ``DeriveContext``).
 GROUP_TOP_ORDER = True
-
-#: Marks a node a compiler should compute once into memory rather than inline into its
-#: readers (see :mod:`hod._compiled`).
-REALIZE = "hod_realize"
 
 
 class DeriveContext:
@@ -201,8 +197,8 @@ class DeriveContext:
             return t
         em = self.em
         u = em.mul(t, 1 / math.factorial(k))
+        dims = list(range(em.rank(t)))
         for first in range(k - 2, -1, -1):  # u becomes symmetric in axes first..k-1
-            dims = list(range(em.rank(t)))
             swaps = []
             for other in range(first + 1, k):
                 swapped = dims.copy()
@@ -244,7 +240,7 @@ class DeriveContext:
             left = self.operand(a, chosen, m, rank)
             right = self.operand(b, rest, m, rank)
             if count != 1 and left is not None and right is not None:
-                if _numel(left) <= _numel(right):
+                if _numel(self.em, left) <= _numel(self.em, right):
                     left = self.em.mul(count, left)
                 else:
                     right = self.em.mul(count, right)
@@ -294,5 +290,5 @@ class DeriveContext:
         return self.place(t, k, positions, m, value_rank if rank is None else rank)
 
 
-def _numel(t: Operand) -> int:
-    return math.prod(t.meta["val"].shape) if isinstance(t, fx.Node) else 1
+def _numel(em: Emitter, t: Operand) -> int:
+    return math.prod(em.shape(t)) if isinstance(t, fx.Node) else 1

@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from ._concat import allocates, concatenate_in_place, into_form
+from ._emitter import Emitter
 
 aten = torch.ops.aten
 
@@ -171,8 +172,8 @@ def plan(graph: fx.Graph) -> tuple[fx.Graph, Memory] | None:
             op, out_name = writers[node]
             node.target = op
             node.kwargs = {**node.kwargs, out_name: buffer}
-    layout = [(offsets[n], _shape(n), n.meta["val"].dtype) for n in inner]
-    slots = [_Slot(_shape(n), n.meta["val"].dtype) for n in results]
+    layout = [(offsets[n], Emitter.shape(n), Emitter.dtype_of(n)) for n in inner]
+    slots = [_Slot(Emitter.shape(n), Emitter.dtype_of(n)) for n in results]
     return copy, Memory(size, layout, slots)
 
 
@@ -217,10 +218,6 @@ def _assign(
         placed.append((first, last, offset, nbytes))
         offsets[node] = offset
     return offsets, max((o + b for _, _, o, b in placed), default=0)
-
-
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(node.meta["val"].shape)
 
 
 def _bytes(node: fx.Node) -> int:

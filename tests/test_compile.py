@@ -11,7 +11,7 @@ from models import seed_mlp, tanh_mlp
 
 import hod
 from hod._compiled import with_realized_outputs
-from hod._jet import REALIZE
+from hod._emitter import REALIZE
 
 
 class CountingBackend:
