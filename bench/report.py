@@ -37,6 +37,8 @@ def machine_info(device: str) -> dict[str, object]:
         "logical_cores": os.cpu_count(),
         "device": device,
     }
+    if os.environ.get("GLIBC_TUNABLES"):  # allocator settings move CPU timings a lot
+        info["glibc_tunables"] = os.environ["GLIBC_TUNABLES"]
     try:
         import psutil
 
