@@ -28,6 +28,13 @@ State = int | str | None  # a tracked dim, FREE or MIXED
 
 def track_batch(gm: fx.GraphModule, batch_dims: dict[int, int]) -> list[State]:
     """The state of each output of ``gm``; ``batch_dims`` maps placeholder index -> dim."""
+    states = node_states(gm, batch_dims)
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return [states[n] for n in output.args[0]]
+
+
+def node_states(gm: fx.GraphModule, batch_dims: dict[int, int]) -> dict[fx.Node, State]:
+    """The state of every node of ``gm`` (see :func:`track_batch`)."""
     states: dict[fx.Node, State] = {}
     index = 0
     for node in gm.graph.nodes:
@@ -38,9 +45,7 @@ def track_batch(gm: fx.GraphModule, batch_dims: dict[int, int]) -> list[State]:
             states[node] = FREE
         elif node.op == "call_function":
             states[node] = _node_state(node, states)
-        elif node.op == "output":
-            return [states[n] for n in node.args[0]]
-    raise AssertionError("graph without output")
+    return states
 
 
 def _node_state(node: fx.Node, states: dict[fx.Node, State]) -> State:

@@ -11,6 +11,7 @@ Two ways to reach an order-``n`` derivative, chosen by :func:`choose_mode`:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +24,12 @@ from ._analysis import MIXED
 from ._assemble import BlockKey, Segment, block_structure, extract_block
 from ._codegen import generate
 from ._compiled import CompiledCode
+from ._cost import derivative_work
 from ._derive import derive
 from ._emitter import Emitter, Operand
 from ._jet import DeriveContext, Jet
 from ._memory import Memory
+from ._per_example import per_example_block, with_per_example_terms
 from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds
 from ._signature import FlatCall, flatten_outputs
 from ._tracing import find_call_site, trace
@@ -194,13 +197,25 @@ def _plan_reverse(
 ) -> tuple[_Traced, SeedPlan]:
     """The gradient graph and its seed space (batch compression for a scalar output)."""
     reverse = _trace_reverse(request, flat, forward)
-    if out_vals[0].numel() == 1:
-        seeds = plan_seeds(
-            reverse.gm, flat.diff, shapes, lambda batch: [1 + leaf for leaf in batch]
-        )
-    else:
-        seeds = SeedPlan(tuple(plain_segments(shapes)), ())
-    return reverse, seeds
+    if out_vals[0].numel() != 1:
+        return reverse, SeedPlan(tuple(plain_segments(shapes)), ())
+
+    def prepared(plan: SeedPlan) -> tuple[fx.GraphModule, SeedPlan]:
+        if request.order != 2:  # see hod._per_example: a Hessian's blocks only
+            return reverse.gm, plan
+        return with_per_example_terms(reverse.gm, flat.diff, plan)
+
+    def work(plan: SeedPlan) -> float:
+        gm, plan = prepared(plan)
+        spans = {pos: (s.offset, s.offset + s.size)
+                 for pos, s in zip(flat.diff, plan.segments, strict=True)}
+        return derivative_work(gm, spans, _needs("reverse-last", 0, plan), request.order - 1)
+
+    seeds = plan_seeds(
+        reverse.gm, flat.diff, shapes, lambda batch: [1 + leaf for leaf in batch], work
+    )
+    gm, seeds = prepared(seeds)
+    return dataclasses.replace(reverse, gm=gm), seeds
 
 
 def _needs(mode: str, n_diff: int, seeds: SeedPlan) -> list[tuple[int, int] | None]:
@@ -214,10 +229,16 @@ def _needs(mode: str, n_diff: int, seeds: SeedPlan) -> list[tuple[int, int] | No
     full = (0, seeds.size)
     if mode == "forward":
         return [full] * n_diff
+    compressed = [s for s in seeds.segments if s.batch_dim is not None]
+    # With per-example terms, the blocks pairing a compressed leaf with an uncompressed
+    # one come from those terms, seeded by the compressed leaves only.
+    own = full
+    if seeds.per_example:
+        own = (min(s.offset for s in compressed), max(s.offset + s.size for s in compressed))
     needs: list[tuple[int, int] | None] = [None]
     for segment in seeds.segments:
-        needs.append(full if segment.batch_dim is not None else (segment.offset, seeds.size))
-    return needs
+        needs.append(own if segment.batch_dim is not None else (segment.offset, seeds.size))
+    return needs + [own] * len(seeds.per_example)
 
 
 def _lead(key: BlockKey, segments: Sequence[Segment]) -> int:
@@ -258,6 +279,14 @@ def _block(
     y = out_vals[key.out]
     segments = seeds.segments
     shape = list(y.shape) + [d for leaf in key.leaves for d in segments[leaf].shape]
+    per_example = _per_example_source(mode, key, seeds)
+    if per_example is not None:
+        source, x = per_example
+        jet = out_jets[source]
+        return per_example_block(
+            em, jet.d(1), jet.span or (0, seeds.size), segments[x],
+            key.leaves[0] == x, shape, leaf_dtypes[key.leaves[0]],
+        )
     if mode == "forward":
         source, seeded, order = key.out, list(key.leaves), list(range(len(key.leaves) + 1))
         value_groups = [list(y.shape)]
@@ -285,6 +314,19 @@ def _block(
         em, jet.d(len(seeded)), jet.span or (0, seeds.size), value_groups, state,
         [segments[s] for s in seeded], order, shape, leaf_dtypes[key.leaves[0]],
     )
+
+
+def _per_example_source(mode: str, key: BlockKey, seeds: SeedPlan) -> tuple[int, int] | None:
+    """For a reverse-last block of a compressed leaf and a weight with per-example terms:
+    the output holding those terms and the compressed leaf."""
+    if mode == "forward" or len(key.leaves) != 2 or not seeds.per_example:
+        return None
+    segments = seeds.segments
+    compressed = [leaf for leaf in key.leaves if segments[leaf].batch_dim is not None]
+    weights = [leaf for leaf in key.leaves if leaf in seeds.per_example]
+    if len(compressed) != 1 or len(weights) != 1:
+        return None
+    return 1 + len(segments) + seeds.per_example.index(weights[0]), compressed[0]
 
 
 def _outputs(gm: fx.GraphModule) -> list[fx.Node]:

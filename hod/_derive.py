@@ -39,7 +39,7 @@ def derive(
     em = ctx.em
     env: dict[fx.Node, object] = {}
     outputs = list(gm.graph.nodes)[-1].args[0]
-    needed = _needed_spans(outputs, needs)
+    needed = needed_spans(outputs, needs)
     placeholders = iter(inputs)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -56,7 +56,7 @@ def derive(
     raise AssertionError("graph without output")
 
 
-def _needed_spans(
+def needed_spans(
     outputs: Sequence[fx.Node], needs: Sequence[Span | None]
 ) -> dict[fx.Node, Span]:
     """For each node, the hull of the seed ranges the outputs it feeds need."""

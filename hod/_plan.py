@@ -1,10 +1,12 @@
 """The planner: forward or reverse-last, and which inputs to seed compressed by batch.
 
-Cost model (in units of one sweep through the graph at seed width 1): forward costs
-about ``S^n``; reverse-last costs about ``REVERSE_COST * m * S^(n-1)`` for an output of
-``m`` elements. Compressing a batch dim divides a leaf's share of ``S`` by the batch size,
-so the planner looks for the compression that makes ``S`` smallest while keeping every
-block it must read valid (see :mod:`hod._analysis`).
+The mode: forward costs about ``S^n`` sweeps through the graph at seed width 1;
+reverse-last about ``REVERSE_COST * m * S^(n-1)`` for an output of ``m`` elements.
+Compressing a batch dim divides a leaf's share of ``S`` by the batch size. The candidate
+seed plans are the plain seeds and the compressions that keep every block the plan must
+read valid (see :mod:`hod._analysis`); the planner keeps the one of least ``cost``: the
+smallest ``S`` by default, and for reverse-last the work :mod:`hod._cost` estimates, which
+also sees how far back each gradient needs each seed.
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ REVERSE_COST = 3
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """The seed space: a segment per differentiated leaf and the states of the outputs."""
+    """The seed space: a segment per differentiated leaf and the states of the outputs.
+
+    ``per_example`` lists the leaves whose gradient's per-example terms follow the
+    gradients among the outputs, in that order (see :mod:`hod._per_example`).
+    """
 
     segments: tuple[Segment, ...]
     out_states: tuple[State, ...]
+    per_example: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -52,28 +59,25 @@ def plan_seeds(
     diff_positions: Sequence[int],
     shapes: Sequence[tuple[int, ...]],
     required: Required,
+    cost: Callable[[SeedPlan], float] = lambda plan: plan.size,
 ) -> SeedPlan:
-    """The smallest valid seed space for derivatives of ``gm``'s outputs.
+    """The valid seed space of least ``cost`` (by default the smallest one) for
+    derivatives of ``gm``'s outputs.
 
     ``diff_positions[l]`` is leaf ``l``'s placeholder index and ``shapes[l]`` its shape.
     In forward mode every differentiated output is read with every seed; in reverse-last
-    mode a compressed leaf's blocks are read from its own gradient output.
+    mode a compressed leaf's blocks are read from its own gradient output. The candidates
+    are the plain seeds and, for each leaf's dim, the largest compression grown from it.
     """
-    best = SeedPlan(tuple(plain_segments(shapes)), ())
+    candidates = [SeedPlan(tuple(plain_segments(shapes)), tuple(track_batch(gm, {})))]
     for first, shape in enumerate(shapes):
         for dim, size in enumerate(shape):
             if size < 2:
                 continue
             batch = _grow(gm, diff_positions, shapes, required, {first: dim}, size)
-            if batch is None:
-                continue
-            candidate = _seed_plan(gm, diff_positions, shapes, batch, size)
-            if candidate.size < best.size:
-                best = candidate
-    if not best.out_states:
-        states = track_batch(gm, {})
-        best = SeedPlan(best.segments, tuple(states))
-    return best
+            if batch is not None:
+                candidates.append(_seed_plan(gm, diff_positions, shapes, batch, size))
+    return min(candidates, key=cost)  # the first of the cheapest: plain seeds on a tie
 
 
 def _grow(gm, diff_positions, shapes, required: Required, batch: dict[int, int], size: int):

@@ -149,12 +149,15 @@ def test_concatenations_are_written_in_place(everything_planned):
         return sum(n.target in (torch.ops.aten.cat.default, torch.cat)
                    for n in module.graph.nodes)
 
-    assert cats(lowered.planned_module) <= cats(lowered.graph_module) - 6
+    assert cats(lowered.graph_module) >= 5
+    assert cats(lowered.planned_module) == 0
     in_place = [
         n for n in lowered.planned_module.graph.nodes
         if n.target is torch.ops.aten.add.out and n.kwargs["out"] in n.args
     ]
-    assert len(in_place) == 3  # one per layer's weight seeds in the backward pass
+    # One per layer whose backward product carries weight seeds: the last two. The first
+    # layer's carries only x's seeds (the x-weight blocks come from per-example terms).
+    assert len(in_place) == 2
     assert_same_tree(fn(*args), reference(seed_mlp, 2, ARGNUMS)(*args))
 
 

@@ -140,3 +140,70 @@ def test_top_order_is_computed_up_to_symmetry(monkeypatch, f, order, argnums):
     assert_same_tree(
         hod.derivative(f, order, argnums)(x, W, V), reference(f, order, argnums)(x, W, V)
     )
+
+
+def linear_tanh_mlp(X, params):
+    """Two ``nn.Linear``-style layers with biases (weights used transposed in addmm)."""
+    T = torch.tanh(torch.nn.functional.linear(X, params["w1"], params["b1"]))
+    return torch.nn.functional.linear(T, params["w2"], params["b2"]).pow(2).sum()
+
+
+def scaled_output(X, W, s):
+    """``s`` scales every entry: its gradient sums over all of them, not per example."""
+    return (torch.tanh(X @ W) * s).sum()
+
+
+def _linear_params():
+    return {"w1": torch.randn(5, 4, dtype=D), "b1": torch.randn(5, dtype=D),
+            "w2": torch.randn(3, 5, dtype=D), "b2": torch.randn(3, dtype=D)}
+
+
+def _spied_per_example(monkeypatch, disabled: bool = False) -> list:
+    """Record the leaves each reverse-last plan reads per-example terms for (the planner
+    prices every candidate plan, then prepares the one it keeps: the last entry)."""
+    import hod._build
+    import hod._per_example
+
+    seen = []
+    original = hod._per_example.with_per_example_terms
+
+    def spy(gm, diff_positions, seeds):
+        result = (gm, seeds) if disabled else original(gm, diff_positions, seeds)
+        seen.append(result[1].per_example)
+        return result
+
+    monkeypatch.setattr(hod._build, "with_per_example_terms", spy)
+    return seen
+
+
+@pytest.mark.parametrize("f, args, argnums, expected", [
+    (seed_mlp, (torch.rand(4, 6, dtype=D), *[torch.randn(6, 6, dtype=D) for _ in range(3)]),
+     (0, 1, 2, 3), (1, 2, 3)),
+    (linear_tanh_mlp, (torch.rand(6, 4, dtype=D), _linear_params()), (0, 1), (1, 2, 3, 4)),
+    (scaled_output, (torch.rand(4, 3, dtype=D), torch.randn(3, 3, dtype=D),
+                     torch.tensor(1.5, dtype=D)), (0, 1, 2), ()),
+])
+def test_input_weight_blocks_come_from_per_example_terms(monkeypatch, f, args, argnums,
+                                                          expected):
+    seen = _spied_per_example(monkeypatch)
+    fn = hod.hessian(f, argnums)
+    assert_same_tree(fn(*args), reference(f, 2, argnums)(*args))
+    assert seen[-1] == expected  # every weight's gradient is a batch sum, or none is read so
+
+
+def test_per_example_terms_keep_weight_seeds_out_of_the_input_gradient(monkeypatch):
+    """The reverse sweep's last product (back to X) carries X's seeds only: no tensor of
+    shape ``(S,) + X.shape`` over the whole seed space is left in the generated code (X's
+    width differs from the layers', so no other value has X's shape)."""
+    X, *Ps = torch.rand(4, 5, dtype=D), torch.randn(5, 6, dtype=D), torch.randn(6, 6, dtype=D)
+
+    def full_width_nodes(disabled: bool) -> int:
+        _spied_per_example(monkeypatch, disabled)
+        lowered = hod.hessian(seed_mlp, (0, 1, 2)).lower(X, *Ps)
+        full = (lowered.seed_size, *X.shape)
+        return sum(tuple(n.meta["val"].shape) == full
+                   for n in lowered.graph_module.graph.nodes
+                   if isinstance(n.meta.get("val"), torch.Tensor))
+
+    assert full_width_nodes(disabled=True) > 0
+    assert full_width_nodes(disabled=False) == 0

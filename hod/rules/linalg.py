@@ -21,9 +21,10 @@ aten = torch.ops.aten
 
 #: Below this many broadcast products, ``matmul``'s lower call overhead wins.
 EINSUM_MIN_PRODUCTS = 256
-#: A matrix times stacked matrices: ``matmul``'s batched products are as fast as one
-#: large product from this many multiply-adds per product on (measured on CPU: 4x
-#: slower at 1000, even at 4000-8000, 1.6x faster at 25000), and copy nothing.
+#: Stacked matrices times a plain one, or the reverse: ``matmul``'s batched products are
+#: as fast as one large product from this many multiply-adds per product on (measured on
+#: CPU: 4x slower at 1000, even at 4000-8000, 1.6x faster at 25000), copy nothing, and
+#: have an ``out=`` form, so planned memory takes their results (``einsum`` allocates).
 EINSUM_MAX_PRODUCT_MACS = 4096
 
 
@@ -85,9 +86,11 @@ def _needs_einsum(em: Emitter, a: fx.Node, b: fx.Node) -> bool:
         return False
     if lead_a and lead_b:
         return lead_a != lead_b
+    m, k = em.shape(a)[-2:]
+    if m * k * em.shape(b)[-1] >= EINSUM_MAX_PRODUCT_MACS:
+        return False  # matmul's products keep pace, and it writes into planned memory
     if lead_b:  # a plain matrix times stacked ones: matmul runs one product per matrix
-        m, k = em.shape(a)[-2:]
-        return m * k * em.shape(b)[-1] < EINSUM_MAX_PRODUCT_MACS
+        return True
     return not a.meta["val"].is_contiguous()  # matmul would copy a to fold its axes
 
 
