@@ -153,6 +153,16 @@ def scaled_output(X, W, s):
     return (torch.tanh(X @ W) * s).sum()
 
 
+def batch_in_columns(x, W):
+    """The batch runs along x's columns: W's gradient is ``delta @ x.T``."""
+    return torch.tanh(W @ x).sum()
+
+
+def flattened_images(x, W):
+    """A 3-d input flattened per example before the layer."""
+    return torch.tanh(x.reshape(x.shape[0], -1) @ W).pow(2).sum()
+
+
 def _linear_params():
     return {"w1": torch.randn(5, 4, dtype=D), "b1": torch.randn(5, dtype=D),
             "w2": torch.randn(3, 5, dtype=D), "b2": torch.randn(3, dtype=D)}
@@ -180,6 +190,9 @@ def _spied_per_example(monkeypatch, disabled: bool = False) -> list:
     (seed_mlp, (torch.rand(4, 6, dtype=D), *[torch.randn(6, 6, dtype=D) for _ in range(3)]),
      (0, 1, 2, 3), (1, 2, 3)),
     (linear_tanh_mlp, (torch.rand(6, 4, dtype=D), _linear_params()), (0, 1), (1, 2, 3, 4)),
+    (batch_in_columns, (torch.rand(4, 7, dtype=D), torch.randn(5, 4, dtype=D)), (0, 1), (1,)),
+    (flattened_images, (torch.rand(5, 2, 3, dtype=D), torch.randn(6, 4, dtype=D)), (0, 1),
+     (1,)),
     (scaled_output, (torch.rand(4, 3, dtype=D), torch.randn(3, 3, dtype=D),
                      torch.tensor(1.5, dtype=D)), (0, 1, 2), ()),
 ])
