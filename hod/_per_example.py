@@ -83,8 +83,9 @@ def _per_example(node: object, states: dict) -> _Build | None:
             _emit(g, aten.unsqueeze.default, _emit(g, aten.permute.default, a, [1, 0]), 2),
             _emit(g, aten.unsqueeze.default, b, 1),
         )
-    if op is aten.sum.dim_IntList and list(args[1]) == [0] and states.get(args[0]) == 0:
-        keepdim = len(args) > 2 and args[2]
+    if (op is aten.sum.dim_IntList and args[1] is not None and list(args[1]) == [0]
+            and states.get(args[0]) == 0 and "dtype" not in node.kwargs):
+        keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
         return (lambda g: _emit(g, aten.unsqueeze.default, args[0], 1)) if keepdim else (
             lambda g: args[0]
         )
