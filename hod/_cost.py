@@ -1,8 +1,8 @@
 """The planner's cost model: the work of deriving a graph over a seed plan.
 
 Deriving a node over a span of ``w`` seeds to order ``k`` makes derivative tensors of
-``w^j`` times the node's size for ``j = 1..k``; a matrix product's cost more, by its
-contraction size, per entry. :func:`derivative_work` sums that over the nodes, each over
+``w^j`` times the node's size for ``j = 1..k``; each entry of a matrix product's costs
+its contraction size. :func:`derivative_work` sums that over the nodes, each over
 the span :func:`~hod._derive.derive` gives it: the hull of its inputs' spans, within the
 seeds the outputs need from it. Only comparisons between plans of one graph matter.
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from ._derive import needed_spans
+from ._derive import covered_span, needed_spans
 from ._jet import Span
 
 aten = torch.ops.aten
@@ -53,11 +53,7 @@ def derivative_work(
 
 def _span(node: fx.Node, spans: dict, need: Span | None) -> Span | None:
     inputs = [spans[a] for a in node.all_input_nodes if spans.get(a) is not None]
-    if not inputs or need is None:
-        return None
-    lo = max(min(lo for lo, _ in inputs), need[0])
-    hi = min(max(hi for _, hi in inputs), need[1])
-    return (lo, hi) if lo < hi else None
+    return covered_span(inputs, need) if inputs and need is not None else None
 
 
 def _size(node: fx.Node) -> int:

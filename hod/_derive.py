@@ -135,8 +135,11 @@ def _derive_node(
 
 
 def _common_span(ctx: DeriveContext, jets: list[Jet], needed: Span) -> Span | None:
+    return covered_span([ctx.span_of(j) for j in jets if not j.is_constant], needed)
+
+
+def covered_span(spans: Sequence[Span], needed: Span) -> Span | None:
     """The seeds a node's derivatives cover: its inputs' hull, within what is needed."""
-    spans = [ctx.span_of(j) for j in jets if not j.is_constant]
     lo = max(min(lo for lo, _ in spans), needed[0])
     hi = min(max(hi for _, hi in spans), needed[1])
     return (lo, hi) if lo < hi else None
