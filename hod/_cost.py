@@ -1,10 +1,12 @@
 """The planner's cost model: the work of deriving a graph over a seed plan.
 
-Deriving a node over a span of ``w`` seeds to order ``k`` makes derivative tensors of
-``w^j`` times the node's size for ``j = 1..k``; each entry of a matrix product's costs
-its contraction size. :func:`derivative_work` sums that over the nodes, each over
-the span :func:`~hod._derive.derive` gives it: the hull of its inputs' spans, within the
-seeds the outputs need from it. Only comparisons between plans of one graph matter.
+Deriving a node to order ``k`` costs, for each input that carries derivatives, one term
+over that input's part of the node's seed span (width ``w``): ``w^j`` times the node's
+size for ``j = 1..k``, and for a matrix product its contraction size more per entry,
+unless the input is a seeded input leaf, whose identity seed the rules place rather
+than multiply. Each node's span is the one :func:`~hod._derive.derive` gives it: the
+hull of its inputs' spans, within the seeds the outputs need from it. Only comparisons
+between plans of one graph matter.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from ._derive import covered_span, needed_spans
 from ._jet import Span
 
 aten = torch.ops.aten
+
+_VIEWS = {aten.permute.default, aten.t.default, aten.transpose.int, aten.view.default,
+          aten.reshape.default, aten.expand.default, aten.unsqueeze.default}
 
 #: Products and where their contraction size is: (operand index, dim).
 _CONTRACTIONS = {
@@ -46,8 +51,7 @@ def derivative_work(
         elif node.op == "call_function":
             spans[node] = _span(node, spans, needed.get(node))
             if spans[node] is not None:
-                width = spans[node][1] - spans[node][0]
-                work += _size(node) * sum(width**j for j in range(1, order + 1))
+                work += _work(node, spans, order)
     return work
 
 
@@ -56,14 +60,39 @@ def _span(node: fx.Node, spans: dict, need: Span | None) -> Span | None:
     return covered_span(inputs, need) if inputs and need is not None else None
 
 
-def _size(node: fx.Node) -> int:
-    """The node's value size, times the contraction size for a matrix product."""
+def _work(node: fx.Node, spans: dict, order: int) -> float:
+    """One term per input with derivatives, over that input's part of the node's span; a
+    product's term costs its contraction size per entry, except for an input's own seeds,
+    which :mod:`hod.rules.linalg` places instead of multiplying."""
+    lo, hi = spans[node]
+    size = _value_size(node)
+    contraction = _contraction(node)
+    work = 0.0
+    for arg in node.all_input_nodes:
+        span = spans.get(arg)
+        if span is None:
+            continue
+        width = max(0, min(hi, span[1]) - max(lo, span[0]))
+        per_entry = 1 if _is_seeded_input(arg) else contraction
+        work += size * per_entry * sum(width**j for j in range(1, order + 1))
+    return work
+
+
+def _is_seeded_input(node: fx.Node) -> bool:
+    """An input leaf, or a view of one: its derivative is its identity seed."""
+    while node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+    return node.op == "placeholder"
+
+
+def _value_size(node: fx.Node) -> int:
     val = node.meta.get("val")
     values = val if isinstance(val, (tuple, list)) else [val]
-    size = sum(v.numel() for v in values if isinstance(v, torch.Tensor))
-    contraction = _CONTRACTIONS.get(node.target)
-    if contraction is not None:
-        operand = node.args[contraction[0]]
-        if isinstance(operand, fx.Node):
-            size *= operand.meta["val"].shape[contraction[1]]
-    return size
+    return sum(v.numel() for v in values if isinstance(v, torch.Tensor))
+
+
+def _contraction(node: fx.Node) -> int:
+    where = _CONTRACTIONS.get(node.target)
+    if where is None or not isinstance(node.args[where[0]], fx.Node):
+        return 1
+    return node.args[where[0]].meta["val"].shape[where[1]]
