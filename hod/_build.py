@@ -11,9 +11,9 @@ Two ways to reach an order-``n`` derivative, chosen by :func:`choose_mode`:
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -200,6 +200,7 @@ def _plan_reverse(
     if out_vals[0].numel() != 1:
         return reverse, SeedPlan(tuple(plain_segments(shapes)), ())
 
+    @functools.cache  # priced as a candidate, then prepared again once chosen
     def prepared(plan: SeedPlan) -> tuple[fx.GraphModule, SeedPlan]:
         if request.order != 2:  # see hod._per_example: a Hessian's blocks only
             return reverse.gm, plan
@@ -215,7 +216,7 @@ def _plan_reverse(
         reverse.gm, flat.diff, shapes, lambda batch: [1 + leaf for leaf in batch], work
     )
     gm, seeds = prepared(seeds)
-    return dataclasses.replace(reverse, gm=gm), seeds
+    return replace(reverse, gm=gm), seeds
 
 
 def _needs(mode: str, n_diff: int, seeds: SeedPlan) -> list[tuple[int, int] | None]:

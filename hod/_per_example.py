@@ -40,14 +40,17 @@ def with_per_example_terms(
         for leaf, s in enumerate(seeds.segments) if s.batch_dim is not None
     }
     uncompressed = [leaf for leaf, s in enumerate(seeds.segments) if s.batch_dim is None]
-    if not compressed or _terms(gm, compressed, uncompressed) is None:
+    if not compressed:
         return gm, seeds
     graph = fx.Graph()
     outs = list(graph.graph_copy(gm.graph, {}))
     output = graph.output(outs)
     copy = fx.GraphModule(gm, graph)
+    builds = _terms(copy, compressed, uncompressed)
+    if builds is None:
+        return gm, seeds
     with graph.inserting_before(output):
-        terms = [build(graph) for build in _terms(copy, compressed, uncompressed)]
+        terms = [build(graph) for build in builds]
     n_grads = len(seeds.segments)
     output.args = (outs[: 1 + n_grads] + terms + outs[1 + n_grads:],)
     copy.recompile()

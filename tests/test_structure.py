@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from conftest import assert_same_tree, reference
@@ -168,22 +170,29 @@ def _linear_params():
             "w2": torch.randn(3, 5, dtype=D), "b2": torch.randn(3, dtype=D)}
 
 
-def _spied_per_example(monkeypatch, disabled: bool = False) -> list:
-    """Record the leaves each reverse-last plan reads per-example terms for (the planner
-    prices every candidate plan, then prepares the one it keeps: the last entry)."""
+def _spied_per_example(monkeypatch, disabled: bool = False) -> Callable[[], tuple]:
+    """A function giving the leaves that the reverse-last plan the planner kept reads
+    per-example terms for (it prices every candidate plan, each with its terms)."""
     import hod._build
     import hod._per_example
 
-    seen = []
-    original = hod._per_example.with_per_example_terms
+    prepared, kept = {}, []
+    original_terms = hod._per_example.with_per_example_terms
+    original_plan = hod._build.plan_seeds
 
-    def spy(gm, diff_positions, seeds):
-        result = (gm, seeds) if disabled else original(gm, diff_positions, seeds)
-        seen.append(result[1].per_example)
+    def spy_terms(gm, diff_positions, seeds):
+        result = (gm, seeds) if disabled else original_terms(gm, diff_positions, seeds)
+        prepared[seeds] = result[1].per_example
         return result
 
-    monkeypatch.setattr(hod._build, "with_per_example_terms", spy)
-    return seen
+    def spy_plan(*args, **kwargs):
+        plan = original_plan(*args, **kwargs)
+        kept.append(plan)
+        return plan
+
+    monkeypatch.setattr(hod._build, "with_per_example_terms", spy_terms)
+    monkeypatch.setattr(hod._build, "plan_seeds", spy_plan)
+    return lambda: prepared[kept[-1]]
 
 
 @pytest.mark.parametrize("f, args, argnums, expected", [
@@ -201,7 +210,7 @@ def test_input_weight_blocks_come_from_per_example_terms(monkeypatch, f, args, a
     seen = _spied_per_example(monkeypatch)
     fn = hod.hessian(f, argnums)
     assert_same_tree(fn(*args), reference(f, 2, argnums)(*args))
-    assert seen[-1] == expected  # every weight's gradient is a batch sum, or none is read so
+    assert seen() == expected  # every weight's gradient is a batch sum, or none is read so
 
 
 def test_per_example_terms_keep_weight_seeds_out_of_the_input_gradient(monkeypatch):
