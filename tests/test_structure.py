@@ -11,6 +11,7 @@ from models import seed_mlp
 
 import hod
 import hod._jet
+from hod.rules import linalg
 
 D = torch.float64
 
@@ -115,6 +116,24 @@ def test_products_with_weight_seeds_are_placements(order):
     fn = hod.derivative(weights_both_sides, order, (0, 1, 2))
     assert "diag_embed" in fn.lower(x, W, V).code
     assert_same_tree(fn(x, W, V), reference(weights_both_sides, order, (0, 1, 2))(x, W, V))
+
+
+def narrow_mlp(x, W, V):
+    return torch.tanh(torch.tanh(x @ W) @ V).sum()
+
+
+@pytest.mark.parametrize("order", [3, 4])
+def test_narrow_products_run_on_block_diagonals(monkeypatch, order):
+    """Stacked derivatives times a narrow weight (``D h @ V``) and a narrow input times
+    stacked derivatives (``x.T @ D g``, a weight's gradient) run as one product with a
+    block-diagonal or Kronecker matrix; non-square shapes catch a mix-up of rows, columns
+    and the grouping of rows."""
+    monkeypatch.setattr(linalg, "NARROW_MIN_ROWS", 64)
+    x, W, V = torch.rand(4, 3, dtype=D), torch.rand(3, 5, dtype=D), torch.rand(5, 2, dtype=D)
+    fn = hod.derivative(narrow_mlp, order, (0, 1, 2))
+    code = fn.lower(x, W, V).code
+    assert "block_diag" in code and "kron" in code
+    assert_same_tree(fn(x, W, V), reference(narrow_mlp, order, (0, 1, 2))(x, W, V))
 
 
 def _node_count(fn, *args) -> int:

@@ -26,6 +26,10 @@ EINSUM_MIN_PRODUCTS = 256
 #: CPU: 4x slower at 1000, even at 4000-8000, 1.6x faster at 25000), copy nothing, and
 #: have an ``out=`` form, so planned memory takes their results (``einsum`` allocates).
 EINSUM_MAX_PRODUCT_MACS = 4096
+#: Products with a plain matrix this narrow, over this many rows, take the block-diagonal
+#: forms (:func:`_narrow_product`, :func:`_narrow_left`).
+NARROW_MAX_COLUMNS = 8
+NARROW_MIN_ROWS = 4096
 
 
 def _matmul(ctx: DeriveContext):
@@ -44,6 +48,9 @@ def _matmul(ctx: DeriveContext):
         placed = _identity_product(em, a, b)
         if placed is not None:
             return placed
+        narrow = _narrow_product(em, a, b) or _narrow_left(em, a, b)
+        if narrow is not None:
+            return narrow
         if _needs_einsum(em, a, b):
             return em.call(aten.einsum.default, "...ik,...kj->...ij", [a, b])
         return em.call(aten.matmul.default, a, b)
@@ -78,6 +85,52 @@ def _identity_product(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
         dims = (1, 3) if rows_first else (0, 3)
         return em.reshape(em.call(aten.diag_embed.default, spread, 0, *dims), [size, m, cols])
     return None
+
+
+def _narrow_product(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
+    """Stacked matrices ``a (..., m, k)`` times a narrow plain ``b (k, n)``, ``n <= 8``.
+
+    One product of ``rows x k`` by ``k x n`` with ``n`` this small runs far below the
+    machine's speed (measured on CPU: 0.53 ms for 73984 x 8 by 8 x 8). Taking ``g``
+    rows of ``a`` at a time against ``g`` copies of ``b`` on a block diagonal makes it
+    ``rows/g x gk`` by ``gk x gn``: ``g`` times the multiply-adds, 2-3x faster (0.22 ms
+    with ``g = 2``), and the result keeps ``a``'s row-major layout.
+    """
+    if em.rank(b) != 2 or em.rank(a) < 3:
+        return None
+    k, n = em.shape(b)
+    rows = math.prod(em.shape(a)[:-1])
+    if n > NARROW_MAX_COLUMNS or k > 2 * NARROW_MAX_COLUMNS or rows < NARROW_MIN_ROWS:
+        return None
+    group = 2 * NARROW_MAX_COLUMNS // n
+    while rows % group:
+        group //= 2
+    if group == 1:
+        return None
+    blocks = em.call(aten.block_diag.default, [b] * group)
+    flat = em.reshape(a, [rows // group, group * k])
+    return em.reshape(em.call(aten.mm.default, flat, blocks), [*em.shape(a)[:-1], n])
+
+
+def _narrow_left(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
+    """A plain ``a (m, k)`` times stacked narrow matrices ``b (..., k, n)``, ``n <= 4``.
+
+    ``(a @ b)[r] = a @ b[r]`` for every stacked index ``r``: with ``b`` as rows of ``k n``
+    numbers, that is one product by ``kron(a.T, I_n)`` (``kn x mn``), whose result is
+    already in the row-major layout ``(..., m, n)``. ``einsum`` runs ``a`` against all of
+    ``b`` and returns a transposed layout, which every later elementwise op then reads
+    with strides (2-3x slower on these shapes).
+    """
+    if em.rank(a) != 2 or em.rank(b) < 3:
+        return None
+    m, k = em.shape(a)
+    n = em.shape(b)[-1]
+    rows = math.prod(em.shape(b)[:-2])
+    if n > NARROW_MAX_COLUMNS // 2 or m * n > 64 or k * n > 32 or rows < NARROW_MIN_ROWS // 8:
+        return None
+    spread = em.call(aten.kron.default, em.permute(a, [1, 0]), em.eye(n, a))
+    flat = em.reshape(b, [rows, k * n])
+    return em.reshape(em.call(aten.mm.default, flat, spread), [*em.shape(b)[:-2], m, n])
 
 
 def _needs_einsum(em: Emitter, a: fx.Node, b: fx.Node) -> bool:
