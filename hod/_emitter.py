@@ -103,7 +103,7 @@ class Emitter:
             constant = _constant_value(op, args)
             if constant is not None:
                 node.meta[_SCALAR] = constant
-            strides = _delta_of_permute(op, args)
+            strides = _delta_of_permute(op, args) or _delta_of_view(op, args)
             if strides is not None:
                 node.meta[_DELTA] = strides
             self._seen[key] = node
@@ -251,6 +251,8 @@ _SCALAR = "hod_scalar"  # meta key: every element of the node equals this number
 REALIZE = "hod_realize"
 # meta key: the node is an identity seed, ``t[s, *i] = (s == sum_d i_d * c_d)`` with these
 # coefficients ``c`` (one per value dim); a permutation of the value dims permutes them.
+# The seed axis ``s`` may stand among leading axes of size 1 (a seed axis placed for
+# broadcasting); the value dims are the last ``len(c)``.
 _DELTA = "hod_delta"
 
 
@@ -260,12 +262,33 @@ def delta_strides(node: Operand) -> tuple[int, ...] | None:
 
 
 def _delta_of_permute(op: Any, args: tuple) -> tuple[int, ...] | None:
+    """An identity seed's coefficients after a permutation that keeps the leading axes
+    first (and so the value dims last)."""
     if op is not aten.permute.default or not isinstance(args[0], fx.Node):
         return None
     strides, dims = args[0].meta.get(_DELTA), args[1]
-    if strides is None or dims[0] != 0:
+    if strides is None:
         return None
-    return tuple(strides[d - 1] for d in dims[1:])
+    lead = len(dims) - len(strides)
+    if sorted(dims[:lead]) != list(range(lead)):
+        return None
+    return tuple(strides[d - lead] for d in dims[lead:])
+
+
+def _delta_of_view(op: Any, args: tuple) -> tuple[int, ...] | None:
+    """An identity seed's coefficients after a view that only adds or drops leading axes
+    of size 1."""
+    if op not in (aten.view.default, aten.reshape.default) or not isinstance(args[0], fx.Node):
+        return None
+    strides = args[0].meta.get(_DELTA)
+    if strides is None:
+        return None
+    old, new, value = list(Emitter.shape(args[0])), list(args[1]), len(strides)
+    if len(new) < value or new[len(new) - value:] != old[len(old) - value:]:
+        return None
+    lead_old = [d for d in old[: len(old) - value] if d != 1]
+    lead_new = [d for d in new[: len(new) - value] if d != 1]
+    return strides if lead_old == lead_new else None
 
 
 _FILLS = {aten.full_like.default: 1, aten.full.default: 1, aten.scalar_tensor.default: 0}

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from ._combinatorics import partition_kinds, set_partitions, subset_sizes, subsets
-from ._emitter import REALIZE, Emitter, Operand
+from ._emitter import REALIZE, Emitter, Operand, delta_strides
 
 Span = tuple[int, int]  # a range [lo, hi) of the seed space
 
@@ -131,16 +131,16 @@ class DeriveContext:
     def place(self, t: Operand, k: int, positions: Sequence[int], m: int, rank: int) -> Operand:
         """View ``t`` (``k`` seed axes, then the value's dims) for broadcasting.
 
-        The result has ``m`` leading axes, of size ``S`` at ``positions`` and 1 elsewhere,
-        then ones until the value's dims are right-aligned to ``rank`` dims.
+        The result has ``m`` leading axes, ``t``'s seed axes at ``positions`` and 1
+        elsewhere, then ones until the value's dims are right-aligned to ``rank`` dims.
         """
         if t is None or not isinstance(t, fx.Node):
             return t
         em = self.em
         value_shape = em.shape(t)[k:]
         lead = [1] * m
-        for p in positions:
-            lead[p] = self.seed_size
+        for axis, p in enumerate(positions):
+            lead[p] = em.shape(t)[axis]
         return em.reshape(t, lead + [1] * (rank - len(value_shape)) + list(value_shape))
 
     def align(self, t: Operand, k: int, rank: int) -> Operand:
@@ -233,6 +233,8 @@ class DeriveContext:
             a, own = a.narrow, self.span_of(a.narrow)
         elif not chosen and b.narrow is not None:
             b, own = b.narrow, self.span_of(b.narrow)
+        elif _is_identity_seed(b.narrow, rest) or _is_identity_seed(a.narrow, chosen):
+            return self._narrow_cross_term(a, b, chosen, rest, m, apply, rank, count), self.span
         else:
             own = self.span
         outer, self.seed_size = self.seed_size, own[1] - own[0]
@@ -248,6 +250,30 @@ class DeriveContext:
         finally:
             self.seed_size = outer
         return term, own
+
+    def _narrow_cross_term(self, a, b, chosen, rest, m, apply, rank, count) -> Operand:
+        """A cross term whose factor on one side is a leaf's identity seed, zero outside
+        the leaf's span: that factor is taken over its own span on its axes (so ``apply``
+        sees the identity and can place the other factor instead of multiplying), and the
+        term is zero-padded to the whole span afterwards."""
+        a, b = a.narrow or a, b.narrow or b
+        left = self.operand(a, chosen, m, rank)
+        right = self.operand(b, rest, m, rank)
+        if left is None or right is None:
+            return None
+        if count != 1:
+            left = self.em.mul(count, left)
+        term = apply(left, right)
+        owns = [None] * m
+        for positions, jet in ((chosen, a), (rest, b)):
+            for p in positions:
+                owns[p] = self.span_of(jet)
+        pads = [0, 0] * (self.em.rank(term) - m)
+        for own in reversed(owns):
+            pads += [own[0] - self.span[0], self.span[1] - own[1]]
+        if not any(pads):
+            return term
+        return self.em.call(torch.ops.aten.constant_pad_nd.default, term, pads, 0.0)
 
     def sum_pieces(self, pieces: Sequence[tuple[Operand, Span]], k: int) -> Operand:
         """The sum over ``self.span`` of derivatives with ``k`` seed axes, each covering
@@ -288,6 +314,11 @@ class DeriveContext:
             return None
         value_rank = self.em.rank(x.primal)
         return self.place(t, k, positions, m, value_rank if rank is None else rank)
+
+
+def _is_identity_seed(narrow: Jet | None, positions: tuple[int, ...]) -> bool:
+    """Whether a factor is a leaf's own identity seed, zero outside a narrower span."""
+    return narrow is not None and len(positions) == 1 and delta_strides(narrow.d(1)) is not None
 
 
 def _numel(em: Emitter, t: Operand) -> int:

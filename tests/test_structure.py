@@ -136,6 +136,39 @@ def test_narrow_products_run_on_block_diagonals(monkeypatch, order):
     assert_same_tree(fn(x, W, V), reference(narrow_mlp, order, (0, 1, 2))(x, W, V))
 
 
+_PRODUCTS = {"mm", "bmm", "matmul", "einsum", "linear"}
+_RESHAPES = {"view", "reshape", "permute", "expand", "constant_pad_nd", "slice"}
+
+
+def _op(node) -> str:
+    """The op's short name, whether the generated code calls ``torch.x`` or ``aten.x``."""
+    return getattr(node.target, "__name__", "").split(".")[0]
+
+
+def _reads_an_identity(node, sizes: set[int]) -> bool:
+    """Whether ``node`` reads an identity matrix of one of ``sizes``, seen through views,
+    slices and padding."""
+    return any(
+        (_op(arg) == "eye" and arg.args[0] in sizes)
+        or (_op(arg) in _RESHAPES and _reads_an_identity(arg, sizes))
+        for arg in node.all_input_nodes
+    )
+
+
+@pytest.mark.parametrize("order", [3, 4])
+def test_cross_terms_with_weight_seeds_are_placements(order):
+    """Leibniz cross terms ``D^j h @ dW`` (and ``dW.T @ D^j g``) take the weight's seeds
+    over its own span and place ``D^j h`` on a diagonal: no matrix product reads an
+    identity seed, padded or not."""
+    x, W, V = torch.rand(3, 4, dtype=D), torch.rand(4, 6, dtype=D), torch.rand(6, 2, dtype=D)
+    fn = hod.derivative(weights_both_sides, order, (0, 1, 2))
+    graph = fn.lower(x, W, V).graph_module.graph
+    products = [n for n in graph.nodes if _op(n) in _PRODUCTS]
+    weight_seeds = {W.numel(), V.numel()}
+    assert products and not [n.name for n in products if _reads_an_identity(n, weight_seeds)]
+    assert_same_tree(fn(x, W, V), reference(weights_both_sides, order, (0, 1, 2))(x, W, V))
+
+
 def _node_count(fn, *args) -> int:
     return sum(1 for n in fn.lower(*args).graph_module.graph.nodes if n.op == "call_function")
 

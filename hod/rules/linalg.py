@@ -59,31 +59,46 @@ def _matmul(ctx: DeriveContext):
 
 
 def _identity_product(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
-    """``a @ b`` when one side is a matrix leaf's identity seed and the other a matrix.
+    """``a @ b`` when one side is a matrix leaf's identity seed and the other a matrix,
+    or matrices stacked along the other leading axes.
 
     With ``b[s, k, n] = (s == index of (k, n))``, ``(a @ b)[s(k, n), m, n'] = a[m, k]``
     when ``n == n'`` and zero otherwise: ``a`` placed on a diagonal, with no product (the
     dense product costs ``S`` times more and reads an ``S x S`` identity).
     Likewise ``(a @ b)[s(m, k), m', n] = b[k, n]`` when ``m == m'`` for an identity ``a``.
+    The seed axis may stand among leading axes of size 1 (a Leibniz cross term, where
+    ``a`` carries seed axes of its own there); the result has it in the same place.
     Returns None when neither case applies.
     """
     for seed, other, seed_is_left in ((b, a, False), (a, b, True)):
         strides = delta_strides(seed)
-        if strides is None or em.rank(seed) != 3 or em.rank(other) != 2:
+        if strides is None or len(strides) != 2 or em.rank(other) > em.rank(seed):
             continue
-        size, rows, cols = em.shape(seed)
+        lead_shape = em.shape(seed)[:-2]
+        shape = (1,) * (em.rank(seed) - em.rank(other)) + em.shape(other)  # right-aligned
+        axis = next((i for i, d in enumerate(lead_shape) if d != 1), None)
+        rows, cols = em.shape(seed)[-2:]
+        if axis is None or shape[axis] != 1:
+            continue
         if sorted(strides) != [1, cols if strides[0] > strides[1] else rows]:
             continue
         rows_first = strides[0] > strides[1]  # seeds run over (row, col) or (col, row)
+        lead = [d for i, d in enumerate(shape[:-2]) if i != axis]
+        q = len(lead)
         if seed_is_left:  # (seed rows, k) @ b (k, n): b[k, n] placed at (row, row')
-            k, n = em.shape(other)
-            spread = em.expand(em.reshape(other, [k, n, 1]), [k, n, rows])
-            dims = (0, 2) if rows_first else (1, 2)
-            return em.reshape(em.call(aten.diag_embed.default, spread, 0, *dims), [size, rows, n])
-        m = em.shape(other)[0]  # a (m, k) @ (k = seed rows, seed cols): a[m, k] at (col, col')
-        spread = em.expand(em.reshape(em.permute(other, [1, 0]), [rows, m, 1]), [rows, m, cols])
-        dims = (1, 3) if rows_first else (0, 3)
-        return em.reshape(em.call(aten.diag_embed.default, spread, 0, *dims), [size, m, cols])
+            k, n = shape[-2:]
+            spread = em.expand(em.reshape(other, [*lead, k, n, 1]), [*lead, k, n, rows])
+            dims = (q, q + 2) if rows_first else (q + 1, q + 2)
+            placed = em.call(aten.diag_embed.default, spread, 0, *dims)
+            placed = em.reshape(placed, [*lead, rows * cols, rows, n])
+        else:  # a (m, k) @ (k = seed rows, seed cols): a[m, k] at (col, col')
+            m = shape[-2]
+            flipped = em.permute(em.reshape(other, [*lead, m, rows]), [*range(q), q + 1, q])
+            spread = em.expand(em.reshape(flipped, [*lead, rows, m, 1]), [*lead, rows, m, cols])
+            dims = (q + 1, q + 3) if rows_first else (q, q + 3)
+            placed = em.call(aten.diag_embed.default, spread, 0, *dims)
+            placed = em.reshape(placed, [*lead, rows * cols, m, cols])
+        return em.permute(placed, [*range(axis), q, *range(axis, q), q + 1, q + 2])
     return None
 
 
