@@ -210,7 +210,12 @@ def _plan_reverse(
         gm, plan = prepared(plan)
         spans = {pos: (s.offset, s.offset + s.size)
                  for pos, s in zip(flat.diff, plan.segments, strict=True)}
-        return derivative_work(gm, spans, _needs("reverse-last", 0, plan), request.order - 1)
+        identities = frozenset(
+            pos for pos, s in zip(flat.diff, plan.segments, strict=True) if s.batch_dim is None
+        )
+        return derivative_work(
+            gm, spans, _needs("reverse-last", 0, plan), request.order - 1, identities
+        )
 
     seeds = plan_seeds(
         reverse.gm, flat.diff, shapes, lambda batch: [1 + leaf for leaf in batch], work

@@ -297,3 +297,22 @@ def test_planner_prices_plans_by_work_not_seed_count():
         return X.sum()
 
     assert hod.hessian(tanh_mlp, (0, 1, 2, 3)).lower(X, *Ps).seed_size == 50 + 3 * 2500
+
+
+def test_planner_counts_cross_terms_with_compressed_weights():
+    """Order 3 of a tanh MLP over a batch of 2 can compress the batch of X (4 + 16 + 16 =
+    36 seeds) or the last layer's columns (8 + 16 + 4 = 28). With the columns compressed,
+    the last weight's seeds are no identity: every cross term ``D^2 h @ dW`` is a dense
+    product whose seed axes come out interleaved with the value dims (measured here in
+    float32: 0.63 ms against 0.50 ms for the batch plan; 8.4 against 5.1 ms at order 4).
+    The cost model counts those cross terms and so compresses the batch."""
+    X, *Ps = torch.rand(2, 4, dtype=D), *[torch.randn(4, 4, dtype=D) for _ in range(2)]
+
+    def tanh_mlp(X, *Ps):
+        for P in Ps:
+            X = torch.tanh(X @ P)
+        return X.sum()
+
+    fn = hod.derivative(tanh_mlp, 3, (0, 1, 2))
+    assert fn.lower(X, *Ps).seed_size == 4 + 16 + 16
+    assert_same_tree(fn(X, *Ps), reference(tanh_mlp, 3, (0, 1, 2))(X, *Ps))
