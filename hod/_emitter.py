@@ -8,6 +8,7 @@ every node so rules can ask for shapes and dtypes without running anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,13 @@ from torch import fx
 from .errors import MemoryLimitError
 
 aten = torch.ops.aten
+
+#: Products at least this large spread an operand broadcast along their last dim
+#: (see :meth:`Emitter._widened`), to at most this many entries.
+WIDEN_MIN_ENTRIES = 32768
+WIDEN_MAX_ENTRIES = 65536
+#: A sum over a last dim this short runs as a product with ones (:meth:`Emitter.sum_dims`).
+SHORT_ROW = 16
 
 Operand = fx.Node | float | int | bool | None
 
@@ -152,7 +160,51 @@ class Emitter:
             a, b = b, a
         if not isinstance(a, fx.Node):
             return a * b
+        if isinstance(b, fx.Node):
+            shape = torch.broadcast_shapes(self.shape(a), self.shape(b))
+            a, b = self._widened(a, shape), self._widened(b, shape)
         return self.call(aten.mul.Tensor, a, b)
+
+    def sum_dims(self, t: fx.Node, dims: Sequence[int], keepdim: bool) -> fx.Node:
+        """``t.sum(dims, keepdim)``; a large sum over a short last dim is a product with
+        ones instead: ATen's reduction runs one inner loop per row there (0.56 ms for
+        ``(186624, 4)`` against 0.17 ms for ``mv``)."""
+        shape = list(self.shape(t))
+        dims = [d % len(shape) for d in dims]
+        n = shape[-1] if shape else 0
+        if (
+            dims != [len(shape) - 1] or n > SHORT_ROW or math.prod(shape) < WIDEN_MIN_ENTRIES
+            or self.dtype_of(t) not in (torch.float32, torch.float64)
+            or not self._is_view_compatible(t, [-1, n])
+        ):
+            return self.call(aten.sum.dim_IntList, t, dims, keepdim)
+        ones = self.call(aten.ones.default, [n], dtype=self.dtype_of(t), device=self.device)
+        rows = self.call(aten.mv.default, self.reshape(t, [math.prod(shape) // n, n]), ones)
+        return self.reshape(rows, shape[:-1] + [1] * keepdim)
+
+    def _widened(self, small: fx.Node, shape: Sequence[int]) -> fx.Node:
+        """``small``, when it broadcasts along the last dim of a large product of
+        ``shape``, materialized over its trailing broadcast dims (up to a size bound).
+
+        ATen's elementwise loops run one inner loop per stretch of the last dim; a
+        broadcast last dim of 4 cuts them to 4 entries, which measured 17x slower than
+        the same product with the small operand spread out (1.16 ms against 0.066 ms
+        for ``(46656, 4, 4) * (4, 1)``).
+        """
+        total = math.prod(shape)
+        own = [1] * (len(shape) - self.rank(small)) + list(self.shape(small))
+        if total < WIDEN_MIN_ENTRIES or own[-1] != 1 or shape[-1] == 1:
+            return small
+        wide = list(own)
+        for d in range(len(shape) - 1, -1, -1):
+            if wide[d] == 1 and shape[d] > 1:
+                if math.prod(wide) * shape[d] > min(WIDEN_MAX_ENTRIES, total // 8):
+                    break
+                wide[d] = shape[d]
+        if wide == own:
+            return small
+        spread = self.expand(self.reshape(small, own), wide)
+        return self.call(aten.clone.default, spread, memory_format=torch.contiguous_format)
 
     def add(self, a: Operand, b: Operand) -> Operand:
         """``a + b`` where ``None`` is a symbolic zero."""

@@ -10,6 +10,7 @@ from conftest import assert_same_tree, reference
 from models import seed_mlp
 
 import hod
+import hod._emitter
 import hod._jet
 from hod.rules import linalg
 
@@ -316,3 +317,20 @@ def test_planner_counts_cross_terms_with_compressed_weights():
     fn = hod.derivative(tanh_mlp, 3, (0, 1, 2))
     assert fn.lower(X, *Ps).seed_size == 4 + 16 + 16
     assert_same_tree(fn(X, *Ps), reference(tanh_mlp, 3, (0, 1, 2))(X, *Ps))
+
+
+def softmax_mlp(x, W, V):
+    return torch.softmax(torch.tanh(x @ W) @ V, dim=1).pow(2).sum()
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_short_last_dims_are_spread_and_summed_by_products(monkeypatch, order):
+    """Large products with an operand broadcast along a short last dim spread that
+    operand over its trailing dims first, and large sums over a short last dim (softmax's
+    normaliser) run as a product with ones; non-square shapes catch a wrong spread."""
+    monkeypatch.setattr(hod._emitter, "WIDEN_MIN_ENTRIES", 64)
+    x, W, V = torch.rand(3, 4, dtype=D), torch.rand(4, 5, dtype=D), torch.rand(5, 2, dtype=D)
+    fn = hod.derivative(softmax_mlp, order, (0, 1, 2))
+    graph = fn.lower(x, W, V).graph_module.graph
+    assert {"mv", "clone"} <= {_op(n) for n in graph.nodes}
+    assert_same_tree(fn(x, W, V), reference(softmax_mlp, order, (0, 1, 2))(x, W, V))

@@ -29,7 +29,7 @@ def _log_softmax_jet(ctx: DeriveContext, x: Jet, dim: int, out: fx.Node) -> list
     total = em.call(aten.sum.dim_IntList, exp, [dim], True)
     total_jet = Jet(
         total,
-        ctx.linear(exp_jet, lambda t, k: em.call(aten.sum.dim_IntList, t, [dim], True)),
+        ctx.linear(exp_jet, lambda t, k: em.sum_dims(t, [dim], True)),
     )
     log_total = ctx.unary(total_jet, _log_tower(ctx, total, None))
     return [em.sub(x.d(k), log_total[k - 1]) for k in range(1, ctx.order + 1)]

@@ -45,7 +45,7 @@ def _linear_reduction(ctx: DeriveContext, args: tuple, kwargs: dict, mean: bool)
     def apply(t: fx.Node, k: int) -> Operand:
         if not dims:
             return t
-        return em.mul(scale, em.call(aten.sum.dim_IntList, t, dims, keepdim))
+        return em.mul(scale, em.sum_dims(t, dims, keepdim))
 
     return ctx.linear(x, apply)
 
@@ -78,7 +78,7 @@ def _extremum(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> li
     hits = em.call(aten._to_copy.default, hits, dtype=em.dtype_of(out))
     weights = em.call(aten.div.Tensor, hits, em.call(aten.sum.dim_IntList, hits, dims, True))
     return ctx.linear(
-        x, lambda t, k: em.call(aten.sum.dim_IntList, em.mul(weights, t), dims, keepdim)
+        x, lambda t, k: em.sum_dims(em.mul(weights, t), dims, keepdim)
     )
 
 
