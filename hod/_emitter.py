@@ -162,7 +162,7 @@ class Emitter:
             return a * b
         if isinstance(b, fx.Node):
             shape = torch.broadcast_shapes(self.shape(a), self.shape(b))
-            a, b = self._widened(a, shape), self._widened(b, shape)
+            a, b = self._widened(a, shape, b), self._widened(b, shape, a)
         return self.call(aten.mul.Tensor, a, b)
 
     def sum_dims(self, t: fx.Node, dims: Sequence[int], keepdim: bool) -> fx.Node:
@@ -182,28 +182,33 @@ class Emitter:
         rows = self.call(aten.mv.default, self.reshape(t, [math.prod(shape) // n, n]), ones)
         return self.reshape(rows, shape[:-1] + [1] * keepdim)
 
-    def _widened(self, small: fx.Node, shape: Sequence[int]) -> fx.Node:
-        """``small``, when it broadcasts along the last dim of a large product of
-        ``shape``, materialized over its trailing broadcast dims (up to a size bound).
+    def _widened(self, node: fx.Node, shape: Sequence[int], other: fx.Node) -> fx.Node:
+        """``node``, when it broadcasts along the last dim of a large product of
+        ``shape``, materialized over its trailing broadcast dims.
 
         ATen's elementwise loops run one inner loop per stretch of the last dim; a
         broadcast last dim of 4 cuts them to 4 entries, which measured 17x slower than
         the same product with the small operand spread out (1.16 ms against 0.066 ms
-        for ``(46656, 4, 4) * (4, 1)``).
+        for ``(46656, 4, 4) * (4, 1)``). A small operand is spread over as many trailing
+        dims as a size bound allows; a large one, times a small ``other``, over its last
+        dim only: a copy is fast where the product is not (0.27 + 0.07 ms against
+        1.26 ms for ``(4, 4) * (46656, 4, 1)``).
         """
         total = math.prod(shape)
-        own = [1] * (len(shape) - self.rank(small)) + list(self.shape(small))
+        own = [1] * (len(shape) - self.rank(node)) + list(self.shape(node))
         if total < WIDEN_MIN_ENTRIES or own[-1] != 1 or shape[-1] == 1:
-            return small
+            return node
         wide = list(own)
         for d in range(len(shape) - 1, -1, -1):
             if wide[d] == 1 and shape[d] > 1:
                 if math.prod(wide) * shape[d] > min(WIDEN_MAX_ENTRIES, total // 8):
                     break
                 wide[d] = shape[d]
+        if wide == own and 8 * math.prod(self.shape(other)) <= total:
+            wide[-1] = shape[-1]
         if wide == own:
-            return small
-        spread = self.expand(self.reshape(small, own), wide)
+            return node
+        spread = self.expand(self.reshape(node, own), wide)
         return self.call(aten.clone.default, spread, memory_format=torch.contiguous_format)
 
     def add(self, a: Operand, b: Operand) -> Operand:
