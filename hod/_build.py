@@ -134,7 +134,10 @@ def _generate(
 ) -> Lowered:
     """Derive ``traced`` in ``mode`` over ``seeds`` and assemble the result blocks."""
     example = flat.tensors[flat.diff[0]]
-    em = Emitter(example.device, example.dtype, request.memory_limit, request.call)
+    em = Emitter(
+        example.device, example.dtype, request.memory_limit, request.call,
+        compiling=request.compile is not None,
+    )
     fwd_order = request.order if mode == "forward" else request.order - 1
     ctx = DeriveContext(em, fwd_order, seeds.size)
     leaf_dtypes = [flat.tensors[pos].dtype for pos in flat.diff]

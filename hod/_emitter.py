@@ -61,13 +61,16 @@ class Emitter:
     """Appends ATen calls to a new graph; see the module docstring.
 
     ``device`` is the device of the traced inputs: factory calls (``zeros``, ``eye``) are
-    emitted on it, while shapes are computed on the ``meta`` device.
+    emitted on it, while shapes are computed on the ``meta`` device. ``compiling`` says
+    the code is meant for torch.compile, which fuses what ATen runs op by op: rules may
+    pick other forms for it.
     """
 
     def __init__(
         self, device: torch.device, dtype: torch.dtype, memory_limit: int | None = None,
-        call: str = "hod",
+        call: str = "hod", compiling: bool = False,
     ) -> None:
+        self.compiling = compiling
         self.graph = fx.Graph()
         self.memory_limit = memory_limit
         self.call_name = call

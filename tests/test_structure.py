@@ -334,3 +334,17 @@ def test_short_last_dims_are_spread_and_summed_by_products(monkeypatch, order):
     graph = fn.lower(x, W, V).graph_module.graph
     assert {"mv", "clone"} <= {_op(n) for n in graph.nodes}
     assert_same_tree(fn(x, W, V), reference(softmax_mlp, order, (0, 1, 2))(x, W, V))
+
+
+def test_compiled_code_keeps_einsum_for_wider_narrow_products(monkeypatch):
+    """A weight's gradient ``x.T @ D delta`` with 8 columns goes through a Kronecker
+    product in eager code but stays an ``einsum`` in code meant for torch.compile (see
+    ``hod.rules.linalg._narrow_left``); both are right."""
+    monkeypatch.setattr(linalg, "NARROW_MIN_ROWS", 64)
+    x, W, V = torch.rand(4, 3, dtype=D), torch.rand(3, 8, dtype=D), torch.rand(8, 8, dtype=D)
+    expected = reference(narrow_mlp, 3, (0, 1, 2))(x, W, V)
+    for compile, kron in ((None, True), ({"backend": "aot_eager"}, False)):
+        fn = hod.derivative(narrow_mlp, 3, (0, 1, 2), compile=compile)
+        ops = {_op(n) for n in fn.lower(x, W, V).graph_module.graph.nodes}
+        assert ("kron" in ops) == kron
+        assert_same_tree(fn(x, W, V), expected)
