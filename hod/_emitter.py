@@ -19,8 +19,9 @@ from .errors import MemoryLimitError
 
 aten = torch.ops.aten
 
-#: Products at least this large spread an operand broadcast along their last dim
-#: (see :meth:`Emitter._widened`), to at most this many entries.
+#: On the CPU (where ATen's loops were measured), products at least this large spread an
+#: operand broadcast along their last dim (see :meth:`Emitter._widened`), to at most this
+#: many entries.
 WIDEN_MIN_ENTRIES = 32768
 WIDEN_MAX_ENTRIES = 65536
 #: A sum over a last dim this short runs as a product with ones (:meth:`Emitter.sum_dims`).
@@ -176,7 +177,8 @@ class Emitter:
         dims = [d % len(shape) for d in dims]
         n = shape[-1] if shape else 0
         if (
-            dims != [len(shape) - 1] or n > SHORT_ROW or math.prod(shape) < WIDEN_MIN_ENTRIES
+            self.device.type != "cpu"
+            or dims != [len(shape) - 1] or n > SHORT_ROW or math.prod(shape) < WIDEN_MIN_ENTRIES
             or self.dtype_of(t) not in (torch.float32, torch.float64)
             or not self._is_view_compatible(t, [-1, n])
         ):
@@ -199,7 +201,7 @@ class Emitter:
         """
         total = math.prod(shape)
         own = [1] * (len(shape) - self.rank(node)) + list(self.shape(node))
-        if total < WIDEN_MIN_ENTRIES or own[-1] != 1 or shape[-1] == 1:
+        if self.device.type != "cpu" or total < WIDEN_MIN_ENTRIES or own[-1] != 1 or shape[-1] == 1:
             return node
         wide = list(own)
         for d in range(len(shape) - 1, -1, -1):
