@@ -23,6 +23,9 @@ aten = torch.ops.aten
 #: operand broadcast along their last dim (see :meth:`Emitter._widened`), to at most this
 #: many entries.
 WIDEN_MIN_ENTRIES = 32768
+#: ... or this large when their last dim is at most :data:`SHORTEST_ROW` long.
+WIDEN_MIN_SHORT_ENTRIES = 4096
+SHORTEST_ROW = 4
 WIDEN_MAX_ENTRIES = 65536
 #: A sum over a last dim this short runs as a product with ones (:meth:`Emitter.sum_dims`).
 SHORT_ROW = 16
@@ -201,7 +204,9 @@ class Emitter:
         """
         total = math.prod(shape)
         own = [1] * (len(shape) - self.rank(node)) + list(self.shape(node))
-        if self.device.type != "cpu" or total < WIDEN_MIN_ENTRIES or own[-1] != 1 or shape[-1] == 1:
+        if self.device.type != "cpu" or not shape or own[-1] != 1 or shape[-1] == 1:
+            return node
+        if total < (WIDEN_MIN_SHORT_ENTRIES if shape[-1] <= SHORTEST_ROW else WIDEN_MIN_ENTRIES):
             return node
         wide = list(own)
         for d in range(len(shape) - 1, -1, -1):

@@ -329,6 +329,7 @@ def test_short_last_dims_are_spread_and_summed_by_products(monkeypatch, order):
     operand over its trailing dims first, and large sums over a short last dim (softmax's
     normaliser) run as a product with ones; non-square shapes catch a wrong spread."""
     monkeypatch.setattr(hod._emitter, "WIDEN_MIN_ENTRIES", 64)
+    monkeypatch.setattr(hod._emitter, "WIDEN_MIN_SHORT_ENTRIES", 64)
     x, W, V = torch.rand(3, 4, dtype=D), torch.rand(4, 5, dtype=D), torch.rand(5, 2, dtype=D)
     fn = hod.derivative(softmax_mlp, order, (0, 1, 2))
     graph = fn.lower(x, W, V).graph_module.graph
