@@ -30,7 +30,7 @@ EINSUM_MAX_PRODUCT_MACS = 4096
 #: forms (:func:`_narrow_product`, :func:`_narrow_left`) on the CPU, where they were
 #: measured; other devices keep the plain forms.
 NARROW_MAX_COLUMNS = 8
-NARROW_MIN_ROWS = 4096
+NARROW_MIN_ROWS = 2048
 
 
 def _matmul(ctx: DeriveContext):
