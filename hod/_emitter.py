@@ -231,6 +231,10 @@ class Emitter:
             a, b = b, a
         if not isinstance(a, fx.Node):
             return a + b
+        for first, second in ((a, b), (b, a)):
+            negated = _negated(second)
+            if negated is not None:  # a + (-x) as a - x: one op, the same bits
+                return self.call(aten.sub.Tensor, first, negated)
         return self.call(aten.add.Tensor, a, b)
 
     def sub(self, a: Operand, b: Operand) -> Operand:
@@ -389,6 +393,19 @@ def _simplify(op: Any, args: tuple, val: Any) -> fx.Node | None:
             and other.meta["val"].shape == val.shape and other.meta["val"].dtype == val.dtype
         ):
             return other
+    return None
+
+
+def _negated(value: Operand) -> fx.Node | None:
+    """``x`` when ``value`` is the node ``-x`` (``neg(x)`` or ``x * -1``), else None."""
+    if not isinstance(value, fx.Node) or value.op != "call_function":
+        return None
+    if value.target is aten.neg.default:
+        return value.args[0]
+    if value.target is aten.mul.Tensor:
+        x, factor = value.args
+        if isinstance(x, fx.Node) and not isinstance(factor, fx.Node) and factor == -1:
+            return x
     return None
 
 
