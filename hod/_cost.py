@@ -87,7 +87,8 @@ def _work(node: fx.Node, spans: dict, placed: set[fx.Node], order: int) -> float
         span = spans.get(arg)
         if span is not None:
             width = max(0, min(hi, span[1]) - max(lo, span[0]))
-            carrying.append((width, _is_identity_seeded(arg, placed), _is_input(arg)))
+            root = _through_views(arg)
+            carrying.append((width, root in placed, root.op == "placeholder"))
     work = 0.0
     for width, identity, _ in carrying:
         per_entry = 1 if identity else contraction
@@ -104,19 +105,11 @@ def _work(node: fx.Node, spans: dict, placed: set[fx.Node], order: int) -> float
     return work
 
 
-def _is_input(node: fx.Node) -> bool:
-    """An input leaf, or a view of one."""
+def _through_views(node: fx.Node) -> fx.Node:
+    """``node`` followed back through views to the node they view (itself if none)."""
     while node.op == "call_function" and node.target in _VIEWS:
         node = node.args[0]
-    return node.op == "placeholder"
-
-
-def _is_identity_seeded(node: fx.Node, placed: set[fx.Node]) -> bool:
-    """One of the ``placed`` input leaves, or a view of one: its derivative is its
-    identity seed."""
-    while node.op == "call_function" and node.target in _VIEWS:
-        node = node.args[0]
-    return node in placed
+    return node
 
 
 def _value_size(node: fx.Node) -> int:

@@ -121,10 +121,15 @@ class DeriveContext:
 
     def pad(self, t: Operand, k: int, own: Span, span: Span) -> Operand:
         """Zero-pad ``t``'s ``k`` leading seed axes from ``own`` to ``span``."""
-        if t is None or own == span:
+        return self._pad_axes(t, [own] * k, span)
+
+    def _pad_axes(self, t: Operand, owns: Sequence[Span], span: Span) -> Operand:
+        """Zero-pad each leading seed axis of ``t`` from its own span in ``owns`` to ``span``."""
+        if t is None or all(own == span for own in owns):
             return t
-        value_rank = self.em.rank(t) - k
-        pads = [0, 0] * value_rank + [own[0] - span[0], span[1] - own[1]] * k
+        pads = [0, 0] * (self.em.rank(t) - len(owns))
+        for own in reversed(owns):
+            pads += [own[0] - span[0], span[1] - own[1]]
         return self.em.call(torch.ops.aten.constant_pad_nd.default, t, pads, 0.0)
 
     # -- placing seed axes -----------------------------------------------------------------
@@ -237,43 +242,37 @@ class DeriveContext:
             return self._narrow_cross_term(a, b, chosen, rest, m, apply, rank, count), self.span
         else:
             own = self.span
-        outer, self.seed_size = self.seed_size, own[1] - own[0]
-        try:
-            left = self.operand(a, chosen, m, rank)
-            right = self.operand(b, rest, m, rank)
-            if count != 1 and left is not None and right is not None:
-                if _numel(self.em, left) <= _numel(self.em, right):
-                    left = self.em.mul(count, left)
-                else:
-                    right = self.em.mul(count, right)
-            term = None if left is None or right is None else apply(left, right)
-        finally:
-            self.seed_size = outer
-        return term, own
+        left = self.operand(a, chosen, m, rank)
+        right = self.operand(b, rest, m, rank)
+        if left is None or right is None:
+            return None, own
+        if count != 1:
+            if _numel(self.em, left) <= _numel(self.em, right):
+                left = self.em.mul(count, left)
+            else:
+                right = self.em.mul(count, right)
+        return apply(left, right), own
 
     def _narrow_cross_term(self, a, b, chosen, rest, m, apply, rank, count) -> Operand:
         """A cross term whose factor on one side is a leaf's identity seed, zero outside
         the leaf's span: that factor is taken over its own span on its axes (so ``apply``
-        sees the identity and can place the other factor instead of multiplying), and the
-        term is zero-padded to the whole span afterwards."""
+        sees the identity and can place the other factor instead of multiplying; the count
+        scales the other factor), and the term is zero-padded to the whole span afterwards."""
         a, b = a.narrow or a, b.narrow or b
         left = self.operand(a, chosen, m, rank)
         right = self.operand(b, rest, m, rank)
         if left is None or right is None:
             return None
         if count != 1:
-            left = self.em.mul(count, left)
-        term = apply(left, right)
-        owns = [None] * m
+            if _is_identity_seed(b, rest):
+                left = self.em.mul(count, left)
+            else:
+                right = self.em.mul(count, right)
+        owns: list[Span] = [self.span] * m
         for positions, jet in ((chosen, a), (rest, b)):
             for p in positions:
                 owns[p] = self.span_of(jet)
-        pads = [0, 0] * (self.em.rank(term) - m)
-        for own in reversed(owns):
-            pads += [own[0] - self.span[0], self.span[1] - own[1]]
-        if not any(pads):
-            return term
-        return self.em.call(torch.ops.aten.constant_pad_nd.default, term, pads, 0.0)
+        return self._pad_axes(apply(left, right), owns, self.span)
 
     def sum_pieces(self, pieces: Sequence[tuple[Operand, Span]], k: int) -> Operand:
         """The sum over ``self.span`` of derivatives with ``k`` seed axes, each covering

@@ -148,12 +148,16 @@ def _op(node) -> str:
 
 def _reads_an_identity(node, sizes: set[int]) -> bool:
     """Whether ``node`` reads an identity matrix of one of ``sizes``, seen through views,
-    slices and padding."""
+    slices, padding and scaling by a number."""
     return any(
         (_op(arg) == "eye" and arg.args[0] in sizes)
-        or (_op(arg) in _RESHAPES and _reads_an_identity(arg, sizes))
+        or (_passes_on_identity(arg) and _reads_an_identity(arg, sizes))
         for arg in node.all_input_nodes
     )
+
+
+def _passes_on_identity(node) -> bool:
+    return _op(node) in _RESHAPES or (_op(node) == "mul" and len(node.all_input_nodes) == 1)
 
 
 @pytest.mark.parametrize("order", [3, 4])
