@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from ._cost import derivative_work
 from ._derive import derive
 from ._emitter import Emitter, Operand
 from ._jet import DeriveContext, Jet
-from ._memory import Memory
+from ._memory import Memory, unwatched
 from ._per_example import per_example_block, with_per_example_terms
 from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds
 from ._signature import FlatCall, flatten_outputs
@@ -59,8 +59,10 @@ class Lowered:
     calls over the flat tensor leaves); ``code`` is its Python source; ``mode`` says how
     it differentiates (``"forward"`` or ``"reverse-last"``); ``seed_size`` is the size of
     the seed space its derivative tensors span. ``planned_module``, when set, is the same
-    code writing its large tensors into ``memory`` (see :mod:`hod._memory`); it runs
-    instead of ``graph_module`` on plain CPU tensors. ``compiled``, when set, is
+    code for tensors that no transform watches (:func:`~hod._memory.unwatched`), which
+    runs instead: on the CPU it writes its large tensors into ``memory`` (see
+    :mod:`hod._memory`), and its view chains may be single calls (see :mod:`hod._views`);
+    ``captured`` are the tensors the code reads besides its inputs. ``compiled``, when set, is
     ``graph_module`` compiled with torch.compile (see :mod:`hod._compiled`); it runs on
     tensors that no transform watches.
     """
@@ -72,6 +74,7 @@ class Lowered:
     planned_module: fx.GraphModule | None = None
     memory: Memory | None = None
     compiled: CompiledCode | None = None
+    captured: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def code(self) -> str:
@@ -81,12 +84,15 @@ class Lowered:
         # ``forward`` directly: the generated module has no hooks, so skip Module.__call__.
         if self.compiled is not None and self.compiled.usable(tensors):
             return self.compiled(tensors)
-        memory = self.memory
-        if memory is not None and memory.usable(tensors) and memory.lock.acquire(blocking=False):
-            try:
-                return self.planned_module.forward(*tensors, *memory.tensors())
-            finally:
-                memory.lock.release()
+        fast, memory = self.planned_module, self.memory
+        if fast is not None and unwatched(tensors) and unwatched(self.captured):
+            if memory is None:
+                return fast.forward(*tensors)
+            if memory.lock.acquire(blocking=False):
+                try:
+                    return fast.forward(*tensors, *memory.tensors())
+                finally:
+                    memory.lock.release()
         return self.graph_module.forward(*tensors)
 
 
@@ -179,8 +185,10 @@ def _generate(
         gm = generate(em.graph, em.constants, em.device, plan_memory=False)[0]
         compiled = CompiledCode(gm, request.compile, request.call, list(em.constants.values()))
         return Lowered(gm, spec, mode, seeds.size, compiled=compiled)
-    gm, planned, memory = generate(em.graph, em.constants, em.device)
-    return Lowered(gm, spec, mode, seeds.size, planned, memory)
+    captured = list(em.constants.values())
+    probe = None if request.allow_random or not unwatched(flat.tensors) else flat.tensors
+    gm, fast, memory = generate(em.graph, em.constants, em.device, probe=probe)
+    return Lowered(gm, spec, mode, seeds.size, fast, memory, captured=captured)
 
 
 def _check_outputs(out_vals: list[torch.Tensor], call: str) -> None:

@@ -7,12 +7,13 @@ overhead is most of the time, so ops with an exact public twin are called throug
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx
 
 from . import _memory
+from ._views import collapse_view_chains
 
 aten = torch.ops.aten
 
@@ -38,6 +39,7 @@ FAST_TWINS: dict[object, Callable] = {
     aten.permute.default: torch.permute,
     aten.view.default: torch.Tensor.view,
     aten.expand.default: torch.Tensor.expand,
+    aten.as_strided.default: torch.as_strided,
     aten._softmax.default: torch._softmax,
     aten._log_softmax.default: torch._log_softmax,
     aten.gt.Scalar: torch.gt,
@@ -52,20 +54,66 @@ FAST_TWINS: dict[object, Callable] = {
 
 def generate(
     graph: fx.Graph, constants: dict[str, torch.Tensor], device: torch.device,
-    plan_memory: bool = True,
+    plan_memory: bool = True, probe: Sequence[torch.Tensor] | None = None,
 ) -> tuple[fx.GraphModule, fx.GraphModule | None, _memory.Memory | None]:
     """The GraphModule running ``graph`` (dead code removed, fast callables substituted),
-    holding ``constants`` as attributes; on the CPU with ``plan_memory`` also the variant
-    writing its large tensors into reused memory, and that memory (see
-    :mod:`hod._memory`), or None."""
+    holding ``constants`` as attributes; and a faster variant for plain tensors outside
+    autograd and transforms, or None: on the CPU with ``plan_memory`` it writes its large
+    tensors into reused memory, returned third (see :mod:`hod._memory`); with ``probe``,
+    the call's tensors, its view chains are single calls (see :mod:`hod._views`)."""
     _fuse_transposed_mm(graph)
     graph.eliminate_dead_code()
     planned = _memory.plan(graph) if plan_memory and device.type == "cpu" else None
-    if planned is None:
+    fast, memory = planned if planned is not None else (_memory.copy_graph(graph), None)
+    collapsed = probe is not None and collapse_view_chains(
+        fast, lambda g: _module(g, constants),
+        [*probe, *(memory.tensors() if memory is not None else [])], len(probe),
+    )
+    if planned is None and not collapsed:
         return _finish(graph, constants), None, None
-    planned_graph, memory = planned
-    memory.captured = list(constants.values())
-    return _finish(graph, constants), _finish(planned_graph, constants), memory
+    fast_constants = _scalars_as_tensors(fast, constants, device)
+    return _finish(graph, constants), _finish(fast, fast_constants), memory
+
+
+#: Binary ops whose number operand may be a 0-dim tensor of the other operand's dtype.
+_SCALAR_OPERAND_OPS = (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor)
+
+
+def _scalars_as_tensors(
+    graph: fx.Graph, constants: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Numbers multiplying, adding to or dividing float32/float64 tensors read from 0-dim
+    tensors of that dtype instead, and ``constants`` with those tensors added.
+
+    ATen wraps a Python number into a new tensor on every call: ``mul(x, 2)`` took 1.96 us
+    for a small ``x``, ``mul(x, c)`` with a 0-dim ``c`` 0.94 us. For these two dtypes the
+    number is rounded to the tensor's dtype either way, so the bits are the same.
+    """
+    constants = dict(constants)
+    made: dict[tuple, fx.Node] = {}
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _SCALAR_OPERAND_OPS:
+            continue
+        dtype = node.meta["val"].dtype
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if (
+            dtype not in (torch.float32, torch.float64) or len(tensors) != 1
+            or tensors[0].meta["val"].dtype != dtype
+        ):
+            continue
+        args = list(node.args)
+        for i, a in enumerate(args):
+            if type(a) in (int, float):
+                key = (float(a), dtype)
+                if key not in made:
+                    name = f"_number_{len(made)}"
+                    constants[name] = torch.tensor(float(a), dtype=dtype, device=device)
+                    with graph.inserting_after(anchor):
+                        made[key] = graph.get_attr(name)
+                args[i] = made[key]
+        node.args = tuple(args)
+    return constants
 
 
 def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:

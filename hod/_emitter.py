@@ -104,6 +104,8 @@ class Emitter:
         """Emit ``op(*args, **kwargs)`` once; a repeated call returns the first node."""
         key = (op, _freeze(args), _freeze(kwargs))
         node = self._seen.get(key)
+        if node is None and op in _COMMUTATIVE and len(args) == 2 and not kwargs:
+            node = self._seen.get((op, _freeze(args[::-1]), _freeze(kwargs)))
         if node is None:
             meta_args = _to_meta(args)
             meta_kwargs = {k: _to_meta(v) for k, v in kwargs.items()}
@@ -167,6 +169,10 @@ class Emitter:
             a, b = b, a
         if not isinstance(a, fx.Node):
             return a * b
+        if not isinstance(b, fx.Node):
+            base, factor = _scaled(a)
+            if factor != 1:  # (x * c) * b as x * (c * b)
+                return self.mul(base, factor * b)
         if isinstance(b, fx.Node):
             shape = torch.broadcast_shapes(self.shape(a), self.shape(b))
             a, b = self._widened(a, shape, b), self._widened(b, shape, a)
@@ -231,6 +237,10 @@ class Emitter:
             a, b = b, a
         if not isinstance(a, fx.Node):
             return a + b
+        if isinstance(b, fx.Node):
+            (x, ca), (y, cb) = _scaled(a), _scaled(b)
+            if x is y and ca + cb != 0:  # x * ca + x * cb as x * (ca + cb)
+                return self.mul(x, ca + cb)
         for first, second in ((a, b), (b, a)):
             negated = _negated(second)
             if negated is not None:  # a + (-x) as a - x: one op, the same bits
@@ -248,9 +258,17 @@ class Emitter:
         return self.call(aten.neg.default, a)
 
     def sum_terms(self, terms: Sequence[Operand]) -> Operand:
-        total: Operand = None
+        """The sum of ``terms``; terms that scale one node are added as one scaled term."""
+        groups: dict[Any, list[Operand]] = {}
         for term in terms:
-            total = self.add(total, term)
+            key = _scaled(term)[0] if isinstance(term, fx.Node) else ("not a node", len(groups))
+            groups.setdefault(key, []).append(term)
+        total: Operand = None
+        for group in groups.values():
+            part: Operand = None
+            for term in group:
+                part = self.add(part, term)
+            total = self.add(total, part)
         return total
 
     def product(self, factors: Sequence[Operand]) -> Operand:
@@ -316,6 +334,7 @@ class Emitter:
         return True
 
 
+_COMMUTATIVE = (aten.mul.Tensor, aten.add.Tensor)
 _SCALAR = "hod_scalar"  # meta key: every element of the node equals this number
 #: Meta key: a compiler should compute the node once into memory rather than inline it
 #: into its readers (see :mod:`hod._compiled`).
@@ -394,6 +413,18 @@ def _simplify(op: Any, args: tuple, val: Any) -> fx.Node | None:
         ):
             return other
     return None
+
+
+def _scaled(node: fx.Node) -> tuple[fx.Node, float]:
+    """``(x, c)`` when ``node`` is ``x * c`` or ``-x`` (``c = -1``) for a number ``c``,
+    else ``(node, 1)``."""
+    if node.op == "call_function" and node.target is aten.neg.default:
+        return node.args[0], -1
+    if node.op == "call_function" and node.target is aten.mul.Tensor:
+        x, factor = node.args
+        if isinstance(x, fx.Node) and type(factor) in (int, float):
+            return x, factor
+    return node, 1
 
 
 def _negated(value: Operand) -> fx.Node | None:

@@ -72,15 +72,14 @@ def out_form(node: fx.Node) -> tuple[Callable, str] | None:
     return None
 
 
-def unwatched(tensors: Sequence[object], device_type: str | None = None) -> bool:
+def unwatched(tensors: Sequence[object]) -> bool:
     """Whether every tensor is an ordinary tensor that no transform watches (autograd,
-    vmap/grad, an enclosing torch.compile), on ``device_type`` when one is given."""
+    vmap/grad, an enclosing torch.compile)."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:
         if isinstance(t, torch.Tensor) and (
             type(t) is not torch.Tensor
-            or (device_type is not None and t.device.type != device_type)
             or (t.requires_grad and torch.is_grad_enabled())
             or torch._C._functorch.is_functorch_wrapped_tensor(t)
         ):
@@ -124,13 +123,8 @@ class Memory:
     arena_size: int
     arena_layout: list[tuple[int, tuple[int, ...], torch.dtype]]  # offset, shape, dtype
     slots: list[_Slot]
-    captured: list[torch.Tensor] = field(default_factory=list)  # tensors the code reads
     lock: threading.Lock = field(default_factory=threading.Lock)
     _arena: list[torch.Tensor] | None = None
-
-    def usable(self, inputs: Sequence[torch.Tensor]) -> bool:
-        """Whether the planned code may run on ``inputs`` (and the captured tensors)."""
-        return unwatched(inputs, "cpu") and unwatched(self.captured, "cpu")
 
     def tensors(self) -> list[torch.Tensor]:
         """The buffers the planned code writes into: arena views, then slot tensors."""
@@ -141,11 +135,16 @@ class Memory:
             return self._arena + [slot.tensor() for slot in self.slots]
 
 
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
+
+
 def plan(graph: fx.Graph) -> tuple[fx.Graph, Memory] | None:
     """A copy of ``graph`` that writes its large tensors into reused memory (taken as
     extra trailing inputs), and that memory; None when nothing is worth planning."""
-    copy = fx.Graph()
-    copy.output(copy.graph_copy(graph, {}))
+    copy = copy_graph(graph)
     concatenate_in_place(copy, out_form)
     nodes = list(copy.nodes)
     index = {n: i for i, n in enumerate(nodes)}

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import assert_same_tree, reference
-from models import seed_mlp
+from models import seed_mlp, tanh_mlp
 
 import hod
 import hod._emitter
@@ -185,7 +185,7 @@ def two_layers_vector(x, W, V):
 
 @pytest.mark.parametrize(("f", "order", "argnums"), [
     (weights_both_sides, 3, (0, 1, 2)), (weights_both_sides, 4, (0, 1, 2)),
-    (weights_both_sides, 3, 0), (two_layers_vector, 3, (0, 2)), (two_layers_vector, 4, 1),
+    (weights_both_sides, 4, 0), (two_layers_vector, 3, (0, 2)), (two_layers_vector, 4, 1),
 ])
 def test_top_order_is_computed_up_to_symmetry(monkeypatch, f, order, argnums):
     """One Faà di Bruno or Leibniz term per kind of placement at the top order, weighted,
@@ -367,3 +367,27 @@ def test_adding_a_negation_is_a_subtraction():
     ops = [_op(n) for n in fn.lower(x).graph_module.graph.nodes]
     assert "sub" in ops and "neg" not in ops
     assert_same_tree(fn(x), reference(sine_minus_cosine, 2)(x))
+
+
+
+@pytest.mark.parametrize("order", [3, 4])
+def test_products_are_made_once_and_like_terms_added_as_one(order):
+    """The rule for tanh's derivative multiplies ``y * y'`` and ``y' * y``: one node. Terms
+    that scale one node are summed as one scaled term: no ``x + x``, no ``x*c + x``."""
+    args = (torch.rand(2, 3, dtype=D), torch.rand(3, 4, dtype=D), torch.rand(4, dtype=D),
+            torch.rand(4, 2, dtype=D), torch.rand(2, dtype=D))
+    fn = hod.derivative(tanh_mlp, order, (0, 1))
+    nodes = [n for n in fn.lower(*args).graph_module.graph.nodes if n.op == "call_function"]
+    products = [tuple(n.args) for n in nodes if _op(n) == "mul"]
+    assert len(products) > 10
+    assert not any(a[::-1] in products for a in products if a != a[::-1])
+
+    def base(x):
+        if _op(x) == "mul" and type(x.args[1]) in (int, float):
+            return x.args[0]
+        return x
+
+    for n in nodes:
+        if _op(n) == "add" and all(isinstance(a, torch.fx.Node) for a in n.args):
+            assert base(n.args[0]) is not base(n.args[1])
+    assert_same_tree(fn(*args), reference(tanh_mlp, order, (0, 1))(*args))

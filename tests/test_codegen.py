@@ -1,0 +1,153 @@
+"""The fast variant of generated code (hod._codegen, hod._views): collapsed view chains and
+numbers read from 0-dim tensors, run on plain tensors; the general code elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_same_tree, reference
+from models import seed_mlp, tanh_mlp
+from torch.utils._pytree import tree_flatten
+
+import hod
+import hod._codegen
+import hod._memory
+import hod._views
+
+D = torch.float64
+ARGNUMS = (0, 1, 2, 3)
+
+
+def _mlp_inputs(batch: int = 2, width: int = 4, dtype=D):
+    return torch.rand(batch, width, dtype=dtype), *(
+        torch.rand(width, width, dtype=dtype) for _ in range(3)
+    )
+
+
+def _count(module, name: str) -> int:
+    return sum(
+        1 for n in module.graph.nodes
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == name
+    )
+
+
+def _views(module) -> int:
+    return sum(
+        1 for n in module.graph.nodes
+        if n.op == "call_function"
+        and getattr(n.target, "__name__", "") in ("view", "permute", "slice", "expand", "movedim")
+    )
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_view_chains_become_single_calls(order):
+    """Result blocks are slices of slices, permuted and viewed: in the fast code each is
+    one ``as_strided``, with the layouts of the general code (same values, same strides),
+    on the first call and on later ones."""
+    args = _mlp_inputs()
+    fn = hod.derivative(seed_mlp, order, ARGNUMS)
+    lowered = fn.lower(*args)
+    fast, general = lowered.planned_module, lowered.graph_module
+    assert _count(fast, "as_strided") > 0
+    assert _views(fast) + _count(fast, "as_strided") < _views(general)
+    expected = general(*args)
+    for _ in range(2):
+        actual = tree_flatten(fn(*args))[0]
+        assert [t.stride() for t in actual] == [t.stride() for t in expected]
+        assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+    assert_same_tree(actual, tree_flatten(reference(seed_mlp, order, ARGNUMS)(*args))[0])
+
+
+def test_view_chains_of_planned_memory_are_collapsed(monkeypatch):
+    """Planned tensors (results in slots, intermediates in the arena, concatenations
+    written in place) are roots too; held results make the next call use fresh slots."""
+    monkeypatch.setattr(hod._memory, "MIN_PLANNED_BYTES", 0)
+    args = _mlp_inputs(batch=3)
+    fn = hod.derivative(seed_mlp, 3, ARGNUMS)
+    lowered = fn.lower(*args)
+    assert lowered.memory is not None and _count(lowered.planned_module, "as_strided") > 0
+    expected = reference(seed_mlp, 3, ARGNUMS)(*args)
+    first = fn(*args)
+    second = fn(*args)  # ``first`` still held
+    assert_same_tree(first, expected)
+    assert_same_tree(second, expected)
+
+
+def test_inputs_are_never_roots():
+    """A chain from an input is left alone: its storage offset is the caller's."""
+    x = torch.rand(2, 4, 4, dtype=D)
+
+    def f(x):
+        return torch.tanh(x.permute(2, 0, 1)[1:].reshape(-1)).sum()
+
+    fn = hod.derivative(f, 2)
+    inputs = [n for n in fn.lower(x).planned_module.graph.nodes if n.op == "placeholder"]
+    for node in fn.lower(x).planned_module.graph.nodes:
+        if getattr(node.target, "__name__", "") == "as_strided":
+            assert node.args[0] not in inputs
+    bigger = torch.rand(5, 2, 4, 4, dtype=D)[3]  # contiguous, with a storage offset
+    assert_same_tree(fn(bigger), reference(f, 2)(bigger))
+
+
+def test_layouts_are_observed_on_the_call(monkeypatch):
+    """The rewrite takes the layouts that the code produced, not what meta tensors say:
+    with the observation faked, the rewritten code is wrong (so the test can fail)."""
+    args = _mlp_inputs()
+    real = hod._views._observe
+
+    def at_the_start(*a):
+        return [t.as_strided(t.shape, t.stride(), 0) for t in real(*a)]
+
+    monkeypatch.setattr(hod._views, "_observe", at_the_start)
+    wrong = tree_flatten(hod.derivative(seed_mlp, 2, ARGNUMS)(*args))[0]
+    monkeypatch.undo()
+    right = tree_flatten(hod.derivative(seed_mlp, 2, ARGNUMS)(*args))[0]
+    assert_same_tree(right, tree_flatten(reference(seed_mlp, 2, ARGNUMS)(*args))[0])
+    assert not all(torch.equal(a, b) for a, b in zip(wrong, right, strict=True))
+
+
+def test_calls_that_autograd_watches_run_the_general_code():
+    """With inputs requiring grad, the fast code is not made at build and not run later;
+    the results stay differentiable."""
+    args = [a.requires_grad_() for a in _mlp_inputs()]
+    fn = hod.hessian(seed_mlp, 1)
+    lowered = fn.lower(*args)
+    assert lowered.planned_module is None or _count(lowered.planned_module, "as_strided") == 0
+    hessian = fn(*args)
+    (gx,) = torch.autograd.grad(hessian.sum(), args[1])
+    expected = torch.func.jacrev(lambda w: reference(seed_mlp, 2, 1)(args[0], w, *args[2:]).sum())
+    torch.testing.assert_close(gx, expected(args[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numbers_are_read_from_0_dim_tensors(dtype):
+    """``mul(x, 2)`` wraps 2 into a new tensor on every call; the fast code reads it from
+    a 0-dim tensor of x's dtype instead, with the same bits as the general code."""
+    args = (torch.rand(2, 3, dtype=dtype), torch.rand(3, 4, dtype=dtype),
+            torch.rand(4, dtype=dtype), torch.rand(4, 2, dtype=dtype),
+            torch.rand(2, dtype=dtype))
+    fn = hod.derivative(tanh_mlp, 3, (0, 1))
+    lowered = fn.lower(*args)
+    fast = lowered.planned_module
+
+    def numbers(module) -> int:
+        return sum(
+            1 for n in module.graph.nodes
+            if n.op == "call_function"
+            and getattr(n.target, "__name__", "") in ("mul", "add", "sub")
+            and any(type(a) in (int, float) for a in n.args)
+        )
+
+    assert numbers(lowered.graph_module) > 0 and numbers(fast) == 0
+    actual, expected = tree_flatten(fn(*args))[0], lowered.graph_module(*args)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+
+
+def test_numbers_stay_numbers_in_half_precision():
+    """For float16 ATen computes ``x * c`` with ``c`` in float32: a float16 0-dim tensor
+    would round ``c`` first, so the number stays."""
+    x = torch.rand(3, dtype=torch.float16)
+    fast = hod.derivative(lambda x: (x * 0.1).sin().sum(), 2).lower(x).planned_module
+    assert fast is None or not any(
+        n.op == "get_attr" and n.target.startswith("_number_") for n in fast.graph.nodes
+    )
