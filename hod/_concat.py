@@ -10,6 +10,11 @@ result will be instead:
 * ``cat(A[:a], A[a:b] + D, A[b:])``, the slices of one fresh ``A`` in order, becomes
   ``A[a:b] += D`` and then ``A``.
 
+A derivative that covers part of the seed space is padded with zeros to be added to one
+that covers all of it: ``A + pad(D)`` (or ``A - pad(D)``), with ``A`` fresh and read only
+there, becomes ``A[window] += D`` (``-=``), which reads and writes the window alone
+instead of zeroing, copying and adding whole tensors.
+
 Some ops have no native ``out=`` form but cheap in-place equivalents (:data:`INTO`).
 """
 
@@ -68,6 +73,62 @@ def concatenate_in_place(graph: fx.Graph, writer: Writer) -> None:
             continue
         if not _add_into_base(graph, node, parts):
             _write_parts_into_buffer(graph, node, parts, writer)
+
+
+def add_padded_in_place(graph: fx.Graph) -> None:
+    """Rewrite ``A + pad(D)`` and ``A - pad(D)`` as described in the module docstring."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs or len(node.args) != 2:
+            continue
+        if node.target is aten.add.Tensor:
+            pairs, op = [node.args, node.args[::-1]], aten.add.out
+        elif node.target is aten.sub.Tensor:
+            pairs, op = [node.args], aten.sub.out
+        else:
+            continue
+        for base, padded in pairs:
+            if _pads_into(padded, node) and _fresh(base) and len(base.users) == 1 and (
+                _val(base).shape == _val(node).shape and _val(base).dtype == _val(node).dtype
+            ):
+                _add_into_window(graph, node, op, base, padded)
+                break
+
+
+def _fresh(node: object) -> bool:
+    """Whether ``node`` is new memory, or a ``view`` of new memory that nothing else reads."""
+    if isinstance(node, fx.Node) and node.target is aten.view.default:
+        node = node.args[0] if len(node.args[0].users) == 1 else None
+    return isinstance(node, fx.Node) and allocates(node)
+
+
+def _pads_into(padded: object, node: fx.Node) -> bool:
+    """Whether ``padded`` is a zero padding (no cropping) read only by ``node``, of its
+    shape and dtype."""
+    return (
+        isinstance(padded, fx.Node) and padded.target is aten.constant_pad_nd.default
+        and len(padded.users) == 1 and all(p >= 0 for p in padded.args[1])
+        and (len(padded.args) < 3 or padded.args[2] == 0)
+        and _val(padded).shape == _val(node).shape and _val(padded).dtype == _val(node).dtype
+    )
+
+
+def _add_into_window(
+    graph: fx.Graph, node: fx.Node, op: Callable, base: fx.Node, padded: fx.Node
+) -> None:
+    source, pad = padded.args[0], padded.args[1]
+    window = base
+    with graph.inserting_before(node):
+        for i in range(len(pad) // 2):
+            dim = _val(base).dim() - 1 - i
+            start, stop = pad[2 * i], pad[2 * i] + _val(source).shape[dim]
+            if (start, stop) != (0, _val(base).shape[dim]):
+                window = graph.call_function(aten.slice.Tensor, (window, dim, start, stop))
+                window.meta["val"] = window.args[0].meta["val"].narrow(dim, start, stop - start)
+        written = graph.call_function(op, (window, source), {"out": window})
+    written.meta["val"] = window.meta["val"]
+    node.replace_all_uses_with(base)
+    graph.erase_node(node)
+    graph.erase_node(padded)
 
 
 def _add_into_base(graph: fx.Graph, cat: fx.Node, parts: list[fx.Node]) -> bool:

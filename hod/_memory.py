@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ._concat import allocates, concatenate_in_place, into_form
+from ._concat import add_padded_in_place, allocates, concatenate_in_place, into_form
 from ._emitter import Emitter
 
 aten = torch.ops.aten
@@ -146,6 +146,7 @@ def plan(graph: fx.Graph) -> tuple[fx.Graph, Memory] | None:
     extra trailing inputs), and that memory; None when nothing is worth planning."""
     copy = copy_graph(graph)
     concatenate_in_place(copy, out_form)
+    add_padded_in_place(copy)
     nodes = list(copy.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     end, escaped = _lifetimes(nodes, index)

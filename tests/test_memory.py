@@ -177,3 +177,37 @@ def test_gradients_into_captured_weights_use_the_plain_code(everything_planned):
         return torch.func.hessian(lambda x: torch.tanh(x @ w).sum())(x).sum()
 
     torch.testing.assert_close(g, torch.func.grad(reference_sum)(w.detach()))
+
+
+def _padded_sums(x: torch.Tensor, d: torch.Tensor) -> list[torch.Tensor]:
+    """``A + pad(D)`` with A fresh, ``pad(D) + A`` with A a view of a fresh product,
+    ``A - pad(D)``; and one where A is read again (must stay out of place)."""
+    pad = torch.nn.functional.pad
+    a = torch.tanh(x)
+    b = (x @ x.T).view(2, 4, 8)
+    c = torch.exp(x)
+    kept = torch.sin(x)
+    return [
+        a + pad(d, (2, 2, 1, 3)), pad(d.view(2, 2, 4), (2, 2, 1, 1)) + b,
+        c - pad(d, (4, 0, 0, 4)), kept + pad(d, (1, 3, 3, 1)), kept * 2,
+    ]
+
+
+def test_padded_terms_are_added_into_their_window(everything_planned):
+    """A padded derivative added to a fresh tensor is added into the window it covers:
+    no padding, no full-size sum, the same values."""
+    x, d = torch.rand(8, 8, dtype=torch.float64), torch.rand(4, 4, dtype=torch.float64)
+    graph = make_fx(_padded_sums)(x, d).graph
+    planned, memory = plan(graph)
+    ops = [n.target for n in planned.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert sum("pad" in getattr(op, "__name__", str(op)) for op in ops) == 1  # the kept one
+    windows = [
+        n for n in planned.nodes if n.target in (aten.add.out, aten.sub.out)
+        and n.kwargs["out"] is n.args[0]
+    ]
+    assert len(windows) == 3
+    module = torch.fx.GraphModule(torch.nn.Module(), planned)
+    actual = module(x, d, *memory.tensors())
+    for got, expected in zip(actual, _padded_sums(x, d), strict=True):
+        torch.testing.assert_close(got, expected)
