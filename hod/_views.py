@@ -98,11 +98,19 @@ def _caller_memory(graph: fx.Graph, n_inputs: int) -> set[fx.Node]:
         elif node.op == "get_attr":
             external.add(node)
         elif node.op == "call_function":
-            written = [v for v in node.kwargs.values() if isinstance(v, fx.Node)]
+            written = [node.kwargs[k] for k in _out_names(node) if k in node.kwargs]
             aliased = written or ([] if allocates(node) else node.all_input_nodes)
             if any(a in external for a in aliased):
                 external.add(node)
     return external
+
+
+def _out_names(node: fx.Node) -> list[str]:
+    """The names of the arguments ``node`` writes its result into (planned code)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:  # an in-place stand-in of hod._concat.INTO
+        return ["out"]
+    return [a.name for a in schema.arguments if a.is_out]
 
 
 def _is_view(node: object) -> bool:
