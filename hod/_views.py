@@ -35,7 +35,8 @@ VIEW_OPS = frozenset({
 })
 
 #: Graphs whose tensors add up to more bytes than this are left as they are: dispatch is
-#: a small part of their time, and observing layouts costs one more run of the graph.
+#: a small part of their time, and observing layouts costs one more run of the graph,
+#: which keeps every chain's root alive to its end.
 MAX_GRAPH_BYTES = 256 * 2**20
 
 
