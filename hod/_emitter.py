@@ -210,18 +210,49 @@ class Emitter:
         """
         total = math.prod(shape)
         own = [1] * (len(shape) - self.rank(node)) + list(self.shape(node))
-        if self.device.type != "cpu" or not shape or own[-1] != 1 or shape[-1] == 1:
+        if self.device.type != "cpu" or not shape:
             return node
+        if own[-1] != 1 or shape[-1] == 1:
+            return self._widened_inner_run(node, shape, own)
         if total < (WIDEN_MIN_SHORT_ENTRIES if shape[-1] <= SHORTEST_ROW else WIDEN_MIN_ENTRIES):
             return node
+        wide = self._spread_dims(shape, own)
+        if wide == own and 8 * math.prod(self.shape(other)) <= total:
+            wide[-1] = shape[-1]
+        return self._spread(node, own, wide)
+
+    def _widened_inner_run(
+        self, node: fx.Node, shape: Sequence[int], own: list[int]
+    ) -> fx.Node:
+        """``node`` spread over trailing broadcast dims when it is not broadcast along the
+        last dims of the product but just before them, leaving a short run of entries
+        that the loops can take together: ``(4, 1) * (36, 36, 36, 4, 1)`` runs 4 entries
+        at a time, 73 us, and 0.01 + 0.02 ms with the ``(4, 1)`` spread to
+        ``(36, 36, 4, 1)``."""
+        run = 1
+        for d in range(len(shape) - 1, -1, -1):
+            if own[d] != shape[d]:
+                break
+            run *= shape[d]
+        else:
+            return node  # not broadcast
+        if run == 1 or run > SHORTEST_ROW or math.prod(shape) < WIDEN_MIN_ENTRIES:
+            return node
+        return self._spread(node, own, self._spread_dims(shape, own))
+
+    @staticmethod
+    def _spread_dims(shape: Sequence[int], own: list[int]) -> list[int]:
+        """``own`` with its broadcast dims filled from the last, while the spread operand
+        stays small (``WIDEN_MAX_ENTRIES``, an eighth of the product)."""
         wide = list(own)
         for d in range(len(shape) - 1, -1, -1):
             if wide[d] == 1 and shape[d] > 1:
-                if math.prod(wide) * shape[d] > min(WIDEN_MAX_ENTRIES, total // 8):
+                if math.prod(wide) * shape[d] > min(WIDEN_MAX_ENTRIES, math.prod(shape) // 8):
                     break
                 wide[d] = shape[d]
-        if wide == own and 8 * math.prod(self.shape(other)) <= total:
-            wide[-1] = shape[-1]
+        return wide
+
+    def _spread(self, node: fx.Node, own: list[int], wide: list[int]) -> fx.Node:
         if wide == own:
             return node
         spread = self.expand(self.reshape(node, own), wide)

@@ -341,6 +341,25 @@ def test_short_last_dims_are_spread_and_summed_by_products(monkeypatch, order):
     assert_same_tree(fn(x, W, V), reference(softmax_mlp, order, (0, 1, 2))(x, W, V))
 
 
+def test_operands_broadcast_just_before_a_short_run_are_spread(monkeypatch):
+    """``(4, 1) * (S, S, S, 4, 1)`` runs 4 entries at a time: the small operand is spread
+    over the broadcast dims before the run first (a non-square batch catches a wrong
+    spread); a product broadcast along neither is left alone."""
+    monkeypatch.setattr(hod._emitter, "WIDEN_MIN_ENTRIES", 64)
+    em = hod._emitter.Emitter(torch.device("cpu"), D)
+    small = em.placeholder("small", torch.rand(3, 1, dtype=D))
+    large = em.placeholder("large", torch.rand(5, 6, 7, 3, 1, dtype=D))
+    same = em.placeholder("same", torch.rand(5, 6, 7, 3, 1, dtype=D))
+    em.output([em.mul(small, large), em.mul(large, same)])
+    clones = [n for n in em.graph.nodes if _op(n) == "clone"]
+    assert len(clones) == 1 and clones[0].meta["val"].shape[-3:] == (7, 3, 1)
+    args = [torch.rand(3, 1, dtype=D), torch.rand(5, 6, 7, 3, 1, dtype=D),
+            torch.rand(5, 6, 7, 3, 1, dtype=D)]
+    product, plain = torch.fx.GraphModule(torch.nn.Module(), em.graph)(*args)
+    torch.testing.assert_close(product, args[0] * args[1])
+    torch.testing.assert_close(plain, args[1] * args[2])
+
+
 def test_compiled_code_keeps_einsum_for_wider_narrow_products(monkeypatch):
     """A weight's gradient ``x.T @ D delta`` with 8 columns goes through a Kronecker
     product in eager code but stays an ``einsum`` in code meant for torch.compile (see
