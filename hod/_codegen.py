@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from . import _memory
+from ._fold import fold_scalar_factors
 from ._views import collapse_view_chains
 
 aten = torch.ops.aten
@@ -62,6 +63,7 @@ def generate(
     tensors into reused memory, returned third (see :mod:`hod._memory`); with ``probe``,
     the call's tensors, its view chains are single calls (see :mod:`hod._views`)."""
     _fuse_transposed_mm(graph)
+    fold_scalar_factors(graph)
     graph.eliminate_dead_code()
     planned = _memory.plan(graph) if plan_memory and device.type == "cpu" else None
     fast, memory = planned if planned is not None else (_memory.copy_graph(graph), None)
@@ -91,7 +93,6 @@ def _scalars_as_tensors(
     """
     constants = dict(constants)
     made: dict[tuple, fx.Node] = {}
-    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _SCALAR_OPERAND_OPS:
             continue
@@ -109,7 +110,7 @@ def _scalars_as_tensors(
                 if key not in made:
                     name = f"_number_{len(made)}"
                     constants[name] = torch.tensor(float(a), dtype=dtype, device=device)
-                    with graph.inserting_after(anchor):
+                    with graph.inserting_before(node):  # its first reader
                         made[key] = graph.get_attr(name)
                 args[i] = made[key]
         node.args = tuple(args)

@@ -151,3 +151,33 @@ def test_numbers_stay_numbers_in_half_precision():
     assert fast is None or not any(
         n.op == "get_attr" and n.target.startswith("_number_") for n in fast.graph.nodes
     )
+
+
+def _scaled_sums(x, w, d):
+    """A mean over a product with a small factor plus a padded placement; and a product
+    whose result is read twice, which must keep its own scaling."""
+    y = x @ w
+    t = (x @ w.T + torch.nn.functional.pad(torch.diag_embed(d), (0, 0, 1144, 0))) * 0.25
+    return [t, y * 0.5, y]
+
+
+def test_numbers_scale_the_small_tensors_a_product_is_made_from():
+    """``(x @ w + pad(diag(d))) * 0.25`` becomes ``x @ (w * 0.25) + pad(diag(d * 0.25))``;
+    ``y * 0.5`` with ``y`` read elsewhere stays."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hod._fold import fold_scalar_factors
+
+    args = (torch.rand(1152, 8, dtype=D), torch.rand(8, 8, dtype=D), torch.rand(8, dtype=D))
+    graph = make_fx(_scaled_sums)(*args).graph
+    fold_scalar_factors(graph)
+    graph.lint()
+    scaled = [
+        n.args[0] for n in graph.nodes
+        if n.op == "call_function" and n.target is torch.ops.aten.mul.Tensor
+    ]
+    sizes = sorted(n.meta["val"].numel() for n in scaled)
+    assert sizes == [64, 64, 1152 * 8]  # w's transpose, diag(d); and y, read twice
+    actual = torch.fx.GraphModule(torch.nn.Module(), graph)(*args)
+    for got, expected in zip(actual, _scaled_sums(*args), strict=True):
+        torch.testing.assert_close(got, expected)
