@@ -173,7 +173,7 @@ class Emitter:
             base, factor = _scaled(a)
             if factor != 1:  # (x * c) * b as x * (c * b)
                 return self.mul(base, factor * b)
-        if isinstance(b, fx.Node):
+        else:
             shape = torch.broadcast_shapes(self.shape(a), self.shape(b))
             a, b = self._widened(a, shape, b), self._widened(b, shape, a)
         return self.call(aten.mul.Tensor, a, b)
@@ -460,15 +460,10 @@ def _scaled(node: fx.Node) -> tuple[fx.Node, float]:
 
 def _negated(value: Operand) -> fx.Node | None:
     """``x`` when ``value`` is the node ``-x`` (``neg(x)`` or ``x * -1``), else None."""
-    if not isinstance(value, fx.Node) or value.op != "call_function":
+    if not isinstance(value, fx.Node):
         return None
-    if value.target is aten.neg.default:
-        return value.args[0]
-    if value.target is aten.mul.Tensor:
-        x, factor = value.args
-        if isinstance(x, fx.Node) and not isinstance(factor, fx.Node) and factor == -1:
-            return x
-    return None
+    x, factor = _scaled(value)
+    return x if factor == -1 else None
 
 
 def _is_zero(value: Operand) -> bool:

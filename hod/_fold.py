@@ -45,8 +45,8 @@ def fold_scalar_factors(graph: fx.Graph) -> None:
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
             continue
-        edits = _plan(t, node, 0, val.numel() // SMALLER, root=True)
-        if not edits or edits == [(node, 0)]:
+        edits = _plan(t, node, 0, val.numel() // SMALLER)
+        if not edits or edits == [(node, 0)]:  # nothing smaller than t to scale
             continue
         for consumer, index in edits:
             arg = consumer.args[index]
@@ -58,15 +58,13 @@ def fold_scalar_factors(graph: fx.Graph) -> None:
         graph.erase_node(node)
 
 
-def _plan(
-    node: object, consumer: fx.Node, index: int, limit: int, root: bool = False
-) -> list[Edit] | None:
+def _plan(node: object, consumer: fx.Node, index: int, limit: int) -> list[Edit] | None:
     """Where to scale so that ``consumer``'s argument ``index`` (``node``) comes out
     scaled; None when the factor cannot be carried to tensors of at most ``limit``
     entries."""
     if not isinstance(node, fx.Node) or not isinstance(node.meta.get("val"), torch.Tensor):
         return None
-    if node.meta["val"].numel() <= limit and not root:
+    if node.meta["val"].numel() <= limit:
         return [(consumer, index)]
     if node.op != "call_function" or len(node.users) != 1 or node.kwargs:
         return None

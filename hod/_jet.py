@@ -242,16 +242,24 @@ class DeriveContext:
             return self._narrow_cross_term(a, b, chosen, rest, m, apply, rank, count), self.span
         else:
             own = self.span
+        return self._term(a, b, chosen, rest, m, apply, rank, count, self._not_larger), own
+
+    def _not_larger(self, left: Operand, right: Operand) -> bool:
+        return _numel(self.em, left) <= _numel(self.em, right)
+
+    def _term(self, a, b, chosen, rest, m, apply, rank, count, count_left) -> Operand:
+        """``count`` times ``apply`` of the two factors (None when one is zero); the count
+        scales the left factor when ``count_left(left, right)``, else the right one."""
         left = self.operand(a, chosen, m, rank)
         right = self.operand(b, rest, m, rank)
         if left is None or right is None:
-            return None, own
+            return None
         if count != 1:
-            if _numel(self.em, left) <= _numel(self.em, right):
+            if count_left(left, right):
                 left = self.em.mul(count, left)
             else:
                 right = self.em.mul(count, right)
-        return apply(left, right), own
+        return apply(left, right)
 
     def _narrow_cross_term(self, a, b, chosen, rest, m, apply, rank, count) -> Operand:
         """A cross term whose factor on one side is a leaf's identity seed, zero outside
@@ -259,20 +267,13 @@ class DeriveContext:
         sees the identity and can place the other factor instead of multiplying; the count
         scales the other factor), and the term is zero-padded to the whole span afterwards."""
         a, b = a.narrow or a, b.narrow or b
-        left = self.operand(a, chosen, m, rank)
-        right = self.operand(b, rest, m, rank)
-        if left is None or right is None:
-            return None
-        if count != 1:
-            if _is_identity_seed(b, rest):
-                left = self.em.mul(count, left)
-            else:
-                right = self.em.mul(count, right)
+        seed_right = _is_identity_seed(b, rest)
+        term = self._term(a, b, chosen, rest, m, apply, rank, count, lambda *_: seed_right)
         owns: list[Span] = [self.span] * m
         for positions, jet in ((chosen, a), (rest, b)):
             for p in positions:
                 owns[p] = self.span_of(jet)
-        return self._pad_axes(apply(left, right), owns, self.span)
+        return self._pad_axes(term, owns, self.span)
 
     def sum_pieces(self, pieces: Sequence[tuple[Operand, Span]], k: int) -> Operand:
         """The sum over ``self.span`` of derivatives with ``k`` seed axes, each covering

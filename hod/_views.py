@@ -48,8 +48,10 @@ def collapse_view_chains(
     memory into one ``as_strided`` call, with the layouts seen when ``module(graph)``
     runs on ``args``, of which the first ``n_inputs`` are the call's tensors. Whether
     anything changed."""
+    if _graph_bytes(graph) > MAX_GRAPH_BYTES:
+        return False
     ends = _chain_ends(graph, n_inputs)
-    if not ends or _graph_bytes(graph) > MAX_GRAPH_BYTES:
+    if not ends:
         return False
     seen = _observe(graph, module, args, [*ends, *ends.values()])
     changed = False
