@@ -44,10 +44,15 @@ def _constant_pad_into(x, pad, value=0.0, *, out):
     return out
 
 
+def _clone_into(x, *, memory_format=None, out):
+    return out.copy_(x)
+
+
 #: ATen ops without a native ``out=`` form, and functions writing their result into ``out``.
 INTO: dict[object, Callable] = {
     aten.diag_embed.default: _diag_embed_into,
     aten.constant_pad_nd.default: _constant_pad_into,
+    aten.clone.default: _clone_into,
 }
 
 
@@ -55,6 +60,8 @@ def into_form(node: fx.Node) -> Callable | None:
     """``node``'s :data:`INTO` function, when it has one that applies."""
     if node.target is aten.constant_pad_nd.default and any(p < 0 for p in node.args[1]):
         return None  # negative pads crop
+    if node.target is aten.clone.default and not _val(node).is_contiguous():
+        return None  # planned memory is contiguous
     return INTO.get(node.target)
 
 

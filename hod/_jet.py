@@ -163,21 +163,22 @@ class DeriveContext:
         One term per set partition ``P`` of the m seed positions; a block ``B`` contributes
         ``D^|B| x`` with its seed axes placed at the positions in ``B``.
         """
+        return [self.faa_di_bruno(x, tower, m) for m in range(1, self.order + 1)]
+
+    def faa_di_bruno(self, x: Jet, tower: Tower, m: int) -> Operand:
+        """The order-``m`` term of :meth:`unary`, which reads ``D^1 x .. D^m x`` only."""
         em = self.em
         rank = em.rank(x.primal)
-        result: list[Operand] = []
-        for m in range(1, self.order + 1):
-            terms = []
-            for partition, count in self._partitions(m):
-                factors = [self.place(x.d(len(b)), len(b), b, m, rank) for b in partition]
-                if any(f is None for f in factors):
-                    continue
-                coefficient = tower(len(partition))
-                if coefficient is None:
-                    continue
-                terms.append(em.mul(em.mul(count, coefficient), em.product(factors)))
-            result.append(em.sum_terms(terms))
-        return result
+        terms = []
+        for partition, count in self._partitions(m):
+            factors = [self.place(x.d(len(b)), len(b), b, m, rank) for b in partition]
+            if any(f is None for f in factors):
+                continue
+            coefficient = tower(len(partition))
+            if coefficient is None:
+                continue
+            terms.append(em.mul(em.mul(count, coefficient), em.product(factors)))
+        return em.sum_terms(terms)
 
     def _partitions(self, m: int):
         """Faà di Bruno's partitions of the ``m`` seed positions, with their weights."""
