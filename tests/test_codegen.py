@@ -181,3 +181,49 @@ def test_numbers_scale_the_small_tensors_a_product_is_made_from():
     actual = torch.fx.GraphModule(torch.nn.Module(), graph)(*args)
     for got, expected in zip(actual, _scaled_sums(*args), strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def _multiply_adds(x, y, m):
+    """``a + b * c`` both ways round, ``a - b * c``, one whose product is read again, one
+    whose ``c`` is a boolean mask (``addcmul`` would not promote it), and ``b * c - a``."""
+    kept = x * y
+    return [
+        torch.tanh(x) + x * y.sin(), y.cos() * x + torch.exp(y), x.exp() - y * x.cos(),
+        x.sin() + kept, kept * 2, y.tan() + x * m, y * x.sin() - x,
+    ]
+
+
+def test_a_product_read_once_by_a_sum_is_one_addcmul():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = (torch.rand(4, 5, dtype=D), torch.rand(4, 5, dtype=D), torch.rand(4, 5) > 0.5)
+    graph = make_fx(_multiply_adds)(*args).graph
+    hod._codegen._fuse_multiply_add(graph)
+    graph.eliminate_dead_code()
+    graph.lint()
+    ops = [n.target for n in graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert ops.count(aten.addcmul.default) == 3
+    values = [n.kwargs["value"] for n in graph.nodes if n.target is aten.addcmul.default]
+    assert sorted(values) == [-1, 1, 1]
+    assert ops.count(aten.mul.Tensor) == 4  # kept, kept * 2, x * m and y * x.sin()
+    actual = torch.fx.GraphModule(torch.nn.Module(), graph)(*args)
+    for got, expected in zip(actual, _multiply_adds(*args), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_softmax_derives_with_one_sum_per_order(order):
+    """Each order of softmax sums its derivatives along the softmax dim once, and nothing
+    else is summed (logsumexp's tower summed the exponentials and each of their orders)."""
+
+    def f(x, w):
+        return torch.softmax(torch.tanh(x @ w), dim=-1)
+
+    args = (torch.rand(3, 4, dtype=D), torch.rand(4, 4, dtype=D))
+    fn = hod.derivative(f, order, (0, 1))
+    graph = fn.lower(*args).graph_module.graph
+    sums = [n for n in graph.nodes if n.op == "call_function" and n.target in (
+        torch.ops.aten.sum.dim_IntList, torch.sum, torch.ops.aten.mv.default, torch.mv)]
+    assert len(sums) == order
+    assert_same_tree(fn(*args), reference(f, order, (0, 1))(*args))

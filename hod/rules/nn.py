@@ -35,11 +35,12 @@ def _softmax_jets(
     softs: list[Operand] = []
     for k in range(1, ctx.order + 1):
         lower = Jet(x.primal, [*logs, x.d(k)] + [None] * (ctx.order - k))
-        scaled = ctx.faa_di_bruno(lower, lambda j: s, k)  # s * u_k
-        if scaled is None:
+        u = ctx.faa_di_bruno(lower, lambda j: 1, k)
+        if u is None:
             logs.append(None)
             softs.append(None)
             continue
+        scaled = em.mul(s, u)
         shift = em.sum_dims(scaled, [dim], True)
         logs.append(em.sub(x.d(k), shift))
         softs.append(em.sub(scaled, em.mul(s, shift)))
