@@ -14,6 +14,7 @@ from torch import fx
 
 from . import _memory
 from ._fold import fold_scalar_factors
+from ._pairs import permuted_narrow_products, symmetrize_before_products
 from ._views import collapse_view_chains
 
 aten = torch.ops.aten
@@ -63,7 +64,10 @@ def generate(
     tensors into reused memory, returned third (see :mod:`hod._memory`); with ``probe``,
     the call's tensors, its view chains are single calls (see :mod:`hod._views`)."""
     _fuse_transposed_mm(graph)
+    graph.eliminate_dead_code()  # the passes below look at who reads what
     fold_scalar_factors(graph)
+    symmetrize_before_products(graph)
+    permuted_narrow_products(graph)
     _fuse_multiply_add(graph)
     graph.eliminate_dead_code()
     planned = _memory.plan(graph) if plan_memory and device.type == "cpu" else None

@@ -74,6 +74,8 @@ def _plan(node: object, consumer: fx.Node, index: int, limit: int) -> list[Edit]
     ):
         return _plan(args[0], node, 0, limit)
     if op in _BILINEAR and len(args) == 2:
+        if args[0] is args[1]:  # a square: scaling its factor scales it twice
+            return None
         smaller = sorted((0, 1), key=lambda i: _numel(args[i]))
         for i in smaller:
             edits = _plan(args[i], node, i, limit)

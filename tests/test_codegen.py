@@ -227,3 +227,62 @@ def test_softmax_derives_with_one_sum_per_order(order):
         torch.ops.aten.sum.dim_IntList, torch.sum, torch.ops.aten.mv.default, torch.mv)]
     assert len(sums) == order
     assert_same_tree(fn(*args), reference(f, order, (0, 1))(*args))
+
+
+def _deep_tanh(x, w1, w2):
+    return torch.tanh(torch.tanh(x @ w1) @ w2).sum()
+
+
+def _symmetrizations(graph) -> list[int]:
+    """Entries summed by each ``t + t^T`` over the first two axes in ``graph``."""
+    def named(node, name):
+        return node.op == "call_function" and getattr(node.target, "__name__", "") == name
+
+    sizes = []
+    for node in graph.nodes:
+        if not named(node, "add") or len(node.args) != 2:
+            continue
+        t, other = node.args
+        if (
+            isinstance(other, torch.fx.Node) and named(other, "permute")
+            and other.args[0] is t and list(other.args[1][:2]) == [1, 0]
+        ):
+            sizes.append(node.meta["val"].numel())
+    return sizes
+
+
+def test_pairs_are_symmetrized_before_their_products():
+    """Order 3 with the weights, width 8: the first layer's weight derivative is a product
+    of ``(S, S, 4, 8)`` entries into ``(S, S, 8, 8)``; it is symmetrized on the smaller
+    side, and computed without the Kronecker product (as a permuted view)."""
+    x, w1, w2 = torch.rand(4, 8, dtype=D), torch.rand(8, 8, dtype=D), torch.rand(8, 8, dtype=D)
+    fn = hod.derivative(_deep_tanh, 3, (0, 1, 2))
+    lowered = fn.lower(x, w1, w2)
+    graph = lowered.graph_module.graph
+    assert not any(n.target is torch.ops.aten.kron.default for n in graph.nodes)
+    seeds = 8 + 64 + 64  # x's per-example seeds, then w1's and w2's
+    assert max(_symmetrizations(graph)) <= seeds * seeds * 4 * 8
+    expected = reference(_deep_tanh, 3, (0, 1, 2))(x, w1, w2)
+    assert_same_tree(fn(x, w1, w2), expected)
+    with torch.enable_grad():  # the general code: the same values
+        assert_same_tree(fn(x, w1, w2.requires_grad_()), expected)
+
+
+def _scaled_square(x):
+    v = x.expand(32, 2, 4)
+    return [(v * v) * 0.5]
+
+
+def test_a_number_is_not_folded_into_both_factors_of_a_square():
+    """``(v * v) * c`` must not become ``(v * c) * (v * c)``: the factor stays when the
+    product's two factors are one node."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hod._fold import fold_scalar_factors
+
+    x = torch.rand(2, 1, dtype=D)
+    graph = make_fx(_scaled_square)(x).graph
+    fold_scalar_factors(graph)
+    graph.lint()
+    (got,) = torch.fx.GraphModule(torch.nn.Module(), graph)(x)
+    torch.testing.assert_close(got, _scaled_square(x)[0])
