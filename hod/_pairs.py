@@ -25,14 +25,12 @@ import math
 import torch
 from torch import fx
 
+from ._views import VIEW_OPS
+
 aten = torch.ops.aten
 
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-_VIEWS = frozenset({
-    *_RESHAPES, aten.permute.default, aten.slice.Tensor, aten.expand.default,
-    aten.select.int, aten.squeeze.dim, aten.unsqueeze.default, aten.transpose.int,
-    aten.movedim.int, aten.diagonal.default, aten.alias.default, aten.t.default,
-})
+_READ_AS_VIEWS = VIEW_OPS | set(_RESHAPES)
 
 
 def _call(graph: fx.Graph, op, *args) -> fx.Node:
@@ -124,7 +122,7 @@ def _narrow_factor(k: object) -> tuple[fx.Node, float] | None:
 def _only_viewed(node: fx.Node) -> bool:
     """Whether every reader of ``node`` is a view read the same way, or the output."""
     return all(
-        user.op == "output" or (user.op == "call_function" and user.target in _VIEWS
+        user.op == "output" or (user.op == "call_function" and user.target in _READ_AS_VIEWS
                                 and _only_viewed(user))
         for user in node.users
     )
