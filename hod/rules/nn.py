@@ -1,4 +1,4 @@
-"""Normalising ops, built from the elementwise and reduction rules.
+"""Softmax, log-softmax and pooling.
 
 Softmax ``s = exp(y)`` along ``dim``, with ``y = log_softmax(x) = x - L`` and ``L`` the
 logsumexp of ``x``, constant along ``dim``. Faà di Bruno for ``exp`` gives
