@@ -10,7 +10,6 @@ from types import CellType
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_unflatten
 
 from ._build import Lowered, Request, build
 from ._compiled import compile_options
@@ -62,7 +61,7 @@ class DerivativeFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors, key = call_signature(args, kwargs)
         lowered = self._cached(key) or self._lowered(args, kwargs)
-        return tree_unflatten(lowered.run(tensors), lowered.result_spec)
+        return lowered.results(tensors)
 
     def lower(self, *args: Any, **kwargs: Any) -> Lowered:
         """The generated artifact for this call's signature (``.code``, ``.graph_module``)."""

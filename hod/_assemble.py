@@ -9,8 +9,9 @@ of that argument.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -160,3 +161,25 @@ def _order_groups(
     starts = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
     dims = [starts[g] + d for g in group_order for d in range(len(groups[g]))]
     return em.permute(t, dims)
+
+
+def unflattener(spec: TreeSpec) -> Callable[[Sequence[object]], object]:
+    """``tree_unflatten(leaves, spec)``, as one generated tuple expression when ``spec`` is
+    made of tuples alone (tuple ``argnums``, the usual case): 27 blocks of an order-3
+    derivative over three inputs took 8.8 us through ``tree_unflatten``."""
+
+    def expression(node: TreeSpec, leaf: Iterator[int]) -> str | None:
+        if node.is_leaf():
+            return f"leaves[{next(leaf)}]"
+        if node.type is not tuple:
+            return None
+        parts = [expression(child, leaf) for child in node.children()]
+        if any(p is None for p in parts):
+            return None
+        return "(" + "".join(f"{p}, " for p in parts) + ")"
+
+    body = expression(spec, itertools.count())
+    if body is None:
+        return lambda leaves: tree_unflatten(leaves, spec)
+    return eval(f"lambda leaves: {body}")  # made above of indices and brackets only
+

@@ -21,7 +21,7 @@ from torch import fx
 from torch.utils._pytree import TreeSpec
 
 from ._analysis import MIXED
-from ._assemble import BlockKey, Segment, block_structure, extract_block
+from ._assemble import BlockKey, Segment, block_structure, extract_block, unflattener
 from ._codegen import generate
 from ._compiled import CompiledCode
 from ._cost import derivative_work
@@ -75,10 +75,18 @@ class Lowered:
     memory: Memory | None = None
     compiled: CompiledCode | None = None
     captured: list[torch.Tensor] = field(default_factory=list)
+    _unflatten: Callable[[Sequence[object]], object] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._unflatten = unflattener(self.result_spec)
 
     @property
     def code(self) -> str:
         return self.graph_module.code
+
+    def results(self, tensors: Sequence[torch.Tensor]) -> object:
+        """What the transformed function returns for these flat input tensors."""
+        return self._unflatten(self.run(tensors))
 
     def run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         # ``forward`` directly: the generated module has no hooks, so skip Module.__call__.

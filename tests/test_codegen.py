@@ -286,3 +286,21 @@ def test_a_number_is_not_folded_into_both_factors_of_a_square():
     graph.lint()
     (got,) = torch.fx.GraphModule(torch.nn.Module(), graph)(x)
     torch.testing.assert_close(got, _scaled_square(x)[0])
+
+
+@pytest.mark.parametrize("tree", [
+    ((1, 2), (3, (4, 5)), 6), 7, (), ((),), (8,),
+    {"a": 1, "b": (2, 3)}, [1, (2, 3)], (torch.return_types.max((1, 2)), 3),
+])
+def test_results_are_nested_as_tree_unflatten_nests_them(tree):
+    """Tuples are built by one generated expression, other structures by tree_unflatten:
+    the same structure and the very same leaves either way."""
+    from torch.utils._pytree import tree_unflatten
+
+    from hod._assemble import unflattener
+
+    leaves, spec = tree_flatten(tree)
+    leaves = [object() for _ in leaves]  # identity, not equality, is checked
+    built, expected = unflattener(spec)(leaves), tree_unflatten(leaves, spec)
+    assert tree_flatten(built)[1] == spec and type(built) is type(expected)
+    assert all(a is b for a, b in zip(tree_flatten(built)[0], leaves, strict=True))
