@@ -178,8 +178,11 @@ def unflattener(spec: TreeSpec) -> Callable[[Sequence[object]], object]:
             return None
         return "(" + "".join(f"{p}, " for p in parts) + ")"
 
-    body = expression(spec, itertools.count())
-    if body is None:
-        return lambda leaves: tree_unflatten(leaves, spec)
-    return eval(f"lambda leaves: {body}")  # made above of indices and brackets only
+    try:
+        body = expression(spec, itertools.count())
+        if body is not None:
+            return eval(f"lambda leaves: {body}")  # made above of indices and brackets only
+    except (SyntaxError, RecursionError):  # nested deeper than Python's parser allows
+        pass
+    return lambda leaves: tree_unflatten(leaves, spec)
 

@@ -3,6 +3,8 @@ numbers read from 0-dim tensors, run on plain tensors; the general code elsewher
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import assert_same_tree, reference
@@ -291,6 +293,7 @@ def test_a_number_is_not_folded_into_both_factors_of_a_square():
 @pytest.mark.parametrize("tree", [
     ((1, 2), (3, (4, 5)), 6), 7, (), ((),), (8,),
     {"a": 1, "b": (2, 3)}, [1, (2, 3)], (torch.return_types.max((1, 2)), 3),
+    functools.reduce(lambda t, _: (t,), range(300), 1),  # deeper than eval parses
 ])
 def test_results_are_nested_as_tree_unflatten_nests_them(tree):
     """Tuples are built by one generated expression, other structures by tree_unflatten:
