@@ -82,17 +82,27 @@ def concatenate_in_place(graph: fx.Graph, writer: Writer) -> None:
             _write_parts_into_buffer(graph, node, parts, writer)
 
 
+def sum_operands(node: fx.Node) -> tuple[list[tuple[object, object]], int] | None:
+    """``(orders, sign)`` for ``node = a + b`` (``sign`` 1) or ``a - b`` (-1), without an
+    ``alpha``: the ``(kept, other)`` orders of its operands for which ``node`` is
+    ``kept + sign * other`` (both for a sum, one for a difference). None for other nodes."""
+    if node.op != "call_function" or node.kwargs or len(node.args) != 2:
+        return None
+    if node.target is aten.add.Tensor:
+        return [node.args, node.args[::-1]], 1
+    if node.target is aten.sub.Tensor:
+        return [node.args], -1
+    return None
+
+
 def add_padded_in_place(graph: fx.Graph) -> None:
     """Rewrite ``A + pad(D)`` and ``A - pad(D)`` as described in the module docstring."""
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.kwargs or len(node.args) != 2:
+        found = sum_operands(node)
+        if found is None:
             continue
-        if node.target is aten.add.Tensor:
-            pairs, op = [node.args, node.args[::-1]], aten.add.out
-        elif node.target is aten.sub.Tensor:
-            pairs, op = [node.args], aten.sub.out
-        else:
-            continue
+        pairs, sign = found
+        op = aten.add.out if sign == 1 else aten.sub.out
         for base, padded in pairs:
             if _pads_into(padded, node) and _fresh(base) and len(base.users) == 1 and (
                 _val(base).shape == _val(node).shape and _val(base).dtype == _val(node).dtype

@@ -61,6 +61,15 @@ def meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
+def graph_call(graph: fx.Graph, op: object, *args: object) -> fx.Node:
+    """``op(*args)`` added to a graph built elsewhere (where it inserts), with its meta
+    value: for the passes that rewrite a finished graph."""
+    node = graph.call_function(op, args)
+    node.meta["val"] = op(*[meta_like(a.meta["val"]) if isinstance(a, fx.Node) else a
+                            for a in args])
+    return node
+
+
 class Emitter:
     """Appends ATen calls to a new graph; see the module docstring.
 

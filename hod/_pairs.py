@@ -25,19 +25,13 @@ import math
 import torch
 from torch import fx
 
+from ._emitter import graph_call
 from ._views import VIEW_OPS
 
 aten = torch.ops.aten
 
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _READ_AS_VIEWS = VIEW_OPS | set(_RESHAPES)
-
-
-def _call(graph: fx.Graph, op, *args) -> fx.Node:
-    """A new node ``op(*args)`` with its meta value."""
-    node = graph.call_function(op, args)
-    node.meta["val"] = op(*fx.node.map_arg(args, lambda n: n.meta["val"]))
-    return node
 
 
 def _val(node: object) -> torch.Tensor | None:
@@ -97,8 +91,8 @@ def symmetrize_before_products(graph: fx.Graph) -> None:
         a, m, r = found
         rank = _val(a).dim()
         with graph.inserting_before(r):
-            a_swapped = _call(graph, aten.permute.default, a, [1, 0, *range(2, rank)])
-            summed = _call(graph, aten.add.Tensor, a, a_swapped)
+            a_swapped = graph_call(graph, aten.permute.default, a, [1, 0, *range(2, rank)])
+            summed = graph_call(graph, aten.add.Tensor, a, a_swapped)
         r.replace_input_with(a, summed)
         r.meta["val"] = r.target(summed.meta["val"], *r.args[1:])
         node.replace_all_uses_with(t)
@@ -149,16 +143,16 @@ def permuted_narrow_products(graph: fx.Graph) -> None:
         if outer != m or _val(r).shape[1] != inner * n or math.prod(lead) != rows:
             continue
         with graph.inserting_before(m_node):
-            split = _call(graph, aten.reshape.default, r, [rows, inner, n])
-            regrouped = _call(graph, aten.permute.default, split, [1, 0, 2])
-            flat = _call(graph, aten.reshape.default, regrouped, [inner, rows * n])
-            a = _call(graph, aten.permute.default, a_t, [1, 0])
+            split = graph_call(graph, aten.reshape.default, r, [rows, inner, n])
+            regrouped = graph_call(graph, aten.permute.default, split, [1, 0, 2])
+            flat = graph_call(graph, aten.reshape.default, regrouped, [inner, rows * n])
+            a = graph_call(graph, aten.permute.default, a_t, [1, 0])
             if scale != 1.0:
-                a = _call(graph, aten.mul.Tensor, a, scale)
-            product = _call(graph, aten.mm.default, a, flat)
-            unfolded = _call(graph, aten.view.default, product, [m, *lead, n])
+                a = graph_call(graph, aten.mul.Tensor, a, scale)
+            product = graph_call(graph, aten.mm.default, a, flat)
+            unfolded = graph_call(graph, aten.view.default, product, [m, *lead, n])
             q = len(lead)
-            result = _call(graph, aten.permute.default, unfolded, [*range(1, q + 1), 0, q + 1])
+            result = graph_call(graph, aten.permute.default, unfolded, [*range(1, q + 1), 0, q + 1])
         view.replace_all_uses_with(result)
         graph.erase_node(view)
         graph.erase_node(m_node)

@@ -21,7 +21,7 @@ from torch import fx
 
 from ._analysis import node_states, track_batch
 from ._assemble import Segment
-from ._emitter import Emitter, Operand, meta_like
+from ._emitter import Emitter, Operand, graph_call
 from ._plan import SeedPlan
 
 aten = torch.ops.aten
@@ -81,15 +81,17 @@ def _per_example(node: object, states: dict) -> _Build | None:
     op, args = node.target, node.args
     if op is aten.mm.default and states.get(args[0]) == 1 and states.get(args[1]) == 0:
         a, b = args  # P[r, i, j] = a[i, r] * b[r, j]
-        return lambda g: _emit(
+        return lambda g: graph_call(
             g, aten.mul.Tensor,
-            _emit(g, aten.unsqueeze.default, _emit(g, aten.permute.default, a, [1, 0]), 2),
-            _emit(g, aten.unsqueeze.default, b, 1),
+            graph_call(
+                g, aten.unsqueeze.default, graph_call(g, aten.permute.default, a, [1, 0]), 2
+            ),
+            graph_call(g, aten.unsqueeze.default, b, 1),
         )
     if (op is aten.sum.dim_IntList and args[1] is not None and list(args[1]) == [0]
             and states.get(args[0]) == 0 and "dtype" not in node.kwargs):
         keepdim = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
-        return (lambda g: _emit(g, aten.unsqueeze.default, args[0], 1)) if keepdim else (
+        return (lambda g: graph_call(g, aten.unsqueeze.default, args[0], 1)) if keepdim else (
             lambda g: args[0]
         )
     inner = _per_example(args[0], states) if args else None
@@ -97,19 +99,11 @@ def _per_example(node: object, states: dict) -> _Build | None:
         return None
     if op in (aten.permute.default, aten.t.default):
         dims = list(args[1]) if op is aten.permute.default else [1, 0]
-        return lambda g: _emit(g, aten.permute.default, inner(g), [0] + [d + 1 for d in dims])
+        return lambda g: graph_call(g, aten.permute.default, inner(g), [0] + [d + 1 for d in dims])
     if op in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         shape = [-1, *node.meta["val"].shape]
-        return lambda g: _emit(g, aten.reshape.default, inner(g), shape)
+        return lambda g: graph_call(g, aten.reshape.default, inner(g), shape)
     return None
-
-
-def _emit(graph: fx.Graph, op: object, *args: object) -> fx.Node:
-    """``op(*args)`` in ``graph``, with the meta value the analysis reads."""
-    node = graph.call_function(op, args)
-    node.meta["val"] = op(*[meta_like(a.meta["val"]) if isinstance(a, fx.Node) else a
-                            for a in args])
-    return node
 
 
 def per_example_block(
