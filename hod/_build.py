@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils._pytree import TreeSpec
+from torch.utils._pytree import TreeSpec, tree_flatten
 
 from ._analysis import MIXED
 from ._assemble import BlockKey, Segment, block_structure, extract_block, unflattener
@@ -30,10 +30,16 @@ from ._emitter import Emitter, Operand
 from ._jet import DeriveContext, Jet
 from ._memory import Memory, unwatched
 from ._per_example import per_example_block, with_per_example_terms
-from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds
-from ._signature import FlatCall, flatten_outputs
+from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds, valid_batch
+from ._signature import FlatCall, flatten_call, flatten_outputs
+from ._split import Composition, Split, find_split, inner_tensors, outer_graph
 from ._tracing import find_call_site, trace
 from .errors import OutputError, UnsupportedOperatorError
+
+#: Sizes of the derivative tensors of a first linear layer from which it is split off
+#: (see :func:`_first_layer`), for Hessians and for higher orders.
+SPLIT_MIN_ENTRIES_HESSIAN = 4096
+SPLIT_MIN_ENTRIES = 65536
 
 
 @dataclass
@@ -75,6 +81,7 @@ class Lowered:
     memory: Memory | None = None
     compiled: CompiledCode | None = None
     captured: list[torch.Tensor] = field(default_factory=list)
+    first_layer: Split | None = None
     _unflatten: Callable[[Sequence[object]], object] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +96,9 @@ class Lowered:
         return self._unflatten(self.run(tensors))
 
     def run(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The flat results for these flat input tensors."""
+        if self.first_layer is not None:
+            tensors = inner_tensors(tensors, self.first_layer)
         # ``forward`` directly: the generated module has no hooks, so skip Module.__call__.
         if self.compiled is not None and self.compiled.usable(tensors):
             return self.compiled(tensors)
@@ -115,7 +125,7 @@ class _Traced:
     n_aux: int
 
 
-def build(request: Request, flat: FlatCall) -> Lowered:
+def build(request: Request, flat: FlatCall, compose: Composition | None = None) -> Lowered:
     """Generate the function computing ``request`` for calls shaped like ``flat``.
 
     When reverse-last is planned but the gradient graph holds an op without a rule, or
@@ -125,26 +135,31 @@ def build(request: Request, flat: FlatCall) -> Lowered:
     forward = _trace_forward(request, flat)
     out_vals = [n.meta["val"] for n in _outputs(forward.gm)[: forward.n_out]]
     _check_outputs(out_vals, request.call)
+    split = _first_layer(request, flat, forward, out_vals)
+    if split is not None and compose is None:
+        return _build_split(request, flat, forward, out_vals, split)
     shapes = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
     outputs = list(range(forward.n_out))
     seeds = plan_seeds(forward.gm, flat.diff, shapes, lambda batch: outputs)
     if choose_mode(request.order, [v.numel() for v in out_vals], seeds.size) == "forward":
-        return _generate(request, flat, forward, out_vals, "forward", forward, seeds)
+        return _generate(request, flat, forward, out_vals, "forward", forward, seeds, compose)
     try:
         reverse, reverse_seeds = _plan_reverse(request, flat, forward, out_vals, shapes)
         return _generate(
-            request, flat, forward, out_vals, "reverse-last", reverse, reverse_seeds
+            request, flat, forward, out_vals, "reverse-last", reverse, reverse_seeds, compose
         )
     except (UnsupportedOperatorError, RuntimeError) as reverse_error:
         try:
-            return _generate(request, flat, forward, out_vals, "forward", forward, seeds)
+            return _generate(
+                request, flat, forward, out_vals, "forward", forward, seeds, compose
+            )
         except UnsupportedOperatorError as forward_error:
             raise forward_error from reverse_error
 
 
 def _generate(
     request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor],
-    mode: str, traced: _Traced, seeds: SeedPlan,
+    mode: str, traced: _Traced, seeds: SeedPlan, compose: Composition | None = None,
 ) -> Lowered:
     """Derive ``traced`` in ``mode`` over ``seeds`` and assemble the result blocks."""
     example = flat.tensors[flat.diff[0]]
@@ -176,6 +191,9 @@ def _generate(
         for jet in {id(j): j for j in out_jets[:n_diff]}.values():
             jet.derivs[-1] = ctx.symmetrized(jet.derivs[-1], fwd_order)
     orders = range(0 if request.with_values else request.order, request.order + 1)
+    compact = None
+    if compose is not None and _compact_rows(mode, seeds, compose.h_leaf):
+        compact = compose.h_leaf
     results: list[fx.Node] = []
     specs = []
     for order in orders:
@@ -184,9 +202,20 @@ def _generate(
         )
         specs.append(spec)
         results += [
-            _block(em, mode, key, out_jets, out_vals, seeds, leaf_dtypes) for key in keys
+            _block(em, mode, key, out_jets, out_vals, seeds, leaf_dtypes, compact)
+            for key in keys
         ]
     aux = [j.primal for j in out_jets[n_diff:]]
+    if compose is not None:
+        # Whether g's blocks vanish unless all their h slots sit on one row of h.
+        h = compose.h_leaf
+        required = (lambda batch: [1 + h]) if mode == "reverse-last" else (
+            lambda batch: range(n_diff))
+        per_example = seeds.segments[h].batch_dim == 0 or valid_batch(
+            traced.gm, flat.diff, required, {h: 0}
+        )
+        results = compose(em, [jet.primal for jet in inputs], results, per_example,
+                          compact is not None)
     em.output(results + aux)
     spec = _result_spec(specs, request, traced.aux_spec)
     if request.compile is not None:  # the compiler plans memory itself
@@ -197,6 +226,81 @@ def _generate(
     probe = None if request.allow_random or not unwatched(flat.tensors) else flat.tensors
     gm, fast, memory = generate(em.graph, em.constants, em.device, probe=probe)
     return Lowered(gm, spec, mode, seeds.size, fast, memory, captured=captured)
+
+
+def _compact_rows(mode: str, seeds: SeedPlan, h: int) -> bool:
+    """Whether ``g``'s blocks can hold one row of ``h`` (``_block``'s ``compact``): in
+    reverse-last mode, with ``h`` the one leaf compressed, along its rows."""
+    compressed = [i for i, s in enumerate(seeds.segments) if s.batch_dim is not None]
+    return mode == "reverse-last" and compressed == [h] and seeds.segments[h].batch_dim == 0
+
+
+def _first_layer(
+    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor]
+) -> Split | None:
+    """The first linear layer to split off, if ``f`` has one and the request suits: orders
+    from 2 (Jacobians are cheap enough), no aux outputs and no random ops (``g`` is
+    traced again), and one dtype throughout (the composition does not promote)."""
+    if request.order < 2 or request.has_aux or request.allow_random:
+        return None
+    dtypes = {flat.tensors[pos].dtype for pos in flat.diff} | {v.dtype for v in out_vals}
+    if len(dtypes) != 1:
+        return None
+    split = find_split(forward.gm, flat.diff)
+    if split is None:
+        return None
+    # The split saves passes over the derivative tensors of X @ W and adds composition
+    # calls: below these sizes of those tensors (seeds^(order-1) * numel) the calls cost
+    # more (measured on the benchmark's MLPs: orders 3 of width 4 lost 10-20% up to
+    # 41K entries and gained from 60K; Hessians gained from 4K).
+    x, w = flat.tensors[split.x], flat.tensors[split.w]
+    seeds = w.numel() + sum(
+        flat.tensors[pos].numel() for pos in flat.diff if pos not in (split.x, split.w)
+    ) + (x.shape[1] if split.x_diff is not None else 0)
+    entries = seeds ** (request.order - 1) * x.shape[0] * w.shape[1]
+    return split if entries >= (SPLIT_MIN_ENTRIES_HESSIAN if request.order == 2
+                                else SPLIT_MIN_ENTRIES) else None
+
+
+def _build_split(
+    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor],
+    split: Split,
+) -> Lowered:
+    """Generate ``g``'s derivatives of orders ``0..n`` w.r.t. ``h`` and ``f``'s other
+    leaves, composed into ``f``'s blocks in the same code."""
+    g = outer_graph(forward.gm, split)
+    examples = inner_tensors(flat.tensors, split)
+    inner_argnums = (0,) + tuple(1 + pos for pos in flat.diff if pos not in (split.x, split.w))
+    inner_request = replace(
+        request, f=lambda h, *tensors: tuple(g(*tensors, h)), argnums=inner_argnums,
+        with_values=True,
+    )
+    inner_flat = flatten_call(tuple(examples), {}, inner_argnums, request.call)
+    n_out = forward.n_out
+    inner_spec = tree_flatten(tuple(range(n_out)))[1]
+    inner_keys = [
+        key for order in range(request.order + 1)
+        for key in block_structure(inner_spec, n_out, inner_argnums, inner_flat.layouts, order)[0]
+    ]
+    orders = range(0 if request.with_values else request.order, request.order + 1)
+    keys, specs = [], []
+    for order in orders:
+        order_keys, spec = block_structure(
+            forward.out_spec, n_out, request.argnums, flat.layouts, order
+        )
+        keys += order_keys
+        specs.append(spec)
+    composition = Composition(
+        split, tuple(keys),
+        mapping=tuple(None if pos in (split.x, split.w) else inner_flat.diff.index(1 + pos)
+                      for pos in flat.diff),
+        inner_keys=tuple(inner_keys),
+        h_leaf=inner_flat.diff.index(0),
+        leaf_ranks=tuple(flat.tensors[pos].dim() for pos in flat.diff),
+        out_ranks=tuple(v.dim() for v in out_vals),
+    )
+    inner = build(inner_request, inner_flat, composition)
+    return replace(inner, result_spec=_result_spec(specs, request, None), first_layer=split)
 
 
 def _check_outputs(out_vals: list[torch.Tensor], call: str) -> None:
@@ -292,12 +396,14 @@ def _seed(em: Emitter, segment: Segment, like: fx.Node) -> fx.Node:
 
 def _block(
     em: Emitter, mode: str, key: BlockKey, out_jets: list[Jet], out_vals: list[torch.Tensor],
-    seeds: SeedPlan, leaf_dtypes: list[torch.dtype],
+    seeds: SeedPlan, leaf_dtypes: list[torch.dtype], compact: int | None = None,
 ) -> fx.Node:
     """The tensor of one result block (see :func:`~hod._assemble.extract_block`).
 
     Its dtype is that of the first input it differentiates by, as in torch.func (the
-    reverse-mode Jacobian takes its input's dtype).
+    reverse-mode Jacobian takes its input's dtype). With ``compact``, a compressed leaf
+    that leads a reverse-last block keeps its other slots compressed: they take its
+    within-row shape, and the block holds only the entries on one row of the leaf.
     """
     if not key.leaves:
         return out_jets[key.out].primal
@@ -330,14 +436,24 @@ def _block(
                  for i in range(len(key.leaves))]
         if y.numel() > 1:
             order.insert(0, 0)
+    seeded_segments = [segments[s] for s in seeded]
+    if mode != "forward" and compact is not None and compact in seeded:
+        # Compact: the lead's rows stand for the compressed leaf's other slots too.
+        seeded_segments = [Segment(g.offset, g.sub_shape) if s == compact else g
+                           for s, g in zip(seeded, seeded_segments, strict=True)]
+        shape = list(y.shape) + [
+            d for i, leaf in enumerate(key.leaves)
+            for d in (segments[leaf].sub_shape if leaf == compact and i != lead
+                      else segments[leaf].shape)
+        ]
     state = None
-    if any(segments[s].batch_dim is not None for s in seeded):
+    if any(s.batch_dim is not None for s in seeded_segments):
         state = seeds.out_states[source]
         assert state != MIXED, "the planner only compresses seeds for tracked outputs"
     jet = out_jets[source]
     return extract_block(
         em, jet.d(len(seeded)), jet.span or (0, seeds.size), value_groups, state,
-        [segments[s] for s in seeded], order, shape, leaf_dtypes[key.leaves[0]],
+        seeded_segments, order, shape, leaf_dtypes[key.leaves[0]],
     )
 
 
@@ -359,7 +475,7 @@ def _outputs(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _result_spec(specs: list[TreeSpec], request: Request, aux_spec: TreeSpec | None):
-    from torch.utils._pytree import tree_flatten, tree_unflatten
+    from torch.utils._pytree import tree_unflatten
 
     trees = []
     for spec in specs:

@@ -82,19 +82,21 @@ def plan_seeds(
 
 def _grow(gm, diff_positions, shapes, required: Required, batch: dict[int, int], size: int):
     """Start from one compressed leaf and add every other leaf that keeps it valid."""
-    if not _valid(gm, diff_positions, required, batch):
+    if not valid_batch(gm, diff_positions, required, batch):
         return None
     for leaf, shape in enumerate(shapes):
         if leaf in batch:
             continue
         for dim, n in enumerate(shape):
-            if n == size and _valid(gm, diff_positions, required, {**batch, leaf: dim}):
+            if n == size and valid_batch(gm, diff_positions, required, {**batch, leaf: dim}):
                 batch = {**batch, leaf: dim}
                 break
     return batch
 
 
-def _valid(gm, diff_positions, required: Required, batch: dict[int, int]) -> bool:
+def valid_batch(gm, diff_positions, required: Required, batch: dict[int, int]) -> bool:
+    """Whether the leaves of ``batch`` (leaf -> dim) can be compressed together: slice
+    ``b`` of each along its dim reaches only slice ``b`` of the required outputs."""
     states = track_batch(gm, {diff_positions[leaf]: dim for leaf, dim in batch.items()})
     return all(states[i] != MIXED for i in required(batch))
 

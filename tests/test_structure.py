@@ -289,14 +289,16 @@ def test_per_example_terms_keep_weight_seeds_out_of_the_input_gradient(monkeypat
 
 
 def test_planner_prices_plans_by_work_not_seed_count():
-    """A tanh MLP's Hessian can compress the batch of X (50 + 3 * 2500 = 7550 seeds) or the
-    last layer's independent columns (500 + 2 * 2500 + 50 = 5550). The smaller seed space
-    is the slower plan (measured here in float32: 62-65 ms against 54-60 ms): every weight's
-    gradient then needs both Leibniz products over all seeds, which the cost model counts.
+    """A tanh MLP's Hessian (the input scaled first, so that the first layer is not split
+    off) can compress the batch of X (50 + 3 * 2500 = 7550 seeds) or the last layer's
+    independent columns (500 + 2 * 2500 + 50 = 5550). The smaller seed space is the slower
+    plan (measured in float32: 62-65 ms against 54-60 ms): every weight's gradient then
+    needs both Leibniz products over all seeds, which the cost model counts.
     """
     X, *Ps = torch.rand(10, 50), *[torch.randn(50, 50) / 7 for _ in range(3)]
 
     def tanh_mlp(X, *Ps):
+        X = 2 * X
         for P in Ps:
             X = torch.tanh(X @ P)
         return X.sum()

@@ -1,0 +1,146 @@
+"""A first linear layer split off (hod._split): f(X, W, ...) = g(X @ W, ...), with g's
+derivatives composed into f's. Values against nested torch.func in float64, order by
+order; most tests lower the size thresholds so that small cases take the split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_same_tree, reference
+
+import hod
+import hod._build
+
+D = torch.float64
+
+
+@pytest.fixture
+def always_split(monkeypatch):
+    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES", 0)
+    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES_HESSIAN", 0)
+
+
+def mlp(x, w1, b1, w2):
+    return torch.tanh(torch.tanh(x @ w1 + b1) @ w2).sum()
+
+
+def _mlp_inputs(batch=3, width=4, out=2):
+    return (torch.randn(batch, width, dtype=D), torch.randn(width, width, dtype=D) / 2,
+            torch.randn(width, dtype=D), torch.randn(width, out, dtype=D))
+
+
+def _check(f, order, argnums, args, split=True, **kwargs):
+    fn = hod.derivative(f, order, argnums, **kwargs)
+    assert (fn.lower(*args).first_layer is not None) == split
+    assert_same_tree(fn(*args), reference(f, order, argnums)(*args))
+
+
+ARGNUMS = [(0, 1, 2, 3), (1, 3), (3, 1, 0), (1, 0), 1, (0, 1), (2, 1)]
+
+
+@pytest.mark.parametrize("argnums", ARGNUMS)
+@pytest.mark.parametrize("order", [2, 3])
+def test_split_equals_torch_func(always_split, order, argnums):
+    _check(mlp, order, argnums, _mlp_inputs())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argnums", ARGNUMS)
+def test_split_equals_torch_func_order_4(always_split, argnums):
+    _check(mlp, 4, argnums, _mlp_inputs(batch=2, width=3))
+
+
+def test_rows_that_interact_take_the_dense_composition(always_split):
+    """A softmax across the batch couples the rows of X @ W: g's blocks are dense."""
+
+    def coupled(x, w, v):
+        return (torch.softmax(x @ w, dim=0) * v).pow(2).sum()
+
+    x, w, v = torch.randn(3, 4, dtype=D), torch.randn(4, 2, dtype=D), torch.randn(3, 2, dtype=D)
+    for order in (2, 3):
+        _check(coupled, order, (0, 1, 2), (x, w, v))
+
+
+def test_vector_outputs(always_split):
+    """A value per example (g is derived in forward mode) and a matrix output."""
+
+    def per_example(x, w, v):
+        return torch.tanh(x @ w) @ v
+
+    def matrix(x, w):
+        return torch.sin(x @ w)
+
+    x, w, v = torch.randn(3, 4, dtype=D), torch.randn(4, 2, dtype=D), torch.randn(2, dtype=D)
+    for order in (2, 3):
+        _check(per_example, order, (0, 1, 2), (x, w, v))
+        _check(matrix, order, (1, 0), (x, w))
+
+
+def test_derivatives_returns_every_order(always_split):
+    args = _mlp_inputs()
+    got = hod.derivatives(mlp, 3, (0, 1, 3))(*args)
+    assert_same_tree(got[0], mlp(*args))
+    for order in (1, 2, 3):
+        assert_same_tree(got[order], reference(mlp, order, (0, 1, 3))(*args))
+
+
+def test_under_vmap_and_autograd(always_split):
+    """Per-example Hessians under vmap, and the general code under autograd."""
+    x, w1, b1, w2 = _mlp_inputs()
+    xs = torch.randn(5, 3, 4, dtype=D)
+    fn = hod.hessian(mlp, (0, 1))
+    got = torch.func.vmap(fn, in_dims=(0, None, None, None))(xs, w1, b1, w2)
+    expected = torch.func.vmap(reference(mlp, 2, (0, 1)), in_dims=(0, None, None, None))(
+        xs, w1, b1, w2)
+    assert_same_tree(got, expected)
+    w1 = w1.clone().requires_grad_()
+    got = fn(x, w1, b1, w2)
+    assert got[1][1].requires_grad
+    assert_same_tree(tuple(tuple(b.detach() for b in row) for row in got),
+                     reference(mlp, 2, (0, 1))(x, w1.detach(), b1, w2))
+
+
+def test_the_width_8_mlp_splits_at_its_own_size():
+    """Order 3 of the benchmark's width-8 MLP with its weights: g's seeds are h's 8 per
+    example and the last weight's 64, against 8 + 64 + 64 without the split."""
+
+    def relu_softmax(x, w1, w2):
+        return torch.softmax(torch.relu(x @ w1) @ w2, dim=1).sum()
+
+    x, w1, w2 = torch.rand(4, 8, dtype=D), torch.rand(8, 8, dtype=D), torch.rand(8, 8, dtype=D)
+    fn = hod.derivative(relu_softmax, 3, (0, 1, 2))
+    lowered = fn.lower(x, w1, w2)
+    assert lowered.first_layer is not None and lowered.seed_size == 8 + 64
+    assert_same_tree(fn(x, w1, w2), reference(relu_softmax, 3, (0, 1, 2))(x, w1, w2))
+
+
+def test_small_cases_are_not_split():
+    """Below the thresholds the composition's calls cost more than the split saves."""
+    _check(mlp, 3, (0, 1, 3), _mlp_inputs(batch=2), split=False)
+    _check(mlp, 2, (0, 1), _mlp_inputs(batch=2, width=2), split=False)
+
+
+def test_what_is_not_split(always_split):
+    """Order 1, aux outputs, an X read elsewhere, a W read twice, an X computed first."""
+    x, w1, b1, w2 = _mlp_inputs()
+    _check(mlp, 1, (0, 1), (x, w1, b1, w2), split=False)
+    _check(lambda x, w: (x @ w).pow(3).sum() + x.sum(), 2, (0, 1), (x, w1), split=False)
+    _check(lambda x, w: (x @ w).pow(3).sum() + w.pow(2).sum(), 2, (0, 1), (x, w1),
+           split=False)
+    _check(lambda x, w: ((2 * x) @ w).pow(3).sum(), 2, (0, 1), (x, w1), split=False)
+
+    def with_aux(x, w):
+        return (x @ w).pow(3).sum(), x.sum()
+
+    fn = hod.derivative(with_aux, 2, (0, 1), has_aux=True)
+    assert fn.lower(x, w1).first_layer is None
+    got, aux = fn(x, w1)
+    assert_same_tree(aux, x.sum())
+    assert_same_tree(got, reference(with_aux, 2, (0, 1), has_aux=True)(x, w1)[0])
+
+
+def test_only_the_weight_differentiated(always_split):
+    """X is a constant: only W's slots, contracted with X."""
+    x, w1, b1, w2 = _mlp_inputs()
+    _check(mlp, 3, (1,), (x, w1, b1, w2))
+    _check(mlp, 2, 1, (x, w1, b1, w2))
