@@ -32,9 +32,9 @@ from ._memory import Memory, unwatched
 from ._per_example import per_example_block, with_per_example_terms
 from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds, valid_batch
 from ._signature import FlatCall, flatten_call, flatten_outputs
-from ._split import Composition, Split, find_split, inner_tensors, outer_graph
+from ._split import Composition, Split, find_split, graph_after, inner_tensors
 from ._tracing import find_call_site, trace
-from .errors import OutputError, UnsupportedOperatorError
+from .errors import HodError, OutputError, UnsupportedOperatorError
 
 #: Sizes of the derivative tensors of a first linear layer from which it is split off
 #: (see :func:`_first_layer`), for Hessians and for higher orders.
@@ -137,7 +137,10 @@ def build(request: Request, flat: FlatCall, compose: Composition | None = None) 
     _check_outputs(out_vals, request.call)
     split = _first_layer(request, flat, forward, out_vals)
     if split is not None and compose is None:
-        return _build_split(request, flat, forward, out_vals, split)
+        try:
+            return _build_split(request, flat, forward, out_vals, split)
+        except HodError:
+            pass  # built without the split, the error names f's own line (see find_call_site)
     shapes = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
     outputs = list(range(forward.n_out))
     seeds = plan_seeds(forward.gm, flat.diff, shapes, lambda batch: outputs)
@@ -268,7 +271,7 @@ def _build_split(
 ) -> Lowered:
     """Generate ``g``'s derivatives of orders ``0..n`` w.r.t. ``h`` and ``f``'s other
     leaves, composed into ``f``'s blocks in the same code."""
-    g = outer_graph(forward.gm, split)
+    g = graph_after(forward.gm, split)
     examples = inner_tensors(flat.tensors, split)
     inner_argnums = (0,) + tuple(1 + pos for pos in flat.diff if pos not in (split.x, split.w))
     inner_request = replace(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,11 +38,10 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class Split:
-    """Where the first linear layer sits: ``mm`` reads flat tensors ``x`` and ``w``;
-    ``x_diff`` / ``w_diff`` are their indices in ``flat.diff`` (``x_diff`` None when
-    ``X`` is not differentiated)."""
+    """Where the first linear layer reads its inputs: flat tensors ``x`` and ``w``, whose
+    indices in ``flat.diff`` are ``x_diff`` (None when ``X`` is not differentiated) and
+    ``w_diff``."""
 
-    mm: fx.Node
     x: int
     w: int
     x_diff: int | None
@@ -58,35 +56,40 @@ def find_split(gm: fx.GraphModule, diff: Sequence[int]) -> Split | None:
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for w_diff, w in enumerate(diff):
-        w_node = placeholders[w]
-        users = list(w_node.users)
-        if len(users) != 1 or users[0].target != aten.mm.default:
+        mm = _only_product(placeholders[w])
+        if mm is None or mm.args[0].op != "placeholder" or mm.args[0] is mm.args[1]:
             continue
-        mm = users[0]
-        x_node, second = mm.args
-        if second is not w_node or x_node is w_node or x_node.op != "placeholder":
-            continue
-        x = placeholders.index(x_node)
+        x = placeholders.index(mm.args[0])
         x_diff = diff.index(x) if x in diff else None
-        if x_diff is not None and len(x_node.users) != 1:
+        if x_diff is not None and len(mm.args[0].users) != 1:
             continue
-        return Split(mm, x, w, x_diff, w_diff)
+        return Split(x, w, x_diff, w_diff)
     return None
 
 
-def outer_graph(gm: fx.GraphModule, split: Split) -> fx.GraphModule:
-    """``g``: the traced graph with the ``mm`` node read from one more input, ``h``."""
+def _only_product(w: fx.Node) -> fx.Node | None:
+    """The ``mm(X, w)`` that is ``w``'s one reader, if it is."""
+    users = list(w.users)
+    if len(users) == 1 and users[0].target == aten.mm.default and users[0].args[1] is w:
+        return users[0]
+    return None
+
+
+def graph_after(gm: fx.GraphModule, split: Split) -> fx.GraphModule:
+    """``g``: the traced graph reading ``X @ W`` from one more input, ``h``, after the
+    others."""
+    nodes = list(gm.graph.nodes)
+    mm = _only_product([n for n in nodes if n.op == "placeholder"][split.w])
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    last = None
-    for node in gm.graph.nodes:
-        if node is split.mm:
-            continue
-        if node.op != "placeholder" and last is not None and split.mm not in env:
-            env[split.mm] = graph.placeholder("h")
-            env[split.mm].meta = dict(split.mm.meta)
-        env[node] = graph.node_copy(node, lambda n: env[n])
-        last = node
+    for node in nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node, env.__getitem__)
+    env[mm] = graph.placeholder("h")
+    env[mm].meta = dict(mm.meta)
+    for node in nodes:
+        if node.op != "placeholder" and node is not mm:
+            env[node] = graph.node_copy(node, env.__getitem__)
     return fx.GraphModule(gm, graph)
 
 
@@ -94,26 +97,6 @@ def inner_tensors(tensors: Sequence[torch.Tensor], split: Split) -> list[torch.T
     """``g``'s flat inputs: ``h = X @ W``, then ``f``'s (``h`` first: the seed planner
     lays ``g``'s leaves out in this order, and the compressed one first costs less)."""
     return [torch.mm(tensors[split.x], tensors[split.w]), *tensors]
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """One dim group of a block of ``f``: ``kind`` is ``"x"``, ``"w"`` or ``"o"`` (another
-    leaf, ``leaf`` its index in ``g``); ``labels`` are its einsum letters."""
-
-    kind: str
-    leaf: int | None
-    labels: tuple[str, ...]
-
-
-class _Letters:
-    """Fresh einsum letters."""
-
-    def __init__(self) -> None:
-        self._left = iter(string.ascii_letters)
-
-    def take(self, n: int) -> tuple[str, ...]:
-        return tuple(next(self._left) for _ in range(n))
 
 
 @dataclass(frozen=True)
@@ -130,12 +113,10 @@ class _Labels:
     """Fresh dim names."""
 
     def __init__(self) -> None:
-        self._left = iter(string.ascii_letters * 4)
-        self._count = 0
+        self._count = itertools.count()
 
     def take(self, n: int) -> tuple[str, ...]:
-        self._count += n
-        return tuple(f"{next(self._left)}{self._count - n + k}" for k in range(n))
+        return tuple(f"d{next(self._count)}" for _ in range(n))
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,14 @@ def test_only_the_weight_differentiated(always_split):
     x, w1, b1, w2 = _mlp_inputs()
     _check(mlp, 3, (1,), (x, w1, b1, w2))
     _check(mlp, 2, 1, (x, w1, b1, w2))
+
+
+def test_an_error_names_the_line_of_f(always_split):
+    """g is a traced graph: an unsupported op is reported from f's source, not g's."""
+
+    def zeta_layer(x, w):
+        return torch.special.zeta(x @ w + 1.0, 2.0).sum()
+
+    x, w = torch.rand(3, 4, dtype=D), torch.rand(4, 2, dtype=D)
+    with pytest.raises(hod.UnsupportedOperatorError, match=r"torch\.special\.zeta\(x @ w"):
+        hod.hessian(zeta_layer, (0, 1))(x, w)
