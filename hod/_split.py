@@ -40,63 +40,114 @@ aten = torch.ops.aten
 class Split:
     """Where the first linear layer reads its inputs: flat tensors ``x`` and ``w``, whose
     indices in ``flat.diff`` are ``x_diff`` (None when ``X`` is not differentiated) and
-    ``w_diff``."""
+    ``w_diff``; ``transposed`` when the layer reads ``W`` as ``(N, K)`` (``X @ W.T``, as
+    ``torch.nn.Linear`` does)."""
 
     x: int
     w: int
     x_diff: int | None
     w_diff: int
+    transposed: bool = False
 
 
 def find_split(gm: fx.GraphModule, diff: Sequence[int]) -> Split | None:
     """The first linear layer of a traced flat function whose weight can be split off.
 
-    ``W`` must be differentiated and read only by one 2-D ``mm(X, W)`` whose ``X`` is an
-    input too, read only there when it is differentiated.
+    ``W`` must be differentiated and read only by one 2-D product ``X @ W`` or
+    ``X @ W.T`` (``mm``, or ``addmm`` with a bias), whose ``X`` is an input too, read
+    only there when it is differentiated.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for w_diff, w in enumerate(diff):
-        mm = _only_product(placeholders[w])
-        if mm is None or mm.args[0].op != "placeholder" or mm.args[0] is mm.args[1]:
+        found = _layer(placeholders[w])
+        if found is None:
             continue
-        x = placeholders.index(mm.args[0])
+        product, transposed = found
+        x_node = _operands(product)[1]
+        if x_node.op != "placeholder" or x_node is placeholders[w]:
+            continue
+        x = placeholders.index(x_node)
         x_diff = diff.index(x) if x in diff else None
-        if x_diff is not None and len(mm.args[0].users) != 1:
+        if x_diff is not None and len(x_node.users) != 1:
             continue
-        return Split(x, w, x_diff, w_diff)
+        return Split(x, w, x_diff, w_diff, transposed)
     return None
 
 
-def _only_product(w: fx.Node) -> fx.Node | None:
-    """The ``mm(X, w)`` that is ``w``'s one reader, if it is."""
-    users = list(w.users)
-    if len(users) == 1 and users[0].target == aten.mm.default and users[0].args[1] is w:
-        return users[0]
-    return None
+def _operands(product: fx.Node) -> tuple[object, fx.Node, fx.Node]:
+    """``(bias or None, X, W or W.T)`` of an ``mm`` or ``addmm`` node."""
+    if product.target == aten.mm.default:
+        return None, *product.args
+    return tuple(product.args)
+
+
+def _layer(w: fx.Node) -> tuple[fx.Node, bool] | None:
+    """The product that is ``w``'s one reader (directly, or through one transpose), and
+    whether it reads ``w`` transposed."""
+    transposed = False
+    reader = _only_user(w)
+    if reader is not None and _is_transpose(reader):
+        transposed, w, reader = True, reader, _only_user(reader)
+    is_product = reader is not None and not reader.kwargs and (
+        reader.target == aten.mm.default
+        or (reader.target == aten.addmm.default and len(reader.args) == 3)
+    )
+    if not is_product or _operands(reader)[2] is not w:
+        return None
+    return reader, transposed
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    """``t(w)``, ``w.permute(1, 0)`` or ``w.transpose(0, 1)`` of a matrix ``w``."""
+    if node.op != "call_function" or node.args[0].meta["val"].dim() != 2:
+        return False
+    if node.target == aten.t.default:
+        return True
+    if node.target == aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    return node.target == aten.transpose.int and {d % 2 for d in node.args[1:3]} == {0, 1}
 
 
 def graph_after(gm: fx.GraphModule, split: Split) -> fx.GraphModule:
-    """``g``: the traced graph reading ``X @ W`` from one more input, ``h``, after the
-    others."""
+    """``g``: the traced graph reading ``X @ W`` (or ``X @ W.T``) from one more input,
+    ``h``, after the others; an ``addmm``'s bias is added to ``h`` there."""
     nodes = list(gm.graph.nodes)
-    mm = _only_product([n for n in nodes if n.op == "placeholder"][split.w])
+    product = _layer([n for n in nodes if n.op == "placeholder"][split.w])[0]
+    bias = _operands(product)[0]
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+
+    def reached(node: fx.Node) -> None:
+        if node is bias:  # the layer's output, once its bias exists: bias + h
+            env[product] = graph.call_function(aten.add.Tensor, (env[node], h))
+            env[product].meta = dict(product.meta)
+
     for node in nodes:
         if node.op == "placeholder":
             env[node] = graph.node_copy(node, env.__getitem__)
-    env[mm] = graph.placeholder("h")
-    env[mm].meta = dict(mm.meta)
+    h = graph.placeholder("h")
+    h.meta = dict(product.meta)
+    env[product] = h
     for node in nodes:
-        if node.op != "placeholder" and node is not mm:
+        if node.op == "placeholder":
+            reached(node)
+    for node in nodes:
+        if node.op != "placeholder" and node is not product:
             env[node] = graph.node_copy(node, env.__getitem__)
+            reached(node)
     return fx.GraphModule(gm, graph)
 
 
 def inner_tensors(tensors: Sequence[torch.Tensor], split: Split) -> list[torch.Tensor]:
     """``g``'s flat inputs: ``h = X @ W``, then ``f``'s (``h`` first: the seed planner
     lays ``g``'s leaves out in this order, and the compressed one first costs less)."""
-    return [torch.mm(tensors[split.x], tensors[split.w]), *tensors]
+    w = tensors[split.w]
+    return [torch.mm(tensors[split.x], w.t() if split.transposed else w), *tensors]
 
 
 @dataclass(frozen=True)
@@ -189,8 +240,15 @@ class _Composer:
         self, em: Emitter, plan: Composition, x: fx.Node, w: fx.Node,
         inner: dict[BlockKey, fx.Node], per_example: bool, compact: bool,
     ) -> None:
-        self.em, self.plan, self.x, self.w, self.inner = em, plan, x, w, inner
+        self.em, self.plan, self.x, self.inner = em, plan, x, inner
         self.per_example, self.compact = per_example, compact
+        # W's matrix from h's columns n to X's columns i: dh[b, n] / dX[b, i] = W[i, n]
+        self.w_t = w if plan.split.transposed else em.permute(w, [1, 0])
+
+    def _w_dims(self, slot: _Slot) -> tuple[str, str]:
+        """The names of a ``W`` slot's ``(i, n)`` dims: ``W`` is ``(K, N)``, or ``(N, K)``
+        when the layer reads it transposed."""
+        return slot.labels[::-1] if self.plan.split.transposed else slot.labels
 
     def block(self, key: BlockKey) -> fx.Node:
         """One block of ``f``: the sum over matchings of its ``X`` slots with its ``W``
@@ -237,15 +295,16 @@ class _Composer:
                 continue
             g_leaves.append(plan.h_leaf)
             if slot.kind == "x" and s in pairs:  # d2h[b, j] / dX[b, i] dW[i, j] = 1
-                partner = slots[pairs[s]]
-                pair = [slot.labels[0], partner.labels[1]]
-                groups.append([slot.labels[1], partner.labels[0]])
+                i, j = self._w_dims(slots[pairs[s]])
+                pair = [slot.labels[0], j]
+                groups.append([slot.labels[1], i])
             elif slot.kind == "x":  # dh[b, n] / dX[b, i] = W[i, n]: W^T maps n to i
                 pair = [slot.labels[0], *names.take(1)]
-                eaten.append((self.em.permute(self.w, [1, 0]), pair[1], slot.labels[1]))
+                eaten.append((self.w_t, pair[1], slot.labels[1]))
             else:  # dh[b, j] / dW[i, j] = X[b, i]: X maps b to i
-                pair = [*names.take(1), slot.labels[1]]
-                eaten.append((self.x, pair[0], slot.labels[0]))
+                i, j = self._w_dims(slot)
+                pair = [*names.take(1), j]
+                eaten.append((self.x, pair[0], i))
             if self.compact and rows:  # g's block holds the first h slot's row only
                 g_labels.append(pair[1])
             else:

@@ -155,3 +155,29 @@ def test_an_error_names_the_line_of_f(always_split):
     x, w = torch.rand(3, 4, dtype=D), torch.rand(4, 2, dtype=D)
     with pytest.raises(hod.UnsupportedOperatorError, match=r"torch\.special\.zeta\(x @ w"):
         hod.hessian(zeta_layer, (0, 1))(x, w)
+
+
+def linear_mlp(x, w1, b1, w2):
+    """torch.nn.Linear's layout: weights (out, in), read transposed, with a bias."""
+    hidden = torch.tanh(torch.nn.functional.linear(x, w1, b1))
+    return torch.nn.functional.linear(hidden, w2).sin().sum()
+
+
+@pytest.mark.parametrize("argnums", [(0, 1, 2, 3), (1, 2), (2, 1, 0), (1, 0, 3)])
+@pytest.mark.parametrize("order", [2, 3])
+def test_linear_layers_split(always_split, order, argnums):
+    x, w1, b1 = torch.randn(3, 4, dtype=D), torch.randn(5, 4, dtype=D), torch.randn(5, dtype=D)
+    _check(linear_mlp, order, argnums, (x, w1, b1, torch.randn(2, 5, dtype=D)))
+
+
+def test_other_spellings_of_a_layer(always_split):
+    """``x @ w.T``, ``x @ w.transpose(0, 1) + b`` and ``torch.addmm(b, x, w)``."""
+    x, w, b = torch.randn(3, 4, dtype=D), torch.randn(4, 4, dtype=D), torch.randn(4, dtype=D)
+    spellings = [
+        lambda x, w, b: torch.tanh(x @ w.T + b).pow(2).sum(),
+        lambda x, w, b: torch.tanh(x @ w.transpose(0, 1) + b).pow(2).sum(),
+        lambda x, w, b: torch.tanh(torch.addmm(b, x, w)).pow(2).sum(),
+    ]
+    for f in spellings:
+        for order in (2, 3):
+            _check(f, order, (0, 1, 2), (x, w, b))
