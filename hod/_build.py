@@ -70,7 +70,9 @@ class Lowered:
     :mod:`hod._memory`), and its view chains may be single calls (see :mod:`hod._views`);
     ``captured`` are the tensors the code reads besides its inputs. ``compiled``, when set, is
     ``graph_module`` compiled with torch.compile (see :mod:`hod._compiled`); it runs on
-    tensors that no transform watches.
+    tensors that no transform watches. ``first_layer``, when set, says where the first
+    linear layer that was split off reads its inputs (see :mod:`hod._split`): the code
+    then takes ``h = X @ W`` before ``f``'s flat tensors.
     """
 
     graph_module: fx.GraphModule
