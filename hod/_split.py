@@ -86,7 +86,7 @@ def _layer(w: fx.Node) -> tuple[fx.Node, bool] | None:
     whether it reads ``w`` transposed."""
     transposed = False
     reader = _only_user(w)
-    if reader is not None and _is_transpose(reader):
+    if reader is not None and _is_transpose(reader, w):
         transposed, w, reader = True, reader, _only_user(reader)
     is_product = reader is not None and not reader.kwargs and (
         reader.target == aten.mm.default
@@ -102,9 +102,10 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _is_transpose(node: fx.Node) -> bool:
-    """``t(w)``, ``w.permute(1, 0)`` or ``w.transpose(0, 1)`` of a matrix ``w``."""
-    if node.op != "call_function" or node.args[0].meta["val"].dim() != 2:
+def _is_transpose(node: fx.Node, w: fx.Node) -> bool:
+    """Whether ``node`` is ``t(w)``, ``w.permute(1, 0)`` or ``w.transpose(0, 1)`` of a
+    matrix ``w``."""
+    if node.op != "call_function" or node.args[0] is not w or w.meta["val"].dim() != 2:
         return False
     if node.target == aten.t.default:
         return True

@@ -128,6 +128,8 @@ def test_what_is_not_split(always_split):
     _check(lambda x, w: (x @ w).pow(3).sum() + w.pow(2).sum(), 2, (0, 1), (x, w1),
            split=False)
     _check(lambda x, w: ((2 * x) @ w).pow(3).sum(), 2, (0, 1), (x, w1), split=False)
+    _check(lambda x, w: (x @ torch.pow(2.0, w)).pow(3).sum(), 2, (0, 1), (x, w1),
+           split=False)  # W's one reader takes a number first
 
     def with_aux(x, w):
         return (x @ w).pow(3).sum(), x.sum()
