@@ -132,13 +132,15 @@ def build(request: Request, flat: FlatCall, compose: Composition | None = None) 
 
     When reverse-last is planned but the gradient graph holds an op without a rule, or
     torch cannot trace its backward (some fused cells, such as ``GRUCell``, fail inside
-    functionalization), forward mode is tried before giving up.
+    functionalization), forward mode is tried before giving up. A first linear layer is
+    split off when it can be (see :mod:`hod._split`); ``compose`` is given when building
+    the rest of ``f``, ``g``, and turns its blocks into ``f``'s.
     """
     forward = _trace_forward(request, flat)
     out_vals = [n.meta["val"] for n in _outputs(forward.gm)[: forward.n_out]]
     _check_outputs(out_vals, request.call)
-    split = _first_layer(request, flat, forward, out_vals)
-    if split is not None and compose is None:
+    split = None if compose is not None else _first_layer(request, flat, forward, out_vals)
+    if split is not None:
         try:
             return _build_split(request, flat, forward, out_vals, split)
         except HodError:
