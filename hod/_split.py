@@ -231,8 +231,8 @@ def _from_canonical(
 class _Composer:
     """Emits the blocks of ``f`` (see the module docstring).
 
-    With ``per_example`` (``g``'s seed plan compressed ``h`` along its rows), ``g``'s
-    blocks are zero unless all their ``h`` slots sit on one example ``b``: a term then
+    With ``per_example`` (the rows of ``h`` are independent examples), ``g``'s blocks are
+    zero unless all their ``h`` slots sit on one example ``b``: a term then
     reads that diagonal and forms the products over ``b`` at once, so that the largest
     blocks (``W`` slots only) are one product ``(K^m, B) @ (B, rest)`` each.
     """
