@@ -56,6 +56,11 @@ class Request:
     allow_random: bool = False  # keep random ops (dropout, torch.rand) in the graph
     compile: dict[str, Any] | None = None  # torch.compile keywords; None: eager code
 
+    @property
+    def orders(self) -> range:
+        """The orders of the result: ``0..n`` for ``derivatives()``, else ``n`` alone."""
+        return range(0 if self.with_values else self.order, self.order + 1)
+
 
 @dataclass
 class Lowered:
@@ -197,32 +202,19 @@ def _generate(
     if ctx.grouped:  # see DeriveContext: the top order is exact once symmetrized
         for jet in {id(j): j for j in out_jets[:n_diff]}.values():
             jet.derivs[-1] = ctx.symmetrized(jet.derivs[-1], fwd_order)
-    orders = range(0 if request.with_values else request.order, request.order + 1)
-    compact = None
-    if compose is not None and _compact_rows(mode, seeds, compose.h_leaf):
-        compact = compose.h_leaf
-    results: list[fx.Node] = []
-    specs = []
-    for order in orders:
-        keys, spec = block_structure(
-            forward.out_spec, forward.n_out, request.argnums, flat.layouts, order
-        )
-        specs.append(spec)
-        results += [
-            _block(em, mode, key, out_jets, out_vals, seeds, leaf_dtypes, compact)
-            for key in keys
-        ]
+    keys, specs = _structure(
+        forward.out_spec, forward.n_out, request.argnums, flat.layouts, request.orders
+    )
+    compact = compose is not None and _compact_rows(mode, seeds, compose.h_leaf)
+    results = [
+        _block(em, mode, key, out_jets, out_vals, seeds, leaf_dtypes,
+               compose.h_leaf if compact else None)
+        for key in keys
+    ]
     aux = [j.primal for j in out_jets[n_diff:]]
     if compose is not None:
-        # Whether g's blocks vanish unless all their h slots sit on one row of h.
-        h = compose.h_leaf
-        required = (lambda batch: [1 + h]) if mode == "reverse-last" else (
-            lambda batch: range(n_diff))
-        per_example = seeds.segments[h].batch_dim == 0 or valid_batch(
-            traced.gm, flat.diff, required, {h: 0}
-        )
-        results = compose(em, [jet.primal for jet in inputs], results, per_example,
-                          compact is not None)
+        per_example = compact or _rows_apart(mode, traced, flat, seeds, compose.h_leaf, n_diff)
+        results = compose(em, [jet.primal for jet in inputs], results, per_example, compact)
     em.output(results + aux)
     spec = _result_spec(specs, request, traced.aux_spec)
     if request.compile is not None:  # the compiler plans memory itself
@@ -233,6 +225,36 @@ def _generate(
     probe = None if request.allow_random or not unwatched(flat.tensors) else flat.tensors
     gm, fast, memory = generate(em.graph, em.constants, em.device, probe=probe)
     return Lowered(gm, spec, mode, seeds.size, fast, memory, captured=captured)
+
+
+def _structure(
+    out_spec: TreeSpec, n_out: int, argnums: int | tuple[int, ...],
+    layouts: dict, orders: range,
+) -> tuple[list[BlockKey], list[TreeSpec]]:
+    """The blocks of each order in ``orders``, one after another, and each order's spec."""
+    keys, specs = [], []
+    for order in orders:
+        order_keys, spec = block_structure(out_spec, n_out, argnums, layouts, order)
+        keys += order_keys
+        specs.append(spec)
+    return keys, specs
+
+
+def _gradients_of(batch: dict[int, int]) -> list[int]:
+    """The outputs of a reverse-last graph holding the gradients of the leaves of
+    ``batch``: its compressed seeds are read from those (see :func:`_needs`)."""
+    return [1 + leaf for leaf in batch]
+
+
+def _rows_apart(
+    mode: str, traced: _Traced, flat: FlatCall, seeds: SeedPlan, h: int, n_diff: int
+) -> bool:
+    """Whether the rows of ``g``'s leaf ``h`` are independent examples (``g``'s blocks
+    vanish unless their ``h`` slots sit on one row): compressed so, or they could be."""
+    required = _gradients_of if mode == "reverse-last" else (lambda batch: range(n_diff))
+    return seeds.segments[h].batch_dim == 0 or valid_batch(
+        traced.gm, flat.diff, required, {h: 0}
+    )
 
 
 def _compact_rows(mode: str, seeds: SeedPlan, h: int) -> bool:
@@ -285,18 +307,12 @@ def _build_split(
     inner_flat = flatten_call(tuple(examples), {}, inner_argnums, request.call)
     n_out = forward.n_out
     inner_spec = tree_flatten(tuple(range(n_out)))[1]
-    inner_keys = [
-        key for order in range(request.order + 1)
-        for key in block_structure(inner_spec, n_out, inner_argnums, inner_flat.layouts, order)[0]
-    ]
-    orders = range(0 if request.with_values else request.order, request.order + 1)
-    keys, specs = [], []
-    for order in orders:
-        order_keys, spec = block_structure(
-            forward.out_spec, n_out, request.argnums, flat.layouts, order
-        )
-        keys += order_keys
-        specs.append(spec)
+    inner_keys = _structure(
+        inner_spec, n_out, inner_argnums, inner_flat.layouts, inner_request.orders
+    )[0]
+    keys, specs = _structure(
+        forward.out_spec, n_out, request.argnums, flat.layouts, request.orders
+    )
     composition = Composition(
         split, tuple(keys),
         mapping=tuple(None if pos in (split.x, split.w) else inner_flat.diff.index(1 + pos)
@@ -348,7 +364,7 @@ def _plan_reverse(
         )
 
     seeds = plan_seeds(
-        reverse.gm, flat.diff, shapes, lambda batch: [1 + leaf for leaf in batch], work
+        reverse.gm, flat.diff, shapes, _gradients_of, work
     )
     gm, seeds = prepared(seeds)
     return replace(reverse, gm=gm), seeds
