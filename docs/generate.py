@@ -229,7 +229,7 @@ def write(run_path: Path) -> None:
     for page, generate in BENCH_PAGES.items():
         page.write_text(with_section(page.read_text(), "bench", generate(run_path), run=label))
     PNG.parent.mkdir(parents=True, exist_ok=True)
-    tables.plot_summary(tables.load_run(run_path), str(PNG))
+    tables.plot_summary(tables.load_run(run_path), PNG)
     PNG.write_bytes(with_png_text(PNG.read_bytes(), PNG_KEY, label))
 
 
