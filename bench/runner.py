@@ -2,11 +2,19 @@
 
 Per row:
 
-1. build the inputs (``torch.rand``, float32, seeded from the row) and the float64 reference;
-2. for each engine: prepare it (not timed), make the warm-up call (not timed; hod traces and
-   generates code here) and compare its result with the reference; a wrong result is reported
-   as ``WRONG`` and the engine is not timed;
+1. build the inputs (``torch.rand``, float32, seeded from the row), the inputs of the row's check
+   variant (:func:`bench.models.check_variant`: weighted read-out, centred inputs) and the
+   variant's float64 reference;
+2. for each engine: run it once on the check variant and compare its result with the reference
+   block by block (:func:`bench.compare.compare_blocks`); a wrong result is reported as
+   ``WRONG`` and the engine is not timed. Then prepare it on the row itself (not timed) and make
+   the warm-up call (not timed; hod traces and generates code here), whose result must have
+   every block in the right shape, finite (the row's derivatives are zero, so its values say
+   nothing);
 3. time the remaining engines in interleaved rounds (:func:`bench.timing.interleaved`).
+
+A row whose reference cannot be computed or is degenerate (:mod:`bench.reference`) is timed,
+but every engine's status there is ``unchecked``: tables mark it and leave it out of the ratios.
 
 Time budget: an engine whose warm-up call or median call takes longer than ``budget_s`` is timed
 with a single call on that row and ``SKIPPED`` on the following (larger) rows of the sweep.
@@ -21,14 +29,15 @@ from dataclasses import asdict, dataclass, field
 
 from torch import Tensor
 
-from bench.compare import compare_blocks
+from bench.compare import block_shapes, check_structure, compare_blocks
 from bench.engines import Engine, Runner, failure_kind
-from bench.models import Case, Sweep, make_inputs
+from bench.models import Case, Sweep, check_variant, make_inputs
 from bench.reference import Reference, reference
 from bench.timing import RepPolicy, interleaved, median_ms
 
-# Engine statuses. Only OK rows carry a median.
+# Engine statuses. Only OK and UNCHECKED results carry a median; tables use OK ones only.
 OK = "ok"
+UNCHECKED = "unchecked"
 WRONG = "WRONG"
 SKIPPED = "SKIPPED"
 UNSUPPORTED = "n/a"
@@ -37,7 +46,11 @@ ABSENT = "absent"
 
 @dataclass
 class EngineResult:
-    """What one engine did on one row."""
+    """What one engine did on one row.
+
+    ``check_rel_err`` is the check's largest relative error over the blocks (None when the
+    engine was not checked); ``check`` the check's line.
+    """
 
     status: str
     median_ms: float | None = None
@@ -45,6 +58,8 @@ class EngineResult:
     times_ms: list[float] = field(default_factory=list)
     warmup_ms: float | None = None
     detail: str = ""
+    check_rel_err: float | None = None
+    check: str = ""
 
 
 @dataclass
@@ -74,6 +89,15 @@ class RunSettings:
     policy: RepPolicy
     budget_s: float
     seed: int = 0
+
+
+@dataclass
+class RowCheck:
+    """A row's check variant, its inputs and (once computed, if it can be) its reference."""
+
+    variant: Case
+    inputs: tuple[Tensor, ...]
+    ref: Reference | None = None
 
 
 def row_seed(case: Case, base: int) -> int:
@@ -128,14 +152,14 @@ class SweepRunner:
     ) -> RowResult:
         """Check and time ``engines`` (default: every engine) on one case."""
         settings = self.settings
-        inputs = make_inputs(case, row_seed(case, settings.seed), settings.device)
-        ref: Reference | None
+        seed = row_seed(case, settings.seed)
+        inputs = make_inputs(case, seed, settings.device)
+        check = RowCheck(check_variant(case), make_inputs(case, seed, settings.device, check=True))
         try:
-            ref = reference(case, inputs)
-            ref_note = ref.describe()
-        except Exception as exc:  # the row still gets timed, unchecked
-            ref = None
-            ref_note = f"reference failed ({failure_kind(exc)}: {exc}); results unchecked"
+            check.ref = reference(check.variant, check.inputs)
+            ref_note = check.ref.describe()
+        except Exception as exc:  # the row is timed, unchecked
+            ref_note = f"reference failed ({failure_kind(exc)}: {_short(exc)}); row unchecked"
         results: dict[str, EngineResult] = {}
         runners: dict[str, Runner] = {}
         for engine in self.engines if engines is None else engines:
@@ -143,12 +167,16 @@ class SweepRunner:
             if skip is not None:
                 results[engine.name] = skip
                 continue
-            result, runner = self._warm_up(engine, case, inputs, ref)
+            result, runner = self._warm_up(engine, case, inputs, check)
             results[engine.name] = result
             if runner is not None:
                 runners[engine.name] = runner
-        del ref
+        del check
         gc.collect()
+        peers = {e.name: e.peer for e in self.engines}
+        for name, why in hopeless_settings(results, peers).items():
+            runners.pop(name).close()
+            results[name].status, results[name].detail = SKIPPED, why
         self._time(runners, results)
         for runner in runners.values():
             runner.close()
@@ -166,24 +194,40 @@ class SweepRunner:
         return None
 
     def _warm_up(
-        self, engine: Engine, case: Case, inputs: tuple[Tensor, ...], ref: Reference | None
+        self, engine: Engine, case: Case, inputs: tuple[Tensor, ...], check: RowCheck
     ) -> tuple[EngineResult, Runner | None]:
-        """Prepare and warm up one engine; return its provisional result and runner if timable."""
+        """Check one engine on the variant, then prepare and warm it up on the row; return its
+        provisional result, and its runner if it is to be timed."""
+        device = self.settings.device
+        result = EngineResult(OK)
         try:
-            runner = engine.prepare(case, inputs, self.settings.device)
+            if check.ref is not None:
+                check_runner = engine.prepare(check.variant, check.inputs, device)
+                try:
+                    warm = check_runner.warmup()
+                finally:
+                    check_runner.close()
+                outcome = compare_blocks(warm.blocks, check.ref.blocks)
+                result.check_rel_err = outcome.max_rel_err
+                result.check = outcome.summary() + (f"; {warm.note}" if warm.note else "")
+                if not outcome.ok:
+                    return EngineResult(WRONG, detail=result.check, check=result.check,
+                                        check_rel_err=outcome.max_rel_err), None
+            runner = engine.prepare(case, inputs, device)
             warm = runner.warmup()
         except Exception as exc:
-            return EngineResult(failure_kind(exc), detail=_short(exc)), None
-        result = EngineResult(OK, warmup_ms=1e3 * warm.seconds)
-        if ref is None:
-            result.detail = "unchecked"
+            return EngineResult(failure_kind(exc), detail=_short(exc), check=result.check,
+                                check_rel_err=result.check_rel_err), None
+        result.warmup_ms = 1e3 * warm.seconds
+        problem = check_structure(warm.blocks, block_shapes(case.order, case.argnums, inputs))
+        if problem is not None:
+            runner.close()
+            result.status, result.detail = WRONG, f"timed call's result: {problem}"
+            return result, None
+        if check.ref is None:
+            result.status, result.detail = UNCHECKED, "the row's reference failed"
         else:
-            check = compare_blocks(warm.blocks, ref.blocks, floor=ref.floor, reshape=warm.reshape)
-            result.detail = check.summary() + (f"; {warm.note}" if warm.note else "")
-            if not check.ok:
-                result.status = WRONG
-                runner.close()
-                return result, None
+            result.detail = result.check
         return result, runner
 
     def _time(self, runners: dict[str, Runner], results: dict[str, EngineResult]) -> None:
@@ -202,10 +246,33 @@ class SweepRunner:
         samples = interleaved(callers, self.settings.policy, caps, on_error)
         for name, times in samples.items():
             result = results[name]
-            if result.status == OK:
+            if result.status in (OK, UNCHECKED):
                 result.times_ms = [1e3 * t for t in times]
                 result.median_ms = median_ms(times)
                 result.min_ms = min(result.times_ms, default=None)
+
+
+#: A peer setting whose warm-up call is this many times slower than the fastest warm-up of
+#: another setting of the same peer on the row is not timed there (it cannot be that peer's best).
+HOPELESS = 10.0
+
+
+def hopeless_settings(results: dict[str, EngineResult], peers: dict[str, str]) -> dict[str, str]:
+    """The warmed-up engines (name -> why) that :data:`HOPELESS` leaves untimed on this row.
+
+    ``peers`` maps engine names to their peer; only settings of one peer are compared.
+    """
+    warm = {n: r.warmup_ms for n, r in results.items()
+            if r.status in (OK, UNCHECKED) and r.warmup_ms is not None}
+    hopeless = {}
+    for name, ms in warm.items():
+        rivals = {o: t for o, t in warm.items() if o != name and peers[o] == peers[name]}
+        if rivals:
+            best = min(rivals, key=rivals.__getitem__)
+            if ms > HOPELESS * rivals[best]:
+                hopeless[name] = (f"not timed: warm-up {ms:.1f} ms, over {HOPELESS:g}x "
+                                  f"{best}'s {rivals[best]:.1f} ms on this row")
+    return hopeless
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
