@@ -137,7 +137,7 @@ def readme_bench(run_path: Path) -> str:
     return "\n\n".join([
         tables.headline(run),
         tables.summary_table(run),
-        "![hod's speedup over the fastest peer, per sweep](docs/assets/benchmark.png)",
+        "![median time per call of hod and of each peer's best setting, per sweep (log scale)](docs/assets/benchmark.png)",
     ])
 
 
@@ -150,7 +150,7 @@ def benchmarks_bench(run_path: Path) -> str:
         tables.headline(run),
         "## Summary",
         tables.summary_table(run),
-        "![hod's speedup over the fastest peer, per sweep](assets/benchmark.png)",
+        "![median time per call of hod and of each peer's best setting, per sweep (log scale)](assets/benchmark.png)",
         "## Every sweep",
         tables.sweep_tables(run),
     ])
