@@ -23,6 +23,7 @@ with a single call on that row and ``SKIPPED`` on the following (larger) rows of
 from __future__ import annotations
 
 import gc
+import time
 import zlib
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,7 @@ class RowResult:
     x: int | str
     engines: dict[str, EngineResult]
     reference: str = ""
+    seconds: float = 0.0  # wall time of the whole row: reference, checks, warm-ups, timing
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -77,6 +79,7 @@ class RowResult:
             "label": self.case.label(),
             "case": self.case.to_dict(),
             "reference": self.reference,
+            "seconds": round(self.seconds, 2),
             "engines": {name: asdict(r) for name, r in self.engines.items()},
         }
 
@@ -151,6 +154,7 @@ class SweepRunner:
         engines: list[Engine] | None = None,
     ) -> RowResult:
         """Check and time ``engines`` (default: every engine) on one case."""
+        start = time.perf_counter()
         settings = self.settings
         seed = row_seed(case, settings.seed)
         inputs = make_inputs(case, seed, settings.device)
@@ -180,7 +184,7 @@ class SweepRunner:
         self._time(runners, results)
         for runner in runners.values():
             runner.close()
-        return RowResult(case, x, results, ref_note)
+        return RowResult(case, x, results, ref_note, time.perf_counter() - start)
 
     def _skip_reason(
         self, engine: Engine, case: Case, over_budget: dict[str, str]
@@ -252,9 +256,11 @@ class SweepRunner:
                 result.min_ms = min(result.times_ms, default=None)
 
 
-#: A peer setting whose warm-up call is this many times slower than the fastest warm-up of
-#: another setting of the same peer on the row is not timed there (it cannot be that peer's best).
+#: A peer setting whose warm-up call takes over HOPELESS_MS and is HOPELESS times slower than
+#: the fastest warm-up of another setting of the same peer on the row is not timed there (it
+#: cannot be that peer's best). The floor keeps a noisy short warm-up from dropping a setting.
 HOPELESS = 10.0
+HOPELESS_MS = 100.0
 
 
 def hopeless_settings(results: dict[str, EngineResult], peers: dict[str, str]) -> dict[str, str]:
@@ -267,7 +273,7 @@ def hopeless_settings(results: dict[str, EngineResult], peers: dict[str, str]) -
     hopeless = {}
     for name, ms in warm.items():
         rivals = {o: t for o, t in warm.items() if o != name and peers[o] == peers[name]}
-        if rivals:
+        if rivals and ms > HOPELESS_MS:
             best = min(rivals, key=rivals.__getitem__)
             if ms > HOPELESS * rivals[best]:
                 hopeless[name] = (f"not timed: warm-up {ms:.1f} ms, over {HOPELESS:g}x "
