@@ -19,6 +19,9 @@ import hod
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = "regenerate with `python docs/generate.py --write`"
+DOC_PAGES = ["README.md", *sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md") if not p.is_symlink()
+)]
 
 
 def _load_generator():
@@ -59,15 +62,32 @@ def test_readme_names_every_public_name():
     assert not missing, f"README.md's API section does not name {missing}"
 
 
-@pytest.mark.parametrize("page", ["README.md", *sorted(
-    str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md") if not p.is_symlink()
-)])
+@pytest.mark.parametrize("page", DOC_PAGES)
 def test_relative_links_reach_files(page: str):
     text = (ROOT / page).read_text()
     targets = re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text)
     local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
     missing = [t for t in local if not ((ROOT / page).parent / t).exists()]
     assert not missing, f"{page} links to missing files: {missing}"
+
+
+#: Paths of hod's modules as the pages write them: ``hod/_build.py``, ``_split.py``,
+#: ``rules/nn.py``, ``passes/fold``, ``hod/passes/``.
+MODULE = re.compile(
+    r"(?<![\w/.])(hod/[\w/]+(?:\.py|/)|_\w+\.py|(?:rules|passes|decompositions)/\w*(?:\.py)?)"
+)
+
+
+def _module_exists(name: str) -> bool:
+    path = ROOT / (name if name.startswith("hod/") else f"hod/{name}")
+    return path.exists() or path.with_suffix(".py").exists()
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_modules_the_pages_name_exist(page: str):
+    named = set(MODULE.findall((ROOT / page).read_text()))
+    missing = sorted(name for name in named if not _module_exists(name))
+    assert not missing, f"{page} names modules hod does not have: {missing}"
 
 
 # -- the generator's own pieces ---------------------------------------------------------------
