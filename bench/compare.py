@@ -111,19 +111,6 @@ def block_error(got: Tensor, ref: Tensor, atol: float) -> tuple[float, bool]:
     return rel, err <= RTOL * size + atol
 
 
-def _structure_problem(
-    index: tuple[int, ...], got: Tensor | None, shape: torch.Size
-) -> str | None:
-    """Why block ``got`` is not a finite tensor of ``shape`` (None when it is)."""
-    if got is None:
-        return f"block {index} missing"
-    if got.shape != shape:
-        return f"block {index} shape {tuple(got.shape)} != {tuple(shape)}"
-    if not bool(torch.isfinite(got).all()):
-        return f"block {index} has non-finite values"
-    return None
-
-
 def compare_blocks(got: Blocks, ref: Blocks) -> Check:
     """Compare ``got`` with ``ref`` block by block (the tolerance is in the module docstring).
 
@@ -135,10 +122,15 @@ def compare_blocks(got: Blocks, ref: Blocks) -> Check:
     compared = 0
     for index, r in ref.items():
         g = got.get(index)
-        if (problem := _structure_problem(index, g, r.shape)) is not None:
-            problems.append(problem)
+        if g is None:
+            problems.append(f"block {index} missing")
             continue
-        assert g is not None
+        if g.shape != r.shape:
+            problems.append(f"block {index} shape {tuple(g.shape)} != {tuple(r.shape)}")
+            continue
+        if not bool(torch.isfinite(g).all()):
+            problems.append(f"block {index} has non-finite values")
+            continue
         compared += 1
         rel, within = block_error(g.detach().to(device=r.device, dtype=r.dtype), r, atol)
         if rel >= worst_rel:
@@ -147,26 +139,3 @@ def compare_blocks(got: Blocks, ref: Blocks) -> Check:
             problems.append(f"block {index} relative error {rel:.1e}")
     note = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
     return Check(not problems, worst_rel, worst, compared, len(ref), note)
-
-
-def block_shapes(
-    order: int, argnums: int | tuple[int, ...], inputs: tuple[Tensor, ...]
-) -> dict[tuple[int, ...], torch.Size]:
-    """The shape of every block of the order-n derivative w.r.t. ``inputs[argnums]``."""
-    chosen = [argnums] if isinstance(argnums, int) else list(argnums)
-    return {
-        index: torch.Size(s for i in index for s in inputs[chosen[i]].shape)
-        for index in itertools.product(range(len(chosen)), repeat=order)
-    }
-
-
-def check_structure(got: Blocks, shapes: dict[tuple[int, ...], torch.Size]) -> str | None:
-    """Why ``got`` lacks a block of ``shapes``, or has one of another shape or with non-finite
-    values (None when it has every block, finite and of its shape).
-
-    Used on the timed (seed) call, whose derivatives are zero: values are checked on the variant.
-    """
-    for index, shape in shapes.items():
-        if (problem := _structure_problem(index, got.get(index), shape)) is not None:
-            return problem
-    return None

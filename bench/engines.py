@@ -184,7 +184,9 @@ def torch_func_derivative(
 def _setting_unsupported(orders: tuple[int, ...], case: Case) -> str | None:
     if case.order in orders:
         return None
-    return f"order {'/'.join(map(str, orders))} only" if len(orders) < 4 else "orders 1-4"
+    if len(orders) == 1:
+        return f"order {orders[0]} only"
+    return f"orders {', '.join(map(str, orders[:-1]))} and {orders[-1]} only"
 
 
 class TorchFuncEngine(Engine):

@@ -1,32 +1,31 @@
 """Benchmark models, cases and sweeps.
 
-The models are the MLP of the seed benchmark notebook and a tanh variant:
+The models are the MLP of the seed benchmark notebook and a tanh variant, each read out in one
+of two ways (``Case.readout``):
 
-* ``relu_softmax``: ``T = X; for P in params: T = T @ P; T = softmax(T, dim=1) on the last layer,
-  relu(T) before``; returns ``T.sum()``. The softmax rows sum to one, so the output is the batch
-  size whatever the inputs: every derivative of this model is exactly zero. The seed benchmarks
-  it anyway (the cost of the computation does not depend on that), and so do we, but the
-  correctness check runs on a variant of each row (below).
-* ``tanh``: ``T = tanh(T @ P)`` for every layer, then ``T.sum()``.
+* layers: ``relu_softmax``: ``T = X; for P in params: T = T @ P; T = softmax(T, dim=1) on the
+  last layer, relu(T) before`` (the seed's); ``tanh``: ``T = tanh(T @ P)`` for every layer;
+* ``"weighted"`` (what the benchmark times and checks): ``(T * R).sum()`` with ``R`` a fixed
+  non-uniform (batch, width) tensor (:func:`readout_weights`), on centred inputs scaled so that
+  the activations stay of order one at every depth (:func:`make_inputs`). Every block of every
+  derivative is then far from zero, so a wrong derivative shows in the check;
+* ``"sum"``: the seed's ``T.sum()`` on its ``torch.rand`` inputs. With the relu/softmax layers
+  this is a constant (softmax rows sum to one: the output is the batch size), so every
+  derivative is exactly zero, and the seed's rand weights reach 1e10 after 20 relu layers and
+  saturate the softmax besides. It is kept to show that a check on it cannot fail
+  (:mod:`bench.selfcheck`), not timed.
 
-Check variant of a row (:func:`check_variant`, :func:`make_inputs` with ``check=True``): the same
-layers with a weighted read-out ``(T * R).sum()`` instead of ``T.sum()`` (``R`` fixed and
-non-uniform, :func:`readout_weights`), on centred inputs scaled so that the activations stay of
-order one at every depth (the seed's ``rand`` weights reach 1e10 after 20 relu layers and
-saturate the softmax, which makes the derivatives zero again). Its derivatives are non-zero in
-every block at every order, so a wrong derivative shows.
-
-A :class:`Case` fixes one benchmark row (model, read-out, derivative order, whether parameters
-are differentiated, tensor sizes); a :class:`Sweep` is an ordered list of cases that differ in
-one size, as in one loop of the seed notebook. This module only needs torch, so the thoad worker
-(which runs under another interpreter) can import it too.
+A :class:`Case` fixes one benchmark row (model, derivative order, whether parameters are
+differentiated, tensor sizes, read-out); a :class:`Sweep` is an ordered list of cases that differ
+in one size, as in one loop of the seed notebook. This module only needs torch, so the thoad
+worker (which runs under another interpreter) can import it too.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 import torch
@@ -65,10 +64,6 @@ def tanh_mlp(X: Tensor, *params: Tensor) -> Tensor:
 MODELS: dict[str, Forward] = {"relu_softmax": relu_softmax_mlp, "tanh": tanh_mlp}
 LAYERS: dict[str, Forward] = {"relu_softmax": relu_softmax_layers, "tanh": tanh_layers}
 
-#: Read-outs of a case: the seed's ``T.sum()``, or the check variant's ``(T * R).sum()``.
-READOUTS = ("sum", "weighted")
-
-
 def readout_weights(batch: int, width: int) -> Tensor:
     """The check variant's fixed read-out weights ``R`` (batch, width), float32, in [0.2, 1.8].
 
@@ -102,7 +97,8 @@ class Case:
     ``X`` has shape ``(batch, width)`` and each of the ``depth`` parameters ``(width, width)``.
     With ``param_grad`` the derivative is taken w.r.t. ``X`` and every parameter
     (``argnums = (0, 1, ..., depth)``), otherwise w.r.t. ``X`` only (``argnums = 0``).
-    ``readout`` is ``"sum"`` for the benchmark rows, ``"weighted"`` for their check variant.
+    ``readout`` is ``"weighted"`` for the benchmark rows, ``"sum"`` for the seed's constant
+    read-out (module docstring).
     """
 
     model: str
@@ -111,7 +107,7 @@ class Case:
     batch: int
     width: int
     depth: int
-    readout: str = "sum"
+    readout: str = "weighted"
 
     def forward(self, device: str | torch.device = "cpu") -> Forward:
         """The model's forward function ``f(X, *params) -> scalar`` for inputs on ``device``."""
@@ -132,7 +128,7 @@ class Case:
     def label(self) -> str:
         """A short human-readable description, e.g. ``tanh o3 b4 w4 d2 +params``."""
         grad = " +params" if self.param_grad else ""
-        readout = "" if self.readout == "sum" else f" {self.readout}"
+        readout = "" if self.readout == "weighted" else f" {self.readout}"
         return (
             f"{self.model} o{self.order} b{self.batch} w{self.width} d{self.depth}{grad}{readout}"
         )
@@ -147,28 +143,23 @@ class Case:
         return cls(**data)  # type: ignore[arg-type]
 
 
-def check_variant(case: Case) -> Case:
-    """The row's check variant: the same layers and sizes with the weighted read-out."""
-    return replace(case, readout="weighted")
-
-
 def make_inputs(
-    case: Case, seed: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    *, check: bool = False,
+    case: Case, seed: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, ...]:
-    """The inputs ``(X, *params)``: ``torch.rand`` as in the seed, reproducible from ``seed``.
+    """The inputs ``(X, *params)``, reproducible from ``seed``.
 
-    With ``check``, the check variant's inputs instead: ``X`` uniform in [-1, 1] and each
-    parameter uniform in ``[-a, a]`` with ``a = sqrt(6 / width)`` (variance ``2 / width``), so the
-    activations keep a magnitude of about one through every layer and the softmax is not
-    saturated. They are drawn on the CPU and then moved, so every device sees the same values.
+    For the seed's ``"sum"`` read-out, ``torch.rand`` as in the seed. For the ``"weighted"`` one,
+    the same draws centred and scaled: ``X`` uniform in [-1, 1] and each parameter uniform in
+    ``[-a, a]`` with ``a = sqrt(6 / width)`` (variance ``2 / width``), so the activations keep a
+    magnitude of about one through every layer and the softmax is not saturated. They are drawn
+    on the CPU and then moved, so every device sees the same values.
     """
     gen = torch.Generator().manual_seed(seed)
     X = torch.rand(case.batch, case.width, generator=gen, dtype=dtype)
     params = [
         torch.rand(case.width, case.width, generator=gen, dtype=dtype) for _ in range(case.depth)
     ]
-    if check:
+    if case.readout == "weighted":
         bound = math.sqrt(6.0 / case.width)
         X = 2 * X - 1
         params = [(2 * P - 1) * bound for P in params]

@@ -15,10 +15,8 @@ the rows and the repetition policy:
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Collection
 from dataclasses import replace
-from pathlib import Path
 
 from bench.engines import DEFAULT_ENGINES
 from bench.models import SWEEPS, Sweep
@@ -43,16 +41,6 @@ def scaled(sweep: Sweep, scale: str) -> Sweep:
     return replace(sweep, cases=cases, quick=tuple(range(len(cases))))
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what :mod:`platform` says."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 class NotebookSession:
     """The engines of a notebook run, and the rows of every sweep run so far."""
 
@@ -70,7 +58,7 @@ class NotebookSession:
         facts = {
             "torch": info["torch"],
             "python": info["python"],
-            "CPU": f"{cpu_model()} ({info['processor']})",
+            "CPU": f"{info['cpu_model']} ({info['processor']})",
             "cores": f"{info.get('physical_cores', '?')} physical, "
                      f"{info['logical_cores']} logical",
             "torch threads": info["torch_threads"],

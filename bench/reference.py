@@ -1,9 +1,8 @@
-"""The reference result of a row's check variant.
+"""The reference result of a row.
 
 Reference: torch.func (``jacrev`` inside ``order - 1`` ``jacfwd``) evaluated in float64 on the
-check variant's inputs cast to float64 (:func:`bench.models.check_variant`: the row's layers with
-a weighted read-out, on inputs that keep the activations of order one). The engines' float32
-results on the same variant are compared with it by :func:`bench.compare.compare_blocks`.
+row's inputs cast to float64. The engines' float32 results are compared with it by
+:func:`bench.compare.compare_blocks`.
 
 A reference that cannot be used leaves the row ``unchecked``: when torch.func fails, when the
 whole derivative is round-off (its largest entry below ``ZERO`` times ``max(1, |f|)``: the seed's
@@ -34,7 +33,7 @@ class DegenerateReference(ValueError):
 
 @dataclass
 class Reference:
-    """Reference blocks of a check variant, and the spread of their sizes."""
+    """Reference blocks of a row, and the spread of their sizes."""
 
     blocks: Blocks
     scale: float
@@ -42,20 +41,20 @@ class Reference:
 
     def describe(self) -> str:
         return (
-            f"torch.func float64 on the check variant; max|ref| {self.scale:.1e}, smallest "
+            f"torch.func float64; max|ref| {self.scale:.1e}, smallest "
             f"block max {self.smallest_block:.1e}"
         )
 
 
-def reference(variant: Case, inputs: tuple[Tensor, ...]) -> Reference:
-    """The float64 reference of ``variant`` on ``inputs`` (cast to float64).
+def reference(case: Case, inputs: tuple[Tensor, ...]) -> Reference:
+    """The float64 reference of ``case`` on ``inputs`` (cast to float64).
 
     Raises :class:`DegenerateReference` when a block is zero or too small (module docstring).
     """
-    forward = variant.forward(inputs[0].device)
-    fn = torch_func_derivative(forward, variant.order, variant.argnums)
+    forward = case.forward(inputs[0].device)
+    fn = torch_func_derivative(forward, case.order, case.argnums)
     inputs64 = tuple(t.double() for t in inputs)
-    blocks = flatten_nested(fn(*inputs64), variant.order, variant.argnums)
+    blocks = flatten_nested(fn(*inputs64), case.order, case.argnums)
     scale = reference_scale(blocks)
     value = abs(float(forward(*inputs64)))
     if not scale > ZERO * max(1.0, value):

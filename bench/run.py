@@ -127,9 +127,8 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
                                          "call": e.describe()} for e in engines},
             "hopeless": {"factor": HOPELESS, "above_ms": HOPELESS_MS},
             "check": {
-                "reference": "torch.func (jacrev in n-1 jacfwd) in float64 on the row's check "
-                             "variant (bench.models.check_variant: read-out (T * R).sum(), "
-                             "centred inputs with variance 2/width)",
+                "reference": "torch.func (jacrev in n-1 jacfwd) in float64 on the row's "
+                             "inputs cast to float64",
                 "tolerance": "per block: max|got - ref| <= rtol * max|ref_block| "
                              "+ atol * max|ref| (all blocks)",
                 "rtol": RTOL, "atol": ATOL,

@@ -2,16 +2,15 @@
 
 Per row:
 
-1. build the inputs (``torch.rand``, float32, seeded from the row), the inputs of the row's check
-   variant (:func:`bench.models.check_variant`: weighted read-out, centred inputs) and the
-   variant's float64 reference;
-2. for each engine: run it once on the check variant and compare its result with the reference
-   block by block (:func:`bench.compare.compare_blocks`); a wrong result is reported as
-   ``WRONG`` and the engine is not timed. Then prepare it on the row itself (not timed) and make
-   the warm-up call (not timed; hod traces and generates code here), whose result must have
-   every block in the right shape, finite (the row's derivatives are zero, so its values say
-   nothing);
+1. build the inputs (float32, seeded from the row; :func:`bench.models.make_inputs`) and the
+   float64 reference (:mod:`bench.reference`);
+2. for each engine: prepare it (not timed), make the warm-up call (not timed; hod traces and
+   generates code here) and compare its result with the reference block by block
+   (:func:`bench.compare.compare_blocks`); a wrong result is reported as ``WRONG`` and the
+   engine is not timed;
 3. time the remaining engines in interleaved rounds (:func:`bench.timing.interleaved`).
+
+The call that is checked is the first call of the very callable that is then timed.
 
 A row whose reference cannot be computed or is degenerate (:mod:`bench.reference`) is timed,
 but every engine's status there is ``unchecked``: tables mark it and leave it out of the ratios.
@@ -30,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 
 from torch import Tensor
 
-from bench.compare import block_shapes, check_structure, compare_blocks
+from bench.compare import compare_blocks
 from bench.engines import Engine, Runner, failure_kind
-from bench.models import Case, Sweep, check_variant, make_inputs
+from bench.models import Case, Sweep, make_inputs
 from bench.reference import Reference, reference
 from bench.timing import RepPolicy, interleaved, median_ms
 
@@ -94,15 +93,6 @@ class RunSettings:
     seed: int = 0
 
 
-@dataclass
-class RowCheck:
-    """A row's check variant, its inputs and (once computed, if it can be) its reference."""
-
-    variant: Case
-    inputs: tuple[Tensor, ...]
-    ref: Reference | None = None
-
-
 def row_seed(case: Case, base: int) -> int:
     """A seed that depends on the row only, so reruns and subprocesses see the same inputs."""
     return (zlib.crc32(case.label().encode()) + base) % (2**31)
@@ -156,12 +146,11 @@ class SweepRunner:
         """Check and time ``engines`` (default: every engine) on one case."""
         start = time.perf_counter()
         settings = self.settings
-        seed = row_seed(case, settings.seed)
-        inputs = make_inputs(case, seed, settings.device)
-        check = RowCheck(check_variant(case), make_inputs(case, seed, settings.device, check=True))
+        inputs = make_inputs(case, row_seed(case, settings.seed), settings.device)
+        ref: Reference | None = None
         try:
-            check.ref = reference(check.variant, check.inputs)
-            ref_note = check.ref.describe()
+            ref = reference(case, inputs)
+            ref_note = ref.describe()
         except Exception as exc:  # the row is timed, unchecked
             ref_note = f"reference failed ({failure_kind(exc)}: {_short(exc)}); row unchecked"
         results: dict[str, EngineResult] = {}
@@ -171,11 +160,11 @@ class SweepRunner:
             if skip is not None:
                 results[engine.name] = skip
                 continue
-            result, runner = self._warm_up(engine, case, inputs, check)
+            result, runner = self._warm_up(engine, case, inputs, ref)
             results[engine.name] = result
             if runner is not None:
                 runners[engine.name] = runner
-        del check
+        del ref
         gc.collect()
         peers = {e.name: e.peer for e in self.engines}
         for name, why in hopeless_settings(results, peers).items():
@@ -198,40 +187,26 @@ class SweepRunner:
         return None
 
     def _warm_up(
-        self, engine: Engine, case: Case, inputs: tuple[Tensor, ...], check: RowCheck
+        self, engine: Engine, case: Case, inputs: tuple[Tensor, ...], ref: Reference | None
     ) -> tuple[EngineResult, Runner | None]:
-        """Check one engine on the variant, then prepare and warm it up on the row; return its
-        provisional result, and its runner if it is to be timed."""
-        device = self.settings.device
-        result = EngineResult(OK)
+        """Prepare and warm up one engine and check its result; return its provisional result,
+        and its runner if it is to be timed."""
         try:
-            if check.ref is not None:
-                check_runner = engine.prepare(check.variant, check.inputs, device)
-                try:
-                    warm = check_runner.warmup()
-                finally:
-                    check_runner.close()
-                outcome = compare_blocks(warm.blocks, check.ref.blocks)
-                result.check_rel_err = outcome.max_rel_err
-                result.check = outcome.summary() + (f"; {warm.note}" if warm.note else "")
-                if not outcome.ok:
-                    return EngineResult(WRONG, detail=result.check, check=result.check,
-                                        check_rel_err=outcome.max_rel_err), None
-            runner = engine.prepare(case, inputs, device)
+            runner = engine.prepare(case, inputs, self.settings.device)
             warm = runner.warmup()
         except Exception as exc:
-            return EngineResult(failure_kind(exc), detail=_short(exc), check=result.check,
-                                check_rel_err=result.check_rel_err), None
-        result.warmup_ms = 1e3 * warm.seconds
-        problem = check_structure(warm.blocks, block_shapes(case.order, case.argnums, inputs))
-        if problem is not None:
-            runner.close()
-            result.status, result.detail = WRONG, f"timed call's result: {problem}"
-            return result, None
-        if check.ref is None:
+            return EngineResult(failure_kind(exc), detail=_short(exc)), None
+        result = EngineResult(OK, warmup_ms=1e3 * warm.seconds)
+        if ref is None:
             result.status, result.detail = UNCHECKED, "the row's reference failed"
-        else:
-            result.detail = result.check
+            return result, runner
+        check = compare_blocks(warm.blocks, ref.blocks)
+        result.check_rel_err = check.max_rel_err
+        result.check = result.detail = check.summary() + (f"; {warm.note}" if warm.note else "")
+        if not check.ok:
+            result.status = WRONG
+            runner.close()
+            return result, None
         return result, runner
 
     def _time(self, runners: dict[str, Runner], results: dict[str, EngineResult]) -> None:

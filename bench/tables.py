@@ -300,7 +300,8 @@ def headline(run: Run) -> str:
     m, s = run["machine"], run["settings"]
     kind = "quick run (--quick)" if s.get("quick") else "full run"
     cores = m.get("physical_cores")
-    machine = (f"{m.get('processor', '?')}, {m.get('logical_cores', '?')} logical cores"
+    machine = (f"{m.get('cpu_model') or m.get('processor', '?')}, "
+               f"{m.get('logical_cores', '?')} logical cores"
                + (f" ({cores} physical)" if cores else ""))
     out = [f"One {kind} on {machine}, device {m.get('device', 'cpu')}: torch {m['torch']}, "
            f"Python {m['python']}, {m['torch_threads']} torch thread(s), "
@@ -367,7 +368,8 @@ def plot_summary(run: Run, png: Path) -> None:
         ax.set_ylabel("median ms", fontsize=8)
     handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels(),
                                                             strict=True)}
-    fig.legend(list(handles.values()), [f"{n} (best setting)" if not is_hod(n) else n
+    several = {p for p in peers_of(engines) if sum(peer_of(e) == p for e in engines) > 1}
+    fig.legend(list(handles.values()), [f"{n} (best setting)" if n in several else n
                                         for n in handles], loc="upper center",
                ncol=len(handles), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.3 * nrows + 0.8)))

@@ -62,12 +62,13 @@ takes half the time) over the fastest peer setting of the row (named) and over e
 setting. A setting whose warm-up is over 100 ms and 10x slower than another setting of the same
 peer is not timed on that row (`SKIPPED`).
 
-The seed's relu/softmax MLP returns the batch size whatever its inputs (softmax rows sum to one),
-so all its derivatives are zero. So during the untimed warm-up each engine is checked on the
-row's **check variant** (the same layers with a weighted read-out `(T * R).sum()`, on centred
-inputs), block by block in relative error (2e-4) against torch.func in float64: an engine that
-fails is shown as **`WRONG`** and not timed, with the reason under the table; the `check` lines
-give each engine's largest relative error. Then the seed's own function is timed.
+The seed read its MLP out with `T.sum()`, which with a softmax head is the batch size whatever
+the inputs (softmax rows sum to one): every derivative is zero, and no check could tell a wrong
+engine. So the harness times and checks the same layers with a weighted read-out
+`(T * R).sum()` (`R` fixed, non-uniform) on centred inputs. During the untimed warm-up each
+engine's result is compared block by block, in relative error (2e-4), with torch.func in
+float64: an engine that fails is shown as **`WRONG`** and not timed, with the reason under the
+table; the `check` lines give each engine's largest relative error.
 
 **Scale of this run: `{scale}`**: {scale_note}. The rows run are listed below. Regenerate with
 `python notebooks/make_seed_benchmark.py --scale {{quick,mid,full}}`.
@@ -164,9 +165,10 @@ def header_cells(scale: str) -> list[tuple[str, str]]:
         ("md", "Rows run at this scale (sizes, or the row labels of the order-3/4 sweeps):"),
         ("code", PLAN),
         ("md", "## The MLP\n\nThe seed's `foward_pass`, as the harness defines it, the tanh "
-               "variant of the order-3/4 sweeps, and the weighted read-out of the check variant. "
-               "Inputs are `torch.rand` float32 as in the seed, seeded per row; `X` is "
-               "`(batch, width)`, each weight `(width, width)`."),
+               "variant of the order-3/4 sweeps, and the weighted read-out that every row uses. "
+               "Inputs are float32, drawn with `torch.rand` as in the seed (seeded per row), then "
+               "centred and scaled (`bench.models.make_inputs`); `X` is `(batch, width)`, each "
+               "weight `(width, width)`."),
         ("code", MODEL),
     ]
 
