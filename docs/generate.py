@@ -8,6 +8,8 @@ Generated parts sit between markers in Markdown files:
 
 * ``<!-- ops:start -->`` ... ``<!-- ops:end -->`` in ``docs/operators.md``: the op
   database's table (``tests/opdb/table.py``);
+* ``<!-- tests:start -->`` ... ``<!-- tests:end -->`` in ``docs/correctness.md``: one row
+  per test file, the first paragraph of its docstring;
 * ``<!-- bench:start run=PATH -->`` ... ``<!-- bench:end -->`` in ``README.md`` (headline
   and summary table) and in ``docs/benchmarks.md`` (headline, summary and one table per
   sweep): made by ``bench.tables`` from the run ``PATH`` names (relative to the repository
@@ -20,6 +22,7 @@ Generated parts sit between markers in Markdown files:
 
 from __future__ import annotations
 
+import ast
 import re
 import struct
 import sys
@@ -31,10 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 OPERATORS = ROOT / "docs" / "operators.md"
+CORRECTNESS = ROOT / "docs" / "correctness.md"
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 PNG = ROOT / "docs" / "assets" / "benchmark.png"
 RUNS = ROOT / "bench" / "runs"
 PNG_KEY = "hod-run"
+PLOT_ALT = "median time per call of hod and of each peer's best setting, per sweep (log scale)"
 
 for path in (ROOT, ROOT / "tests"):  # bench.tables, and the op database (tests/opdb)
     if str(path) not in sys.path:
@@ -119,6 +124,16 @@ def operator_table() -> str:
     return markdown_table(OPS)
 
 
+def test_file_table() -> str:
+    """One row per ``tests/test_*.py``: its name and the first paragraph of its docstring."""
+    lines = ["| file | what it checks |", "|---|---|"]
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        summary = " ".join(doc.split("\n\n", 1)[0].split()).replace("|", "\\|")
+        lines.append(f"| `{path.name}` | {summary} |")
+    return "\n".join(lines)
+
+
 def run_label(run_path: Path) -> str:
     """How markers name a run: relative to the repository root when inside it."""
     run_path = Path(run_path).resolve()
@@ -137,7 +152,7 @@ def readme_bench(run_path: Path) -> str:
     return "\n\n".join([
         tables.headline(run),
         tables.summary_table(run),
-        "![median time per call of hod and of each peer's best setting, per sweep (log scale)](docs/assets/benchmark.png)",
+        f"![{PLOT_ALT}](docs/assets/benchmark.png)",
     ])
 
 
@@ -150,7 +165,7 @@ def benchmarks_bench(run_path: Path) -> str:
         tables.headline(run),
         "## Summary",
         tables.summary_table(run),
-        "![median time per call of hod and of each peer's best setting, per sweep (log scale)](assets/benchmark.png)",
+        f"![{PLOT_ALT}](assets/benchmark.png)",
         "## Every sweep",
         tables.sweep_tables(run),
     ])
@@ -179,6 +194,14 @@ def operator_problems() -> list[str]:
     section = find_section(OPERATORS.read_text(), "ops")
     if section is None or section.body != operator_table():
         return [f"{OPERATORS.relative_to(ROOT)}: the operator table is stale"]
+    return []
+
+
+def test_file_problems() -> list[str]:
+    """Why ``docs/correctness.md``'s table of test files is stale (empty when current)."""
+    section = find_section(CORRECTNESS.read_text(), "tests")
+    if section is None or section.body != test_file_table():
+        return [f"{CORRECTNESS.relative_to(ROOT)}: the table of test files is stale"]
     return []
 
 
@@ -215,8 +238,8 @@ def png_problems() -> list[str]:
 def stale_parts() -> list[str]:
     """A sentence for each generated part that differs from what its source generates."""
     return [
-        *operator_problems(), *bench_problems(README), *bench_problems(BENCHMARKS),
-        *png_problems(),
+        *operator_problems(), *test_file_problems(), *bench_problems(README),
+        *bench_problems(BENCHMARKS), *png_problems(),
     ]
 
 
@@ -225,6 +248,7 @@ def write(run_path: Path) -> None:
     from bench import tables
 
     OPERATORS.write_text(with_section(OPERATORS.read_text(), "ops", operator_table()))
+    CORRECTNESS.write_text(with_section(CORRECTNESS.read_text(), "tests", test_file_table()))
     label = run_label(run_path)
     for page, generate in BENCH_PAGES.items():
         page.write_text(with_section(page.read_text(), "bench", generate(run_path), run=label))

@@ -1,5 +1,6 @@
 """The documentation: README.md is short and complete, and every generated part (the
-operator table, the benchmark tables and plot) is what its source generates today.
+operator table, the table of test files, the benchmark tables and plot) is what its source
+generates today.
 
 Regenerate the generated parts with ``python docs/generate.py --write``.
 """
@@ -37,6 +38,11 @@ generate = _load_generator()
 
 def test_operator_page_holds_the_op_database_table():
     problems = generate.operator_problems()
+    assert not problems, f"{problems}: {FIX}"
+
+
+def test_correctness_page_lists_every_test_file():
+    problems = generate.test_file_problems()
     assert not problems, f"{problems}: {FIX}"
 
 
