@@ -56,7 +56,7 @@ def test_view_chains_become_single_calls(order):
     for _ in range(2):
         actual = tree_flatten(fn(*args))[0]
         assert [t.stride() for t in actual] == [t.stride() for t in expected]
-        assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+        assert_same_tree(actual, list(expected), rtol=0, atol=0)
     assert_same_tree(actual, tree_flatten(reference(weighted_seed_mlp, order, ARGNUMS)(*args))[0])
 
 
@@ -145,7 +145,7 @@ def test_numbers_are_read_from_0_dim_tensors(dtype):
 
     assert numbers(lowered.graph_module) > 0 and numbers(fast) == 0
     actual, expected = tree_flatten(fn(*args))[0], lowered.graph_module(*args)
-    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+    assert_same_tree(actual, list(expected), rtol=0, atol=0)
 
 
 def test_numbers_stay_numbers_in_half_precision():
