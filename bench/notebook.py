@@ -7,8 +7,7 @@ the rows and the repetition policy:
 
 * ``quick``: the rows of ``--quick`` and its policy (3-10 calls, 0.3 s per engine and row);
 * ``mid``: every other row of each seed sweep from the smallest, plus the largest, and every row
-  of the order-3/4 sweeps (small sizes; their tanh rows are the real value check), with the
-  ``--quick`` policy;
+  of the order-3/4 sweeps (small sizes), with the ``--quick`` policy;
 * ``full``: every row with the full policy (5-50 calls, 2 s), as ``python -m bench.run``.
 """
 

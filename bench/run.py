@@ -29,7 +29,7 @@ from bench.engines import DEFAULT_ENGINES, ENGINE_NAMES, PEERS, expand_engine_na
 from bench.memory import format_memory, measure
 from bench.models import MEMORY_SWEEP, SWEEPS, Sweep
 from bench.report import check_summary, format_table, machine_info, plot, sweep_dict, write_json
-from bench.runner import HOPELESS, HOPELESS_MS, RowResult, RunSettings, SweepRunner
+from bench.runner import HOPELESS, HOPELESS_MS, TRAILING, RowResult, RunSettings, SweepRunner
 from bench.timing import FULL_POLICY, QUICK_POLICY
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"  # git-ignored scratch
@@ -126,6 +126,7 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
             "engine_settings": {e.name: {"peer": e.peer, "setting": e.setting,
                                          "call": e.describe()} for e in engines},
             "hopeless": {"factor": HOPELESS, "above_ms": HOPELESS_MS},
+            "trailing": {"factor": TRAILING, "reps": policy.min_reps},
             "check": {
                 "reference": "torch.func (jacrev in n-1 jacfwd) in float64 on the row's "
                              "inputs cast to float64",

@@ -111,6 +111,7 @@ class SweepRunner:
         self.settings = settings
         self.log = log
         self.absent = {e.name: reason for e in engines if (reason := e.unavailable_reason())}
+        self.peers = {e.name: e.peer for e in engines}
 
     def run_sweep(
         self, sweep: Sweep, quick: bool, only: Collection[str] | None = None
@@ -166,8 +167,7 @@ class SweepRunner:
                 runners[engine.name] = runner
         del ref
         gc.collect()
-        peers = {e.name: e.peer for e in self.engines}
-        for name, why in hopeless_settings(results, peers).items():
+        for name, why in hopeless_settings(results, self.peers).items():
             runners.pop(name).close()
             results[name].status, results[name].detail = SKIPPED, why
         self._time(runners, results)
@@ -216,11 +216,12 @@ class SweepRunner:
             results[name].status = failure_kind(exc)
             results[name].detail = _short(exc)
 
-        caps = {
+        caps = trailing_settings(results, self.peers, self.settings.policy.min_reps)
+        caps.update({
             name: 1
-            for name, runner in runners.items()
+            for name in runners
             if (results[name].warmup_ms or 0.0) > 1e3 * self.settings.budget_s
-        }
+        })
         callers = {name: runner.time_call for name, runner in runners.items()}
         samples = interleaved(callers, self.settings.policy, caps, on_error)
         for name, times in samples.items():
@@ -238,21 +239,45 @@ HOPELESS = 10.0
 HOPELESS_MS = 100.0
 
 
+#: A peer setting whose warm-up is TRAILING times the fastest warm-up of another setting of the
+#: same peer is timed with the policy's minimum number of calls only (not for its target time).
+TRAILING = 2.0
+
+
+def _rival_warmups(
+    results: dict[str, EngineResult], peers: dict[str, str]
+) -> dict[str, tuple[float, str, float]]:
+    """Per warmed-up engine with a rival (another setting of the same peer): its warm-up ms,
+    and the fastest rival with its warm-up ms."""
+    warm = {n: r.warmup_ms for n, r in results.items()
+            if r.status in (OK, UNCHECKED) and r.warmup_ms is not None}
+    out = {}
+    for name, ms in warm.items():
+        rivals = {o: t for o, t in warm.items() if o != name and peers[o] == peers[name]}
+        if rivals:
+            best = min(rivals, key=rivals.__getitem__)
+            out[name] = (ms, best, rivals[best])
+    return out
+
+
+def trailing_settings(
+    results: dict[str, EngineResult], peers: dict[str, str], min_reps: int
+) -> dict[str, int]:
+    """Sample caps (``min_reps``) for the settings :data:`TRAILING` behind a rival."""
+    return {name: min_reps for name, (ms, _, rival_ms) in _rival_warmups(results, peers).items()
+            if ms > TRAILING * rival_ms}
+
+
 def hopeless_settings(results: dict[str, EngineResult], peers: dict[str, str]) -> dict[str, str]:
     """The warmed-up engines (name -> why) that :data:`HOPELESS` leaves untimed on this row.
 
     ``peers`` maps engine names to their peer; only settings of one peer are compared.
     """
-    warm = {n: r.warmup_ms for n, r in results.items()
-            if r.status in (OK, UNCHECKED) and r.warmup_ms is not None}
     hopeless = {}
-    for name, ms in warm.items():
-        rivals = {o: t for o, t in warm.items() if o != name and peers[o] == peers[name]}
-        if rivals and ms > HOPELESS_MS:
-            best = min(rivals, key=rivals.__getitem__)
-            if ms > HOPELESS * rivals[best]:
-                hopeless[name] = (f"not timed: warm-up {ms:.1f} ms, over {HOPELESS:g}x "
-                                  f"{best}'s {rivals[best]:.1f} ms on this row")
+    for name, (ms, best, rival_ms) in _rival_warmups(results, peers).items():
+        if ms > HOPELESS_MS and ms > HOPELESS * rival_ms:
+            hopeless[name] = (f"not timed: warm-up {ms:.1f} ms, over {HOPELESS:g}x "
+                              f"{best}'s {rival_ms:.1f} ms on this row")
     return hopeless
 
 

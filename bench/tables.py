@@ -315,9 +315,9 @@ def headline(run: Run) -> str:
     checked, worst, where, statuses = check_facts(run)
     if checked:
         others = ", ".join(f"{n} {status}" for status, n in statuses.most_common())
-        out.append(f"{checked} engine results were checked against torch.func in float64 on "
-                   f"each row's check variant; the largest relative error among those that "
-                   f"passed is {worst:.1e} ({where})"
+        out.append(f"{checked} engine results were checked against torch.func in float64, "
+                   f"block by block; the largest relative error among those that passed is "
+                   f"{worst:.1e} ({where})"
                    + (f"; not timed or not counted: {others}." if others else "."))
     return " ".join(out)
 
