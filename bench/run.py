@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the harness, the thoad worker and the memory "
                              "children (default 1; 0 keeps torch's default of one per core)")
+    parser.add_argument("--compile-sweeps", default="all",
+                        help="comma-separated sweeps on which hod.compile runs when --engines "
+                             "names it (default all; its warm-up compiles, seconds a row), e.g. "
+                             "o3_x,o3_all,o4_x,o4_all")
     parser.add_argument("--list", action="store_true", help="list the sweeps and exit")
     return parser.parse_args(argv)
 
@@ -77,6 +81,16 @@ def select_sweeps(spec: str) -> list[Sweep]:
     if unknown:
         raise SystemExit(f"unknown sweeps {unknown}; known: {', '.join(SWEEPS)}")
     return [SWEEPS[n] for n in names]
+
+
+def engines_for(
+    sweep: Sweep, args: argparse.Namespace, engine_names: list[str]
+) -> list[str] | None:
+    """The engines that run ``sweep`` (None: all): hod.compile only on ``--compile-sweeps``."""
+    if args.compile_sweeps == "all" or sweep.name in {s.name for s in
+                                                      select_sweeps(args.compile_sweeps)}:
+        return None
+    return [n for n in engine_names if n != "hod.compile"]
 
 
 def list_sweeps() -> None:
@@ -123,6 +137,7 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
         "settings": {
             "quick": args.quick, "budget_s": budget, "policy": asdict(policy),
             "engines": engine_names, "seed": args.seed, "sweeps": args.sweeps,
+            "compile_sweeps": args.compile_sweeps,
             "engine_settings": {e.name: {"peer": e.peer, "setting": e.setting,
                                          "call": e.describe()} for e in engines},
             "hopeless": {"factor": HOPELESS, "above_ms": HOPELESS_MS},
@@ -143,7 +158,7 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
     try:
         for sweep in select_sweeps(args.sweeps):
             print(f"\n-- {sweep.name}: {sweep.title}", flush=True)
-            rows = runner.run_sweep(sweep, args.quick)
+            rows = runner.run_sweep(sweep, args.quick, only=engines_for(sweep, args, engine_names))
             done.append((sweep, rows))
             print(format_table(sweep, rows))
             print("\n".join(check_summary(rows)), flush=True)
