@@ -16,7 +16,9 @@ A row whose reference cannot be computed or is degenerate (:mod:`bench.reference
 but every engine's status there is ``unchecked``: tables mark it and leave it out of the ratios.
 
 Time budget: an engine whose warm-up call or median call takes longer than ``budget_s`` is timed
-with a single call on that row and ``SKIPPED`` on the following (larger) rows of the sweep.
+with a single call on that row and ``SKIPPED`` on the following (larger) rows of the sweep. A
+peer setting far behind another setting of the same peer at warm-up is not timed on the row
+(:data:`HOPELESS`) or timed with the fewest calls (:data:`TRAILING`).
 """
 
 from __future__ import annotations
