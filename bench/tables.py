@@ -155,13 +155,12 @@ def mark(row: Row, engine: str) -> str:
 
 # --- tables ----------------------------------------------------------------------------------
 
-def _winners(rows: Sequence[Row], peer: str | None) -> str:
-    """Which setting (or peer, when ``peer`` is None) was the best on how many rows."""
+def _winners(rows: Sequence[Row], peer: str) -> str:
+    """Which setting of ``peer`` was its best on how many rows (where hod has a time too)."""
     counts: Counter[str] = Counter()
     for row in rows:
-        best = best_peer(row) if peer is None else best_setting(row, peer)
-        if best is not None:
-            counts[best[1] if peer is None else (setting_of(best[1]) or best[1])] += 1
+        if (r := ratio(row, peer)) is not None:
+            counts[setting_of(r[1]) or r[1]] += 1
     return ", ".join(f"{name} {n}" for name, n in counts.most_common())
 
 
@@ -171,7 +170,7 @@ def _ratio_cell(rows: Sequence[Row], peer: str | None, hod: str, winners: bool) 
     notes = []
     if ratios and len(ratios) < len(rows):
         notes.append(f"{len(ratios)} of {len(rows)} rows")
-    if winners and ratios and (names := _winners(rows, peer)):
+    if winners and peer is not None and ratios and (names := _winners(rows, peer)):
         notes.append(names)
     return f"{cell} ({'; '.join(notes)})" if notes else cell
 
