@@ -120,7 +120,7 @@ def test_a_hopeless_setting_is_not_timed_against_its_own_peer_only():
     }
     peers = {name: name.split("[")[0] for name in results}
     # autograd.functional[seed] is 50x slower but short: a noisy warm-up must not drop it.
-    assert list(bench_runner.hopeless_settings(results, peers)) == ["torch.func[rev]"]
+    assert list(bench_runner.hopeless_candidates(results, peers)) == ["torch.func[rev]"]
     # Settings over 2x behind a rival are timed with the minimum number of calls only.
     assert bench_runner.trailing_settings(results, peers, 5) == {
         "torch.func[rev]": 5, "autograd.functional[seed]": 5}
