@@ -19,11 +19,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
+from ._records import FREE, MIXED, State
+
 aten = torch.ops.aten
 
-FREE = None
-MIXED = "mixed"
-State = int | str | None  # a tracked dim, FREE or MIXED
 
 
 def track_batch(gm: fx.GraphModule, batch_dims: dict[int, int]) -> list[State]:

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from ._build import Lowered, Request, build
+from ._build import Lowered, build
 from ._compiled import compile_options
-from ._signature import FlatCall, call_signature, flatten_call
+from ._records import FlatCall, Request
+from ._signature import call_signature, flatten_call
 from .errors import InputError
 
 #: How many signatures one transformed function keeps generated code for.

@@ -10,31 +10,14 @@ of that argument.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._emitter import Emitter, Operand
-
-
-@dataclass(frozen=True)
-class BlockKey:
-    """Output leaf ``out`` differentiated w.r.t. input leaves ``leaves`` (in order)."""
-
-    out: int
-    leaves: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ArgLayout:
-    """How one differentiated positional argument flattens: its spec and leaf indices."""
-
-    spec: TreeSpec
-    leaves: tuple[int, ...]
+from ._records import ArgLayout, BlockKey, Segment
 
 
 def block_structure(
@@ -59,31 +42,6 @@ def block_structure(
     tree = tree_unflatten([nest(0, i, ()) for i in range(n_out)], out_spec)
     keys, spec = tree_flatten(tree)
     return keys, spec
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Where a differentiated input leaf sits in the seed space.
-
-    An uncompressed leaf spans ``numel`` seeds. A leaf compressed along ``batch_dim`` (of
-    size ``batch_size``) spans one seed per within-slice coordinate: ``numel / B``.
-    """
-
-    offset: int
-    shape: tuple[int, ...]
-    batch_dim: int | None = None
-    batch_size: int = 1
-
-    @property
-    def sub_shape(self) -> tuple[int, ...]:
-        """The leaf's shape without its batch dim (its full shape when uncompressed)."""
-        if self.batch_dim is None:
-            return self.shape
-        return self.shape[: self.batch_dim] + self.shape[self.batch_dim + 1 :]
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.sub_shape)
 
 
 def extract_block(

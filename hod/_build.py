@@ -14,14 +14,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import fx
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from ._analysis import MIXED
-from ._assemble import BlockKey, Segment, block_structure, extract_block, unflattener
+from ._assemble import block_structure, extract_block, unflattener
 from ._codegen import generate
 from ._compiled import CompiledCode
 from ._cost import derivative_work
@@ -30,8 +28,9 @@ from ._emitter import Emitter, Operand
 from ._jet import DeriveContext, Jet
 from ._memory import Memory, unwatched
 from ._per_example import per_example_block, with_per_example_terms
-from ._plan import SeedPlan, choose_mode, plain_segments, plan_seeds, valid_batch
-from ._signature import FlatCall, flatten_call, flatten_outputs
+from ._plan import choose_mode, plain_segments, plan_seeds, valid_batch
+from ._records import MIXED, BlockKey, FlatCall, Mode, Request, SeedPlan, Segment, Traced
+from ._signature import flatten_call, flatten_outputs
 from ._split import Composition, Split, find_split, graph_after, inner_tensors
 from ._tracing import find_call_site, trace
 from .errors import HodError, OutputError, UnsupportedOperatorError
@@ -43,32 +42,13 @@ SPLIT_MIN_ENTRIES = 65536
 
 
 @dataclass
-class Request:
-    """What to build: ``f``, the orders wanted and how results nest."""
-
-    f: Callable
-    order: int
-    argnums: int | tuple[int, ...]
-    has_aux: bool
-    with_values: bool  # derivatives(): (value, D1, ..., Dn) instead of Dn alone
-    call: str
-    memory_limit: int | None
-    allow_random: bool = False  # keep random ops (dropout, torch.rand) in the graph
-    compile: dict[str, Any] | None = None  # torch.compile keywords; None: eager code
-
-    @property
-    def orders(self) -> range:
-        """The orders of the result: ``0..n`` for ``derivatives()``, else ``n`` alone."""
-        return range(0 if self.with_values else self.order, self.order + 1)
-
-
-@dataclass
 class Lowered:
     """The artifact generated for one signature.
 
     ``graph_module`` is the generated ``torch.fx.GraphModule`` (a straight line of ATen
     calls over the flat tensor leaves); ``code`` is its Python source; ``mode`` says how
-    it differentiates (``"forward"`` or ``"reverse-last"``); ``seed_size`` is the size of
+    it differentiates (:class:`~hod._records.Mode`: ``"forward"`` or ``"reverse-last"``,
+    which it equals as a string); ``seed_size`` is the size of
     the seed space its derivative tensors span. ``planned_module``, when set, is the same
     code for tensors that no transform watches (:func:`~hod._memory.unwatched`), which
     runs instead: on the CPU it writes its large tensors into ``memory`` (see
@@ -82,7 +62,7 @@ class Lowered:
 
     graph_module: fx.GraphModule
     result_spec: TreeSpec
-    mode: str
+    mode: Mode
     seed_size: int
     planned_module: fx.GraphModule | None = None
     memory: Memory | None = None
@@ -121,17 +101,6 @@ class Lowered:
         return self.graph_module.forward(*tensors)
 
 
-@dataclass
-class _Traced:
-    """A traced flat function and the structure of what ``f`` returned."""
-
-    gm: fx.GraphModule
-    out_spec: TreeSpec
-    aux_spec: TreeSpec | None
-    n_out: int
-    n_aux: int
-
-
 def build(request: Request, flat: FlatCall, compose: Composition | None = None) -> Lowered:
     """Generate the function computing ``request`` for calls shaped like ``flat``.
 
@@ -153,25 +122,25 @@ def build(request: Request, flat: FlatCall, compose: Composition | None = None) 
     shapes = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
     outputs = list(range(forward.n_out))
     seeds = plan_seeds(forward.gm, flat.diff, shapes, lambda batch: outputs)
-    if choose_mode(request.order, [v.numel() for v in out_vals], seeds.size) == "forward":
-        return _generate(request, flat, forward, out_vals, "forward", forward, seeds, compose)
+    if choose_mode(request.order, [v.numel() for v in out_vals], seeds.size) is Mode.FORWARD:
+        return _generate(request, flat, forward, out_vals, Mode.FORWARD, forward, seeds, compose)
     try:
         reverse, reverse_seeds = _plan_reverse(request, flat, forward, out_vals, shapes)
         return _generate(
-            request, flat, forward, out_vals, "reverse-last", reverse, reverse_seeds, compose
+            request, flat, forward, out_vals, Mode.REVERSE_LAST, reverse, reverse_seeds, compose
         )
     except (UnsupportedOperatorError, RuntimeError) as reverse_error:
         try:
             return _generate(
-                request, flat, forward, out_vals, "forward", forward, seeds, compose
+                request, flat, forward, out_vals, Mode.FORWARD, forward, seeds, compose
             )
         except UnsupportedOperatorError as forward_error:
             raise forward_error from reverse_error
 
 
 def _generate(
-    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor],
-    mode: str, traced: _Traced, seeds: SeedPlan, compose: Composition | None = None,
+    request: Request, flat: FlatCall, forward: Traced, out_vals: list[torch.Tensor],
+    mode: Mode, traced: Traced, seeds: SeedPlan, compose: Composition | None = None,
 ) -> Lowered:
     """Derive ``traced`` in ``mode`` over ``seeds`` and assemble the result blocks."""
     example = flat.tensors[flat.diff[0]]
@@ -179,7 +148,7 @@ def _generate(
         example.device, example.dtype, request.memory_limit, request.call,
         compiling=request.compile is not None,
     )
-    fwd_order = request.order if mode == "forward" else request.order - 1
+    fwd_order = request.order if mode is Mode.FORWARD else request.order - 1
     ctx = DeriveContext(em, fwd_order, seeds.size)
     leaf_dtypes = [flat.tensors[pos].dtype for pos in flat.diff]
     inputs = []
@@ -247,25 +216,25 @@ def _gradients_of(batch: dict[int, int]) -> list[int]:
 
 
 def _rows_apart(
-    mode: str, traced: _Traced, flat: FlatCall, seeds: SeedPlan, h: int, n_diff: int
+    mode: Mode, traced: Traced, flat: FlatCall, seeds: SeedPlan, h: int, n_diff: int
 ) -> bool:
     """Whether the rows of ``g``'s leaf ``h`` are independent examples (``g``'s blocks
     vanish unless their ``h`` slots sit on one row): compressed so, or they could be."""
-    required = _gradients_of if mode == "reverse-last" else (lambda batch: range(n_diff))
+    required = _gradients_of if mode is Mode.REVERSE_LAST else (lambda batch: range(n_diff))
     return seeds.segments[h].batch_dim == 0 or valid_batch(
         traced.gm, flat.diff, required, {h: 0}
     )
 
 
-def _compact_rows(mode: str, seeds: SeedPlan, h: int) -> bool:
+def _compact_rows(mode: Mode, seeds: SeedPlan, h: int) -> bool:
     """Whether ``g``'s blocks can hold one row of ``h`` (``_block``'s ``compact``): in
     reverse-last mode, with ``h`` the one leaf compressed, along its rows."""
     compressed = [i for i, s in enumerate(seeds.segments) if s.batch_dim is not None]
-    return mode == "reverse-last" and compressed == [h] and seeds.segments[h].batch_dim == 0
+    return mode is Mode.REVERSE_LAST and compressed == [h] and seeds.segments[h].batch_dim == 0
 
 
 def _first_layer(
-    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor]
+    request: Request, flat: FlatCall, forward: Traced, out_vals: list[torch.Tensor]
 ) -> Split | None:
     """The first linear layer to split off, if ``f`` has one and the request suits: orders
     from 2 (Jacobians are cheap enough), no aux outputs and no random ops (``g`` is
@@ -292,7 +261,7 @@ def _first_layer(
 
 
 def _build_split(
-    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor],
+    request: Request, flat: FlatCall, forward: Traced, out_vals: list[torch.Tensor],
     split: Split,
 ) -> Lowered:
     """Generate ``g``'s derivatives of orders ``0..n`` w.r.t. ``h`` and ``f``'s other
@@ -338,9 +307,9 @@ def _check_outputs(out_vals: list[torch.Tensor], call: str) -> None:
 
 
 def _plan_reverse(
-    request: Request, flat: FlatCall, forward: _Traced, out_vals: list[torch.Tensor],
+    request: Request, flat: FlatCall, forward: Traced, out_vals: list[torch.Tensor],
     shapes: list[tuple[int, ...]],
-) -> tuple[_Traced, SeedPlan]:
+) -> tuple[Traced, SeedPlan]:
     """The gradient graph and its seed space (batch compression for a scalar output)."""
     reverse = _trace_reverse(request, flat, forward)
     if out_vals[0].numel() != 1:
@@ -360,7 +329,7 @@ def _plan_reverse(
             pos for pos, s in zip(flat.diff, plan.segments, strict=True) if s.batch_dim is None
         )
         return derivative_work(
-            gm, spans, _needs("reverse-last", 0, plan), request.order - 1, identities
+            gm, spans, _needs(Mode.REVERSE_LAST, 0, plan), request.order - 1, identities
         )
 
     seeds = plan_seeds(
@@ -370,7 +339,7 @@ def _plan_reverse(
     return replace(reverse, gm=gm), seeds
 
 
-def _needs(mode: str, n_diff: int, seeds: SeedPlan) -> list[tuple[int, int] | None]:
+def _needs(mode: Mode, n_diff: int, seeds: SeedPlan) -> list[tuple[int, int] | None]:
     """The seeds each differentiated output's derivatives must cover.
 
     Forward mode reads every seed of every output. Reverse-last reads a block
@@ -379,7 +348,7 @@ def _needs(mode: str, n_diff: int, seeds: SeedPlan) -> list[tuple[int, int] | No
     only the seeds from its own segment on (the other blocks follow by symmetry).
     """
     full = (0, seeds.size)
-    if mode == "forward":
+    if mode is Mode.FORWARD:
         return [full] * n_diff
     compressed = [s for s in seeds.segments if s.batch_dim is not None]
     # With per-example terms, the blocks pairing a compressed leaf with an uncompressed
@@ -418,7 +387,7 @@ def _seed(em: Emitter, segment: Segment, like: fx.Node) -> fx.Node:
 
 
 def _block(
-    em: Emitter, mode: str, key: BlockKey, out_jets: list[Jet], out_vals: list[torch.Tensor],
+    em: Emitter, mode: Mode, key: BlockKey, out_jets: list[Jet], out_vals: list[torch.Tensor],
     seeds: SeedPlan, leaf_dtypes: list[torch.dtype], compact: int | None = None,
 ) -> fx.Node:
     """The tensor of one result block (see :func:`~hod._assemble.extract_block`).
@@ -441,7 +410,7 @@ def _block(
             em, jet.d(1), jet.span or (0, seeds.size), segments[x],
             key.leaves[0] == x, shape, leaf_dtypes[key.leaves[0]],
         )
-    if mode == "forward":
+    if mode is Mode.FORWARD:
         source, seeded, order = key.out, list(key.leaves), list(range(len(key.leaves) + 1))
         value_groups = [list(y.shape)]
     else:
@@ -460,7 +429,7 @@ def _block(
         if y.numel() > 1:
             order.insert(0, 0)
     seeded_segments = [segments[s] for s in seeded]
-    if mode != "forward" and compact is not None and compact in seeded:
+    if mode is not Mode.FORWARD and compact is not None and compact in seeded:
         # Compact: the lead's rows stand for the compressed leaf's other slots too.
         seeded_segments = [Segment(g.offset, g.sub_shape) if s == compact else g
                            for s, g in zip(seeded, seeded_segments, strict=True)]
@@ -480,10 +449,10 @@ def _block(
     )
 
 
-def _per_example_source(mode: str, key: BlockKey, seeds: SeedPlan) -> tuple[int, int] | None:
+def _per_example_source(mode: Mode, key: BlockKey, seeds: SeedPlan) -> tuple[int, int] | None:
     """For a reverse-last block of a compressed leaf and a weight with per-example terms:
     the output holding those terms and the compressed leaf."""
-    if mode == "forward" or len(key.leaves) != 2 or not seeds.per_example:
+    if mode is Mode.FORWARD or len(key.leaves) != 2 or not seeds.per_example:
         return None
     segments = seeds.segments
     compressed = [leaf for leaf in key.leaves if segments[leaf].batch_dim is not None]
@@ -541,17 +510,17 @@ def _flat_function(request: Request, flat: FlatCall, holder: dict | None):
     return flat_f
 
 
-def _trace_forward(request: Request, flat: FlatCall) -> _Traced:
+def _trace_forward(request: Request, flat: FlatCall) -> Traced:
     holder: dict = {}
     gm = trace(
         _flat_function(request, flat, holder), flat.tensors, request.call,
         request.allow_random,
     )
-    return _Traced(gm, holder["out_spec"], holder.get("aux_spec"), holder["n_out"],
+    return Traced(gm, holder["out_spec"], holder.get("aux_spec"), holder["n_out"],
                    holder["n_aux"])
 
 
-def _trace_reverse(request: Request, flat: FlatCall, forward: _Traced) -> _Traced:
+def _trace_reverse(request: Request, flat: FlatCall, forward: Traced) -> Traced:
     """Trace ``[y, dy/dx_leaf for each differentiated leaf, *aux]`` for one output ``y``."""
     flat_f = _flat_function(request, flat, None)
     n_out = forward.n_out
@@ -574,4 +543,4 @@ def _trace_reverse(request: Request, flat: FlatCall, forward: _Traced) -> _Trace
         return [y, *grads, *aux]
 
     gm = trace(reverse, flat.tensors, request.call, request.allow_random)
-    return _Traced(gm, forward.out_spec, forward.aux_spec, 1 + len(flat.diff), forward.n_aux)
+    return Traced(gm, forward.out_spec, forward.aux_spec, 1 + len(flat.diff), forward.n_aux)

@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from ._derive import covered_span, needed_spans
-from ._jet import Span
+from ._records import Span
 
 aten = torch.ops.aten
 

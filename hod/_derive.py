@@ -14,7 +14,8 @@ import torch
 from torch import fx
 
 from ._emitter import Emitter, Operand
-from ._jet import DeriveContext, Jet, Span
+from ._jet import DeriveContext, Jet
+from ._records import Span
 from .errors import UnsupportedOperatorError
 from .rules import RULES
 

@@ -20,8 +20,7 @@ from torch import fx
 
 from ._combinatorics import partition_kinds, set_partitions, subset_sizes, subsets
 from ._emitter import REALIZE, Emitter, Operand, delta_strides
-
-Span = tuple[int, int]  # a range [lo, hi) of the seed space
+from ._records import Span
 
 
 @dataclass

@@ -20,9 +20,8 @@ import torch
 from torch import fx
 
 from ._analysis import node_states, track_batch
-from ._assemble import Segment
 from ._emitter import Emitter, Operand, graph_call
-from ._plan import SeedPlan
+from ._records import SeedPlan, Segment
 
 aten = torch.ops.aten
 

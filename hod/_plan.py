@@ -12,32 +12,14 @@ also sees how far back each gradient needs each seed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from torch import fx
 
-from ._analysis import MIXED, State, track_batch
-from ._assemble import Segment
+from ._analysis import track_batch
+from ._records import MIXED, Mode, SeedPlan, Segment
 
 #: One reverse sweep costs about this many forward sweeps.
 REVERSE_COST = 3
-
-
-@dataclass(frozen=True)
-class SeedPlan:
-    """The seed space: a segment per differentiated leaf and the states of the outputs.
-
-    ``per_example`` lists the leaves whose gradient's per-example terms follow the
-    gradients among the outputs, in that order (see :mod:`hod._per_example`).
-    """
-
-    segments: tuple[Segment, ...]
-    out_states: tuple[State, ...]
-    per_example: tuple[int, ...] = ()
-
-    @property
-    def size(self) -> int:
-        return sum(s.size for s in self.segments)
 
 
 def plain_segments(shapes: Sequence[tuple[int, ...]]) -> list[Segment]:
@@ -112,8 +94,8 @@ def _seed_plan(gm, diff_positions, shapes, batch: dict[int, int], size: int) -> 
     return SeedPlan(tuple(segments), tuple(states))
 
 
-def choose_mode(order: int, out_sizes: Sequence[int], seed_size: int) -> str:
-    """``"reverse-last"`` for one output small against the seed space, else ``"forward"``."""
+def choose_mode(order: int, out_sizes: Sequence[int], seed_size: int) -> Mode:
+    """Reverse-last for one output small against the seed space, else forward."""
     if len(out_sizes) == 1 and REVERSE_COST * out_sizes[0] <= seed_size:
-        return "reverse-last"
-    return "forward"
+        return Mode.REVERSE_LAST
+    return Mode.FORWARD

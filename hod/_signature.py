@@ -7,31 +7,14 @@ into the generated code as constants).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from ._assemble import ArgLayout
+from ._records import ArgLayout, FlatCall
 from .errors import InputError
-
-
-@dataclass(frozen=True)
-class FlatCall:
-    """One call's arguments, flattened.
-
-    ``tensors`` are the tensor leaves of ``(args, kwargs)`` in flatten order; ``diff``
-    holds, for every differentiated leaf, its position in ``tensors``; ``layouts`` maps an
-    argnum to its tree spec and the indices (into ``diff``) of its leaves.
-    """
-
-    tensors: tuple[torch.Tensor, ...]
-    diff: tuple[int, ...]
-    layouts: dict[int, ArgLayout]
-    key: Hashable
-    rebuild: Callable[[list[torch.Tensor]], tuple[tuple, dict]]
 
 
 class _Identity:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ._assemble import BlockKey
 from ._emitter import Emitter
+from ._records import BlockKey
 
 aten = torch.ops.aten
 
