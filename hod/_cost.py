@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from ._derive import covered_span, needed_spans
+from ._analysis import covered_span, needed_spans
 from ._records import Span
 
 aten = torch.ops.aten

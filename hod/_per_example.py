@@ -106,7 +106,7 @@ def _per_example(node: object, states: dict) -> _Build | None:
 
 
 def per_example_block(
-    em: Emitter, d: Operand, span: tuple[int, int], x: Segment, x_first: bool,
+    em: Emitter, d: Operand, span: tuple[int, int], *, x: Segment, x_first: bool,
     shape: list[int], dtype: torch.dtype,
 ) -> fx.Node:
     """The block of compressed leaf ``x`` and a weight from ``d``, ``D^1`` of the weight's

@@ -20,6 +20,8 @@ import torch
 from torch import fx
 from torch.utils._pytree import TreeSpec
 
+from ._emitter import Operand
+
 
 class Mode(str, enum.Enum):
     """How the generated code differentiates (see :mod:`hod._build`)."""
@@ -160,3 +162,39 @@ class SeedPlan:
     @property
     def size(self) -> int:
         return sum(s.size for s in self.segments)
+
+
+@dataclass
+class Jet:
+    """A value and its derivatives ``derivs[k-1] = D^k value`` (``None`` when zero).
+
+    ``span`` is the range of seeds the derivatives cover (None: the whole seed space);
+    outside it they are zero, so ``D^k`` has shape ``(hi - lo,) * k + value.shape``.
+    A jet widened to a larger span keeps its original in ``narrow``.
+    """
+
+    primal: fx.Node
+    derivs: list[Operand]
+    span: Span | None = None
+    narrow: Jet | None = None
+
+    def d(self, k: int) -> Operand:
+        """``D^k`` of the value; ``D^0`` is the value itself."""
+        return self.primal if k == 0 else self.derivs[k - 1]
+
+    @property
+    def is_constant(self) -> bool:
+        return all(d is None for d in self.derivs)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What derive hands assemble: the jets of the traced graph's outputs, derived in
+    ``mode`` over ``seeds``; the values (meta tensors) of ``f``'s differentiated outputs;
+    and the dtype of each differentiated input leaf."""
+
+    mode: Mode
+    seeds: SeedPlan
+    out_jets: list[Jet]
+    out_vals: list[torch.Tensor]
+    leaf_dtypes: list[torch.dtype]

@@ -11,7 +11,7 @@ from collections.abc import Hashable
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._records import ArgLayout, FlatCall
 from .errors import InputError
@@ -108,17 +108,3 @@ def _check_differentiable(leaf: Any, argnum: int, index: int, call: str) -> None
             f"  Expected: a real floating-point tensor (float16/bfloat16/float32/float64).\n"
             f"  Fix: convert it, e.g. `x.double()`, or leave it out of argnums."
         )
-
-
-def flatten_outputs(value: Any, what: str, call: str) -> tuple[list[torch.Tensor], TreeSpec]:
-    """Flatten the function's output; every leaf must be a tensor."""
-    leaves, spec = tree_flatten(value)
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor):
-            raise InputError(
-                f"{call}: the function's {what} contains a {type(leaf).__name__}.\n"
-                f"  Expected: a tensor or a pytree (tuple/list/dict) of tensors.\n"
-                f"  Fix: return tensors only (wrap numbers with torch.tensor), or return "
-                f"extra values through has_aux=True."
-            )
-    return leaves, spec

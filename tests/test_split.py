@@ -9,15 +9,15 @@ import torch
 from conftest import assert_same_tree, reference
 
 import hod
-import hod._build
+import hod._split
 
 D = torch.float64
 
 
 @pytest.fixture
 def always_split(monkeypatch):
-    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES", 0)
-    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES_HESSIAN", 0)
+    monkeypatch.setattr(hod._split, "SPLIT_MIN_ENTRIES", 0)
+    monkeypatch.setattr(hod._split, "SPLIT_MIN_ENTRIES_HESSIAN", 0)
 
 
 def mlp(x, w1, b1, w2):

@@ -11,7 +11,8 @@ from torch import fx
 
 from .._combinatorics import subsets
 from .._emitter import Emitter, Operand, delta_strides
-from .._jet import DeriveContext, Jet
+from .._jet import DeriveContext
+from .._records import Jet
 from ..errors import UnsupportedOperatorError
 from ._registry import register
 from .elementwise import as_jet
