@@ -32,13 +32,14 @@ from ._compiled import CompiledCode
 from ._derive import derive, seeded_inputs
 from ._emitter import Emitter
 from ._jet import DeriveContext
-from ._memory import Memory, unwatched
 from ._plan import choose_mode, compact_rows, needs, plan_reverse, plan_seeds, rows_apart
 from ._records import BuildState, Derived, FlatCall, Mode, Request, SeedPlan, Traced
 from ._signature import flatten_call
 from ._split import Composition, Split, first_layer, graph_after, inner_tensors
 from ._tracing import check_outputs, op_call_site, trace_forward
 from .errors import HodError, UnsupportedOperatorError
+from .passes import rewrite
+from .passes.memory import Memory, unwatched
 
 
 @dataclass
@@ -48,12 +49,12 @@ class Lowered:
     ``graph_module`` is the generated ``torch.fx.GraphModule`` (a straight line of ATen
     calls over the flat tensor leaves); ``code`` is its Python source; ``mode`` says how
     it differentiates (:class:`~hod._records.Mode`: ``"forward"`` or ``"reverse-last"``,
-    which it equals as a string); ``seed_size`` is the size of
-    the seed space its derivative tensors span. ``planned_module``, when set, is the same
-    code for tensors that no transform watches (:func:`~hod._memory.unwatched`), which
-    runs instead: on the CPU it writes its large tensors into ``memory`` (see
-    :mod:`hod._memory`), and its view chains may be single calls (see :mod:`hod._views`);
-    ``captured`` are the tensors the code reads besides its inputs. ``compiled``, when set, is
+    which it equals as a string); ``seed_size`` is the size of the seed space its
+    derivative tensors span. ``planned_module``, when set, is the same code for tensors
+    that no transform watches (:func:`~hod.passes.memory.unwatched`), which runs instead:
+    on the CPU it writes its large tensors into ``memory`` (see :mod:`hod.passes.memory`),
+    and its view chains may be single calls (see :mod:`hod.passes.views`); ``captured``
+    are the tensors the code reads besides its inputs. ``compiled``, when set, is
     ``graph_module`` compiled with torch.compile (see :mod:`hod._compiled`); it runs on
     tensors that no transform watches. ``first_layer``, when set, says where the first
     linear layer that was split off reads its inputs (see :mod:`hod._split`): the code
@@ -176,13 +177,15 @@ def _lower(state: BuildState, em: Emitter, derived: Derived, spec: TreeSpec) -> 
     request, flat = state.request, state.flat
     mode, seed_size = derived.mode, derived.seeds.size
     if request.compile is not None:  # the compiler plans memory itself
-        gm = generate(em.graph, em.constants, em.device, plan_memory=False)[0]
+        rewritten = rewrite(em.graph, em.constants, em.device, plan_memory=False)
+        gm = generate(rewritten, em.constants, em.device)[0]
         compiled = CompiledCode(gm, request.compile, request.call, list(em.constants.values()))
         return Lowered(gm, spec, mode, seed_size, compiled=compiled)
     captured = list(em.constants.values())
     probe = None if request.allow_random or not unwatched(flat.tensors) else flat.tensors
-    gm, fast, memory = generate(em.graph, em.constants, em.device, probe=probe)
-    return Lowered(gm, spec, mode, seed_size, fast, memory, captured=captured)
+    rewritten = rewrite(em.graph, em.constants, em.device, probe=probe)
+    gm, planned = generate(rewritten, em.constants, em.device)
+    return Lowered(gm, spec, mode, seed_size, planned, rewritten.memory, captured=captured)
 
 
 def _build_split(state: BuildState, split: Split) -> Lowered:

@@ -1,4 +1,4 @@
-"""Reused memory (hod._memory): the planned code, when it runs, and what it must not do."""
+"""Reused memory (hod.passes.memory): the planned code, when it runs, and what it must not do."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from models import seed_mlp
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import hod
-import hod._memory
-from hod._memory import plan
+import hod.passes.memory
+from hod.passes.memory import plan
 
 
 @pytest.fixture
 def everything_planned(monkeypatch):
-    monkeypatch.setattr(hod._memory, "MIN_PLANNED_BYTES", 0)
+    monkeypatch.setattr(hod.passes.memory, "MIN_PLANNED_BYTES", 0)
 
 
 def _inputs(width: int = 6, batch: int = 4, dtype=torch.float64):
@@ -54,7 +54,7 @@ def test_arena_buffers_alive_together_never_overlap(everything_planned):
     planned, memory = plan(graph)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
-    end, escaped = hod._memory._lifetimes(nodes, index)
+    end, escaped = hod.passes.memory._lifetimes(nodes, index)
     inner = [n for n in nodes if n in end and n not in escaped and n.target is not operator.getitem]
     assert len(memory.arena_layout) == len(inner) >= 6 and len(memory.slots) == 2
     for (off_a, shape_a, _), a in zip(memory.arena_layout, inner, strict=True):
