@@ -75,7 +75,7 @@ class _Leaf:
     """A placeholder leaf used to build the result's tree spec."""
 
 
-def block(em: Emitter, key: BlockKey, derived: Derived, compact: int | None = None) -> fx.Node:
+def block(em: Emitter, key: BlockKey, derived: Derived, *, compact: int | None = None) -> fx.Node:
     """The tensor of one result block (see :func:`extract_block`).
 
     Its dtype is that of the first input it differentiates by, as in torch.func (the

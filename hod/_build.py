@@ -151,8 +151,10 @@ def _generate(
     ctx = DeriveContext(em, fwd_order, seeds.size)
     inputs = seeded_inputs(em, flat, seeds, fwd_order)
     n_diff = len(traced.outputs()) - traced.n_aux
-    call_site = op_call_site(request, flat)
-    out_jets = derive(traced.gm, ctx, inputs, request.call, call_site, needs(mode, n_diff, seeds))
+    out_jets = derive(
+        traced.gm, ctx, inputs, call=request.call, call_site=op_call_site(request, flat),
+        needs=needs(mode, n_diff, seeds),
+    )
     if ctx.grouped:  # see DeriveContext: the top order is exact once symmetrized
         for jet in {id(j): j for j in out_jets[:n_diff]}.values():
             jet.derivs[-1] = ctx.symmetrized(jet.derivs[-1], fwd_order)
@@ -162,11 +164,15 @@ def _generate(
     compact = compose is not None and compact_rows(mode, seeds, compose.h_leaf)
     leaf_dtypes = [flat.tensors[pos].dtype for pos in flat.diff]
     derived = Derived(mode, seeds, out_jets, state.out_vals, leaf_dtypes)
-    results = [block(em, key, derived, compose.h_leaf if compact else None) for key in keys]
+    compact_leaf = compose.h_leaf if compact else None
+    results = [block(em, key, derived, compact=compact_leaf) for key in keys]
     aux = [j.primal for j in out_jets[n_diff:]]
     if compose is not None:
-        per_example = compact or rows_apart(mode, traced, flat.diff, seeds, compose.h_leaf, n_diff)
-        results = compose(em, [jet.primal for jet in inputs], results, per_example, compact)
+        per_example = compact or rows_apart(
+            mode, traced, flat.diff, seeds, h=compose.h_leaf, n_diff=n_diff
+        )
+        primals = [jet.primal for jet in inputs]
+        results = compose(em, primals, results, per_example=per_example, compact=compact)
     em.output(results + aux)
     return _lower(state, em, derived, result_spec(specs, request, traced.aux_spec))
 

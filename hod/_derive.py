@@ -28,6 +28,7 @@ def derive(
     gm: fx.GraphModule,
     ctx: DeriveContext,
     inputs: Sequence[Jet],
+    *,
     call: str,
     call_site: CallSite,
     needs: Sequence[Span | None],

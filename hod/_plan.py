@@ -168,7 +168,7 @@ def needs(mode: Mode, n_diff: int, seeds: SeedPlan) -> list[Span | None]:
 
 
 def rows_apart(
-    mode: Mode, traced: Traced, diff: Sequence[int], seeds: SeedPlan, h: int, n_diff: int
+    mode: Mode, traced: Traced, diff: Sequence[int], seeds: SeedPlan, *, h: int, n_diff: int
 ) -> bool:
     """Whether the rows of ``g``'s leaf ``h`` are independent examples (``g``'s blocks
     vanish unless their ``h`` slots sit on one row): compressed so, or they could be."""

@@ -33,7 +33,7 @@ class Mode(str, enum.Enum):
         return self.value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Request:
     """What to build: ``f``, the orders wanted and how results nest."""
 

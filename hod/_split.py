@@ -223,7 +223,7 @@ class Composition:
     out_ranks: tuple[int, ...]
 
     def __call__(
-        self, em: Emitter, inputs: Sequence[fx.Node], results: Sequence[fx.Node],
+        self, em: Emitter, inputs: Sequence[fx.Node], results: Sequence[fx.Node], *,
         per_example: bool, compact: bool,
     ) -> list[fx.Node]:
         """``f``'s blocks from ``g``'s ``results``; ``inputs`` are ``g``'s placeholders
@@ -232,8 +232,8 @@ class Composition:
         ``compact`` that its blocks hold that diagonal only (``h``'s first slot keeps its
         rows, the others drop them)."""
         composer = _Composer(em, self, inputs[1 + self.split.x], inputs[1 + self.split.w],
-                             dict(zip(self.inner_keys, results, strict=True)), per_example,
-                             compact)
+                             dict(zip(self.inner_keys, results, strict=True)),
+                             per_example=per_example, compact=compact)
         done: dict[BlockKey, fx.Node] = {}
         blocks = []
         for key in self.keys:
@@ -271,7 +271,7 @@ class _Composer:
 
     def __init__(
         self, em: Emitter, plan: Composition, x: fx.Node, w: fx.Node,
-        inner: dict[BlockKey, fx.Node], per_example: bool, compact: bool,
+        inner: dict[BlockKey, fx.Node], *, per_example: bool, compact: bool,
     ) -> None:
         self.em, self.plan, self.x, self.inner = em, plan, x, inner
         self.per_example, self.compact = per_example, compact
