@@ -5,7 +5,6 @@ from . import (  # noqa: F401 - importing a family fills the table
     elementwise,
     indexing,
     linalg,
-    losses,
     nn,
     reductions,
     shape,
