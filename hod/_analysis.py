@@ -1,4 +1,4 @@
-"""Stage 2: which dims of a traced graph stay independent across a batch of inputs.
+"""Analyze stage: which dims of a traced graph stay independent across a batch of inputs.
 
 Given some differentiated inputs and one dim of each (the *batch* dim, all of size B),
 :func:`track_batch` finds, for every node, whether slice ``b`` of the node depends
@@ -9,6 +9,9 @@ Derivative blocks across different batch slices of a tracked node are zero, so o
 compressed seed per within-slice coordinate gives all the nonzero blocks at once
 (DESIGN section 4, "Structure"). The analysis is conservative: an op it does not know
 makes its output mixed, which only turns compression off.
+
+:func:`needed_spans` says which seeds each node's derivatives must cover, given the
+seeds each output needs; derive and the planner's cost model both read it.
 """
 
 from __future__ import annotations

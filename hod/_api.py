@@ -1,4 +1,4 @@
-"""The public transforms: ``derivative``, ``derivatives``, ``jacobian``, ``hessian``."""
+"""API stage: the public transforms ``derivative``, ``derivatives``, ``jacobian``, ``hessian``."""
 
 from __future__ import annotations
 

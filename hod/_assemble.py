@@ -1,4 +1,4 @@
-"""Stage 4: turn seed-space derivative tensors into the blocks torch.func returns.
+"""Assemble stage: seed-space derivative tensors become the blocks torch.func returns.
 
 A derivative of order ``n`` of output leaf ``y`` with respect to the differentiated input
 leaves ``(l1, ..., ln)`` is one *block* of shape ``y.shape + x_l1.shape + ... + x_ln.shape``.

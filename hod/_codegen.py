@@ -1,8 +1,9 @@
-"""Stage 5: the emitted graph becomes a GraphModule whose code is a straight line of calls.
+"""Codegen stage: the rewritten graph becomes GraphModules, straight lines of calls.
 
-ATen overloads are called through ``torch.ops``, which costs about a microsecond more per
-call than the matching public ``torch`` function; at the sizes where hod is fastest that
-overhead is most of the time, so ops with an exact public twin are called through it.
+The graph and its planned variant come from :func:`hod.passes.rewrite`. ATen overloads
+are called through ``torch.ops``, which costs about a microsecond more per call than the
+matching public ``torch`` function; at the sizes where hod is fastest that overhead is
+most of the time, so ops with an exact public twin are called through it.
 """
 
 from __future__ import annotations

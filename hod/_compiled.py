@@ -1,4 +1,4 @@
-"""Generated code compiled with ``torch.compile`` (the ``compile=`` keyword).
+"""Compile stage: generated code compiled with ``torch.compile`` (the ``compile=`` keyword).
 
 The generated code is one straight line of ATen calls whose shapes are fixed by the
 signature, which is what a compiler fuses best: the Faà di Bruno and Leibniz terms are

@@ -1,4 +1,4 @@
-"""Stage 3: walk a traced ATen graph and emit every node's derivative tensors.
+"""Derive stage: walk a traced ATen graph and emit every node's derivative tensors.
 
 Each node of the traced graph is copied into the emitter's graph (its value) and, when
 one of its inputs has a nonzero derivative, its rule emits ``D^1 .. D^n`` of it over the

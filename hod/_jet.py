@@ -1,4 +1,4 @@
-"""Jets (a value with its derivative tensors) and the family helpers rules are built from.
+"""Derive stage: what a rule sees (:class:`DeriveContext`) and the family helpers of rules.
 
 Seed axes lead: the k-th derivative of a value ``v`` has shape ``(S,) * k + v.shape`` and
 is symmetric in its first ``k`` axes. Leading seed axes let a primal operand broadcast
@@ -6,7 +6,8 @@ against a derivative operand with ordinary right-aligned broadcasting, so most r
 a plain ATen call on derivative tensors.
 
 ``None`` stands for a derivative that is zero by construction (a symbolic zero); rules
-drop every term that contains one, so nothing is emitted for it.
+drop every term that contains one, so nothing is emitted for it. A value with its
+derivative tensors is a :class:`~hod._records.Jet`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Second-derivative blocks between a batch-compressed input and a weight, per example.
+"""Plan stage: second-derivative blocks of a batch-compressed input and a weight, per example.
 
 Under batch compression (see :mod:`hod._analysis`) a block pairing a compressed leaf ``x``
 with an uncompressed leaf ``W`` is read from ``x``'s gradient seeded by ``W``, so the

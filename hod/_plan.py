@@ -1,4 +1,4 @@
-"""The planner: forward or reverse-last, and which inputs to seed compressed by batch.
+"""Plan stage: forward or reverse-last, and which inputs to seed compressed by batch.
 
 The mode: forward costs about ``S^n`` sweeps through the graph at seed width 1;
 reverse-last about ``REVERSE_COST * m * S^(n-1)`` for an output of ``m`` elements.

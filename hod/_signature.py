@@ -1,4 +1,4 @@
-"""Flattening a call ``f(*args, **kwargs)`` into tensors plus a hashable signature.
+"""API stage: a call ``f(*args, **kwargs)`` flattened into tensors and a hashable signature.
 
 The signature is the cache key: the pytree structure of the arguments, every tensor
 leaf's shape, dtype and device, and the value of every non-tensor leaf (those are baked

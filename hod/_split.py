@@ -1,4 +1,4 @@
-"""Splitting off a first linear layer: seeds at its output instead of at its weight.
+"""Split stage: a first linear layer split off, seeded at its output instead of its weight.
 
 When ``f`` reads a differentiated weight ``W`` (``(K, N)``) only in ``h = X @ W``, and
 reads ``X`` (``(B, K)``) only there too or does not differentiate it, then

@@ -1,8 +1,11 @@
-"""Stage 1: trace a flat tensor function to a functional ATen graph with ``make_fx``.
+"""Trace stage: a flat tensor function becomes a functional ATen graph (``make_fx``).
 
 Tracing runs on fake tensors, so it costs no arithmetic, works with whatever tensors the
 caller holds (including ones batched by ``torch.func.vmap``) and turns data-dependent
 Python control flow into an error instead of a silently baked-in branch.
+
+:func:`trace_forward` traces ``f`` over a call's flat tensors (:func:`flat_function`), and
+:func:`trace_reverse` its reverse-mode Jacobian, the graph reverse-last mode derives.
 """
 
 from __future__ import annotations

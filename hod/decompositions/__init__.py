@@ -1,4 +1,4 @@
-"""hod's decomposition table: PyTorch's core ATen decompositions plus hod's own.
+"""Trace stage: the decomposition table, PyTorch's core ATen decompositions plus hod's own.
 
 hod's own decompositions rewrite ops that have no rule into ops that have one (for
 instance ``native_layer_norm`` into mean, var and rsqrt). Each family module registers

@@ -1,4 +1,4 @@
-"""Stage passes: rewrites of the generated graph, before codegen turns it into code.
+"""Passes stage: rewrites of the generated graph, before codegen turns it into code.
 
 :func:`rewrite` is the one entry point. It rewrites the emitted graph in place, each pass
 in its own module:
