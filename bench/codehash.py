@@ -42,7 +42,8 @@ def _constants(gm: fx.GraphModule) -> list[str]:
 def row_text(case: Case) -> str:
     """Everything of the row's generated function that decides what runs."""
     inputs = make_inputs(case, row_seed(case, 0), "cpu")
-    lowered = hod.derivative(case.forward, case.order, argnums=case.argnums).lower(*inputs)
+    forward = case.forward("cpu")
+    lowered = hod.derivative(forward, case.order, argnums=case.argnums).lower(*inputs)
     parts = [
         f"mode {lowered.mode} seeds {lowered.seed_size} split {lowered.first_layer!r}",
         lowered.code, *_constants(lowered.graph_module),
@@ -55,7 +56,7 @@ def row_text(case: Case) -> str:
         slots = [(s.shape, s.dtype) for s in memory.slots]
         parts += [f"-- memory {memory.arena_size} {memory.arena_layout} {slots}"]
     compiled = hod.derivative(
-        case.forward, case.order, argnums=case.argnums, compile=True
+        forward, case.order, argnums=case.argnums, compile=True
     ).lower(*inputs)
     parts += ["-- for torch.compile", compiled.code, *_constants(compiled.graph_module)]
     return "\n".join(parts)

@@ -4,11 +4,18 @@ Every engine's result is turned into a :data:`Blocks` map from an index tuple
 ``(i1, ..., in)`` (positions in ``argnums``, outermost nesting level first) to the tensor
 ``d^n f / dx_i1 ... dx_in`` of shape ``x_i1.shape + ... + x_in.shape`` (the output is a scalar).
 That is the layout of torch.func's nested ``jacfwd(...jacrev(f, argnums)...)`` result, which hod
-reproduces; thoad's blocks, fetched one by one, are put in the same map.
+reproduces; thoad's blocks, fetched one by one, are put in the same map by its worker.
 
-A result passes when every block is present with the reference's shape (or, for thoad, the same
-number of elements), is finite, and ``max|got - ref| <= RTOL * max|ref| + floor`` over all
-blocks; the reference and the absolute ``floor`` come from :mod:`bench.reference`.
+The check (:func:`compare_blocks`) is per block and relative. A result passes when every block
+of the reference is present with the reference's shape, is finite, and for every block ``b``
+
+    max|got_b - ref_b| <= RTOL * max|ref_b| + ATOL * max_b' max|ref_b'|
+
+``RTOL`` (2e-4) is the error allowed relative to the block's own largest entry; the absolute term
+(``ATOL`` = 1e-6 of the largest entry of the whole derivative) only matters for a block much
+smaller than the others. The engines compute in float32 and the reference in float64; the
+largest relative error an honest float32 engine was measured at on the benchmark rows is in
+bench/README.md. An error of 1% in any block fails: 1e-2 > 2e-4 + 1e-6.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from torch import Tensor
 
 Blocks = dict[tuple[int, ...], Tensor]
 
-RTOL = 1e-3
+#: Allowed error relative to a block's largest reference entry (float32 engines).
+RTOL = 2e-4
+#: Allowed absolute error, as a fraction of the largest reference entry over all blocks.
+ATOL = 1e-6
 
 
 class StructureError(ValueError):
@@ -62,12 +72,15 @@ def _describe(node: object) -> str:
 
 @dataclass
 class Check:
-    """Outcome of comparing one engine's blocks with the reference."""
+    """Outcome of comparing one engine's blocks with the reference.
+
+    ``max_rel_err`` is the largest over the compared blocks of ``max|got - ref| / max|ref|`` (the
+    block's own largest reference entry); ``worst`` names that block.
+    """
 
     ok: bool
-    max_abs_err: float
-    ref_scale: float
-    tolerance: float
+    max_rel_err: float
+    worst: tuple[int, ...] | None
     compared: int
     total: int
     note: str = ""
@@ -75,38 +88,37 @@ class Check:
     def summary(self) -> str:
         """One line for logs and the result file."""
         verdict = "ok" if self.ok else "WRONG"
-        relation = "<=" if self.max_abs_err <= self.tolerance else ">"
         text = (
-            f"{verdict}: {self.compared}/{self.total} blocks compared, max|err| "
-            f"{self.max_abs_err:.2e} {relation} tol {self.tolerance:.1e}, "
-            f"max|ref| {self.ref_scale:.2e}"
+            f"{verdict}: {self.compared}/{self.total} blocks compared, max relative error "
+            f"{self.max_rel_err:.1e} (block {self.worst}; rtol {RTOL:g})"
         )
         return f"{text}; {self.note}" if self.note else text
 
 
-def max_abs_diff(got: Blocks, ref: Blocks) -> float:
-    """Largest absolute difference over blocks present in both with equal shapes."""
-    diffs = [
-        float((got[k].to(r.dtype) - r).abs().max())
-        for k, r in ref.items()
-        if k in got and got[k].shape == r.shape and r.numel()
-    ]
-    return max(diffs, default=0.0)
+def reference_scale(ref: Blocks) -> float:
+    """The largest magnitude over all reference blocks."""
+    return max((float(r.abs().max()) for r in ref.values() if r.numel()), default=0.0)
 
 
-def compare_blocks(
-    got: Blocks, ref: Blocks, *, floor: float, reshape: bool = False
-) -> Check:
-    """Compare ``got`` with ``ref`` block by block (tolerance in the module docstring).
+def block_error(got: Tensor, ref: Tensor, atol: float) -> tuple[float, bool]:
+    """Relative error of one block (``max|got - ref| / max|ref|``) and whether it is within
+    ``RTOL * max|ref| + atol``; both tensors have the same shape, ``got`` already in ref's dtype."""
+    if not ref.numel():
+        return 0.0, True
+    err = float((got - ref).abs().max())
+    size = float(ref.abs().max())
+    rel = err / size if size > 0 else (0.0 if err == 0 else float("inf"))
+    return rel, err <= RTOL * size + atol
 
-    With ``reshape`` a block whose shape differs but whose number of elements matches is
-    reshaped to the reference shape first (thoad prepends a size-1 output axis). Missing
-    blocks, shape mismatches and non-finite values make the check fail.
+
+def compare_blocks(got: Blocks, ref: Blocks) -> Check:
+    """Compare ``got`` with ``ref`` block by block (the tolerance is in the module docstring).
+
+    Missing blocks, shape mismatches, non-finite values and blocks out of tolerance fail.
     """
     problems: list[str] = []
-    worst = 0.0
-    scale = max((float(r.abs().max()) for r in ref.values() if r.numel()), default=0.0)
-    tol = RTOL * scale + floor
+    atol = ATOL * reference_scale(ref)
+    worst_rel, worst = 0.0, None
     compared = 0
     for index, r in ref.items():
         g = got.get(index)
@@ -114,18 +126,16 @@ def compare_blocks(
             problems.append(f"block {index} missing")
             continue
         if g.shape != r.shape:
-            if reshape and g.numel() == r.numel():
-                g = g.reshape(r.shape)
-            else:
-                problems.append(f"block {index} shape {tuple(g.shape)} != {tuple(r.shape)}")
-                continue
-        g = g.detach().to(device=r.device, dtype=r.dtype)
+            problems.append(f"block {index} shape {tuple(g.shape)} != {tuple(r.shape)}")
+            continue
         if not bool(torch.isfinite(g).all()):
             problems.append(f"block {index} has non-finite values")
             continue
         compared += 1
-        if r.numel():
-            worst = max(worst, float((g - r).abs().max()))
-    ok = not problems and worst <= tol
+        rel, within = block_error(g.detach().to(device=r.device, dtype=r.dtype), r, atol)
+        if rel >= worst_rel:
+            worst_rel, worst = rel, index
+        if not within:
+            problems.append(f"block {index} relative error {rel:.1e}")
     note = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
-    return Check(ok, worst, scale, tol, compared, len(ref), note)
+    return Check(not problems, worst_rel, worst, compared, len(ref), note)

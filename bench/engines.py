@@ -6,10 +6,13 @@ whose ``time_call`` makes one timed call. Engines:
 
 * ``hod``: ``hod.derivative(f, order, argnums)``, built once per row outside the timed region.
 * ``hod.compile``: the same with ``compile=True`` (not run unless named in ``--engines``).
-* ``torch.func``: ``jacrev(f, argnums)`` (order 1), ``torch.func.hessian`` (order 2), and
-  ``jacrev`` inside ``order - 1`` ``jacfwd`` beyond.
-* ``autograd.functional``: ``torch.autograd.functional.jacobian`` / ``hessian`` called exactly
-  as in the seed notebook (orders 1 and 2 only).
+* ``torch.func[fwd-rev]``: ``jacrev(f, argnums)`` (order 1), ``torch.func.hessian`` (order 2),
+  and ``jacrev`` inside ``order - 1`` ``jacfwd`` beyond; ``torch.func[rev]``: ``jacrev`` nested
+  ``order`` times (orders 2, 3); ``torch.func[fwd]``: ``jacfwd`` (order 1).
+* ``autograd.functional[seed]``: ``torch.autograd.functional.jacobian`` / ``hessian`` called
+  exactly as in the seed notebook (orders 1 and 2 only); ``[vectorize]`` adds
+  ``vectorize=True``, ``[vectorize-fwd]`` (Hessians) also ``outer_jacobian_strategy=
+  "forward-mode"``.
 * ``thoad``: ``thoad.backward(tensor=f(...), order=n, crossings=param_grad, keep_batch=True)``
   then ``ctrl.clear()``, as in the seed; it runs under Python >= 3.12 in a worker process
   (:mod:`bench.thoad_worker`), which times its own calls.
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from bench.compare import Blocks, StructureError, flatten_nested
 from bench.models import Case, Forward
+from bench.tables import peer_of
 from bench.timing import timed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,15 +73,11 @@ def failure_kind(exc: BaseException) -> str:
 
 @dataclass
 class Warmup:
-    """The first call of a runner: its result blocks and duration.
-
-    ``reshape`` allows blocks whose element count (not shape) matches the reference
-    (see :func:`bench.compare.compare_blocks`); ``note`` says what the blocks are.
-    """
+    """The first call of a runner: its result blocks and duration; ``note`` says what the blocks
+    are when that is not plain."""
 
     blocks: Blocks
     seconds: float
-    reshape: bool = False
     note: str = ""
 
 
@@ -97,9 +97,16 @@ class Runner(ABC):
 
 
 class Engine(ABC):
-    """A way of computing the order-n derivative of a case's model."""
+    """A way of computing the order-n derivative of a case's model.
+
+    ``name`` is what tables and ``--engines`` use: the peer's name, with the setting in brackets
+    for a peer timed with several settings (``torch.func[rev]``); ``peer`` is the name without
+    it. Tables compare hod with the best setting of each peer.
+    """
 
     name: str
+    peer: str
+    setting: str = ""
     #: Whether the warm-up call compiles (its time then says nothing of the calls after it,
     #: so the time budget looks at the timed calls only).
     compiles_in_warmup: bool = False
@@ -115,6 +122,10 @@ class Engine(ABC):
     def version(self) -> str:
         """What runs behind this engine, for the result file (call after unavailable_reason)."""
         return f"torch {torch.__version__}"
+
+    def describe(self) -> str:
+        """The call this engine times, for the result file and the tables' notes."""
+        return self.name
 
     @abstractmethod
     def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
@@ -140,8 +151,28 @@ class CallableRunner(Runner):
         return timed(self._thunk, self._device)[1]
 
 
-def torch_func_derivative(f: Forward, order: int, argnums: int | tuple[int, ...]) -> Callable:
-    """torch.func's order-n derivative: jacrev, hessian, or jacrev inside order-1 jacfwd."""
+#: torch.func's settings: how ``jacrev`` and ``jacfwd`` are nested, and the orders they apply to.
+TORCH_FUNC_SETTINGS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "fwd-rev": ("jacrev (order 1), torch.func.hessian = jacfwd(jacrev) (order 2), jacrev inside "
+                "order-1 jacfwd (orders 3, 4)", (1, 2, 3, 4)),
+    # Order 4 left out: jacrev nested 4 times took 3.7 s a call on the smallest order-4 row
+    # without the weights (60x the fwd-rev nesting) and over 8 GB with them.
+    "rev": ("jacrev nested order times: jacrev(jacrev(f)) for Hessians", (2, 3)),
+    "fwd": ("jacfwd (order 1)", (1,)),
+}
+
+
+def torch_func_derivative(
+    f: Forward, order: int, argnums: int | tuple[int, ...], setting: str = "fwd-rev"
+) -> Callable:
+    """torch.func's order-n derivative in one of :data:`TORCH_FUNC_SETTINGS`."""
+    if setting == "fwd":
+        return torch.func.jacfwd(f, argnums)
+    if setting == "rev":
+        fn = f
+        for _ in range(order):
+            fn = torch.func.jacrev(fn, argnums)
+        return fn
     if order == 2:
         return torch.func.hessian(f, argnums)
     fn = torch.func.jacrev(f, argnums)
@@ -150,45 +181,82 @@ def torch_func_derivative(f: Forward, order: int, argnums: int | tuple[int, ...]
     return fn
 
 
-class TorchFuncEngine(Engine):
-    """torch.func's composable transforms."""
+def _setting_unsupported(orders: tuple[int, ...], case: Case) -> str | None:
+    if case.order in orders:
+        return None
+    if len(orders) == 1:
+        return f"order {orders[0]} only"
+    return f"orders {', '.join(map(str, orders[:-1]))} and {orders[-1]} only"
 
-    name = "torch.func"
+
+class TorchFuncEngine(Engine):
+    """torch.func's composable transforms, nested as one of :data:`TORCH_FUNC_SETTINGS`."""
+
+    peer = "torch.func"
+
+    def __init__(self, setting: str) -> None:
+        self.setting = setting
+        self.name = f"{self.peer}[{setting}]"
+
+    def describe(self) -> str:
+        return TORCH_FUNC_SETTINGS[self.setting][0]
+
+    def unsupported_reason(self, case: Case) -> str | None:
+        return _setting_unsupported(TORCH_FUNC_SETTINGS[self.setting][1], case)
 
     def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
-        fn = torch_func_derivative(case.forward, case.order, case.argnums)
+        fn = torch_func_derivative(case.forward(device), case.order, case.argnums, self.setting)
         return CallableRunner(lambda: fn(*inputs), case, device)
 
 
-class AutogradFunctionalEngine(Engine):
-    """``torch.autograd.functional.jacobian`` / ``hessian``, called as the seed calls them."""
+#: torch.autograd.functional's settings: keywords of jacobian / hessian, and their orders.
+AUTOGRAD_FUNCTIONAL_SETTINGS: dict[str, tuple[dict[str, Any], tuple[int, ...]]] = {
+    "seed": ({}, (1, 2)),
+    "vectorize": ({"vectorize": True}, (1, 2)),
+    "vectorize-fwd": ({"vectorize": True, "outer_jacobian_strategy": "forward-mode"}, (2,)),
+}
 
-    name = "autograd.functional"
+
+class AutogradFunctionalEngine(Engine):
+    """``torch.autograd.functional.jacobian`` / ``hessian``, called as the seed calls them, with
+    the keywords of one of :data:`AUTOGRAD_FUNCTIONAL_SETTINGS` (``seed``: none)."""
+
+    peer = "autograd.functional"
+
+    def __init__(self, setting: str) -> None:
+        self.setting = setting
+        self.name = f"{self.peer}[{setting}]"
+
+    def describe(self) -> str:
+        keywords = AUTOGRAD_FUNCTIONAL_SETTINGS[self.setting][0]
+        args = "".join(f", {k}={v!r}" for k, v in keywords.items())
+        return f"jacobian / hessian(func, inputs{args})"
 
     def unsupported_reason(self, case: Case) -> str | None:
-        return None if case.order in (1, 2) else "orders 1 and 2 only"
+        return _setting_unsupported(AUTOGRAD_FUNCTIONAL_SETTINGS[self.setting][1], case)
 
     def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
         functional = torch.autograd.functional
         api = functional.jacobian if case.order == 1 else functional.hessian
+        keywords = AUTOGRAD_FUNCTIONAL_SETTINGS[self.setting][0]
         X, *params = inputs
-        forward = case.forward
+        forward = case.forward(device)
         if case.param_grad:
             def thunk() -> object:
-                return api(func=forward, inputs=(X, *params))
+                return api(func=forward, inputs=(X, *params), **keywords)
         else:
             def fixed_forward(X: Tensor) -> Tensor:
                 return forward(X, *params)
 
             def thunk() -> object:
-                return api(func=fixed_forward, inputs=X)
+                return api(func=fixed_forward, inputs=X, **keywords)
         return CallableRunner(thunk, case, device)
 
 
 class HodEngine(Engine):
     """``hod.derivative`` (imported lazily: hod may be missing or incomplete)."""
 
-    name = "hod"
+    name = peer = "hod"
     options: dict[str, Any] = {}  # keywords of hod.derivative
 
     def __init__(self) -> None:
@@ -213,7 +281,7 @@ class HodEngine(Engine):
 
     def prepare(self, case: Case, inputs: tuple[Tensor, ...], device: str) -> Runner:
         fn = self._module.derivative(
-            case.forward, case.order, argnums=case.argnums, **self.options
+            case.forward(device), case.order, argnums=case.argnums, **self.options
         )
         return CallableRunner(lambda: fn(*inputs), case, device)
 
@@ -222,7 +290,7 @@ class HodCompiledEngine(HodEngine):
     """``hod.derivative(..., compile=True)``: the generated code through torch.compile
     (compiled during the warm-up call, which the timings leave out)."""
 
-    name = "hod.compile"
+    name = peer = "hod.compile"
     options = {"compile": True}
     compiles_in_warmup = True
 
@@ -315,10 +383,10 @@ class ThoadRunner(Runner):
         blocks = torch.load(result_path)
         result_path.unlink()
         note = (
-            "thoad blocks from ctrl.fetch_hgrad(variables, keep_batch=False) after "
-            "backward(keep_batch=True); leading size-1 output axis dropped"
+            "thoad's compact blocks of backward(keep_batch=True) expanded by "
+            "ctrl.fetch_hgrad(variables, keep_batch=False), size-1 output axis dropped"
         )
-        return Warmup(blocks, reply["seconds"], reshape=True, note=note)
+        return Warmup(blocks, reply["seconds"], note=note)
 
     def time_call(self) -> float:
         return self._worker.request({"cmd": "time"}, self._timeout_s)["seconds"]
@@ -327,7 +395,7 @@ class ThoadRunner(Runner):
 class ThoadEngine(Engine):
     """thoad, run in a Python 3.12 worker process (see :mod:`bench.thoad_worker`)."""
 
-    name = "thoad"
+    name = peer = "thoad"
 
     def __init__(self, timeout_s: float = 120.0) -> None:
         self.timeout_s = timeout_s
@@ -380,23 +448,43 @@ class ThoadEngine(Engine):
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
-ENGINE_NAMES = ("hod", "hod.compile", "torch.func", "autograd.functional", "thoad")
+PEERS = ("torch.func", "autograd.functional", "thoad")
+
+ENGINE_NAMES = (
+    "hod", "hod.compile",
+    *(f"torch.func[{s}]" for s in TORCH_FUNC_SETTINGS),
+    *(f"autograd.functional[{s}]" for s in AUTOGRAD_FUNCTIONAL_SETTINGS),
+    "thoad",
+)
 
 #: What a run times unless told otherwise: compiling adds seconds to every row's warm-up.
 DEFAULT_ENGINES = tuple(n for n in ENGINE_NAMES if n != "hod.compile")
 
 
+def expand_engine_names(names: list[str]) -> list[str]:
+    """Engine names from ``--engines``: a peer's plain name stands for all its settings.
+
+    Returns full names in the order of :data:`ENGINE_NAMES`; raises ValueError on unknown ones.
+    """
+    unknown = [n for n in names if n not in ENGINE_NAMES and n not in PEERS]
+    if unknown:
+        raise ValueError(
+            f"unknown engines {unknown}; choose from {', '.join(ENGINE_NAMES)} (a peer's plain "
+            f"name, e.g. torch.func, selects all its settings)"
+        )
+    return [e for e in ENGINE_NAMES if e in names or peer_of(e) in names]
+
+
 def make_engines(names: list[str], thoad_timeout_s: float) -> list[Engine]:
-    """Instantiate the named engines, in the order of :data:`ENGINE_NAMES`."""
+    """Instantiate the named engines (see :func:`expand_engine_names`), in the order of
+    :data:`ENGINE_NAMES`."""
     factories: dict[str, Callable[[], Engine]] = {
         "hod": HodEngine,
         "hod.compile": HodCompiledEngine,
-        "torch.func": TorchFuncEngine,
-        "autograd.functional": AutogradFunctionalEngine,
         "thoad": lambda: ThoadEngine(timeout_s=thoad_timeout_s),
     }
-    unknown = set(names) - set(factories)
-    if unknown:
-        raise ValueError(f"unknown engines {sorted(unknown)}; choose from {ENGINE_NAMES}")
-    return [factories[n]() for n in ENGINE_NAMES if n in names]
-
+    for setting in TORCH_FUNC_SETTINGS:
+        factories[f"torch.func[{setting}]"] = lambda s=setting: TorchFuncEngine(s)
+    for setting in AUTOGRAD_FUNCTIONAL_SETTINGS:
+        factories[f"autograd.functional[{setting}]"] = lambda s=setting: AutogradFunctionalEngine(s)
+    return [factories[n]() for n in expand_engine_names(names)]

@@ -161,6 +161,8 @@ def _child_main(engine_name: str, case: Case, device: str) -> dict[str, object]:
         (engine,) = make_engines([engine_name], thoad_timeout_s=0)
         if (reason := engine.unavailable_reason()) is not None:
             return {"status": "absent", "detail": reason}
+        if (reason := engine.unsupported_reason(case)) is not None:
+            return {"status": "n/a", "detail": reason}
         runner = engine.prepare(case, inputs, device)
         calls = [runner.warmup().seconds] + [runner.time_call() for _ in range(CALLS - 1)]
     report: dict[str, object] = {"status": "ok", "call_ms": [1e3 * c for c in calls]}

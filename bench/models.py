@@ -1,25 +1,32 @@
 """Benchmark models, cases and sweeps.
 
-The models are the MLP of the seed benchmark notebook and a tanh variant:
+The models are the MLP of the seed benchmark notebook and a tanh variant, each read out in one
+of two ways (``Case.readout``):
 
-* ``relu_softmax``: ``T = X; for P in params: T = T @ P; T = softmax(T, dim=1) on the last layer,
-  relu(T) before``; returns ``T.sum()``. Note that the softmax rows sum to one, so the output is
-  the batch size whatever the inputs: every derivative of this model is exactly zero. The seed
-  benchmarks it anyway (the cost of the computation does not depend on that), and so do we; the
-  correctness check on it only confirms that an engine returns (close to) zero in the right
-  structure. The tanh model below is the one with non-trivial derivatives.
-* ``tanh``: ``T = tanh(T @ P)`` for every layer, then ``T.sum()``.
+* layers: ``relu_softmax``: ``T = X; for P in params: T = T @ P; T = softmax(T, dim=1) on the
+  last layer, relu(T) before`` (the seed's); ``tanh``: ``T = tanh(T @ P)`` for every layer;
+* ``"weighted"`` (what the benchmark times and checks): ``(T * R).sum()`` with ``R`` a fixed
+  non-uniform (batch, width) tensor (:func:`readout_weights`), on centred inputs scaled so that
+  the activations stay of order one at every depth (:func:`make_inputs`). Every block of every
+  derivative is then far from zero, so a wrong derivative shows in the check;
+* ``"sum"``: the seed's ``T.sum()`` on its ``torch.rand`` inputs. With the relu/softmax layers
+  this is a constant (softmax rows sum to one: the output is the batch size), so every
+  derivative is exactly zero, and the seed's rand weights reach 1e10 after 20 relu layers and
+  saturate the softmax besides. It is kept to show that a check on it cannot fail
+  (:mod:`bench.selfcheck`), not timed.
 
 A :class:`Case` fixes one benchmark row (model, derivative order, whether parameters are
-differentiated, tensor sizes); a :class:`Sweep` is an ordered list of cases that differ in one
-size, as in one loop of the seed notebook. This module only needs torch, so the thoad worker
-(which runs under another interpreter) can import it too.
+differentiated, tensor sizes, read-out); a :class:`Sweep` is an ordered list of cases that differ
+in one size, as in one loop of the seed notebook. This module only needs torch, so the thoad
+worker (which runs under another interpreter) can import it too.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -27,24 +34,60 @@ from torch import Tensor
 Forward = Callable[..., Tensor]
 
 
-def relu_softmax_mlp(X: Tensor, *params: Tensor) -> Tensor:
-    """The seed notebook's MLP: relu after each layer but the last, softmax(dim=1) on the last."""
+def relu_softmax_layers(X: Tensor, *params: Tensor) -> Tensor:
+    """The seed notebook's layers: relu after each but the last, softmax(dim=1) on the last."""
     T = X
     for i, P in enumerate(params):
         T = T @ P
         T = torch.softmax(T, dim=1) if i == len(params) - 1 else torch.relu(T)
-    return T.sum()
+    return T
+
+
+def relu_softmax_mlp(X: Tensor, *params: Tensor) -> Tensor:
+    """The seed notebook's MLP, summed (a constant: the batch size)."""
+    return relu_softmax_layers(X, *params).sum()
+
+
+def tanh_layers(X: Tensor, *params: Tensor) -> Tensor:
+    """tanh after every layer."""
+    T = X
+    for P in params:
+        T = torch.tanh(T @ P)
+    return T
 
 
 def tanh_mlp(X: Tensor, *params: Tensor) -> Tensor:
     """An MLP with tanh after every layer, summed: smooth, with non-zero derivatives."""
-    T = X
-    for P in params:
-        T = torch.tanh(T @ P)
-    return T.sum()
+    return tanh_layers(X, *params).sum()
 
 
 MODELS: dict[str, Forward] = {"relu_softmax": relu_softmax_mlp, "tanh": tanh_mlp}
+LAYERS: dict[str, Forward] = {"relu_softmax": relu_softmax_layers, "tanh": tanh_layers}
+
+def readout_weights(batch: int, width: int) -> Tensor:
+    """The check variant's fixed read-out weights ``R`` (batch, width), float32, in [0.2, 1.8].
+
+    Every entry differs from its row's mean, so no derivative of ``(softmax(T) * R).sum()``
+    vanishes identically; the values are a fixed formula, the same in every process.
+    """
+    i = torch.arange(batch, dtype=torch.float64).unsqueeze(1)
+    j = torch.arange(width, dtype=torch.float64).unsqueeze(0)
+    return (1.0 + 0.8 * torch.sin(1.3 * i + 2.1 * j + 0.4)).float()
+
+
+@lru_cache(maxsize=64)
+def weighted_forward(model: str, batch: int, width: int, device: str = "cpu") -> Forward:
+    """``model``'s layers with the read-out ``(T * R).sum()``, ``R`` on ``device`` (one function
+    per size and device, cached; ``R`` is made here, not in the function, so that the traced
+    function only reads it)."""
+    layers = LAYERS[model]
+    R = readout_weights(batch, width).to(device)
+
+    def weighted(X: Tensor, *params: Tensor) -> Tensor:
+        return (layers(X, *params) * R).sum()
+
+    weighted.__name__ = weighted.__qualname__ = f"{model}_weighted_readout"
+    return weighted
 
 
 @dataclass(frozen=True)
@@ -54,6 +97,8 @@ class Case:
     ``X`` has shape ``(batch, width)`` and each of the ``depth`` parameters ``(width, width)``.
     With ``param_grad`` the derivative is taken w.r.t. ``X`` and every parameter
     (``argnums = (0, 1, ..., depth)``), otherwise w.r.t. ``X`` only (``argnums = 0``).
+    ``readout`` is ``"weighted"`` for the benchmark rows, ``"sum"`` for the seed's constant
+    read-out (module docstring).
     """
 
     model: str
@@ -62,11 +107,13 @@ class Case:
     batch: int
     width: int
     depth: int
+    readout: str = "weighted"
 
-    @property
-    def forward(self) -> Forward:
-        """The model's forward function ``f(X, *params) -> scalar``."""
-        return MODELS[self.model]
+    def forward(self, device: str | torch.device = "cpu") -> Forward:
+        """The model's forward function ``f(X, *params) -> scalar`` for inputs on ``device``."""
+        if self.readout == "sum":
+            return MODELS[self.model]
+        return weighted_forward(self.model, self.batch, self.width, str(torch.device(device)))
 
     @property
     def argnums(self) -> int | tuple[int, ...]:
@@ -81,8 +128,9 @@ class Case:
     def label(self) -> str:
         """A short human-readable description, e.g. ``tanh o3 b4 w4 d2 +params``."""
         grad = " +params" if self.param_grad else ""
+        readout = "" if self.readout == "weighted" else f" {self.readout}"
         return (
-            f"{self.model} o{self.order} b{self.batch} w{self.width} d{self.depth}{grad}"
+            f"{self.model} o{self.order} b{self.batch} w{self.width} d{self.depth}{grad}{readout}"
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -98,15 +146,23 @@ class Case:
 def make_inputs(
     case: Case, seed: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, ...]:
-    """The inputs ``(X, *params)``: ``torch.rand`` as in the seed, reproducible from ``seed``.
+    """The inputs ``(X, *params)``, reproducible from ``seed``.
 
-    They are drawn on the CPU and then moved, so every device sees the same values.
+    For the seed's ``"sum"`` read-out, ``torch.rand`` as in the seed. For the ``"weighted"`` one,
+    the same draws centred and scaled: ``X`` uniform in [-1, 1] and each parameter uniform in
+    ``[-a, a]`` with ``a = sqrt(6 / width)`` (variance ``2 / width``), so the activations keep a
+    magnitude of about one through every layer and the softmax is not saturated. They are drawn
+    on the CPU and then moved, so every device sees the same values.
     """
     gen = torch.Generator().manual_seed(seed)
     X = torch.rand(case.batch, case.width, generator=gen, dtype=dtype)
     params = [
         torch.rand(case.width, case.width, generator=gen, dtype=dtype) for _ in range(case.depth)
     ]
+    if case.readout == "weighted":
+        bound = math.sqrt(6.0 / case.width)
+        X = 2 * X - 1
+        params = [(2 * P - 1) * bound for P in params]
     return tuple(t.to(device) for t in (X, *params))
 
 

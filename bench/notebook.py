@@ -7,18 +7,15 @@ the rows and the repetition policy:
 
 * ``quick``: the rows of ``--quick`` and its policy (3-10 calls, 0.3 s per engine and row);
 * ``mid``: every other row of each seed sweep from the smallest, plus the largest, and every row
-  of the order-3/4 sweeps (small sizes; their tanh rows are the real value check), with the
-  ``--quick`` policy;
+  of the order-3/4 sweeps (small sizes), with the ``--quick`` policy;
 * ``full``: every row with the full policy (5-50 calls, 2 s), as ``python -m bench.run``.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Collection
 from dataclasses import replace
-from pathlib import Path
 
 from bench.engines import DEFAULT_ENGINES
 from bench.models import SWEEPS, Sweep
@@ -43,16 +40,6 @@ def scaled(sweep: Sweep, scale: str) -> Sweep:
     return replace(sweep, cases=cases, quick=tuple(range(len(cases))))
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what :mod:`platform` says."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 class NotebookSession:
     """The engines of a notebook run, and the rows of every sweep run so far."""
 
@@ -70,7 +57,7 @@ class NotebookSession:
         facts = {
             "torch": info["torch"],
             "python": info["python"],
-            "CPU": f"{cpu_model()} ({info['processor']})",
+            "CPU": f"{info['cpu_model']} ({info['processor']})",
             "cores": f"{info.get('physical_cores', '?')} physical, "
                      f"{info['logical_cores']} logical",
             "torch threads": info["torch_threads"],

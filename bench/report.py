@@ -6,7 +6,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,14 +15,17 @@ import torch
 
 from bench.models import Sweep
 from bench.runner import OK, RowResult
-
-HOD = "hod"
-SHORT_NAMES = {"autograd.functional": "autograd.F"}
+from bench.tables import problem_notes, summary_grid, sweep_grid
 
 
-def short(name: str) -> str:
-    """Column title of an engine."""
-    return SHORT_NAMES.get(name, name)
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what :mod:`platform` says."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def machine_info(device: str) -> dict[str, object]:
@@ -31,6 +33,7 @@ def machine_info(device: str) -> dict[str, object]:
     info: dict[str, object] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -57,67 +60,23 @@ def machine_info(device: str) -> dict[str, object]:
     return info
 
 
-def _cell(row: RowResult, engine: str) -> str:
-    result = row.engines[engine]
-    return f"{result.median_ms:.3f}" if result.median_ms is not None else result.status
-
-
-def is_hod(engine: str) -> bool:
-    """Whether ``engine`` is hod itself (``hod``) or a variant of it (``hod.compile``)."""
-    return engine == HOD or engine.startswith(HOD + ".")
-
-
-def _ratio(row: RowResult, peer: str, hod: str = HOD) -> float | None:
-    """How many times faster ``hod`` is than ``peer`` on this row (None if either lacks a
-    time)."""
-    ours, other = row.engines.get(hod), row.engines.get(peer)
-    if ours is None or other is None or ours.median_ms is None or other.median_ms is None:
-        return None
-    return other.median_ms / ours.median_ms
-
-
-def speedups(
-    row: RowResult, peers: Sequence[str], hod: str = HOD
-) -> tuple[float | None, str | None]:
-    """``hod``'s speedup over the fastest peer that has a time on this row, and that peer."""
-    timed = [p for p in peers if row.engines[p].median_ms is not None]
-    if not timed:
-        return None, None
-    best = min(timed, key=lambda p: row.engines[p].median_ms or math.inf)
-    return _ratio(row, best, hod), best
-
-
-def _timed_hods(engines: Sequence[str], rows: Sequence[RowResult]) -> list[str]:
-    return [
-        e for e in engines if is_hod(e) and any(r.engines[e].median_ms is not None for r in rows)
-    ]
+def sweep_dict(sweep: Sweep, rows: Sequence[RowResult]) -> dict[str, object]:
+    """A sweep and its rows in the result file's form (what :mod:`bench.tables` reads)."""
+    return {"name": sweep.name, "title": sweep.title, "x_name": sweep.x_name,
+            "notes": list(sweep.notes), "rows": [r.to_dict() for r in rows]}
 
 
 def format_table(sweep: Sweep, rows: Sequence[RowResult]) -> str:
-    """A fixed-width table of medians (ms) and, per hod engine that ran, its speedup over
-    the best peer; hod's over each peer too."""
+    """A fixed-width table of medians (ms) of every engine setting, hod's speedup over the
+    fastest peer setting and over each peer's best one (:func:`bench.tables.sweep_grid`), and
+    under it the status notes."""
     if not rows:
         return f"== {sweep.name}: no rows =="
-    engines = list(rows[0].engines)
-    peers = [e for e in engines if not is_hod(e)]
-    hods = _timed_hods(engines, rows)
-    header = [sweep.x_name] + [short(e) for e in engines]
-    header += [f"{h} vs best" for h in hods]
-    if HOD in hods:
-        header += [f"vs {short(p)}" for p in peers]
-    lines = []
-    for row in rows:
-        cells = [str(row.x)] + [_cell(row, e) for e in engines]
-        for hod in hods:
-            best_ratio, best = speedups(row, peers, hod)
-            cells.append(f"{best_ratio:.2f}x ({short(best)})" if best_ratio and best else "-")
-        if HOD in hods:
-            cells += [f"{r:.2f}x" if (r := _ratio(row, p)) else "-" for p in peers]
-        lines.append(cells)
+    data = sweep_dict(sweep, rows)
     out = [f"== {sweep.name}: {sweep.title} (median ms) =="]
-    out += render_table([header, *lines])
+    out += render_table(sweep_grid(data))
     out += [f"   note: {n}" for n in sweep.notes]
-    out += _problem_notes(rows)
+    out += [f"   {n}" for n in problem_notes(data)]
     return "\n".join(out)
 
 
@@ -132,27 +91,17 @@ def render_table(table: list[list[str]]) -> list[str]:
     return lines
 
 
-def _problem_notes(rows: Sequence[RowResult]) -> list[str]:
-    """One line per engine status other than ok (first occurrence), with its detail."""
-    seen: set[tuple[str, str]] = set()
-    notes = []
-    for row in rows:
-        for name, result in row.engines.items():
-            key = (name, result.status)
-            if result.status != OK and key not in seen:
-                seen.add(key)
-                notes.append(f"   {name}: {result.status} from {row.x}: {result.detail}")
-    return notes
-
-
 def check_summary(rows: Sequence[RowResult]) -> list[str]:
-    """Per engine, what the correctness check compared across these rows."""
+    """Per engine, the largest relative error of its passed checks over these rows."""
     lines = []
     engines = list(rows[0].engines) if rows else []
     for name in engines:
-        details = [r.engines[name].detail for r in rows if r.engines[name].status == OK]
-        if details:
-            lines.append(f"   check {name} (last ok row): {details[-1]}")
+        checked = [(r.engines[name].check_rel_err, r.x) for r in rows
+                   if r.engines[name].status == OK and r.engines[name].check_rel_err is not None]
+        if checked:
+            err, x = max(checked, key=lambda c: c[0] or 0.0)
+            lines.append(f"   check {name}: {len(checked)} rows passed, largest relative error "
+                         f"{err:.1e} (at {x})")
     return lines
 
 
@@ -251,29 +200,7 @@ def plot_sweep(sweep: Sweep, rows: Sequence[RowResult]) -> Any:
 
 
 def speedup_summary(results: Sequence[tuple[Sweep, Sequence[RowResult]]]) -> str:
-    """Per sweep and hod engine, its speedup over the fastest peer of each row: min / median /
-    max over the rows where both have a time, and which engines were left without a time on
-    how many rows."""
-    table = [["sweep", "rows", "engine", "vs best: min", "median", "max", "not timed"]]
-    for sweep, rows in results:
-        engines = list(rows[0].engines) if rows else []
-        peers = [e for e in engines if not is_hod(e)]
-        for hod in _timed_hods(engines, rows) or [HOD]:
-            ratios = sorted(
-                r for row in rows if (r := speedups(row, peers, hod)[0]) is not None
-            )
-            spread = (ratios[0], statistics.median(ratios), ratios[-1]) if ratios else ()
-            cells = [f"{r:.2f}x" for r in spread] or ["-"] * 3
-            table.append([sweep.name, str(len(rows)), hod, *cells, _not_timed(rows, engines)])
-    return "\n".join(render_table(table))
-
-
-def _not_timed(rows: Sequence[RowResult], engines: Sequence[str]) -> str:
-    """E.g. ``thoad WRONG 3`` for the engines and statuses that left rows without a time."""
-    counts: dict[tuple[str, str], int] = {}
-    for row in rows:
-        for name in engines:
-            status = row.engines[name].status
-            if row.engines[name].median_ms is None:
-                counts[name, status] = counts.get((name, status), 0) + 1
-    return ", ".join(f"{short(n)} {s} {c}" for (n, s), c in counts.items()) or "-"
+    """Per sweep, hod's speedup over the fastest peer setting and over each peer's best one
+    (min / median / max over the rows, :func:`bench.tables.summary_grid`), fixed-width."""
+    run = {"sweeps": [sweep_dict(sweep, rows) for sweep, rows in results]}
+    return "\n".join(render_table(summary_grid(run)))

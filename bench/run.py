@@ -24,14 +24,16 @@ from pathlib import Path
 
 import torch
 
-from bench.engines import DEFAULT_ENGINES, ENGINE_NAMES, make_engines
+from bench.compare import ATOL, RTOL
+from bench.engines import DEFAULT_ENGINES, ENGINE_NAMES, PEERS, expand_engine_names, make_engines
 from bench.memory import format_memory, measure
 from bench.models import MEMORY_SWEEP, SWEEPS, Sweep
-from bench.report import check_summary, format_table, machine_info, plot, write_json
-from bench.runner import RowResult, RunSettings, SweepRunner
+from bench.report import check_summary, format_table, machine_info, plot, sweep_dict, write_json
+from bench.runner import HOPELESS, HOPELESS_MS, TRAILING, RowResult, RunSettings, SweepRunner
 from bench.timing import FULL_POLICY, QUICK_POLICY
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"  # git-ignored scratch
+COMMITTED_OUT = Path(__file__).resolve().parent / "runs"  # runs quoted in README and docs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,10 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweeps", default="all",
                         help="comma-separated sweep names (see --list), default all")
     parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
-                        help=f"comma-separated engines of {','.join(ENGINE_NAMES)}; "
-                             f"default {','.join(DEFAULT_ENGINES)}")
+                        help=f"comma-separated engines of {','.join(ENGINE_NAMES)}, or a "
+                             f"peer's plain name ({', '.join(PEERS)}) for all its settings; "
+                             f"default all but hod.compile")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"directory for the JSON and PNG results (default {DEFAULT_OUT})")
+                        help=f"directory for the JSON and PNG results (default {DEFAULT_OUT}, "
+                             f"git-ignored; runs quoted in the docs go to {COMMITTED_OUT})")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--memory", action="store_true",
                         help="instead of the sweeps, measure each engine's peak RSS alone in a "
@@ -116,9 +120,21 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
     sweeps_json: list[dict[str, object]] = []
     payload: dict[str, object] = {
         "machine": info,
-        "settings": {"quick": args.quick, "budget_s": budget, "policy": asdict(policy),
-                     "engines": engine_names, "seed": args.seed,
-                     "reference": "torch.func (jacrev in n-1 jacfwd) in float64"},
+        "settings": {
+            "quick": args.quick, "budget_s": budget, "policy": asdict(policy),
+            "engines": engine_names, "seed": args.seed, "sweeps": args.sweeps,
+            "engine_settings": {e.name: {"peer": e.peer, "setting": e.setting,
+                                         "call": e.describe()} for e in engines},
+            "hopeless": {"factor": HOPELESS, "above_ms": HOPELESS_MS},
+            "trailing": {"factor": TRAILING, "reps": policy.min_reps},
+            "check": {
+                "reference": "torch.func (jacrev in n-1 jacfwd) in float64 on the row's "
+                             "inputs cast to float64",
+                "tolerance": "per block: max|got - ref| <= rtol * max|ref_block| "
+                             "+ atol * max|ref| (all blocks)",
+                "rtol": RTOL, "atol": ATOL,
+            },
+        },
         "sweeps": sweeps_json,
     }
     done: list[tuple[Sweep, list[RowResult]]] = []
@@ -131,10 +147,7 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
             done.append((sweep, rows))
             print(format_table(sweep, rows))
             print("\n".join(check_summary(rows)), flush=True)
-            sweeps_json.append({
-                "name": sweep.name, "title": sweep.title, "x_name": sweep.x_name,
-                "notes": list(sweep.notes), "rows": [r.to_dict() for r in rows],
-            })
+            sweeps_json.append(sweep_dict(sweep, rows))
             payload["elapsed_s"] = round(time.perf_counter() - start, 1)
             write_json(json_path, payload)
     finally:
@@ -176,7 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    engine_names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    try:
+        engine_names = expand_engine_names([n.strip() for n in args.engines.split(",")
+                                            if n.strip()])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out_stem = args.out / f"run-{stamp}{'-quick' if args.quick else ''}"
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "

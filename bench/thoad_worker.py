@@ -9,8 +9,9 @@ JSON request per line on stdin and writes one JSON reply per line on the origina
   harness's number of torch threads, load ``(X, *params)`` saved by the harness (the very tensors
   the other engines get) and mark them as the seed does: ``X.requires_grad_(True)``, params
   ``requires_grad_(param_grad)``.
-* ``{"cmd": "warmup", "result": "out.pt"}``: one call, then fetch every derivative block with
-  ``ctrl.fetch_hgrad`` and save them as ``{index tuple: tensor}``; replies with the call's time.
+* ``{"cmd": "warmup", "result": "out.pt"}``: one call, then fetch every derivative block
+  expanded to torch.func's layout (:func:`expanded_block`) and save them as ``{index tuple:
+  tensor}``; replies with the call's time.
 * ``{"cmd": "time"}``: one timed call (forward, ``backward`` and ``ctrl.clear()``, as in the seed).
 * ``{"cmd": "quit"}``.
 
@@ -53,7 +54,7 @@ class ThoadCase:
     def _backward(self) -> Any:
         from thoad import backward
 
-        T = self.case.forward(*self.inputs)
+        T = self.case.forward(self.device)(*self.inputs)
         return backward(tensor=T, order=self.case.order, crossings=self.case.param_grad,
                         keep_batch=True)
 
@@ -76,11 +77,25 @@ class ThoadCase:
         blocks: dict[tuple[int, ...], Tensor] = {}
         for index in itertools.product(range(self.case.n_inputs), repeat=self.case.order):
             variables = tuple(self.inputs[i] for i in index)
-            block, _meta = ctrl.fetch_hgrad(variables=variables, keep_batch=False)
-            blocks[index] = block.detach().cpu()
+            blocks[index] = expanded_block(ctrl, variables)
         ctrl.clear()
         torch.save(blocks, result_path)
         return seconds
+
+
+def expanded_block(ctrl: Any, variables: tuple[Tensor, ...]) -> Tensor:
+    """The full block ``d^n f / d variables`` in torch.func's layout (``x_i1.shape + ...``).
+
+    ``backward(keep_batch=True)`` keeps compact blocks (batch axes shared, not expanded);
+    ``fetch_hgrad(keep_batch=False)`` expands them into the full block, in the order of
+    ``variables``, with a leading axis for the output, of size 1 here (a scalar output), which
+    is dropped. A block of any other shape is passed on as is, and the harness's check fails it.
+    """
+    block, _meta = ctrl.fetch_hgrad(variables=variables, keep_batch=False)
+    full = tuple(size for v in variables for size in v.shape)
+    if tuple(block.shape) == (1, *full):
+        block = block[0]
+    return block.detach().cpu()
 
 
 def _handle(request: dict[str, Any], state: dict[str, ThoadCase]) -> dict[str, Any]:

@@ -43,9 +43,13 @@ the benchmark harness in `bench/` (see `bench/README.md`), with these engines si
 
 * **hod**: `hod.derivative(f, order, argnums)`, built once per row (its first call traces and
   generates code, untimed);
-* **torch.func**: `jacrev`, `torch.func.hessian`, and `jacrev` inside `jacfwd`s beyond order 2;
-* **autograd.functional**: `torch.autograd.functional.jacobian` / `hessian`, called exactly as the
-  seed calls them (orders 1 and 2 only);
+* **torch.func**, three settings: `[fwd-rev]` (`jacrev`, `torch.func.hessian`, and `jacrev`
+  inside `jacfwd`s beyond order 2), `[rev]` (`jacrev` nested, orders 2 and 3) and `[fwd]`
+  (`jacfwd`, order 1);
+* **autograd.functional**, three settings of `torch.autograd.functional.jacobian` / `hessian`:
+  `[seed]` called exactly as the seed calls them, `[vectorize]` with `vectorize=True`, and
+  `[vectorize-fwd]` (Hessians) also with `outer_jacobian_strategy="forward-mode"` (orders 1 and 2
+  only);
 * **thoad**: `backward(tensor=f(X, *params), order=n, crossings=..., keep_batch=True)` then
   `ctrl.clear()`, as in the seed, in a Python 3.12 worker process that times its own calls;
 * **hod.compile**, on the order-3/4 sweeps only: hod with `compile=True`, its generated code run
@@ -53,14 +57,18 @@ the benchmark harness in `bench/` (see `bench/README.md`), with these engines si
   Hessian row as well would add minutes to the run).
 
 Every timed call includes the forward pass; the engines of a row are timed interleaved and the
-tables show **median milliseconds** and **hod's speedup** (`2.00x`: hod takes half the time) over
-the fastest peer of the row and over each peer. During the untimed warm-up each engine's result is
-compared with torch.func in float64: an engine that fails is shown as **`WRONG`** and not timed,
-with the reason under the table, and the `check` lines say what was compared.
+tables show **median milliseconds** of every engine setting and **hod's speedup** (`2.00x`: hod
+takes half the time) over the fastest peer setting of the row (named) and over each peer's best
+setting. A setting whose warm-up is over 100 ms and 10x slower than another setting of the same
+peer is not timed on that row (`SKIPPED`).
 
-Caveat from the harness: the seed's relu/softmax MLP returns the batch size whatever its inputs
-(softmax rows sum to one), so all its derivatives are zero and the check there confirms structure
-and round-off-sized values only; the tanh MLP rows of the order-3/4 sweeps are the real value check.
+The seed read its MLP out with `T.sum()`, which with a softmax head is the batch size whatever
+the inputs (softmax rows sum to one): every derivative is zero, and no check could tell a wrong
+engine. So the harness times and checks the same layers with a weighted read-out
+`(T * R).sum()` (`R` fixed, non-uniform) on centred inputs. During the untimed warm-up each
+engine's result is compared block by block, in relative error (2e-4), with torch.func in
+float64: an engine that fails is shown as **`WRONG`** and not timed, with the reason under the
+table; the `check` lines give each engine's largest relative error.
 
 **Scale of this run: `{scale}`**: {scale_note}. The rows run are listed below. Regenerate with
 `python notebooks/make_seed_benchmark.py --scale {{quick,mid,full}}`.
@@ -96,10 +104,11 @@ print(session.plan())"""
 
 MODEL = """import inspect
 
-from bench.models import relu_softmax_mlp, tanh_mlp
+from bench import models
 
-print(inspect.getsource(relu_softmax_mlp))
-print(inspect.getsource(tanh_mlp))"""
+for fn in (models.relu_softmax_layers, models.relu_softmax_mlp, models.tanh_layers,
+           models.tanh_mlp, models.readout_weights, models.weighted_forward):
+    print(inspect.getsource(fn))"""
 
 SWEEP_CODE = """sweep, rows = session.run("{name}"{engines})
 plot_sweep(sweep, rows)
@@ -155,9 +164,11 @@ def header_cells(scale: str) -> list[tuple[str, str]]:
         ("code", SETUP.format(scale=scale)),
         ("md", "Rows run at this scale (sizes, or the row labels of the order-3/4 sweeps):"),
         ("code", PLAN),
-        ("md", "## The MLP\n\nThe seed's `foward_pass`, as the harness defines it, and the tanh "
-               "variant of the order-3/4 sweeps. Inputs are `torch.rand` float32 as in the seed, "
-               "seeded per row; `X` is `(batch, width)`, each weight `(width, width)`."),
+        ("md", "## The MLP\n\nThe seed's `foward_pass`, as the harness defines it, the tanh "
+               "variant of the order-3/4 sweeps, and the weighted read-out that every row uses. "
+               "Inputs are float32, drawn with `torch.rand` as in the seed (seeded per row), then "
+               "centred and scaled (`bench.models.make_inputs`); `X` is `(batch, width)`, each "
+               "weight `(width, width)`."),
         ("code", MODEL),
     ]
 
@@ -180,11 +191,11 @@ def sweep_cells() -> list[tuple[str, str]]:
 
 def summary_cells() -> list[tuple[str, str]]:
     """The closing table of hod's speedups per sweep."""
-    text = ("## Summary\n\nPer sweep, hod's speedup over the fastest peer of each row (min / "
-            "median / max over the rows where hod and a peer have a time; below 1.00x the peer is "
-            "faster), and the engines left without a time on some rows, with their status "
-            "(`WRONG`: failed the check; `n/a`: order not supported; `SKIPPED`: over the time "
-            "budget).")
+    text = ("## Summary\n\nPer sweep, hod's speedup over the fastest peer setting of each row, "
+            "over each peer's best setting (with how many rows each setting was the best) and "
+            "hod.compile's over the fastest peer: min / median / max over the rows where both "
+            "have a checked time (below 1.00 the peer is faster; \"k of n rows\" when some rows "
+            "have none: `WRONG`, `n/a`, `SKIPPED`, `unchecked`).")
     return [("md", text), ("code", SUMMARY)]
 
 

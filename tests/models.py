@@ -34,3 +34,14 @@ def broadcasting(x, y):
 def tanh_loss(x, W):
     """A scalar loss of an input ``x`` (a vector or a batch of rows) and weights ``W``."""
     return torch.tanh(x @ W).pow(2).sum()
+
+
+def weighted_seed_mlp(X, *params):
+    """The seed MLP read out with column weights 1, 2, ...: the same layers (relu, softmax
+    on the last), the same paths through the planner, and derivatives that are not zero."""
+    T = X
+    for i, P in enumerate(params):
+        T = T @ P
+        T = torch.softmax(T, dim=1) if i == len(params) - 1 else torch.relu(T)
+    weights = torch.arange(1, T.shape[1] + 1, dtype=T.dtype, device=T.device)
+    return (T * weights).sum()

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same_tree, reference
+from conftest import TOLERANCES, assert_same_tree, reference
 from models import tanh_loss, vector_valued
 
 import hod
-
-# dtype: (rtol, atol) against the float64 reference rounded to that dtype.
-TOLERANCES = {
-    torch.float64: (1e-9, 1e-9),
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (2e-2, 2e-2),
-    torch.bfloat16: (1e-1, 1e-1),
-}
 
 
 def check_against_float64(fn_of, f, order, args, dtype, device="cpu"):
@@ -35,7 +27,7 @@ def check_against_float64(fn_of, f, order, args, dtype, device="cpu"):
 @pytest.mark.parametrize("dtype", TOLERANCES, ids=str)
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_loss_derivatives_keep_dtype(dtype, order):
-    args = (torch.randn(2, 3, dtype=torch.float64), 0.5 * torch.randn(3, 2, dtype=torch.float64))
+    args = (torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
     check_against_float64(hod.derivative, tanh_loss, order, args, dtype)
 
 
@@ -69,4 +61,4 @@ def test_one_function_serves_cpu_and_cuda():
     on_cpu = fn(x, W)
     on_cuda = fn(x.cuda(), W.cuda())
     assert on_cuda.device.type == "cuda" and len(fn._cache) == 2
-    torch.testing.assert_close(on_cuda.cpu(), on_cpu)
+    assert_same_tree(on_cuda.cpu(), on_cpu)

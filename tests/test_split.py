@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_same_tree, reference
+from models import weighted_seed_mlp
 
 import hod
 import hod._split
@@ -104,14 +105,11 @@ def test_the_width_8_mlp_splits_at_its_own_size():
     """Order 3 of the benchmark's width-8 MLP with its weights: g's seeds are h's 8 per
     example and the last weight's 64, against 8 + 64 + 64 without the split."""
 
-    def relu_softmax(x, w1, w2):
-        return torch.softmax(torch.relu(x @ w1) @ w2, dim=1).sum()
-
     x, w1, w2 = torch.rand(4, 8, dtype=D), torch.rand(8, 8, dtype=D), torch.rand(8, 8, dtype=D)
-    fn = hod.derivative(relu_softmax, 3, (0, 1, 2))
+    fn = hod.derivative(weighted_seed_mlp, 3, (0, 1, 2))
     lowered = fn.lower(x, w1, w2)
     assert lowered.first_layer is not None and lowered.seed_size == 8 + 64
-    assert_same_tree(fn(x, w1, w2), reference(relu_softmax, 3, (0, 1, 2))(x, w1, w2))
+    assert_same_tree(fn(x, w1, w2), reference(weighted_seed_mlp, 3, (0, 1, 2))(x, w1, w2))
 
 
 def test_small_cases_are_not_split():

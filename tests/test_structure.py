@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import assert_same_tree, reference
-from models import seed_mlp, tanh_mlp
+from conftest import TOLERANCES, assert_same_tree, cast, reference
+from models import tanh_mlp, weighted_seed_mlp
 
 import hod
 import hod._emitter
@@ -39,18 +39,18 @@ def globally_normalised(X):
 @pytest.mark.parametrize("order", [2, 3])
 def test_seed_mlp_hessian_compresses_the_batch(order):
     X, *Ps = torch.rand(6, 4, dtype=D), *[torch.randn(4, 4, dtype=D) for _ in range(3)]
-    fn = hod.derivative(seed_mlp, order)
+    fn = hod.derivative(weighted_seed_mlp, order)
     lowered = fn.lower(X, *Ps)
     assert lowered.mode == "reverse-last"
     assert lowered.seed_size == 4  # one seed per column, not per entry of X
-    assert_same_tree(fn(X, *Ps), reference(seed_mlp, order)(X, *Ps))
+    assert_same_tree(fn(X, *Ps), reference(weighted_seed_mlp, order)(X, *Ps))
 
 
 def test_parameters_are_seeded_whole_next_to_a_compressed_batch():
     X, *Ps = torch.rand(5, 3, dtype=D), *[torch.randn(3, 3, dtype=D) for _ in range(2)]
-    fn = hod.hessian(seed_mlp, (0, 1, 2))
+    fn = hod.hessian(weighted_seed_mlp, (0, 1, 2))
     assert fn.lower(X, *Ps).seed_size == 3 + 9 + 9
-    assert_same_tree(fn(X, *Ps), torch.func.hessian(seed_mlp, (0, 1, 2))(X, *Ps))
+    assert_same_tree(fn(X, *Ps), torch.func.hessian(weighted_seed_mlp, (0, 1, 2))(X, *Ps))
 
 
 @pytest.mark.parametrize("argnums", [0, 1, (0, 1)])
@@ -94,7 +94,7 @@ def test_mixed_argument_order_reads_blocks_by_symmetry():
     X, *Ps = torch.rand(4, 3, dtype=D), *[torch.randn(3, 3, dtype=D) for _ in range(2)]
 
     def swapped(P1, X, P2):
-        return seed_mlp(X, P1, P2)
+        return weighted_seed_mlp(X, P1, P2)
 
     argnums = (2, 0, 1)
     assert_same_tree(
@@ -191,14 +191,36 @@ def test_top_order_is_computed_up_to_symmetry(monkeypatch, f, order, argnums):
     """One Faà di Bruno or Leibniz term per kind of placement at the top order, weighted,
     then one symmetrization: fewer ops than a term per placement, and the same values."""
     x, W, V = torch.rand(3, 4, dtype=D), torch.rand(4, 6, dtype=D), torch.rand(6, 2, dtype=D)
-    grouped = _node_count(hod.derivative(f, order, argnums), x, W, V)
+    expected = reference(f, order, argnums)(x, W, V)
+    grouped = hod.derivative(f, order, argnums)
+    grouped_nodes = _node_count(grouped, x, W, V)  # generated now, with the flag on
     monkeypatch.setattr(hod._jet, "GROUP_TOP_ORDER", False)
-    every_placement = _node_count(hod.derivative(f, order, argnums), x, W, V)
-    assert grouped < every_placement
+    every_placement = hod.derivative(f, order, argnums)
+    assert grouped_nodes < _node_count(every_placement, x, W, V)
+    assert_same_tree(every_placement(x, W, V), expected)
     monkeypatch.undo()
-    assert_same_tree(
-        hod.derivative(f, order, argnums)(x, W, V), reference(f, order, argnums)(x, W, V)
-    )
+    assert_same_tree(grouped(x, W, V), expected)
+
+
+@pytest.mark.parametrize(("f", "order", "argnums"), [
+    (tanh_mlp, 2, (0, 1, 2)), (tanh_mlp, 3, (0, 1, 2)), (tanh_mlp, 4, (0, 2)),
+    (weighted_seed_mlp, 2, (0, 1, 2)), (weighted_seed_mlp, 3, (0, 2)),
+    (weighted_seed_mlp, 4, 0),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_every_placement_equals_torch_func(monkeypatch, f, order, argnums, dtype):
+    """With the top order summed one term per placement (``GROUP_TOP_ORDER=False``, the
+    plain Faà di Bruno and Leibniz sums) the values are torch.func's too."""
+    args = (torch.randn(3, 4, dtype=D), torch.randn(4, 4, dtype=D), torch.randn(4, dtype=D),
+            torch.randn(4, 2, dtype=D), torch.randn(2, dtype=D))
+    if f is weighted_seed_mlp:
+        args = (args[0].abs(), args[1], args[3])
+    monkeypatch.setattr(hod._jet, "GROUP_TOP_ORDER", False)
+    fn = hod.derivative(f, order, argnums)
+    assert not hod._jet.DeriveContext(None, order, 1).grouped
+    rtol, atol = TOLERANCES[dtype]
+    expected = cast(reference(f, order, argnums)(*args), dtype)
+    assert_same_tree(fn(*cast(args, dtype)), expected, rtol=rtol, atol=atol)
 
 
 def linear_tanh_mlp(X, params):
@@ -253,7 +275,8 @@ def _spied_per_example(monkeypatch, disabled: bool = False) -> Callable[[], tupl
 
 
 @pytest.mark.parametrize("f, args, argnums, expected", [
-    (seed_mlp, (torch.rand(4, 6, dtype=D), *[torch.randn(6, 6, dtype=D) for _ in range(3)]),
+    (weighted_seed_mlp,
+     (torch.rand(4, 6, dtype=D), *[torch.randn(6, 6, dtype=D) for _ in range(3)]),
      (0, 1, 2, 3), (1, 2, 3)),
     (linear_tanh_mlp, (torch.rand(6, 4, dtype=D), _linear_params()), (0, 1), (1, 2, 3, 4)),
     (batch_in_columns, (torch.rand(4, 7, dtype=D), torch.randn(5, 4, dtype=D)), (0, 1), (1,)),
@@ -278,7 +301,7 @@ def test_per_example_terms_keep_weight_seeds_out_of_the_input_gradient(monkeypat
 
     def full_width_nodes(disabled: bool) -> int:
         _spied_per_example(monkeypatch, disabled)
-        lowered = hod.hessian(seed_mlp, (0, 1, 2)).lower(X, *Ps)
+        lowered = hod.hessian(weighted_seed_mlp, (0, 1, 2)).lower(X, *Ps)
         full = (lowered.seed_size, *X.shape)
         return sum(tuple(n.meta["val"].shape) == full
                    for n in lowered.graph_module.graph.nodes
@@ -358,8 +381,8 @@ def test_operands_broadcast_just_before_a_short_run_are_spread(monkeypatch):
     args = [torch.rand(3, 1, dtype=D), torch.rand(5, 6, 7, 3, 1, dtype=D),
             torch.rand(5, 6, 7, 3, 1, dtype=D)]
     product, plain = torch.fx.GraphModule(torch.nn.Module(), em.graph)(*args)
-    torch.testing.assert_close(product, args[0] * args[1])
-    torch.testing.assert_close(plain, args[1] * args[2])
+    assert_same_tree(product, args[0] * args[1])
+    assert_same_tree(plain, args[1] * args[2])
 
 
 def test_compiled_code_keeps_einsum_for_wider_narrow_products(monkeypatch):

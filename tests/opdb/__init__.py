@@ -26,7 +26,10 @@ class OpInfo:
     inside the op's domain); ``argnums`` are differentiated; ``max_order`` is the highest
     order tested; orders ``>= slow_from`` are marked ``slow`` (left out of CI's subset).
     ``ref`` replaces ``fn`` in the torch.func reference where torch.func cannot
-    differentiate ``fn`` itself (fused attention) or gets it wrong.
+    differentiate ``fn`` itself (fused attention) or gets it wrong. ``degree``, when set,
+    is the degree of ``fn`` as a polynomial in the differentiated inputs on the samples
+    (piecewise, between kinks: relu's is 1, a product of 3 entries' is 3): derivatives of
+    higher orders are zero, and the tests check that they are; below it they must not be.
     """
 
     name: str
@@ -40,7 +43,13 @@ class OpInfo:
     atol: float = 1e-7
     family: str = ""
     ref: Callable | None = None
+    degree: int | None = None
     notes: str = field(default="", compare=False)
+
+
+    def vanishes_at(self, order: int) -> bool:
+        """Whether the derivatives of ``order`` are zero on every sample."""
+        return self.degree is not None and order > self.degree
 
 
 OPS: list[OpInfo] = []

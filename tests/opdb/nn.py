@@ -32,9 +32,10 @@ def _layer(name: str, fn, samples, aten_ops: tuple, argnums=0, ref=None, **kw):
         ))
 
 
-def _loss(name: str, fn, samples, aten_ops: tuple, argnums=0):
+def _loss(name: str, fn, samples, aten_ops: tuple, argnums=0, degree: int | None = None):
     # A lambda: make_fx would want every parameter of fn's own signature.
-    add(OpInfo(name, lambda *a: fn(*a), samples, aten=aten_ops, argnums=argnums, family="nn"))
+    add(OpInfo(name, lambda *a: fn(*a), samples, aten=aten_ops, argnums=argnums, family="nn",
+               degree=degree))
 
 
 def _normalized(x: torch.Tensor, dims: list[int], eps: float) -> torch.Tensor:
@@ -104,13 +105,15 @@ _loss("cross_entropy_probs", F.cross_entropy,
       lambda: [(rand(3, 4), torch.softmax(rand(3, 4), -1))], (aten._log_softmax.default,),
       (0, 1))
 _loss("nll_loss", lambda x: F.nll_loss(x, _TARGET, reduction="sum"), lambda: [(rand(3, 4),)],
-      (aten.gather.default,))
-_loss("mse_loss", F.mse_loss, lambda: [(rand(3, 4), rand(3, 4))], (aten.mean.default,), (0, 1))
-_loss("l1_loss", F.l1_loss, lambda: [(rand(3, 4), rand(3, 4))], (aten.mean.default,), (0, 1))
+      (aten.gather.default,), degree=1)
+_loss("mse_loss", F.mse_loss, lambda: [(rand(3, 4), rand(3, 4))], (aten.mean.default,), (0, 1),
+      degree=2)
+_loss("l1_loss", F.l1_loss, lambda: [(rand(3, 4), rand(3, 4))], (aten.mean.default,), (0, 1),
+      degree=1)
 _loss("huber_loss", lambda x, y: F.huber_loss(x, y, delta=0.5),
-      lambda: [(rand(3, 4), rand(3, 4))], (aten.mean.default,), (0, 1))
+      lambda: [(rand(3, 4), rand(3, 4))], (aten.mean.default,), (0, 1), degree=2)
 _loss("smooth_l1_loss", lambda x, y: F.smooth_l1_loss(x, y, beta=0.5),
-      lambda: [(rand(3, 4), rand(3, 4))], (aten.mean.default,), (0, 1))
+      lambda: [(rand(3, 4), rand(3, 4))], (aten.mean.default,), (0, 1), degree=2)
 _loss("binary_cross_entropy", F.binary_cross_entropy,
       lambda: [(rand(3, 4, low=0.1, high=0.9), rand(3, 4, low=0.0, high=1.0))],
       (aten.mean.default,), (0, 1))

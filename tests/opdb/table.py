@@ -1,9 +1,9 @@
-"""The README's table of supported ops, generated from the op database.
+"""The table of supported ops, generated from the op database.
 
-    python tests/opdb/table.py           # print the table
-    python tests/opdb/table.py --write   # rewrite README.md's section between the markers
+    python tests/opdb/table.py     # print the table
 
-``tests/test_readme_ops.py`` checks that README.md holds exactly this table.
+``docs/generate.py --write`` writes it into ``docs/operators.md`` (between the ``ops``
+markers), and ``tests/test_docs.py`` checks that the page holds exactly this table.
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-
-START = "<!-- ops:start -->"
-END = "<!-- ops:end -->"
-README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _aten_name(op) -> str:
@@ -34,33 +30,8 @@ def markdown_table(ops: Iterable) -> str:
     return "\n".join(lines)
 
 
-def section(readme: str) -> str | None:
-    """The text between the markers (stripped), or None when they are missing."""
-    if START not in readme or END not in readme:
-        return None
-    return readme.split(START, 1)[1].split(END, 1)[0].strip()
-
-
-def with_table(readme: str, table: str) -> str:
-    """``readme`` with the marked section replaced by ``table`` (appended if unmarked)."""
-    block = f"{START}\n{table}\n{END}"
-    if section(readme) is None:
-        return f"{readme.rstrip()}\n\n## Supported ops\n\n{block}\n".lstrip()
-    head, rest = readme.split(START, 1)
-    return head + block + rest.split(END, 1)[1]
-
-
-def main(argv: list[str]) -> None:
+if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from opdb import OPS
 
-    table = markdown_table(OPS)
-    if "--write" in argv:
-        readme = README.read_text() if README.exists() else ""
-        README.write_text(with_table(readme, table))
-    else:
-        print(table)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    print(markdown_table(OPS))

@@ -1,0 +1,405 @@
+"""Tables, sentences and a plot computed from a result file of ``python -m bench.run``.
+
+The docs' benchmarks page and the README's summary are generated from a committed run
+(``bench/runs/``) with these functions; nothing here is typed by hand::
+
+    python -m bench.tables                          # summary of the newest committed full run
+    python -m bench.tables RUN.json --sweeps        # per sweep, every engine setting's median
+    python -m bench.tables --headline --png out.png
+
+Conventions. An engine's time on a row counts only when its status is ``ok`` (checked and
+timed); ``unchecked`` times (the row's reference failed), ``WRONG``, ``SKIPPED`` and the rest
+are shown as marks and left out of every ratio. A peer timed with several settings
+(``torch.func[fwd-rev]``, ``torch.func[rev]``, ...) counts with its best setting on each row;
+the tables say which setting that was. A ratio is the peer's median divided by hod's
+(``2.00`` means hod takes half the time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HOD = "hod"
+OK = "ok"
+DEFAULT_FOLDER = Path(__file__).resolve().parent / "runs"
+
+Row = dict[str, Any]
+Run = dict[str, Any]
+
+#: Short titles of the sweeps (the tables' first column).
+SWEEP_TITLES = {
+    "jac_x_batch": "Jacobian, x, batch", "jac_x_width": "Jacobian, x, width",
+    "jac_x_depth": "Jacobian, x, depth", "jac_all_batch": "Jacobian, x+W, batch",
+    "jac_all_width": "Jacobian, x+W, width", "jac_all_depth": "Jacobian, x+W, depth",
+    "hess_x_batch": "Hessian, x, batch", "hess_x_width": "Hessian, x, width",
+    "hess_x_depth": "Hessian, x, depth", "hess_all_batch": "Hessian, x+W, batch",
+    "hess_all_width": "Hessian, x+W, width", "hess_all_depth": "Hessian, x+W, depth",
+    "o3_x": "order 3, x", "o3_all": "order 3, x+W", "o4_x": "order 4, x", "o4_all": "order 4, x+W",
+}
+
+
+def peer_of(engine: str) -> str:
+    """The engine name without its setting: ``torch.func[rev]`` -> ``torch.func``."""
+    return engine.split("[", 1)[0]
+
+
+def setting_of(engine: str) -> str:
+    """The setting in an engine's name (``rev`` of ``torch.func[rev]``; empty if none)."""
+    return engine[len(peer_of(engine)) + 1:-1] if "[" in engine else ""
+
+
+def is_hod(engine: str) -> bool:
+    """Whether ``engine`` is hod itself (``hod``) or a variant of it (``hod.compile``)."""
+    return engine == HOD or engine.startswith(HOD + ".")
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def load_run(path: str | Path) -> Run:
+    """The result file at ``path`` (JSON written by ``python -m bench.run``)."""
+    return json.loads(Path(path).read_text())
+
+
+def latest_run(folder: str | Path = DEFAULT_FOLDER) -> Path:
+    """The newest full run in ``folder`` (by the time stamp in its name); the newest ``--quick``
+    run only when there is no full one."""
+    runs = sorted(p for p in Path(folder).glob("run-*.json") if not p.stem.endswith("-memory"))
+    full = [p for p in runs if not p.stem.endswith("-quick")]
+    chosen = full or runs
+    if not chosen:
+        raise FileNotFoundError(f"no run-*.json in {folder}; make one with python -m bench.run")
+    return chosen[-1]
+
+
+# --- per-row arithmetic ----------------------------------------------------------------------
+
+def engines_of(run_or_sweep: dict[str, Any]) -> list[str]:
+    """Engine names in the order of the first row that has them."""
+    sweeps = run_or_sweep.get("sweeps", [run_or_sweep])
+    names: list[str] = []
+    for sweep in sweeps:
+        for row in sweep["rows"]:
+            names += [n for n in row["engines"] if n not in names]
+    return names
+
+
+def peers_of(engines: Sequence[str]) -> list[str]:
+    """The peers (names without setting) among ``engines``, in order; hod's engines excluded."""
+    return list(dict.fromkeys(peer_of(e) for e in engines if not is_hod(e)))
+
+
+def time_ms(row: Row, engine: str) -> float | None:
+    """The engine's median on the row when it is checked and timed (status ok), else None."""
+    result = row["engines"].get(engine)
+    if result is None or result["status"] != OK:
+        return None
+    return result["median_ms"]
+
+
+def best_setting(row: Row, peer: str) -> tuple[float, str] | None:
+    """The fastest ok setting of ``peer`` on the row: (median ms, engine name)."""
+    timed = [(ms, e) for e in row["engines"]
+             if not is_hod(e) and peer_of(e) == peer and (ms := time_ms(row, e)) is not None]
+    return min(timed) if timed else None
+
+
+def best_peer(row: Row) -> tuple[float, str] | None:
+    """The fastest ok peer setting of the row: (median ms, engine name)."""
+    timed = [b for p in peers_of(list(row["engines"])) if (b := best_setting(row, p))]
+    return min(timed) if timed else None
+
+
+def ratio(row: Row, peer: str | None = None, hod: str = HOD) -> tuple[float, str] | None:
+    """``hod``'s speedup over ``peer``'s best setting (over the fastest peer when ``peer`` is
+    None) on the row, and the engine it is measured against."""
+    ours = time_ms(row, hod)
+    theirs = best_peer(row) if peer is None else best_setting(row, peer)
+    if ours is None or theirs is None:
+        return None
+    return theirs[0] / ours, theirs[1]
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float] | None:
+    """(min, median, max) of ``values``, None when empty."""
+    return (min(values), statistics.median(values), max(values)) if values else None
+
+
+def fmt_ratio(value: float) -> str:
+    """Three significant digits: 0.95, 2.37, 21.5, 146."""
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def fmt_spread(values: Sequence[float]) -> str:
+    s = spread(values)
+    return " / ".join(fmt_ratio(v) for v in s) if s else "-"
+
+
+def mark(row: Row, engine: str) -> str:
+    """A table cell: the median (ms) when ok, else the status (``unchecked`` with its time)."""
+    result = row["engines"].get(engine)
+    if result is None:
+        return "-"
+    if result["status"] == OK:
+        return f"{result['median_ms']:.3f}"
+    if result.get("median_ms") is not None:
+        return f"{result['median_ms']:.3f} ({result['status']})"
+    return result["status"]
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+def _winners(rows: Sequence[Row], peer: str | None) -> str:
+    """Which setting (or peer, when ``peer`` is None) was the best on how many rows."""
+    counts: Counter[str] = Counter()
+    for row in rows:
+        best = best_peer(row) if peer is None else best_setting(row, peer)
+        if best is not None:
+            counts[best[1] if peer is None else (setting_of(best[1]) or best[1])] += 1
+    return ", ".join(f"{name} {n}" for name, n in counts.most_common())
+
+
+def _ratio_cell(rows: Sequence[Row], peer: str | None, hod: str, winners: bool) -> str:
+    ratios = [r[0] for row in rows if (r := ratio(row, peer, hod)) is not None]
+    cell = fmt_spread(ratios)
+    notes = []
+    if ratios and len(ratios) < len(rows):
+        notes.append(f"{len(ratios)} of {len(rows)} rows")
+    if winners and ratios and (names := _winners(rows, peer)):
+        notes.append(names)
+    return f"{cell} ({'; '.join(notes)})" if notes else cell
+
+
+def summary_grid(run: Run) -> list[list[str]]:
+    """The summary as a list of rows (header first): per sweep, hod's speedup over the best peer
+    and over each peer's best setting (min / median / max over the rows), and hod.compile's."""
+    engines = engines_of(run)
+    peers = peers_of(engines)
+    hods = [e for e in engines if is_hod(e) and e != HOD]
+    header = ["sweep", "rows", "hod vs the best peer", *(f"vs {p}" for p in peers),
+              *(f"{h} vs the best peer" for h in hods)]
+    grid = [header]
+    for sweep in run["sweeps"]:
+        rows = sweep["rows"]
+        cells = [SWEEP_TITLES.get(sweep["name"], sweep["name"]), str(len(rows)),
+                 _ratio_cell(rows, None, HOD, winners=False)]
+        cells += [_ratio_cell(rows, p, HOD, winners=sum(peer_of(e) == p for e in engines) > 1)
+                  for p in peers]
+        cells += [_ratio_cell(rows, None, h, winners=False) for h in hods]
+        grid.append(cells)
+    return grid
+
+
+def sweep_grid(sweep: dict[str, Any]) -> list[list[str]]:
+    """One sweep as a list of rows (header first): the median of every engine setting per row
+    (or its status), hod's speedup over the fastest peer setting (named) and over each peer's
+    best setting, and that of every other hod engine over the fastest peer."""
+    rows = sweep["rows"]
+    engines = engines_of(sweep)
+    peers = peers_of(engines)
+    hods = [e for e in engines if is_hod(e) and e != HOD]
+    header = [sweep["x_name"], *engines, "hod vs best", *(f"vs {p}" for p in peers),
+              *(f"{h} vs best" for h in hods)]
+    grid = [header]
+    for row in rows:
+        cells = [str(row["x"]), *(mark(row, e) for e in engines)]
+        best = ratio(row)
+        cells.append(f"{best[0]:.2f}x ({best[1]})" if best else "-")
+        for peer in peers:
+            r = ratio(row, peer)
+            cells.append(f"{r[0]:.2f}x" + (f" ({setting_of(r[1])})" if setting_of(r[1]) else "")
+                         if r else "-")
+        cells += [f"{r[0]:.2f}x" if (r := ratio(row, None, h)) else "-" for h in hods]
+        grid.append(cells)
+    return grid
+
+
+def problem_notes(sweep: dict[str, Any]) -> list[str]:
+    """Per engine and status other than ok, the first row with it and why."""
+    seen: set[tuple[str, str]] = set()
+    notes = []
+    for row in sweep["rows"]:
+        for name, result in row["engines"].items():
+            key = (name, result["status"])
+            if result["status"] != OK and key not in seen:
+                seen.add(key)
+                notes.append(f"{name}: {result['status']} from {row['x']}: {result['detail']}")
+    return notes
+
+
+def markdown(grid: list[list[str]]) -> str:
+    """A list of rows (header first) as a markdown table."""
+    lines = ["| " + " | ".join(grid[0]) + " |", "|" + "---|" * len(grid[0])]
+    lines += ["| " + " | ".join(cells) + " |" for cells in grid[1:]]
+    return "\n".join(lines)
+
+
+def summary_table(run: Run) -> str:
+    """Markdown: one line per sweep (see :func:`summary_grid`)."""
+    return markdown(summary_grid(run))
+
+
+def sweep_tables(run: Run) -> str:
+    """Markdown: per sweep, a heading, the table of :func:`sweep_grid` and the status notes."""
+    parts = []
+    for sweep in run["sweeps"]:
+        parts.append(f"### {SWEEP_TITLES.get(sweep['name'], sweep['name'])} "
+                     f"(`{sweep['name']}`: {sweep['title']}), median ms")
+        parts.append(markdown(sweep_grid(sweep)))
+        notes = [*sweep.get("notes", []), *problem_notes(sweep)]
+        if notes:
+            parts.append("\n".join(f"* {n}" for n in notes))
+    return "\n\n".join(parts)
+
+
+# --- headline --------------------------------------------------------------------------------
+
+def _rows_of(run: Run, orders: Sequence[int]) -> list[Row]:
+    return [row for sweep in run["sweeps"] for row in sweep["rows"]
+            if row["case"]["order"] in orders]
+
+
+def _extreme(rows: Sequence[Row], what: str) -> str:
+    """A sentence part on hod against the fastest peer over ``rows``: median and lowest row."""
+    ratios = [(r[0], r[1], row) for row in rows if (r := ratio(row)) is not None]
+    if not ratios:
+        return f"{what}: no row with both hod and a peer timed"
+    low, peer, row = min(ratios, key=lambda t: t[0])
+    med = statistics.median(t[0] for t in ratios)
+    return (f"over the {len(ratios)} {what} rows with a time for hod and a peer, hod's median "
+            f"speedup against the fastest peer setting is {fmt_ratio(med)}x; the lowest is "
+            f"{fmt_ratio(low)}x ({row['label']}: hod {time_ms(row, HOD):.3f} ms, {peer} "
+            f"{time_ms(row, peer):.3f} ms)")
+
+
+def check_facts(run: Run) -> tuple[int, float, str, Counter[str]]:
+    """Checked results, their largest relative error and where, and the other statuses."""
+    checked, worst, where = 0, 0.0, "-"
+    statuses: Counter[str] = Counter()
+    for sweep in run["sweeps"]:
+        for row in sweep["rows"]:
+            for name, result in row["engines"].items():
+                err = result.get("check_rel_err")
+                if result["status"] == OK and err is not None:
+                    checked += 1
+                    if err >= worst:
+                        worst, where = err, f"{name}, {row['label']}"
+                elif result["status"] != OK:
+                    statuses[result["status"]] += 1
+    return checked, worst, where, statuses
+
+
+def headline(run: Run) -> str:
+    """A few sentences computed from the run: machine, software, time, and the speedups."""
+    m, s = run["machine"], run["settings"]
+    kind = "quick run (--quick)" if s.get("quick") else "full run"
+    cores = m.get("physical_cores")
+    machine = (f"{m.get('cpu_model') or m.get('processor', '?')}, "
+               f"{m.get('logical_cores', '?')} logical cores"
+               + (f" ({cores} physical)" if cores else ""))
+    out = [f"One {kind} on {machine}, device {m.get('device', 'cpu')}: torch {m['torch']}, "
+           f"Python {m['python']}, {m['torch_threads']} torch thread(s), "
+           f"{run.get('elapsed_s', float('nan')):.0f} s in all, git commit "
+           f"{m.get('git_commit') or '?'}."]
+    for what, orders in (("Jacobian", (1,)), ("Hessian", (2,)), ("order-3/4", (3, 4))):
+        rows = _rows_of(run, orders)
+        if rows:
+            text = _extreme(rows, what)
+            out.append(text[0].upper() + text[1:] + ".")
+    checked, worst, where, statuses = check_facts(run)
+    if checked:
+        others = ", ".join(f"{n} {status}" for status, n in statuses.most_common())
+        out.append(f"{checked} engine results were checked against torch.func in float64, "
+                   f"block by block; the largest relative error among those that passed is "
+                   f"{worst:.1e} ({where})"
+                   + (f"; not timed or not counted: {others}." if others else "."))
+    return " ".join(out)
+
+
+# --- plot ------------------------------------------------------------------------------------
+
+def plot_summary(run: Run, png: Path) -> None:
+    """One panel per sweep: median ms per row of hod, hod.compile and each peer's best setting
+    (log scale), saved as ``png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = run["sweeps"]
+    engines = engines_of(run)
+    lines = [e for e in engines if is_hod(e)] + peers_of(engines)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    style = {name: (colours[i % len(colours)], "osD^v<>"[i % 7]) for i, name in enumerate(lines)}
+    cols = min(4, len(sweeps))
+    nrows = math.ceil(len(sweeps) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.3 * nrows + 0.8), squeeze=False)
+    for ax, sweep in zip(axes.flat, sweeps, strict=False):
+        rows = sweep["rows"]
+        numeric = all(isinstance(r["x"], int) for r in rows)
+        xs = [r["x"] if numeric else i for i, r in enumerate(rows)]
+        for name in lines:
+            pts = [(x, t) for x, row in zip(xs, rows, strict=True)
+                   if (t := (time_ms(row, name) if is_hod(name) else
+                             (b[0] if (b := best_setting(row, name)) else None))) is not None]
+            if pts:
+                colour, marker = style[name]
+                ax.plot(*zip(*pts, strict=True), color=colour, marker=marker, ms=3,
+                        linestyle="-" if numeric else "none", label=name)
+        ax.set_yscale("log")
+        ax.set_title(SWEEP_TITLES.get(sweep["name"], sweep["name"]), fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        if numeric:
+            ax.set_xlabel(sweep["x_name"], fontsize=8)
+        else:
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(r["x"]).replace("relu_softmax", "relu") for r in rows],
+                               rotation=60, ha="right", fontsize=5)
+    for ax in list(axes.flat)[len(sweeps):]:
+        ax.set_visible(False)
+    for ax in axes.flat[::cols]:
+        ax.set_ylabel("median ms", fontsize=8)
+    handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels(),
+                                                            strict=True)}
+    several = {p for p in peers_of(engines) if sum(peer_of(e) == p for e in engines) > 1}
+    fig.legend(list(handles.values()), [f"{n} (best setting)" if n in several else n
+                                        for n in handles], loc="upper center",
+               ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.3 * nrows + 0.8)))
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tables",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", nargs="?", type=Path,
+                        help=f"result JSON (default: the newest full run in {DEFAULT_FOLDER})")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--summary", action="store_true", help="the summary table (default)")
+    what.add_argument("--sweeps", action="store_true", help="one table per sweep")
+    what.add_argument("--headline", action="store_true", help="the headline sentences")
+    parser.add_argument("--png", type=Path, help="also write the summary plot here")
+    args = parser.parse_args(argv)
+    path = args.run or latest_run()
+    run = load_run(path)
+    if args.sweeps:
+        print(sweep_tables(run))
+    elif args.headline:
+        print(headline(run))
+    else:
+        print(summary_table(run))
+    if args.png:
+        plot_summary(run, args.png)
+
+
+if __name__ == "__main__":
+    main()
