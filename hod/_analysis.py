@@ -1,4 +1,4 @@
-"""Stage 2: which dims of a traced graph stay independent across a batch of inputs.
+"""Analyze stage: which dims of a traced graph stay independent across a batch of inputs.
 
 Given some differentiated inputs and one dim of each (the *batch* dim, all of size B),
 :func:`track_batch` finds, for every node, whether slice ``b`` of the node depends
@@ -9,6 +9,9 @@ Derivative blocks across different batch slices of a tracked node are zero, so o
 compressed seed per within-slice coordinate gives all the nonzero blocks at once
 (DESIGN section 4, "Structure"). The analysis is conservative: an op it does not know
 makes its output mixed, which only turns compression off.
+
+:func:`needed_spans` says which seeds each node's derivatives must cover, given the
+seeds each output needs; derive and the planner's cost model both read it.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
+from ._records import FREE, MIXED, Span, State
+
 aten = torch.ops.aten
 
-FREE = None
-MIXED = "mixed"
-State = int | str | None  # a tracked dim, FREE or MIXED
 
 
 def track_batch(gm: fx.GraphModule, batch_dims: dict[int, int]) -> list[State]:
@@ -232,3 +234,30 @@ _HANDLERS: dict[object, Callable[[fx.Node, dict], State]] = {
     aten._to_copy.default: _pointwise,
     aten.alias.default: _pointwise,
 }
+
+
+def needed_spans(
+    outputs: Sequence[fx.Node], needs: Sequence[Span | None]
+) -> dict[fx.Node, Span]:
+    """For each node, the hull of the seed ranges the outputs it feeds need."""
+    needed: dict[fx.Node, Span] = {}
+    for out, span in zip(outputs, needs, strict=False):
+        if span is not None:
+            needed[out] = _hull(needed.get(out), span)
+    for node in reversed(list(outputs[0].graph.nodes) if outputs else []):
+        span = needed.get(node)
+        if span is not None:
+            for source in node.all_input_nodes:
+                needed[source] = _hull(needed.get(source), span)
+    return needed
+
+
+def _hull(a: Span | None, b: Span) -> Span:
+    return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
+
+
+def covered_span(spans: Sequence[Span], needed: Span) -> Span | None:
+    """The seeds a node's derivatives cover: its inputs' hull, within what is needed."""
+    lo = max(min(lo for lo, _ in spans), needed[0])
+    hi = min(max(hi for _, hi in spans), needed[1])
+    return (lo, hi) if lo < hi else None

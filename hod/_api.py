@@ -1,4 +1,4 @@
-"""The public transforms: ``derivative``, ``derivatives``, ``jacobian``, ``hessian``."""
+"""API stage: the public transforms ``derivative``, ``derivatives``, ``jacobian``, ``hessian``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from ._build import Lowered, Request, build
+from ._build import Lowered, build
 from ._compiled import compile_options
-from ._signature import FlatCall, call_signature, flatten_call
+from ._records import FlatCall, Request
+from ._signature import call_signature, flatten_call
 from .errors import InputError
 
 #: How many signatures one transformed function keeps generated code for.
@@ -190,10 +191,12 @@ def _validate(call: str, f: Any, order: Any, argnums: Any) -> tuple[int, ...]:
 
 
 def _transform(
-    name: str, f: Callable, order: int, argnums: int | tuple[int, ...], has_aux: bool,
+    name: str, f: Callable, *, order: int, argnums: int | tuple[int, ...], has_aux: bool,
     with_values: bool, shown_order: int | None, memory_limit: int | None, allow_random: bool,
     compile: bool | dict[str, Any],
 ) -> DerivativeFunction:
+    """The transformed ``f`` after checking the arguments; ``shown_order`` is the order
+    named in error messages (None for ``jacobian``/``hessian``, whose name says it)."""
     call = _describe(name, f, shown_order, argnums)
     nums = _validate(call, f, order, argnums)
     if memory_limit is not None and (
@@ -204,7 +207,8 @@ def _transform(
             f"got {memory_limit!r}.\n  Fix: e.g. memory_limit=16 * 2**30 for 16 GiB."
         )
     request = Request(
-        f, order, argnums, has_aux, with_values, call, memory_limit, allow_random=allow_random,
+        f=f, order=order, argnums=argnums, has_aux=has_aux, with_values=with_values, call=call,
+        memory_limit=memory_limit, allow_random=allow_random,
         compile=compile_options(call, compile),
     )
     return DerivativeFunction(request, nums)
@@ -251,8 +255,8 @@ def derivative(
     ``(output, aux)`` and the result is ``(derivative, aux)``.
     """
     return _transform(
-        "derivative", f, order, argnums, has_aux, False, order, memory_limit, allow_random,
-        compile,
+        "derivative", f, order=order, argnums=argnums, has_aux=has_aux, with_values=False,
+        shown_order=order, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
     )
 
 
@@ -267,8 +271,8 @@ def derivatives(
     ``Dk`` equals ``derivative(f, k, argnums)``; ``value`` is ``f``'s output.
     """
     return _transform(
-        "derivatives", f, order, argnums, False, True, order, memory_limit, allow_random,
-        compile,
+        "derivatives", f, order=order, argnums=argnums, has_aux=False, with_values=True,
+        shown_order=order, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
     )
 
 
@@ -280,7 +284,8 @@ def jacobian(
 ) -> DerivativeFunction:
     """``derivative(f, 1, argnums)``: equals ``torch.func.jacrev(f, argnums)``."""
     return _transform(
-        "jacobian", f, 1, argnums, has_aux, False, None, memory_limit, allow_random, compile
+        "jacobian", f, order=1, argnums=argnums, has_aux=has_aux, with_values=False,
+        shown_order=None, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
     )
 
 
@@ -292,5 +297,6 @@ def hessian(
 ) -> DerivativeFunction:
     """``derivative(f, 2, argnums)``: equals ``torch.func.hessian(f, argnums)``."""
     return _transform(
-        "hessian", f, 2, argnums, has_aux, False, None, memory_limit, allow_random, compile
+        "hessian", f, order=2, argnums=argnums, has_aux=has_aux, with_values=False,
+        shown_order=None, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
     )

@@ -1,4 +1,4 @@
-"""Stage 4: turn seed-space derivative tensors into the blocks torch.func returns.
+"""Assemble stage: seed-space derivative tensors become the blocks torch.func returns.
 
 A derivative of order ``n`` of output leaf ``y`` with respect to the differentiated input
 leaves ``(l1, ..., ln)`` is one *block* of shape ``y.shape + x_l1.shape + ... + x_ln.shape``.
@@ -10,31 +10,15 @@ of that argument.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._emitter import Emitter, Operand
-
-
-@dataclass(frozen=True)
-class BlockKey:
-    """Output leaf ``out`` differentiated w.r.t. input leaves ``leaves`` (in order)."""
-
-    out: int
-    leaves: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ArgLayout:
-    """How one differentiated positional argument flattens: its spec and leaf indices."""
-
-    spec: TreeSpec
-    leaves: tuple[int, ...]
+from ._per_example import per_example_block
+from ._records import MIXED, ArgLayout, BlockKey, Derived, Mode, Request, SeedPlan, Segment
 
 
 def block_structure(
@@ -61,35 +45,138 @@ def block_structure(
     return keys, spec
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Where a differentiated input leaf sits in the seed space.
+def structure(
+    out_spec: TreeSpec, n_out: int, argnums: int | tuple[int, ...],
+    layouts: dict[int, ArgLayout], orders: range,
+) -> tuple[list[BlockKey], list[TreeSpec]]:
+    """The blocks of each order in ``orders``, one after another, and each order's spec."""
+    keys, specs = [], []
+    for order in orders:
+        order_keys, spec = block_structure(out_spec, n_out, argnums, layouts, order)
+        keys += order_keys
+        specs.append(spec)
+    return keys, specs
 
-    An uncompressed leaf spans ``numel`` seeds. A leaf compressed along ``batch_dim`` (of
-    size ``batch_size``) spans one seed per within-slice coordinate: ``numel / B``.
+
+def result_spec(specs: list[TreeSpec], request: Request, aux_spec: TreeSpec | None) -> TreeSpec:
+    """The spec of what the transformed function returns: the blocks of each order
+    (nested per ``specs``), as a tuple over the orders for ``derivatives()``, paired with
+    the aux output for ``has_aux``."""
+    trees = []
+    for spec in specs:
+        trees.append(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
+    tree = tuple(trees) if request.with_values else trees[0]
+    if request.has_aux:
+        tree = (tree, tree_unflatten([_Leaf()] * aux_spec.num_leaves, aux_spec))
+    return tree_flatten(tree)[1]
+
+
+class _Leaf:
+    """A placeholder leaf used to build the result's tree spec."""
+
+
+def block(em: Emitter, key: BlockKey, derived: Derived, *, compact: int | None = None) -> fx.Node:
+    """The tensor of one result block (see :func:`extract_block`).
+
+    Its dtype is that of the first input it differentiates by, as in torch.func (the
+    reverse-mode Jacobian takes its input's dtype). With ``compact``, a compressed leaf
+    that leads a reverse-last block keeps its other slots compressed: they take its
+    within-row shape, and the block holds only the entries on one row of the leaf.
     """
+    out_jets, seeds, mode = derived.out_jets, derived.seeds, derived.mode
+    if not key.leaves:
+        return out_jets[key.out].primal
+    y = derived.out_vals[key.out]
+    segments = seeds.segments
+    shape = list(y.shape) + [d for leaf in key.leaves for d in segments[leaf].shape]
+    dtype = derived.leaf_dtypes[key.leaves[0]]
+    per_example = _per_example_source(mode, key, seeds)
+    if per_example is not None:
+        source, x = per_example
+        jet = out_jets[source]
+        return per_example_block(
+            em, jet.d(1), jet.span or (0, seeds.size), x=segments[x],
+            x_first=key.leaves[0] == x, shape=shape, dtype=dtype,
+        )
+    if mode is Mode.FORWARD:
+        source, seeded, order = key.out, list(key.leaves), list(range(len(key.leaves) + 1))
+        value_groups = [list(y.shape)]
+    else:
+        lead, source, seeded, value_groups, order = _reverse_layout(key, segments, y)
+    seeded_segments = [segments[s] for s in seeded]
+    if mode is not Mode.FORWARD and compact is not None and compact in seeded:
+        # Compact: the lead's rows stand for the compressed leaf's other slots too.
+        seeded_segments = [Segment(g.offset, g.sub_shape) if s == compact else g
+                           for s, g in zip(seeded, seeded_segments, strict=True)]
+        shape = list(y.shape) + [
+            d for i, leaf in enumerate(key.leaves)
+            for d in (segments[leaf].sub_shape if leaf == compact and i != lead
+                      else segments[leaf].shape)
+        ]
+    state = None
+    if any(s.batch_dim is not None for s in seeded_segments):
+        state = seeds.out_states[source]
+        assert state != MIXED, "the planner only compresses seeds for tracked outputs"
+    jet = out_jets[source]
+    return extract_block(
+        em, jet.d(len(seeded)), jet.span or (0, seeds.size), value_groups=value_groups,
+        value_batch_dim=state, seeds=seeded_segments, group_order=order, shape=shape,
+        dtype=dtype,
+    )
 
-    offset: int
-    shape: tuple[int, ...]
-    batch_dim: int | None = None
-    batch_size: int = 1
 
-    @property
-    def sub_shape(self) -> tuple[int, ...]:
-        """The leaf's shape without its batch dim (its full shape when uncompressed)."""
-        if self.batch_dim is None:
-            return self.shape
-        return self.shape[: self.batch_dim] + self.shape[self.batch_dim + 1 :]
+def _reverse_layout(
+    key: BlockKey, segments: Sequence[Segment], y: torch.Tensor
+) -> tuple[int, int, list[int], list[list[int]], list[int]]:
+    """Where a reverse-last block is read: its lead leaf's index in ``key.leaves``, the
+    output holding that leaf's gradient, the leaves seeding it, the groups of the
+    gradient's value dims and the order of the block's dim groups.
 
-    @property
-    def size(self) -> int:
-        return math.prod(self.sub_shape)
+    Output ``1 + l`` is the gradient w.r.t. leaf ``l``, of shape ``x_l.shape``, or
+    ``(m,) + x_l.shape`` for an output of ``m > 1`` elements; by symmetry any leaf of the
+    block can lead, seeded by the others.
+    """
+    lead = _lead(key, segments)
+    source = 1 + key.leaves[lead]
+    seeded = [leaf for i, leaf in enumerate(key.leaves) if i != lead]
+    value_groups = [list(segments[key.leaves[lead]].shape)]
+    if y.numel() > 1:
+        value_groups.insert(0, [y.numel()])
+    first = len(value_groups)  # the first seed group
+    order = [first - 1 if i == lead else first + i - (i > lead) for i in range(len(key.leaves))]
+    if y.numel() > 1:
+        order.insert(0, 0)
+    return lead, source, seeded, value_groups, order
+
+
+def _lead(key: BlockKey, segments: Sequence[Segment]) -> int:
+    """Which leaf of a reverse-last block to read the block from: a compressed one (its
+    gradient is tracked), else the one whose segment comes first."""
+    return min(
+        range(len(key.leaves)),
+        key=lambda i: (segments[key.leaves[i]].batch_dim is None,
+                       segments[key.leaves[i]].offset),
+    )
+
+
+def _per_example_source(mode: Mode, key: BlockKey, seeds: SeedPlan) -> tuple[int, int] | None:
+    """For a reverse-last block of a compressed leaf and a weight with per-example terms:
+    the output holding those terms and the compressed leaf."""
+    if mode is Mode.FORWARD or len(key.leaves) != 2 or not seeds.per_example:
+        return None
+    segments = seeds.segments
+    compressed = [leaf for leaf in key.leaves if segments[leaf].batch_dim is not None]
+    weights = [leaf for leaf in key.leaves if leaf in seeds.per_example]
+    if len(compressed) != 1 or len(weights) != 1:
+        return None
+    return 1 + len(segments) + seeds.per_example.index(weights[0]), compressed[0]
 
 
 def extract_block(
     em: Emitter,
     t: Operand,
     span: tuple[int, int],
+    *,
     value_groups: Sequence[Sequence[int]],
     value_batch_dim: int | None,
     seeds: Sequence[Segment],

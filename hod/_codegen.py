@@ -1,22 +1,20 @@
-"""Stage 5: the emitted graph becomes a GraphModule whose code is a straight line of calls.
+"""Codegen stage: the rewritten graph becomes GraphModules, straight lines of calls.
 
-ATen overloads are called through ``torch.ops``, which costs about a microsecond more per
-call than the matching public ``torch`` function; at the sizes where hod is fastest that
-overhead is most of the time, so ops with an exact public twin are called through it.
+The graph and its planned variant come from :func:`hod.passes.rewrite`. ATen overloads
+are called through ``torch.ops``, which costs about a microsecond more per call than the
+matching public ``torch`` function; at the sizes where hod is fastest that overhead is
+most of the time, so ops with an exact public twin are called through it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import fx
 
-from . import _memory
-from ._concat import sum_operands
-from ._fold import fold_scalar_factors
-from ._pairs import permuted_narrow_products, symmetrize_before_products
-from ._views import collapse_view_chains
+from ._emitter import graph_module
+from .passes import Rewritten
 
 aten = torch.ops.aten
 
@@ -56,31 +54,16 @@ FAST_TWINS: dict[object, Callable] = {
 
 
 def generate(
-    graph: fx.Graph, constants: dict[str, torch.Tensor], device: torch.device,
-    plan_memory: bool = True, probe: Sequence[torch.Tensor] | None = None,
-) -> tuple[fx.GraphModule, fx.GraphModule | None, _memory.Memory | None]:
-    """The GraphModule running ``graph`` (dead code removed, fast callables substituted),
-    holding ``constants`` as attributes; and a faster variant for plain tensors outside
-    autograd and transforms, or None: on the CPU with ``plan_memory`` it writes its large
-    tensors into reused memory, returned third (see :mod:`hod._memory`); with ``probe``,
-    the call's tensors, its view chains are single calls (see :mod:`hod._views`)."""
-    _fuse_transposed_mm(graph)
-    graph.eliminate_dead_code()  # the passes below look at who reads what
-    fold_scalar_factors(graph)
-    symmetrize_before_products(graph)
-    permuted_narrow_products(graph)
-    _fuse_multiply_add(graph)
-    graph.eliminate_dead_code()
-    planned = _memory.plan(graph) if plan_memory and device.type == "cpu" else None
-    fast, memory = planned if planned is not None else (_memory.copy_graph(graph), None)
-    collapsed = probe is not None and collapse_view_chains(
-        fast, lambda g: _module(g, constants),
-        [*probe, *(memory.tensors() if memory is not None else [])], len(probe),
-    )
-    if planned is None and not collapsed:
-        return _finish(graph, constants), None, None
-    fast_constants = _scalars_as_tensors(fast, constants, device)
-    return _finish(graph, constants), _finish(fast, fast_constants), memory
+    rewritten: Rewritten, constants: dict[str, torch.Tensor], device: torch.device
+) -> tuple[fx.GraphModule, fx.GraphModule | None]:
+    """The GraphModule running the rewritten graph (fast callables substituted), holding
+    ``constants`` as attributes; and the one running its planned variant, or None (see
+    :func:`hod.passes.rewrite`), whose numbers are read from 0-dim tensors."""
+    planned = rewritten.planned
+    if planned is None:
+        return _finish(rewritten.graph, constants), None
+    planned_constants = _scalars_as_tensors(planned, constants, device)
+    return _finish(rewritten.graph, constants), _finish(planned, planned_constants)
 
 
 #: Binary ops whose number operand may be a 0-dim tensor of the other operand's dtype.
@@ -131,59 +114,4 @@ def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModu
             node.target = FAST_TWINS[node.target]
         elif node.target is aten.sum.dim_IntList and node.args[1]:
             node.target = torch.sum  # an empty dim list is left to aten, which sums all
-    return _module(graph, constants)
-
-
-def _fuse_transposed_mm(graph: fx.Graph) -> None:
-    """``mm(x, permute(w, [1, 0]))`` (every backward of a matmul) as ``linear(x, w)``."""
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is aten.mm.default:
-            x, other = node.args
-            if (
-                isinstance(other, fx.Node) and other.target is aten.permute.default
-                and list(other.args[1]) == [1, 0]
-            ):
-                node.target = torch.nn.functional.linear
-                node.args = (x, other.args[0])
-
-
-def _fuse_multiply_add(graph: fx.Graph) -> None:
-    """``a + b * c`` and ``a - b * c``, with ``b * c`` read only there, as one
-    ``addcmul``: one pass over memory fewer (measured: 73 us against 48 + 71 us for a
-    2.4 MB result). Tensors of one floating dtype only, as ``addcmul`` does not promote."""
-    for node in list(graph.nodes):
-        found = sum_operands(node)
-        if found is None:
-            continue
-        candidates, value = found
-        for a, product in candidates:
-            if _fusable_product(product, node) and isinstance(a, fx.Node) and _same_float(a, node):
-                node.target = aten.addcmul.default
-                node.args = (a, *product.args)
-                node.kwargs = {"value": value}
-                graph.erase_node(product)
-                break
-
-
-def _fusable_product(product: object, reader: fx.Node) -> bool:
-    return (
-        isinstance(product, fx.Node) and product.op == "call_function"
-        and product.target is aten.mul.Tensor and not product.kwargs
-        and list(product.users) == [reader]
-        and all(isinstance(f, fx.Node) and _same_float(f, reader) for f in product.args)
-    )
-
-
-def _same_float(node: fx.Node, like: fx.Node) -> bool:
-    val, other = node.meta.get("val"), like.meta.get("val")
-    return (
-        isinstance(val, torch.Tensor) and isinstance(other, torch.Tensor)
-        and val.dtype == other.dtype and val.dtype.is_floating_point
-    )
-
-
-def _module(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
-    root = torch.nn.Module()
-    for name, value in constants.items():
-        setattr(root, name, value)
-    return fx.GraphModule(root, graph)
+    return graph_module(graph, constants)

@@ -1,4 +1,4 @@
-"""Generated code compiled with ``torch.compile`` (the ``compile=`` keyword).
+"""Compile stage: generated code compiled with ``torch.compile`` (the ``compile=`` keyword).
 
 The generated code is one straight line of ATen calls whose shapes are fixed by the
 signature, which is what a compiler fuses best: the Faà di Bruno and Leibniz terms are
@@ -7,7 +7,7 @@ a Python call, a dispatch and a fresh tensor per term. Compilation happens on th
 call of a signature (seconds to tens of seconds) and is kept with that signature's code.
 
 The compiled code runs on tensors no transform watches (see
-:func:`~hod._memory.unwatched`); a call under autograd, ``torch.func`` transforms or an
+:func:`~hod.passes.memory.unwatched`); a call under autograd, ``torch.func`` transforms or an
 enclosing ``torch.compile`` runs the eager code, which computes the same values.
 """
 
@@ -21,8 +21,8 @@ import torch
 from torch import fx
 
 from ._emitter import REALIZE
-from ._memory import unwatched
 from .errors import CompileError, InputError
+from .passes.memory import unwatched
 
 #: The ``torch.compile`` keywords ``compile=`` may set (hod fixes ``fullgraph=True`` and
 #: ``dynamic=False``: a signature's code never changes shape).

@@ -1,4 +1,4 @@
-"""The planner's cost model: the work of deriving a graph over a seed plan.
+"""Plan stage: the planner's cost model, the work of deriving a graph over a seed plan.
 
 Deriving a node to order ``k`` costs, for each input that carries derivatives, one term
 over that input's part of the node's seed span (width ``w``): ``w^j`` times the node's
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from ._derive import covered_span, needed_spans
-from ._jet import Span
+from ._analysis import covered_span, needed_spans
+from ._records import Span
 
 aten = torch.ops.aten
 

@@ -1,4 +1,4 @@
-"""Stage 3: walk a traced ATen graph and emit every node's derivative tensors.
+"""Derive stage: walk a traced ATen graph and emit every node's derivative tensors.
 
 Each node of the traced graph is copied into the emitter's graph (its value) and, when
 one of its inputs has a nonzero derivative, its rule emits ``D^1 .. D^n`` of it over the
@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
+from ._analysis import covered_span, needed_spans
 from ._emitter import Emitter, Operand
-from ._jet import DeriveContext, Jet, Span
+from ._jet import DeriveContext
+from ._records import FlatCall, Jet, SeedPlan, Segment, Span
 from .errors import UnsupportedOperatorError
 from .rules import RULES
 
@@ -26,6 +28,7 @@ def derive(
     gm: fx.GraphModule,
     ctx: DeriveContext,
     inputs: Sequence[Jet],
+    *,
     call: str,
     call_site: CallSite,
     needs: Sequence[Span | None],
@@ -56,24 +59,34 @@ def derive(
     raise AssertionError("graph without output")
 
 
-def needed_spans(
-    outputs: Sequence[fx.Node], needs: Sequence[Span | None]
-) -> dict[fx.Node, Span]:
-    """For each node, the hull of the seed ranges the outputs it feeds need."""
-    needed: dict[fx.Node, Span] = {}
-    for out, span in zip(outputs, needs, strict=False):
-        if span is not None:
-            needed[out] = _hull(needed.get(out), span)
-    for node in reversed(list(outputs[0].graph.nodes) if outputs else []):
-        span = needed.get(node)
-        if span is not None:
-            for source in node.all_input_nodes:
-                needed[source] = _hull(needed.get(source), span)
-    return needed
+def seeded_inputs(em: Emitter, flat: FlatCall, seeds: SeedPlan, order: int) -> list[Jet]:
+    """The jets of the call's flat tensors, placeholders of the generated graph: a
+    differentiated leaf (when ``order > 0``) carries ``D^1`` over its own segment of seeds."""
+    inputs = []
+    for i, t in enumerate(flat.tensors):
+        node = em.placeholder(f"t{i}", t)
+        derivs: list[Operand] = [None] * order
+        span = None
+        if i in flat.diff and order > 0:
+            segment = seeds.segments[flat.diff.index(i)]
+            derivs[0] = _seed(em, segment, node)
+            span = (segment.offset, segment.offset + segment.size)
+        inputs.append(Jet(node, derivs, span))
+    return inputs
 
 
-def _hull(a: Span | None, b: Span) -> Span:
-    return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
+def _seed(em: Emitter, segment: Segment, like: fx.Node) -> fx.Node:
+    """``D^1`` of an input leaf over its own segment of seeds, ``(size,) + shape``.
+
+    The identity: seed ``s`` is one at coordinate ``s``. A compressed leaf's seeds are the
+    identity over its within-slice coordinates, repeated along its batch dim.
+    """
+    size = segment.size
+    if segment.batch_dim is None:
+        return em.seed_identity(size, segment.shape, like)
+    shape = list(segment.shape)
+    shape[segment.batch_dim] = 1
+    return em.expand(em.reshape(em.eye(size, like), [size, *shape]), [size, *segment.shape])
 
 
 def _derive_node(
@@ -136,13 +149,6 @@ def _derive_node(
 
 def _common_span(ctx: DeriveContext, jets: list[Jet], needed: Span) -> Span | None:
     return covered_span([ctx.span_of(j) for j in jets if not j.is_constant], needed)
-
-
-def covered_span(spans: Sequence[Span], needed: Span) -> Span | None:
-    """The seeds a node's derivatives cover: its inputs' hull, within what is needed."""
-    lo = max(min(lo for lo, _ in spans), needed[0])
-    hi = min(max(hi for _, hi in spans), needed[1])
-    return (lo, hi) if lo < hi else None
 
 
 def _fitted(ctx: DeriveContext, value: object, span: Span):

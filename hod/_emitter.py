@@ -70,6 +70,14 @@ def graph_call(graph: fx.Graph, op: object, *args: object) -> fx.Node:
     return node
 
 
+def graph_module(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """A GraphModule running ``graph``, holding ``constants`` as attributes."""
+    root = torch.nn.Module()
+    for name, value in constants.items():
+        setattr(root, name, value)
+    return fx.GraphModule(root, graph)
+
+
 class Emitter:
     """Appends ATen calls to a new graph; see the module docstring.
 

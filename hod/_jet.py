@@ -1,4 +1,4 @@
-"""Jets (a value with its derivative tensors) and the family helpers rules are built from.
+"""Derive stage: what a rule sees (:class:`DeriveContext`) and the family helpers of rules.
 
 Seed axes lead: the k-th derivative of a value ``v`` has shape ``(S,) * k + v.shape`` and
 is symmetric in its first ``k`` axes. Leading seed axes let a primal operand broadcast
@@ -6,46 +6,21 @@ against a derivative operand with ordinary right-aligned broadcasting, so most r
 a plain ATen call on derivative tensors.
 
 ``None`` stands for a derivative that is zero by construction (a symbolic zero); rules
-drop every term that contains one, so nothing is emitted for it.
+drop every term that contains one, so nothing is emitted for it. A value with its
+derivative tensors is a :class:`~hod._records.Jet`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from ._combinatorics import partition_kinds, set_partitions, subset_sizes, subsets
 from ._emitter import REALIZE, Emitter, Operand, delta_strides
-
-Span = tuple[int, int]  # a range [lo, hi) of the seed space
-
-
-@dataclass
-class Jet:
-    """A value and its derivatives ``derivs[k-1] = D^k value`` (``None`` when zero).
-
-    ``span`` is the range of seeds the derivatives cover (None: the whole seed space);
-    outside it they are zero, so ``D^k`` has shape ``(hi - lo,) * k + value.shape``.
-    A jet widened to a larger span keeps its original in ``narrow``.
-    """
-
-    primal: fx.Node
-    derivs: list[Operand]
-    span: Span | None = None
-    narrow: Jet | None = None
-
-    def d(self, k: int) -> Operand:
-        """``D^k`` of the value; ``D^0`` is the value itself."""
-        return self.primal if k == 0 else self.derivs[k - 1]
-
-    @property
-    def is_constant(self) -> bool:
-        return all(d is None for d in self.derivs)
-
+from ._records import Jet, Span
 
 # A derivative tower ``g^(j)`` of a unary function: ``tower(j)`` gives the j-th derivative
 # evaluated at the primal (a node, a Python number, or None when it is zero).

@@ -1,4 +1,4 @@
-"""Second-derivative blocks between a batch-compressed input and a weight, per example.
+"""Plan stage: second-derivative blocks of a batch-compressed input and a weight, per example.
 
 Under batch compression (see :mod:`hod._analysis`) a block pairing a compressed leaf ``x``
 with an uncompressed leaf ``W`` is read from ``x``'s gradient seeded by ``W``, so the
@@ -20,9 +20,8 @@ import torch
 from torch import fx
 
 from ._analysis import node_states, track_batch
-from ._assemble import Segment
 from ._emitter import Emitter, Operand, graph_call
-from ._plan import SeedPlan
+from ._records import SeedPlan, Segment
 
 aten = torch.ops.aten
 
@@ -107,7 +106,7 @@ def _per_example(node: object, states: dict) -> _Build | None:
 
 
 def per_example_block(
-    em: Emitter, d: Operand, span: tuple[int, int], x: Segment, x_first: bool,
+    em: Emitter, d: Operand, span: tuple[int, int], *, x: Segment, x_first: bool,
     shape: list[int], dtype: torch.dtype,
 ) -> fx.Node:
     """The block of compressed leaf ``x`` and a weight from ``d``, ``D^1`` of the weight's

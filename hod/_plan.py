@@ -1,4 +1,4 @@
-"""The planner: forward or reverse-last, and which inputs to seed compressed by batch.
+"""Plan stage: forward or reverse-last, and which inputs to seed compressed by batch.
 
 The mode: forward costs about ``S^n`` sweeps through the graph at seed width 1;
 reverse-last about ``REVERSE_COST * m * S^(n-1)`` for an output of ``m`` elements.
@@ -11,33 +11,20 @@ also sees how far back each gradient needs each seed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
 from torch import fx
 
-from ._analysis import MIXED, State, track_batch
-from ._assemble import Segment
+from ._analysis import track_batch
+from ._cost import derivative_work
+from ._per_example import with_per_example_terms
+from ._records import MIXED, BuildState, Mode, SeedPlan, Segment, Span, Traced
+from ._tracing import trace_reverse
 
 #: One reverse sweep costs about this many forward sweeps.
 REVERSE_COST = 3
-
-
-@dataclass(frozen=True)
-class SeedPlan:
-    """The seed space: a segment per differentiated leaf and the states of the outputs.
-
-    ``per_example`` lists the leaves whose gradient's per-example terms follow the
-    gradients among the outputs, in that order (see :mod:`hod._per_example`).
-    """
-
-    segments: tuple[Segment, ...]
-    out_states: tuple[State, ...]
-    per_example: tuple[int, ...] = ()
-
-    @property
-    def size(self) -> int:
-        return sum(s.size for s in self.segments)
 
 
 def plain_segments(shapes: Sequence[tuple[int, ...]]) -> list[Segment]:
@@ -112,8 +99,85 @@ def _seed_plan(gm, diff_positions, shapes, batch: dict[int, int], size: int) -> 
     return SeedPlan(tuple(segments), tuple(states))
 
 
-def choose_mode(order: int, out_sizes: Sequence[int], seed_size: int) -> str:
-    """``"reverse-last"`` for one output small against the seed space, else ``"forward"``."""
+def choose_mode(order: int, out_sizes: Sequence[int], seed_size: int) -> Mode:
+    """Reverse-last for one output small against the seed space, else forward."""
     if len(out_sizes) == 1 and REVERSE_COST * out_sizes[0] <= seed_size:
-        return "reverse-last"
-    return "forward"
+        return Mode.REVERSE_LAST
+    return Mode.FORWARD
+
+
+def plan_reverse(state: BuildState, shapes: list[tuple[int, ...]]) -> tuple[Traced, SeedPlan]:
+    """The gradient graph and its seed space (batch compression for a scalar output)."""
+    request, flat = state.request, state.flat
+    reverse = trace_reverse(request, flat, state.forward)
+    if state.out_vals[0].numel() != 1:
+        return reverse, SeedPlan(tuple(plain_segments(shapes)), ())
+
+    @functools.cache  # priced as a candidate, then prepared again once chosen
+    def prepared(plan: SeedPlan) -> tuple[fx.GraphModule, SeedPlan]:
+        if request.order != 2:  # see hod._per_example: a Hessian's blocks only
+            return reverse.gm, plan
+        return with_per_example_terms(reverse.gm, flat.diff, plan)
+
+    def work(plan: SeedPlan) -> float:
+        gm, plan = prepared(plan)
+        spans = {pos: (s.offset, s.offset + s.size)
+                 for pos, s in zip(flat.diff, plan.segments, strict=True)}
+        identities = frozenset(
+            pos for pos, s in zip(flat.diff, plan.segments, strict=True) if s.batch_dim is None
+        )
+        return derivative_work(
+            gm, spans, needs(Mode.REVERSE_LAST, 0, plan), request.order - 1, identities
+        )
+
+    seeds = plan_seeds(
+        reverse.gm, flat.diff, shapes, gradients_of, work
+    )
+    gm, seeds = prepared(seeds)
+    return replace(reverse, gm=gm), seeds
+
+
+def gradients_of(batch: dict[int, int]) -> list[int]:
+    """The outputs of a reverse-last graph holding the gradients of the leaves of
+    ``batch``: its compressed seeds are read from those (see :func:`needs`)."""
+    return [1 + leaf for leaf in batch]
+
+
+def needs(mode: Mode, n_diff: int, seeds: SeedPlan) -> list[Span | None]:
+    """The seeds each differentiated output's derivatives must cover.
+
+    Forward mode reads every seed of every output. Reverse-last reads a block
+    ``(l1, ..., ln)`` from the gradient of its lead leaf (see
+    :func:`hod._assemble.lead`), seeded by the others, whose segments come later: so the
+    gradient of an uncompressed leaf needs only the seeds from its own segment on (the
+    other blocks follow by symmetry).
+    """
+    full = (0, seeds.size)
+    if mode is Mode.FORWARD:
+        return [full] * n_diff
+    compressed = [s for s in seeds.segments if s.batch_dim is not None]
+    # With per-example terms, the blocks pairing a compressed leaf with an uncompressed
+    # one come from those terms, seeded by the compressed leaves only.
+    own = full
+    if seeds.per_example:
+        own = (min(s.offset for s in compressed), max(s.offset + s.size for s in compressed))
+    needed: list[Span | None] = [None]
+    for segment in seeds.segments:
+        needed.append(own if segment.batch_dim is not None else (segment.offset, seeds.size))
+    return needed + [own] * len(seeds.per_example)
+
+
+def rows_apart(
+    mode: Mode, traced: Traced, diff: Sequence[int], seeds: SeedPlan, *, h: int, n_diff: int
+) -> bool:
+    """Whether the rows of ``g``'s leaf ``h`` are independent examples (``g``'s blocks
+    vanish unless their ``h`` slots sit on one row): compressed so, or they could be."""
+    required = gradients_of if mode is Mode.REVERSE_LAST else (lambda batch: range(n_diff))
+    return seeds.segments[h].batch_dim == 0 or valid_batch(traced.gm, diff, required, {h: 0})
+
+
+def compact_rows(mode: Mode, seeds: SeedPlan, h: int) -> bool:
+    """Whether ``g``'s blocks can hold one row of ``h`` (``block``'s ``compact``): in
+    reverse-last mode, with ``h`` the one leaf compressed, along its rows."""
+    compressed = [i for i, s in enumerate(seeds.segments) if s.batch_dim is not None]
+    return mode is Mode.REVERSE_LAST and compressed == [h] and seeds.segments[h].batch_dim == 0

@@ -1,4 +1,4 @@
-"""Flattening a call ``f(*args, **kwargs)`` into tensors plus a hashable signature.
+"""API stage: a call ``f(*args, **kwargs)`` flattened into tensors and a hashable signature.
 
 The signature is the cache key: the pytree structure of the arguments, every tensor
 leaf's shape, dtype and device, and the value of every non-tensor leaf (those are baked
@@ -7,31 +7,14 @@ into the generated code as constants).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._assemble import ArgLayout
+from ._records import ArgLayout, FlatCall
 from .errors import InputError
-
-
-@dataclass(frozen=True)
-class FlatCall:
-    """One call's arguments, flattened.
-
-    ``tensors`` are the tensor leaves of ``(args, kwargs)`` in flatten order; ``diff``
-    holds, for every differentiated leaf, its position in ``tensors``; ``layouts`` maps an
-    argnum to its tree spec and the indices (into ``diff``) of its leaves.
-    """
-
-    tensors: tuple[torch.Tensor, ...]
-    diff: tuple[int, ...]
-    layouts: dict[int, ArgLayout]
-    key: Hashable
-    rebuild: Callable[[list[torch.Tensor]], tuple[tuple, dict]]
 
 
 class _Identity:
@@ -125,17 +108,3 @@ def _check_differentiable(leaf: Any, argnum: int, index: int, call: str) -> None
             f"  Expected: a real floating-point tensor (float16/bfloat16/float32/float64).\n"
             f"  Fix: convert it, e.g. `x.double()`, or leave it out of argnums."
         )
-
-
-def flatten_outputs(value: Any, what: str, call: str) -> tuple[list[torch.Tensor], TreeSpec]:
-    """Flatten the function's output; every leaf must be a tensor."""
-    leaves, spec = tree_flatten(value)
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor):
-            raise InputError(
-                f"{call}: the function's {what} contains a {type(leaf).__name__}.\n"
-                f"  Expected: a tensor or a pytree (tuple/list/dict) of tensors.\n"
-                f"  Fix: return tensors only (wrap numbers with torch.tensor), or return "
-                f"extra values through has_aux=True."
-            )
-    return leaves, spec

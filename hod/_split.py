@@ -1,4 +1,4 @@
-"""Splitting off a first linear layer: seeds at its output instead of at its weight.
+"""Split stage: a first linear layer split off, seeded at its output instead of its weight.
 
 When ``f`` reads a differentiated weight ``W`` (``(K, N)``) only in ``h = X @ W``, and
 reads ``X`` (``(B, K)``) only there too or does not differentiate it, then
@@ -30,10 +30,16 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ._assemble import BlockKey
 from ._emitter import Emitter
+from ._records import BlockKey, BuildState
 
 aten = torch.ops.aten
+
+
+#: Sizes of the derivative tensors of a first linear layer from which it is split off
+#: (see :func:`first_layer`), for Hessians and for higher orders.
+SPLIT_MIN_ENTRIES_HESSIAN = 4096
+SPLIT_MIN_ENTRIES = 65536
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,32 @@ def find_split(gm: fx.GraphModule, diff: Sequence[int]) -> Split | None:
             continue
         return Split(x, w, x_diff, w_diff, transposed)
     return None
+
+
+def first_layer(state: BuildState) -> Split | None:
+    """The first linear layer to split off, if ``f`` has one and the request suits: orders
+    from 2 (Jacobians are cheap enough), no aux outputs and no random ops (``g`` is
+    traced again), and one dtype throughout (the composition does not promote)."""
+    request, flat = state.request, state.flat
+    if request.order < 2 or request.has_aux or request.allow_random:
+        return None
+    dtypes = {flat.tensors[pos].dtype for pos in flat.diff} | {v.dtype for v in state.out_vals}
+    if len(dtypes) != 1:
+        return None
+    split = find_split(state.forward.gm, flat.diff)
+    if split is None:
+        return None
+    # The split saves passes over the derivative tensors of X @ W and adds composition
+    # calls: below these sizes of those tensors (seeds^(order-1) * numel) the calls cost
+    # more (measured on the benchmark's MLPs: orders 3 of width 4 lost 10-20% up to
+    # 41K entries and gained from 60K; Hessians gained from 4K).
+    x, w = flat.tensors[split.x], flat.tensors[split.w]
+    seeds = w.numel() + sum(
+        flat.tensors[pos].numel() for pos in flat.diff if pos not in (split.x, split.w)
+    ) + (x.shape[1] if split.x_diff is not None else 0)
+    entries = seeds ** (request.order - 1) * x.shape[0] * w.shape[1]
+    return split if entries >= (SPLIT_MIN_ENTRIES_HESSIAN if request.order == 2
+                                else SPLIT_MIN_ENTRIES) else None
 
 
 def _operands(product: fx.Node) -> tuple[object, fx.Node, fx.Node]:
@@ -191,7 +223,7 @@ class Composition:
     out_ranks: tuple[int, ...]
 
     def __call__(
-        self, em: Emitter, inputs: Sequence[fx.Node], results: Sequence[fx.Node],
+        self, em: Emitter, inputs: Sequence[fx.Node], results: Sequence[fx.Node], *,
         per_example: bool, compact: bool,
     ) -> list[fx.Node]:
         """``f``'s blocks from ``g``'s ``results``; ``inputs`` are ``g``'s placeholders
@@ -200,8 +232,8 @@ class Composition:
         ``compact`` that its blocks hold that diagonal only (``h``'s first slot keeps its
         rows, the others drop them)."""
         composer = _Composer(em, self, inputs[1 + self.split.x], inputs[1 + self.split.w],
-                             dict(zip(self.inner_keys, results, strict=True)), per_example,
-                             compact)
+                             dict(zip(self.inner_keys, results, strict=True)),
+                             per_example=per_example, compact=compact)
         done: dict[BlockKey, fx.Node] = {}
         blocks = []
         for key in self.keys:
@@ -239,7 +271,7 @@ class _Composer:
 
     def __init__(
         self, em: Emitter, plan: Composition, x: fx.Node, w: fx.Node,
-        inner: dict[BlockKey, fx.Node], per_example: bool, compact: bool,
+        inner: dict[BlockKey, fx.Node], *, per_example: bool, compact: bool,
     ) -> None:
         self.em, self.plan, self.x, self.inner = em, plan, x, inner
         self.per_example, self.compact = per_example, compact

@@ -1,8 +1,11 @@
-"""Stage 1: trace a flat tensor function to a functional ATen graph with ``make_fx``.
+"""Trace stage: a flat tensor function becomes a functional ATen graph (``make_fx``).
 
 Tracing runs on fake tensors, so it costs no arithmetic, works with whatever tensors the
 caller holds (including ones batched by ``torch.func.vmap``) and turns data-dependent
 Python control flow into an error instead of a silently baked-in branch.
+
+:func:`trace_forward` traces ``f`` over a call's flat tensors (:func:`flat_function`), and
+:func:`trace_reverse` its reverse-mode Jacobian, the graph reverse-last mode derives.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import re
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -20,10 +24,11 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves
 
+from ._records import FlatCall, Request, Traced
 from .decompositions import DECOMPOSITIONS
-from .errors import TracingError, UnsupportedOperatorError
+from .errors import InputError, OutputError, TracingError, UnsupportedOperatorError
 
 aten = torch.ops.aten
 
@@ -266,3 +271,104 @@ def find_call_site(
     except Exception:  # noqa: BLE001 - best effort: the site is a hint in an error message
         pass
     return mode.site
+
+
+# -- f over the flat tensors of a call, and its two graphs ------------------------------------
+def flat_function(request: Request, flat: FlatCall, holder: dict | None = None):
+    """``f`` over the flat tensor leaves, returning ``outputs + aux`` leaves; ``holder``,
+    when given, receives the structure of what ``f`` returned."""
+
+    def flat_f(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        args, kwargs = flat.rebuild(list(tensors))
+        result = request.f(*args, **kwargs)
+        aux: list[torch.Tensor] = []
+        if request.has_aux:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise OutputError(
+                    f"{request.call}: has_aux=True, so the function must return a pair "
+                    f"(output, aux), but it returned {type(result).__name__}"
+                    + (f" of length {len(result)}" if isinstance(result, tuple) else "")
+                    + ".\n  Fix: return (output, aux), or drop has_aux=True."
+                )
+            result, aux_tree = result
+            aux, aux_spec = flatten_outputs(aux_tree, "aux output", request.call)
+            if holder is not None:
+                holder["aux_spec"] = aux_spec
+        outs, out_spec = flatten_outputs(result, "output", request.call)
+        if holder is not None:
+            holder["out_spec"], holder["n_out"], holder["n_aux"] = out_spec, len(outs), len(aux)
+        return [*outs, *aux]
+
+    return flat_f
+
+
+def flatten_outputs(value: Any, what: str, call: str) -> tuple[list[torch.Tensor], TreeSpec]:
+    """Flatten the function's output; every leaf must be a tensor."""
+    leaves, spec = tree_flatten(value)
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise InputError(
+                f"{call}: the function's {what} contains a {type(leaf).__name__}.\n"
+                f"  Expected: a tensor or a pytree (tuple/list/dict) of tensors.\n"
+                f"  Fix: return tensors only (wrap numbers with torch.tensor), or return "
+                f"extra values through has_aux=True."
+            )
+    return leaves, spec
+
+
+def op_call_site(request: Request, flat: FlatCall) -> Callable[[object], str | None]:
+    """``site(op)``: the line of ``f`` that calls ``op`` (see :func:`find_call_site`)."""
+
+    def call_site(op: object) -> str | None:
+        return find_call_site(flat_function(request, flat), flat.tensors, op)
+
+    return call_site
+
+
+def trace_forward(request: Request, flat: FlatCall) -> Traced:
+    """``f``'s graph over the flat tensors: ``[*outputs, *aux]``."""
+    holder: dict = {}
+    gm = trace(
+        flat_function(request, flat, holder), flat.tensors, request.call,
+        request.allow_random,
+    )
+    return Traced(gm, holder["out_spec"], holder.get("aux_spec"), holder["n_out"],
+                  holder["n_aux"])
+
+
+def trace_reverse(request: Request, flat: FlatCall, forward: Traced) -> Traced:
+    """Trace ``[y, dy/dx_leaf for each differentiated leaf, *aux]`` for one output ``y``."""
+    flat_f = flat_function(request, flat)
+    n_out = forward.n_out
+
+    def reverse(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        def of_diff(*diff: torch.Tensor):
+            filled = list(tensors)
+            for pos, value in zip(flat.diff, diff, strict=True):
+                filled[pos] = value
+            outs = flat_f(*filled)
+            return outs[0], outs[n_out:]
+
+        diff = [tensors[pos] for pos in flat.diff]
+        y, vjp_fn, aux = torch.func.vjp(of_diff, *diff, has_aux=True)
+        if y.numel() == 1:
+            grads = vjp_fn(torch.ones_like(y))
+        else:
+            basis = torch.eye(y.numel(), dtype=y.dtype, device=y.device)
+            grads = torch.func.vmap(vjp_fn)(basis.view(y.numel(), *y.shape))
+        return [y, *grads, *aux]
+
+    gm = trace(reverse, flat.tensors, request.call, request.allow_random)
+    return Traced(gm, forward.out_spec, forward.aux_spec, 1 + len(flat.diff), forward.n_aux)
+
+
+def check_outputs(out_vals: list[torch.Tensor], call: str) -> None:
+    """Refuse outputs that have no derivative (integer or boolean tensors)."""
+    for val in out_vals:
+        if not val.dtype.is_floating_point:
+            raise OutputError(
+                f"{call}: the function returns a tensor of dtype {val.dtype}.\n"
+                f"  Expected: floating-point outputs (integer outputs have no derivative).\n"
+                f"  Fix: return a floating tensor, or move it to the aux output "
+                f"(has_aux=True)."
+            )

@@ -12,9 +12,9 @@ from models import tanh_mlp, weighted_seed_mlp
 from torch.utils._pytree import tree_flatten
 
 import hod
-import hod._codegen
-import hod._memory
-import hod._views
+import hod.passes.fuse
+import hod.passes.memory
+import hod.passes.views
 
 D = torch.float64
 ARGNUMS = (0, 1, 2, 3)
@@ -63,7 +63,7 @@ def test_view_chains_become_single_calls(order):
 def test_view_chains_of_planned_memory_are_collapsed(monkeypatch):
     """Planned tensors (results in slots, intermediates in the arena, concatenations
     written in place) are roots too; held results make the next call use fresh slots."""
-    monkeypatch.setattr(hod._memory, "MIN_PLANNED_BYTES", 0)
+    monkeypatch.setattr(hod.passes.memory, "MIN_PLANNED_BYTES", 0)
     args = _mlp_inputs(batch=3)
     fn = hod.derivative(weighted_seed_mlp, 3, ARGNUMS)
     lowered = fn.lower(*args)
@@ -95,12 +95,12 @@ def test_layouts_are_observed_on_the_call(monkeypatch):
     """The rewrite takes the layouts that the code produced, not what meta tensors say:
     with the observation faked, the rewritten code is wrong (so the test can fail)."""
     args = _mlp_inputs()
-    real = hod._views._observe
+    real = hod.passes.views._observe
 
     def at_the_start(*a):
         return [t.as_strided(t.shape, t.stride(), 0) for t in real(*a)]
 
-    monkeypatch.setattr(hod._views, "_observe", at_the_start)
+    monkeypatch.setattr(hod.passes.views, "_observe", at_the_start)
     wrong = tree_flatten(hod.derivative(weighted_seed_mlp, 2, ARGNUMS)(*args))[0]
     monkeypatch.undo()
     right = tree_flatten(hod.derivative(weighted_seed_mlp, 2, ARGNUMS)(*args))[0]
@@ -171,7 +171,7 @@ def test_numbers_scale_the_small_tensors_a_product_is_made_from():
     ``y * 0.5`` with ``y`` read elsewhere stays."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from hod._fold import fold_scalar_factors
+    from hod.passes.fold import fold_scalar_factors
 
     args = (torch.rand(1152, 8, dtype=D), torch.rand(8, 8, dtype=D), torch.rand(8, dtype=D))
     graph = make_fx(_scaled_sums)(*args).graph
@@ -203,7 +203,7 @@ def test_a_product_read_once_by_a_sum_is_one_addcmul():
 
     args = (torch.rand(4, 5, dtype=D), torch.rand(4, 5, dtype=D), torch.rand(4, 5) > 0.5)
     graph = make_fx(_multiply_adds)(*args).graph
-    hod._codegen._fuse_multiply_add(graph)
+    hod.passes.fuse.fuse_multiply_add(graph)
     graph.eliminate_dead_code()
     graph.lint()
     ops = [n.target for n in graph.nodes if n.op == "call_function"]
@@ -284,7 +284,7 @@ def test_a_number_is_not_folded_into_both_factors_of_a_square():
     product's two factors are one node."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from hod._fold import fold_scalar_factors
+    from hod.passes.fold import fold_scalar_factors
 
     x = torch.rand(2, 1, dtype=D)
     graph = make_fx(_scaled_square)(x).graph

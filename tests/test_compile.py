@@ -10,7 +10,7 @@ from conftest import assert_same_tree, reference
 from models import seed_mlp, tanh_mlp, weighted_seed_mlp
 
 import hod
-import hod._build
+import hod._split
 from hod._compiled import with_realized_outputs
 from hod._emitter import REALIZE
 
@@ -133,8 +133,8 @@ def test_symmetrized_derivatives_are_extra_outputs_of_the_compiled_graph():
 @pytest.mark.parametrize("order", [2, 3])
 def test_a_split_first_layer_compiles(monkeypatch, order):
     """g's code with the composition after it is one compiled graph."""
-    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES", 0)
-    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES_HESSIAN", 0)
+    monkeypatch.setattr(hod._split, "SPLIT_MIN_ENTRIES", 0)
+    monkeypatch.setattr(hod._split, "SPLIT_MIN_ENTRIES_HESSIAN", 0)
     args = _mlp_inputs(batch=2, depth=2)
     backend = CountingBackend()
     fn = hod.derivative(weighted_seed_mlp, order, (0, 1, 2), compile={"backend": backend})

@@ -18,14 +18,14 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 import hod
-import hod._build
-import hod._memory
-from hod._memory import plan
+import hod._split
+import hod.passes.memory
+from hod.passes.memory import plan
 
 
 @pytest.fixture
 def everything_planned(monkeypatch):
-    monkeypatch.setattr(hod._memory, "MIN_PLANNED_BYTES", 0)
+    monkeypatch.setattr(hod.passes.memory, "MIN_PLANNED_BYTES", 0)
 
 
 def _inputs(width: int = 6, batch: int = 4, dtype=torch.float64):
@@ -92,8 +92,8 @@ def signature(request, monkeypatch, everything_planned) -> Signature:
     """A signature, with the first layer split off exactly when it says so."""
     sig = request.param
     threshold = 0 if sig.split else 2**62
-    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES", threshold)
-    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES_HESSIAN", threshold)
+    monkeypatch.setattr(hod._split, "SPLIT_MIN_ENTRIES", threshold)
+    monkeypatch.setattr(hod._split, "SPLIT_MIN_ENTRIES_HESSIAN", threshold)
     return sig
 
 
@@ -131,7 +131,7 @@ def test_the_held_results_check_sees_an_overwrite(signature, monkeypatch):
     """With slots that never get fresh memory (their reference count ignored), the next
     call writes over held results, and the check above fails: it is not vacuous."""
     never_held = types.SimpleNamespace(getrefcount=lambda obj: 2, platform=sys.platform)
-    monkeypatch.setattr(hod._memory, "sys", never_held)
+    monkeypatch.setattr(hod.passes.memory, "sys", never_held)
     with pytest.raises(AssertionError):
         _check_held_results(signature, _planned(signature))
 
@@ -155,8 +155,8 @@ def test_dropped_results_give_their_memory_to_the_next_call(signature, monkeypat
     mapping), and its results are right; held ones make it map fresh memory."""
     fn = _planned(signature)
     mapped = []
-    real = hod._memory._mapped
-    monkeypatch.setattr(hod._memory, "_mapped", lambda n: mapped.append(n) or real(n))
+    real = hod.passes.memory._mapped
+    monkeypatch.setattr(hod.passes.memory, "_mapped", lambda n: mapped.append(n) or real(n))
     fn(*signature.inputs())  # maps the arena and the slots on the first planned call
     mapped.clear()
     for _ in range(3):
@@ -230,7 +230,7 @@ def test_arena_buffers_alive_together_never_overlap(everything_planned):
     planned, memory = plan(graph)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
-    end, escaped = hod._memory._lifetimes(nodes, index)
+    end, escaped = hod.passes.memory._lifetimes(nodes, index)
     inner = [n for n in nodes if n in end and n not in escaped and n.target is not operator.getitem]
     assert len(memory.arena_layout) == len(inner) >= 6 and len(memory.slots) == 2
     for (off_a, shape_a, _), a in zip(memory.arena_layout, inner, strict=True):

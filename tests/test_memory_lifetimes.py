@@ -10,14 +10,14 @@ import torch
 from conftest import assert_same_tree, reference
 
 import hod
-import hod._memory
+import hod.passes.memory
 
 ARGNUMS = (0, 1, 2)
 
 
 @pytest.fixture(autouse=True)
 def everything_planned(monkeypatch):
-    monkeypatch.setattr(hod._memory, "MIN_PLANNED_BYTES", 0)
+    monkeypatch.setattr(hod.passes.memory, "MIN_PLANNED_BYTES", 0)
 
 
 def _tanh_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from conftest import assert_same_tree, reference
 from opdb import OPS, OpInfo
 
 import hod
-import hod._memory
+import hod.passes.memory
 from hod._tracing import trace
 from hod.rules import RULES
 
@@ -65,7 +65,7 @@ def test_op_with_every_tensor_in_reused_memory(info: OpInfo, order: int, monkeyp
     """The planned code (every tensor written into the arena or a result slot) gives the
     right results, on a first call and on a second one with other inputs while the first's
     results are held (their memory must not be written again)."""
-    monkeypatch.setattr(hod._memory, "MIN_PLANNED_BYTES", 0)
+    monkeypatch.setattr(hod.passes.memory, "MIN_PLANNED_BYTES", 0)
     fn = hod.derivative(info.fn, order, info.argnums)
     ref = reference(info.ref or info.fn, order, info.argnums)
     actual, expected = [], []

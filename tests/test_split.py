@@ -10,15 +10,15 @@ from conftest import assert_same_tree, reference
 from models import weighted_seed_mlp
 
 import hod
-import hod._build
+import hod._split
 
 D = torch.float64
 
 
 @pytest.fixture
 def always_split(monkeypatch):
-    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES", 0)
-    monkeypatch.setattr(hod._build, "SPLIT_MIN_ENTRIES_HESSIAN", 0)
+    monkeypatch.setattr(hod._split, "SPLIT_MIN_ENTRIES", 0)
+    monkeypatch.setattr(hod._split, "SPLIT_MIN_ENTRIES_HESSIAN", 0)
 
 
 def mlp(x, w1, b1, w2):

@@ -252,12 +252,12 @@ def _linear_params():
 def _spied_per_example(monkeypatch, disabled: bool = False) -> Callable[[], tuple]:
     """A function giving the leaves that the reverse-last plan the planner kept reads
     per-example terms for (it prices every candidate plan, each with its terms)."""
-    import hod._build
     import hod._per_example
+    import hod._plan
 
     prepared, kept = {}, []
     original_terms = hod._per_example.with_per_example_terms
-    original_plan = hod._build.plan_seeds
+    original_plan = hod._plan.plan_seeds
 
     def spy_terms(gm, diff_positions, seeds):
         result = (gm, seeds) if disabled else original_terms(gm, diff_positions, seeds)
@@ -269,8 +269,8 @@ def _spied_per_example(monkeypatch, disabled: bool = False) -> Callable[[], tupl
         kept.append(plan)
         return plan
 
-    monkeypatch.setattr(hod._build, "with_per_example_terms", spy_terms)
-    monkeypatch.setattr(hod._build, "plan_seeds", spy_plan)
+    monkeypatch.setattr(hod._plan, "with_per_example_terms", spy_terms)
+    monkeypatch.setattr(hod._plan, "plan_seeds", spy_plan)
     return lambda: prepared[kept[-1]]
 
 

@@ -1,11 +1,10 @@
-"""Derivative rules, one module per op family, collected in :data:`RULES`."""
+"""Derive stage: the derivative rules, one module per op family, collected in :data:`RULES`."""
 
 from . import (  # noqa: F401 - importing a family fills the table
     activations,
     elementwise,
     indexing,
     linalg,
-    losses,
     nn,
     reductions,
     shape,

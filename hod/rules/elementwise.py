@@ -17,7 +17,8 @@ import torch
 from torch import fx
 
 from .._emitter import Operand
-from .._jet import DeriveContext, Jet, Tower
+from .._jet import DeriveContext, Tower
+from .._records import Jet
 from ._registry import defpointwise_linear, defunary, defzero, register
 
 aten = torch.ops.aten

@@ -11,7 +11,8 @@ from torch import fx
 
 from .._combinatorics import subsets
 from .._emitter import Emitter, Operand, delta_strides
-from .._jet import DeriveContext, Jet
+from .._jet import DeriveContext
+from .._records import Jet
 from ..errors import UnsupportedOperatorError
 from ._registry import register
 from .elementwise import as_jet
@@ -139,7 +140,7 @@ def _narrow_left(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
     multiply-adds; compiled code, which fuses the strided reads into later ops, keeps
     ``einsum`` past ``n = 4`` (measured on the order-3 MLP rows of width 8: ``n = 8``
     this way took the eager code from 7.5 to 6.9 ms, the compiled one from 3.3 to 3.8).
-    Where nothing but the function's results reads the product, :mod:`hod._pairs`
+    Where nothing but the function's results reads the product, :mod:`hod.passes.pairs`
     computes it without the zeros, as a permuted view.
     """
     if em.rank(a) != 2 or em.rank(b) < 3 or em.device.type != "cpu":

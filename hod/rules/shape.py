@@ -12,7 +12,8 @@ import torch
 from torch import fx
 
 from .._emitter import Operand
-from .._jet import DeriveContext, Jet
+from .._jet import DeriveContext
+from .._records import Jet
 from ._registry import register
 from .elementwise import as_jet
 

@@ -8,7 +8,7 @@ one tensor is described by the sizes, strides and storage offset at its end, so 
 ``as_strided`` call can stand for it, when the layout of the tensor at its root is known.
 
 Meta tensors do not promise that layout for every op, and planned memory (see
-:mod:`hod._memory`) changes it, so the layouts are observed instead: the graph runs once
+:mod:`hod.passes.memory`) changes it, so the layouts are observed instead: the graph runs once
 on the call's own tensors with every chain end among its results, and the rewritten graph
 asks for what came. That is exact on every later call because a root is never memory of
 the caller's (an input or a captured tensor, whose storage offsets the caller decides):
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
-from ._concat import allocates
+from .concat import allocates
 
 aten = torch.ops.aten
 
@@ -111,7 +111,7 @@ def _caller_memory(graph: fx.Graph, n_inputs: int) -> set[fx.Node]:
 def _out_names(node: fx.Node) -> list[str]:
     """The names of the arguments ``node`` writes its result into (planned code)."""
     schema = getattr(node.target, "_schema", None)
-    if schema is None:  # an in-place stand-in of hod._concat.INTO
+    if schema is None:  # an in-place stand-in of hod.passes.concat.INTO
         return ["out"]
     return [a.name for a in schema.arguments if a.is_out]
 

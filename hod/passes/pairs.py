@@ -25,8 +25,8 @@ import math
 import torch
 from torch import fx
 
-from ._emitter import graph_call
-from ._views import VIEW_OPS
+from .._emitter import graph_call
+from .views import VIEW_OPS
 
 aten = torch.ops.aten
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ._concat import add_padded_in_place, allocates, concatenate_in_place, into_form
-from ._emitter import Emitter
+from .._emitter import Emitter
+from .concat import add_padded_in_place, allocates, concatenate_in_place, into_form
 
 aten = torch.ops.aten
 

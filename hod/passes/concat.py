@@ -1,4 +1,4 @@
-"""Concatenations written in place, for the planned code of :mod:`hod._memory`.
+"""Concatenations written in place, for the planned code of :mod:`hod.passes.memory`.
 
 Derivatives over seed spans are assembled with ``cat`` along the seed axis (see
 ``DeriveContext.sum_pieces``), which copies every part once more. In the planned code,

@@ -1,3 +1,0 @@
-"""hod decompositions: linalg ops (being written)."""
-
-from __future__ import annotations

@@ -1,3 +1,0 @@
-"""losses rules (being written)"""
-
-from __future__ import annotations
