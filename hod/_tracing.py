@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._C._functorch import get_unwrapped, is_batchedtensor, is_gradtrackingtensor
+from torch._C._functorch import (
+    get_unwrapped,
+    is_batchedtensor,
+    is_gradtrackingtensor,
+    maybe_current_level,
+    maybe_get_level,
+)
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -51,9 +57,10 @@ def trace(
     caller's (possibly wrapped) tensors, so the transforms apply to it as to any function.
     Under ``grad`` the transform's interpreter would otherwise swallow the traced ops.
     """
+    enclosing_level = maybe_current_level()
     with temporarily_clear_interpreter_stack():
         fakes = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in examples]
-        gm = _make_fx(fn, fakes, call)
+        gm = _make_fx(fn, fakes, call, enclosing_level)
     _reject_input_mutation(gm, call)
     _reject_data_dependence(gm, call, lambda op: find_call_site(fn, examples, op))
     if not allow_random:
@@ -62,9 +69,11 @@ def trace(
     return gm
 
 
-def _make_fx(fn: Callable, fakes: list[torch.Tensor], call: str) -> fx.GraphModule:
+def _make_fx(
+    fn: Callable, fakes: list[torch.Tensor], call: str, enclosing_level: int | None
+) -> fx.GraphModule:
     try:
-        with _RejectTransformedCaptures(call):
+        with _RejectTransformedCaptures(call, enclosing_level):
             return make_fx(
                 torch.func.functionalize(fn),
                 decomposition_table=DECOMPOSITIONS,
@@ -123,16 +132,22 @@ class _RejectTransformedCaptures(TorchFunctionMode):
     Such a tensor (the ``W`` of ``grad(lambda W: hod.hessian(lambda x: f(x, W))(x))``)
     lives only while that transform runs, so it cannot become a constant of cached code.
     Transforms used while tracing (hod's own ``vjp``, or ``f``'s) wrap fake tensors; an
-    enclosing one wraps a real tensor.
+    enclosing one wraps a real tensor. A captured real tensor that an op inside the trace
+    returns as itself (``W.to(W.device)``) is wrapped at one of the trace's own levels, so
+    only wrappers at the levels of transforms enclosing the call (``enclosing_level`` and
+    below; ``None`` when there are none) count.
     """
 
-    def __init__(self, call: str) -> None:
+    def __init__(self, call: str, enclosing_level: int | None) -> None:
         super().__init__()
         self.call = call
+        self.enclosing_level = enclosing_level
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         for leaf in tree_leaves((args, kwargs or {})):
-            if isinstance(leaf, torch.Tensor) and _from_enclosing_transform(leaf):
+            if isinstance(leaf, torch.Tensor) and _from_enclosing_transform(
+                leaf, self.enclosing_level
+            ):
                 raise TracingError(
                     f"{self.call}: the function uses a tensor from its closure that an "
                     f"enclosing torch.func transform (grad, vmap, jacrev, ...) is tracking.\n"
@@ -151,11 +166,14 @@ class _RejectTransformedCaptures(TorchFunctionMode):
 _DATA_GETTER = torch.Tensor.data.__get__
 
 
-def _from_enclosing_transform(t: torch.Tensor) -> bool:
+def _from_enclosing_transform(t: torch.Tensor, enclosing_level: int | None) -> bool:
+    if enclosing_level is None:
+        return False
     wrapped = False
     while True:
         if is_batchedtensor(t) or is_gradtrackingtensor(t):
-            t, wrapped = get_unwrapped(t), True
+            wrapped = wrapped or maybe_get_level(t) <= enclosing_level
+            t = get_unwrapped(t)
         elif torch._is_functional_tensor(t):
             t = torch._from_functional_tensor(t)
         else:

@@ -100,6 +100,20 @@ def test_in_place_update_of_a_captured_tensor_is_followed():
     assert len(fn._cache) == 1, "following an in-place update needs no retrace"
 
 
+def test_a_captured_tensor_an_op_returns_as_itself_is_a_captured_tensor():
+    """``W.to(W.device)`` returns ``W`` itself; inside the reverse trace it comes out wrapped
+    by hod's own transform, which is not a transform enclosing the call."""
+    W = torch.randn(3, 2, dtype=D)
+
+    def f(x):
+        return tanh_loss(x, W.to(W.device))
+
+    x = torch.randn(3, dtype=D)
+    assert_same_tree(hod.hessian(f)(x), hessian(f)(x))
+    X = torch.randn(4, 3, dtype=D)
+    assert_same_tree(torch.func.vmap(hod.hessian(f))(X), torch.func.vmap(hessian(f))(X))
+
+
 def test_rebinding_a_global_or_closure_tensor_retraces(monkeypatch):
     fn, x = hod.hessian(uses_global), torch.randn(3, dtype=D)
     fn(x)
