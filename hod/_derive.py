@@ -130,7 +130,8 @@ def _derive_node(
         if rule is None:
             raise UnsupportedOperatorError(
                 f"{call}: no derivative rule for the ATen op {node.target}.\n"
-                f"  Expected: ops listed in hod's README (or ones that decompose into them)."
+                f"  Expected: ops listed in hod's docs, docs/operators.md (or ones that "
+                f"decompose into them)."
                 f"{_where(call_site, node.target)}\n"
                 f"  Fix: rewrite that line with supported ops, or open an issue asking for a "
                 f"rule for {node.target}."
