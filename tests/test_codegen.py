@@ -1,4 +1,4 @@
-"""The fast variant of generated code (hod._codegen, hod._views): collapsed view chains and
+"""The fast variant of generated code (hod._codegen, hod.passes.views): collapsed view chains and
 numbers read from 0-dim tensors, run on plain tensors; the general code elsewhere."""
 
 from __future__ import annotations

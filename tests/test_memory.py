@@ -1,4 +1,4 @@
-"""Reused memory (hod._memory): the planned code, when it runs, and what it must not do."""
+"""Reused memory (hod.passes.memory): the planned code, when it runs, and what it must not do."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reused memory (hod._memory) on a model whose derivatives are not zero: a result the
+"""Reused memory (hod.passes.memory) on a model whose derivatives are not zero: a result the
 caller holds, or a view of one, keeps its values through later calls; intermediates that
 share the arena get the right values. Found by the mutation run (issue 21): a slot that
 never reallocates, or reallocates only past one extra reference, passed the older tests."""
