@@ -180,11 +180,9 @@ def latest_committed_run() -> Path | None:
     """The newest run in ``bench/runs/``, or None when there is none yet."""
     from bench import tables
 
-    if not RUNS.is_dir():
-        return None
     try:
-        return Path(tables.latest_run(str(RUNS)))
-    except (FileNotFoundError, ValueError):
+        return tables.latest_run(RUNS)
+    except FileNotFoundError:
         return None
 
 
