@@ -63,7 +63,7 @@ def plan_seeds(
                 continue
             batch = _grow(gm, diff_positions, shapes, required, {first: dim}, size)
             if batch is not None:
-                candidates.append(_seed_plan(gm, diff_positions, shapes, batch, size))
+                candidates.append(_seed_plan(gm, diff_positions, shapes, batch))
     return min(candidates, key=cost)  # the first of the cheapest: plain seeds on a tie
 
 
@@ -88,11 +88,10 @@ def valid_batch(gm, diff_positions, required: Required, batch: dict[int, int]) -
     return all(states[i] != MIXED for i in required(batch))
 
 
-def _seed_plan(gm, diff_positions, shapes, batch: dict[int, int], size: int) -> SeedPlan:
+def _seed_plan(gm, diff_positions, shapes, batch: dict[int, int]) -> SeedPlan:
     segments, offset = [], 0
     for leaf, shape in enumerate(shapes):
-        dim = batch.get(leaf)
-        segment = Segment(offset, tuple(shape), dim, size if dim is not None else 1)
+        segment = Segment(offset, tuple(shape), batch.get(leaf))
         segments.append(segment)
         offset += segment.size
     states = track_batch(gm, {diff_positions[leaf]: dim for leaf, dim in batch.items()})

@@ -127,13 +127,12 @@ class Segment:
     """Where a differentiated input leaf sits in the seed space.
 
     An uncompressed leaf spans ``numel`` seeds. A leaf compressed along ``batch_dim`` (of
-    size ``batch_size``) spans one seed per within-slice coordinate: ``numel / B``.
+    size ``B``) spans one seed per within-slice coordinate: ``numel / B``.
     """
 
     offset: int
     shape: tuple[int, ...]
     batch_dim: int | None = None
-    batch_size: int = 1
 
     @property
     def sub_shape(self) -> tuple[int, ...]:
