@@ -306,14 +306,18 @@ THOAD_SETUP_HINT = "create it with: bash bench/setup_thoad_env.sh (or set THOAD_
 class ThoadWorker:
     """A long-lived ``python -m bench.thoad_worker`` process spoken to in JSON lines.
 
-    The worker's stderr goes to ``log_path``; its last lines are quoted when it fails.
+    The worker's stderr goes to ``log_path``; its last lines are quoted when it fails. A
+    subclass names another worker module (``module``) and what its messages call it (``label``).
     """
+
+    module = "bench.thoad_worker"
+    label = "thoad"
 
     def __init__(self, python: Path, log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
         self._proc = subprocess.Popen(
-            [str(python), "-m", "bench.thoad_worker"],
+            [str(python), "-m", self.module],
             cwd=REPO_ROOT,
             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
             stdin=subprocess.PIPE,
@@ -333,16 +337,18 @@ class ThoadWorker:
             self._proc.stdin.write(json.dumps(message) + "\n")
             self._proc.stdin.flush()
         except BrokenPipeError as exc:
-            raise EngineFailure("ERROR", f"thoad worker died: {self.log_tail()}") from exc
+            raise EngineFailure("ERROR", f"{self.label} worker died: {self.log_tail()}") from exc
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
         if not ready:
             self.close()
-            raise EngineFailure("TIMEOUT", f"thoad worker gave no answer in {timeout_s:.0f} s")
+            raise EngineFailure(
+                "TIMEOUT", f"{self.label} worker gave no answer in {timeout_s:.0f} s"
+            )
         line = self._proc.stdout.readline()
         if not line:
             self._proc.wait()
             raise EngineFailure(
-                "ERROR", f"thoad worker exited ({self._proc.returncode}): {self.log_tail()}"
+                "ERROR", f"{self.label} worker exited ({self._proc.returncode}): {self.log_tail()}"
             )
         reply = json.loads(line)
         if not reply.get("ok"):

@@ -6,6 +6,7 @@ Run from the repository root::
     python -m bench.run                         # every row of the seed notebook's sweeps
     python -m bench.run --sweeps hess_all_width,o3_x --device cuda
     python -m bench.run --memory                # peak RSS per engine on the largest Hessian row
+    python -m bench.run --sweeps taylor         # Taylor mode: hod, jet-for-pytorch, torch.func
     python -m bench.run --list                  # the sweeps and their rows
 
 See bench/README.md for what is measured and how results are checked.
@@ -30,6 +31,9 @@ from bench.memory import format_memory, measure
 from bench.models import MEMORY_SWEEP, SWEEPS, Sweep
 from bench.report import check_summary, format_table, machine_info, plot, sweep_dict, write_json
 from bench.runner import HOPELESS, HOPELESS_MS, TRAILING, RowResult, RunSettings, SweepRunner
+from bench.tables import TAYLOR
+from bench.taylor import TITLE as TAYLOR_TITLE
+from bench.taylor import format_taylor, list_rows, run_taylor_sweep
 from bench.timing import FULL_POLICY, QUICK_POLICY
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"  # git-ignored scratch
@@ -45,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a subset of each sweep's rows and fewer repetitions")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--sweeps", default="all",
-                        help="comma-separated sweep names (see --list), default all")
+                        help="comma-separated sweep names (see --list), default all but "
+                             f"{TAYLOR} (its own engines: run it by name)")
     parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
                         help=f"comma-separated engines of {','.join(ENGINE_NAMES)}, or a "
                              f"peer's plain name ({', '.join(PEERS)}) for all its settings; "
@@ -77,10 +82,10 @@ def select_sweeps(spec: str) -> list[Sweep]:
     if spec == "all":
         return list(SWEEPS.values())
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SWEEPS]
+    unknown = [n for n in names if n not in SWEEPS and n != TAYLOR]
     if unknown:
-        raise SystemExit(f"unknown sweeps {unknown}; known: {', '.join(SWEEPS)}")
-    return [SWEEPS[n] for n in names]
+        raise SystemExit(f"unknown sweeps {unknown}; known: {', '.join(SWEEPS)}, {TAYLOR}")
+    return [SWEEPS[n] for n in names if n != TAYLOR]
 
 
 def engines_for(
@@ -99,6 +104,7 @@ def list_sweeps() -> None:
         quick = [xs[i] for i in sweep.quick]
         print(f"{sweep.name:15s} {sweep.title}\n{'':15s} rows: {', '.join(xs)}\n"
               f"{'':15s} --quick: {', '.join(quick)}")
+    print(list_rows())
 
 
 def make_runner(
@@ -163,6 +169,14 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
             print(format_table(sweep, rows))
             print("\n".join(check_summary(rows)), flush=True)
             sweeps_json.append(sweep_dict(sweep, rows))
+            payload["elapsed_s"] = round(time.perf_counter() - start, 1)
+            write_json(json_path, payload)
+        if TAYLOR in args.sweeps.split(","):
+            print(f"\n-- {TAYLOR}: {TAYLOR_TITLE}", flush=True)
+            sweep, versions = run_taylor_sweep(policy, args.seed, max(120.0, 6 * budget))
+            info["engines"].update(versions)
+            print(format_taylor(sweep))
+            sweeps_json.append(sweep)
             payload["elapsed_s"] = round(time.perf_counter() - start, 1)
             write_json(json_path, payload)
     finally:

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Create the Python 3.12 virtual environment that the benchmark uses to run thoad.
+# Create the Python 3.12 virtual environment that the benchmark uses to run thoad and
+# jet-for-pytorch.
 #
-# thoad (https://pypi.org/project/thoad/) needs Python >= 3.12, while hod and the rest of the
-# benchmark run on the project's interpreter. The harness therefore talks to thoad through a
-# worker process (bench/thoad_worker.py) started with this environment's interpreter.
+# thoad (https://pypi.org/project/thoad/) and jet-for-pytorch
+# (https://pypi.org/project/jet-for-pytorch/, the taylor sweep's peer) need Python >= 3.12,
+# while hod and the rest of the benchmark run on the project's interpreter. The harness
+# therefore talks to them through worker processes (bench/thoad_worker.py, bench/jet_worker.py)
+# started with this environment's interpreter.
 #
 # Usage (from anywhere):   bash bench/setup_thoad_env.sh
 # Environment overrides:
@@ -21,6 +24,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${THOAD_VENV:-$ROOT/.venv312}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 THOAD_VERSION="0.1.0"
+JET_VERSION="1.0.0"
 
 is_python312() {
     "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
@@ -58,12 +62,14 @@ PIP_ARGS=()
 if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
     PIP_ARGS+=(--extra-index-url "$TORCH_INDEX_URL")
 fi
-"$VENV/bin/python" -m pip install ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "torch==$TORCH_VERSION" "thoad==$THOAD_VERSION" numpy
+"$VENV/bin/python" -m pip install ${PIP_ARGS[@]+"${PIP_ARGS[@]}"} "torch==$TORCH_VERSION" "thoad==$THOAD_VERSION" \
+    "jet-for-pytorch==$JET_VERSION" numpy
 
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md
 import sys
 
+import jet
 import torch
 import thoad  # noqa: F401
 
@@ -71,10 +77,15 @@ x = torch.rand(3, 4, requires_grad=True)
 ctrl = thoad.backward(tensor=(x @ x.T).sum(), order=2)
 block, _ = ctrl.fetch_hgrad(variables=(x, x))
 ctrl.clear()
+y = torch.rand(3)
+lap = jet.laplacian(lambda v: torch.tanh(v).sum().reshape(1), (y,))(y)
+exact = (-2 * torch.tanh(y) / torch.cosh(y) ** 2).sum()
+assert torch.allclose(lap, exact.reshape(1), atol=1e-6), (lap, exact)
 print(
     f"ok: python {sys.version.split()[0]}, torch {torch.__version__} "
     f"(cuda build: {torch.version.cuda}), thoad {md.version('thoad')}, "
-    f"second-order block shape {tuple(block.shape)}"
+    f"second-order block shape {tuple(block.shape)}; jet-for-pytorch "
+    f"{md.version('jet-for-pytorch')}, Laplacian of sum(tanh) checked"
 )
 EOF
-echo "thoad environment ready: $VENV (the benchmark finds it there, or set THOAD_PYTHON)"
+echo "environment ready: $VENV (the benchmark finds it there, or set THOAD_PYTHON)"

@@ -60,6 +60,18 @@ def is_hod(engine: str) -> bool:
     return engine == HOD or engine.startswith(HOD + ".")
 
 
+#: The ``kind`` of the taylor sweep in a result file: its own rows, engines and table
+#: (:func:`taylor_grid`), left out of the summary, headline and plot of the derivative sweeps.
+TAYLOR = "taylor"
+#: The taylor sweep's matmul floor: timed beside the engines, never a peer.
+FLOOR = "floor"
+
+
+def derivative_sweeps(run: Run) -> list[dict[str, Any]]:
+    """The run's sweeps but the taylor one."""
+    return [s for s in run["sweeps"] if s.get("kind") != TAYLOR]
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 def load_run(path: str | Path) -> Run:
@@ -178,13 +190,13 @@ def _ratio_cell(rows: Sequence[Row], peer: str | None, hod: str, winners: bool) 
 def summary_grid(run: Run) -> list[list[str]]:
     """The summary as a list of rows (header first): per sweep, hod's speedup over the best peer
     and over each peer's best setting (min / median / max over the rows), and hod.compile's."""
-    engines = engines_of(run)
+    engines = engines_of({"sweeps": derivative_sweeps(run)})
     peers = peers_of(engines)
     hods = [e for e in engines if is_hod(e) and e != HOD]
     header = ["sweep", "rows", "hod vs the best peer", *(f"vs {p}" for p in peers),
               *(f"{h} vs the best peer" for h in hods)]
     grid = [header]
-    for sweep in run["sweeps"]:
+    for sweep in derivative_sweeps(run):
         rows = sweep["rows"]
         cells = [SWEEP_TITLES.get(sweep["name"], sweep["name"]), str(len(rows)),
                  _ratio_cell(rows, None, HOD, winners=False)]
@@ -215,6 +227,31 @@ def sweep_grid(sweep: dict[str, Any]) -> list[list[str]]:
             cells.append(f"{r[0]:.2f}x" + (f" ({setting_of(r[1])})" if setting_of(r[1]) else "")
                          if r else "-")
         cells += [f"{r[0]:.2f}x" if (r := ratio(row, None, h)) else "-" for h in hods]
+        grid.append(cells)
+    return grid
+
+
+def taylor_grid(sweep: dict[str, Any]) -> list[list[str]]:
+    """The taylor sweep as a list of rows (header first): every engine's median per row (or its
+    status), hod's speedup over each peer's best setting (named), and hod's time over the
+    matmul floor's (``1.20x`` = 20% above the floor)."""
+    engines = engines_of(sweep)
+    peers = [p for p in peers_of(engines) if p != FLOOR]
+    header = [sweep["x_name"], *engines, *(f"hod vs {p}" for p in peers), "hod / floor"]
+    grid = [header]
+    for row in sweep["rows"]:
+        cells = [str(row["x"])]
+        for e in engines:
+            floor = row["engines"][e] if e == FLOOR else None
+            cells.append(f"{floor['median_ms']:.3f}" if floor and floor["median_ms"] is not None
+                         else mark(row, e))
+        for peer in peers:
+            r = ratio(row, peer)
+            cells.append(f"{r[0]:.2f}x" + (f" ({setting_of(r[1])})" if setting_of(r[1]) else "")
+                         if r else "-")
+        floor_ms = row["engines"].get(FLOOR, {}).get("median_ms")
+        ours = time_ms(row, HOD)
+        cells.append(f"{ours / floor_ms:.2f}x" if ours is not None and floor_ms else "-")
         grid.append(cells)
     return grid
 
@@ -250,7 +287,8 @@ def sweep_tables(run: Run) -> str:
     for sweep in run["sweeps"]:
         parts.append(f"### {SWEEP_TITLES.get(sweep['name'], sweep['name'])} "
                      f"(`{sweep['name']}`: {sweep['title']}), median ms")
-        parts.append(markdown(sweep_grid(sweep)))
+        grid = taylor_grid(sweep) if sweep.get("kind") == TAYLOR else sweep_grid(sweep)
+        parts.append(markdown(grid))
         notes = [*sweep.get("notes", []), *problem_notes(sweep)]
         if notes:
             parts.append("\n".join(f"* {n}" for n in notes))
@@ -260,7 +298,7 @@ def sweep_tables(run: Run) -> str:
 # --- headline --------------------------------------------------------------------------------
 
 def _rows_of(run: Run, orders: Sequence[int]) -> list[Row]:
-    return [row for sweep in run["sweeps"] for row in sweep["rows"]
+    return [row for sweep in derivative_sweeps(run) for row in sweep["rows"]
             if row["case"]["order"] in orders]
 
 
@@ -331,8 +369,8 @@ def plot_summary(run: Run, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeps = run["sweeps"]
-    engines = engines_of(run)
+    sweeps = derivative_sweeps(run)
+    engines = engines_of({"sweeps": sweeps})
     lines = [e for e in engines if is_hod(e)] + peers_of(engines)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     style = {name: (colours[i % len(colours)], "osD^v<>"[i % 7]) for i, name in enumerate(lines)}
