@@ -13,6 +13,15 @@ from ._api import (
     jacobian,
 )
 from ._build import Lowered
+from ._taylor_api import (
+    OperatorFunction,
+    SeriesFunction,
+    biharmonic,
+    hvp,
+    jet,
+    laplacian,
+    operator,
+)
 from .errors import (
     CompileError,
     HodError,
@@ -34,10 +43,17 @@ __all__ = [
     "OutputError",
     "TracingError",
     "UnsupportedOperatorError",
+    "OperatorFunction",
+    "SeriesFunction",
+    "biharmonic",
     "derivative",
     "derivatives",
     "hessian",
+    "hvp",
     "jacobian",
+    "jet",
+    "laplacian",
+    "operator",
 ]
 
 __version__ = "0.1.0"

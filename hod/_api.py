@@ -95,9 +95,12 @@ class DerivativeFunction:
             with _BUILD_LOCK:
                 lowered = self._cached(flat.key)  # another thread may have just built it
                 if lowered is None:
-                    lowered = build(self._request, flat)
+                    lowered = self._build(flat)
                     self._store(flat.key, lowered, _tensor_bindings(self._request.f))
         return lowered
+
+    def _build(self, flat: FlatCall) -> Lowered:
+        return build(self._request, flat)
 
     def _cached(self, key: Hashable) -> Lowered | None:
         if self._bindings and any(
@@ -152,7 +155,7 @@ def _read(scope: dict | CellType, name: str) -> object:
         return _MISSING
 
 
-def _describe(name: str, f: Callable, order: int | None, argnums: Any) -> str:
+def describe(name: str, f: Callable, order: int | None, argnums: Any) -> str:
     fname = getattr(f, "__name__", type(f).__name__)
     parts = [fname] + ([f"order={order!r}"] if order is not None else [])
     if argnums != 0:
@@ -160,7 +163,7 @@ def _describe(name: str, f: Callable, order: int | None, argnums: Any) -> str:
     return f"hod.{name}({', '.join(parts)})"
 
 
-def _validate(call: str, f: Any, order: Any, argnums: Any) -> tuple[int, ...]:
+def validate_arguments(call: str, f: Any, order: Any, argnums: Any) -> tuple[int, ...]:
     if not callable(f):
         raise InputError(
             f"{call}: the first argument must be a callable, got {type(f).__name__}.\n"
@@ -197,8 +200,8 @@ def _transform(
 ) -> DerivativeFunction:
     """The transformed ``f`` after checking the arguments; ``shown_order`` is the order
     named in error messages (None for ``jacobian``/``hessian``, whose name says it)."""
-    call = _describe(name, f, shown_order, argnums)
-    nums = _validate(call, f, order, argnums)
+    call = describe(name, f, shown_order, argnums)
+    nums = validate_arguments(call, f, order, argnums)
     if memory_limit is not None and (
         isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
     ):

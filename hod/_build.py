@@ -174,14 +174,14 @@ def _generate(
         primals = [jet.primal for jet in inputs]
         results = compose(em, primals, results, per_example=per_example, compact=compact)
     em.output(results + aux)
-    return _lower(state, em, derived, result_spec(specs, request, traced.aux_spec))
+    spec = result_spec(specs, request, traced.aux_spec)
+    return lower(state, em, mode, seeds.size, spec)
 
 
-def _lower(state: BuildState, em: Emitter, derived: Derived, spec: TreeSpec) -> Lowered:
+def lower(state: BuildState, em: Emitter, mode: Mode, seed_size: int, spec: TreeSpec) -> Lowered:
     """The emitted graph as code: through the passes and codegen, then compiled when
     the request asks for it."""
     request, flat = state.request, state.flat
-    mode, seed_size = derived.mode, derived.seeds.size
     if request.compile is not None:  # the compiler plans memory itself
         rewritten = rewrite(em.graph, em.constants, em.device, plan_memory=False)
         gm = generate(rewritten, em.constants, em.device)[0]

@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ._analysis import covered_span, needed_spans
+from ._collapse import Collapse
 from ._emitter import Emitter, Operand
 from ._jet import DeriveContext
 from ._records import FlatCall, Jet, SeedPlan, Segment, Span
@@ -32,12 +33,15 @@ def derive(
     call: str,
     call_site: CallSite,
     needs: Sequence[Span | None],
+    collapse: Collapse | None = None,
 ) -> list[Jet]:
     """Jets of ``gm``'s outputs, given the jets of its placeholders (in order).
 
     ``needs[i]`` is the range of seeds whose derivatives output ``i`` must carry (None:
     none, a value only; outputs past ``needs`` are values too, such as aux outputs).
     Every node computes its derivatives over the seeds some output needs from it.
+    With ``collapse`` (Taylor mode), every node's top coefficient is collapsed over the
+    directions (see :mod:`hod._collapse`), and so is the outputs' ``D^K``.
     """
     em = ctx.em
     env: dict[fx.Node, object] = {}
@@ -46,16 +50,20 @@ def derive(
     placeholders = iter(inputs)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            env[node] = next(placeholders)
+            jet = next(placeholders)
+            env[node] = jet if collapse is None else collapse.leaf(jet)
         elif node.op == "get_attr":
             value = getattr(gm, node.target)
             env[node] = Jet(em.constant(node.target, value), [None] * ctx.order)
         elif node.op == "call_function" and node.target is operator.getitem:
             env[node] = env[node.args[0]][node.args[1]]  # one output of a multi-output op
         elif node.op == "call_function":
-            env[node] = _derive_node(ctx, node, env, call, call_site, needed.get(node))
+            env[node] = _derive_node(
+                ctx, node, env, call, call_site, needed.get(node), collapse
+            )
         elif node.op == "output":
-            return [env[v] for v in node.args[0]]
+            jets = [env[v] for v in node.args[0]]
+            return jets if collapse is None else [collapse.output(j) for j in jets]
     raise AssertionError("graph without output")
 
 
@@ -91,7 +99,7 @@ def _seed(em: Emitter, segment: Segment, like: fx.Node) -> fx.Node:
 
 def _derive_node(
     ctx: DeriveContext, node: fx.Node, env: dict, call: str, call_site: CallSite,
-    needed: Span | None,
+    needed: Span | None, collapse: Collapse | None,
 ) -> Jet | tuple[Jet, ...]:
     """The node's Jet; for an op returning several tensors, a tuple of Jets (one each).
 
@@ -125,27 +133,47 @@ def _derive_node(
         outs = (out,)
     floating = any(o is not None and em.dtype_of(o).is_floating_point for o in outs)
     per_output: list = [None] * len(outs)
-    if needed is not None and floating and not all(j.is_constant for j in jets):
-        rule = RULES.get(node.target)
-        if rule is None:
-            raise UnsupportedOperatorError(
-                f"{call}: no derivative rule for the ATen op {node.target}.\n"
-                f"  Expected: ops listed in hod's docs, docs/operators.md (or ones that "
-                f"decompose into them)."
-                f"{_where(call_site, node.target)}\n"
-                f"  Fix: rewrite that line with supported ops, or open an issue asking for a "
-                f"rule for {node.target}."
-            )
-        span = _common_span(ctx, jets, needed)
-        if span is not None:
-            args, kwargs = _fitted(ctx, args, span), _fitted(ctx, kwargs, span)
-            ctx.enter(span)
-            derivs = rule(ctx, args, dict(kwargs), outs if multi else out)
-            per_output = derivs if multi else [derivs]
+    topped = collapse is not None and any(collapse.tops.get(j.primal) is not None for j in jets)
+    derived = needed is not None and floating
+    rule = _rule(node, call, call_site) if derived and (topped or not _constant(jets)) else None
+
+    def run(rule_ctx: DeriveContext, rule_args: tuple, rule_kwargs: dict) -> list:
+        derivs = rule(rule_ctx, rule_args, rule_kwargs, outs if multi else out)
+        return derivs if multi else [derivs]
+
+    span = None if rule is None or _constant(jets) else _common_span(ctx, jets, needed)
+    if span is not None:
+        ctx.enter(span)
+        per_output = run(ctx, _fitted(ctx, args, span), _fitted(ctx, kwargs, span))
     jets_out = tuple(
         _output_jet(em, ctx, o, d, node) for o, d in zip(outs, per_output, strict=True)
     )
+    if collapse is not None and derived:
+        top_ctx = collapse.ctx
+        collapse.node(
+            args, kwargs, jets_out, run if rule is not None else None,
+            lambda d, o: _conform(em, top_ctx, d, top_ctx.order, o, node),
+        )
     return jets_out if multi else jets_out[0]
+
+
+def _constant(jets: list[Jet]) -> bool:
+    return all(j.is_constant for j in jets)
+
+
+def _rule(node: fx.Node, call: str, call_site: CallSite):
+    """The node's derivative rule; a clear error when hod has none."""
+    rule = RULES.get(node.target)
+    if rule is None:
+        raise UnsupportedOperatorError(
+            f"{call}: no derivative rule for the ATen op {node.target}.\n"
+            f"  Expected: ops listed in hod's docs, docs/operators.md (or ones that "
+            f"decompose into them)."
+            f"{_where(call_site, node.target)}\n"
+            f"  Fix: rewrite that line with supported ops, or open an issue asking for a "
+            f"rule for {node.target}."
+        )
+    return rule
 
 
 def _common_span(ctx: DeriveContext, jets: list[Jet], needed: Span) -> Span | None:
@@ -192,11 +220,11 @@ def _conform(
     """Check a rule's ``D^k`` has shape ``(S,)*k + out.shape``, expanding a broadcast one."""
     if d is None:
         return None
-    expected = [ctx.seed_size] * k + list(em.shape(out))
+    expected = ctx.lead(k) + list(em.shape(out))
     if not isinstance(d, fx.Node):
         raise AssertionError(f"rule for {node.target} returned a number for D^{k}")
     if list(em.shape(d)) != expected:
-        d = em.expand(ctx.align(d, k, len(expected) - k), expected)
+        d = em.expand(ctx.align(d, k, em.rank(out)), expected)
     if em.dtype_of(d) != em.dtype_of(out):
         d = em.call(torch.ops.aten._to_copy.default, d, dtype=em.dtype_of(out))
     return d

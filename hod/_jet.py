@@ -56,6 +56,15 @@ class DeriveContext:
         self.seed_size = seed_size
         self.grouped = GROUP_TOP_ORDER and order >= 2
 
+    # -- seed axes -------------------------------------------------------------------------
+    def axes(self, k: int) -> int:
+        """How many leading seed axes ``D^k`` of a value has: ``k``."""
+        return k
+
+    def lead(self, k: int) -> list[int]:
+        """The leading seed dims of ``D^k`` over the current span."""
+        return [self.seed_size] * self.axes(k)
+
     # -- spans -----------------------------------------------------------------------------
     def span_of(self, jet: Jet) -> Span:
         return jet.span or (0, self.full_size)
@@ -88,7 +97,7 @@ class DeriveContext:
         """The part of ``t``'s ``k`` leading seed axes inside ``inner`` (views)."""
         if t is None or inner == own:
             return t
-        for axis in range(k):
+        for axis in range(self.axes(k)):
             t = self.em.call(
                 torch.ops.aten.slice.Tensor, t, axis, inner[0] - own[0], inner[1] - own[0]
             )
@@ -96,7 +105,7 @@ class DeriveContext:
 
     def pad(self, t: Operand, k: int, own: Span, span: Span) -> Operand:
         """Zero-pad ``t``'s ``k`` leading seed axes from ``own`` to ``span``."""
-        return self._pad_axes(t, [own] * k, span)
+        return self._pad_axes(t, [own] * self.axes(k), span)
 
     def _pad_axes(self, t: Operand, owns: Sequence[Span], span: Span) -> Operand:
         """Zero-pad each leading seed axis of ``t`` from its own span in ``owns`` to ``span``."""
@@ -130,7 +139,10 @@ class DeriveContext:
     # -- family helpers --------------------------------------------------------------------
     def linear(self, x: Jet, apply: Callable[[fx.Node, int], Operand]) -> list[Operand]:
         """``D^k L(x) = L(D^k x)``; ``apply(t, k)`` applies ``L`` to ``t`` with k seed axes."""
-        return [None if x.d(k) is None else apply(x.d(k), k) for k in range(1, self.order + 1)]
+        return [
+            None if x.d(k) is None else apply(x.d(k), self.axes(k))
+            for k in range(1, self.order + 1)
+        ]
 
     def unary(self, x: Jet, tower: Tower) -> list[Operand]:
         """Faà di Bruno: ``D^m g(x) = sum_P g^(|P|)(x) prod_{B in P} D^|B| x``.
@@ -262,7 +274,7 @@ class DeriveContext:
         """
         em = self.em
         pieces = [(t, own) for t, own in pieces if t is not None]
-        if k != 1 or len(pieces) < 2 or len({em.rank(t) for t, _ in pieces}) > 1:
+        if self.axes(k) != 1 or len(pieces) < 2 or len({em.rank(t) for t, _ in pieces}) > 1:
             return em.sum_terms([self.pad(t, k, own, self.span) for t, own in pieces])
         value_shape = list(torch.broadcast_shapes(*(em.shape(t)[1:] for t, _ in pieces)))
         cuts = sorted({self.span[0], self.span[1], *(e for _, own in pieces for e in own)})
@@ -299,3 +311,47 @@ def _is_identity_seed(narrow: Jet | None, positions: tuple[int, ...]) -> bool:
 
 def _numel(em: Emitter, t: Operand) -> int:
     return math.prod(em.shape(t)) if isinstance(t, fx.Node) else 1
+
+
+class TaylorContext(DeriveContext):
+    """What a rule sees in Taylor mode: univariate jets along ``R`` directions at once.
+
+    ``D^k`` of a value is its k-th Taylor coefficient along each direction,
+    ``c_k(r) = d^k/dt^k v(x + t v_r + ...)`` at ``t = 0``, of shape ``(R,) + value.shape``
+    for every ``k``: one leading direction axis instead of ``k`` seed axes. The dense
+    formulas hold with every seed position on that one axis, so a rule written for seed
+    axes (``place``, ``linear``, Faà di Bruno, Leibniz) computes Taylor coefficients
+    unchanged: Faà di Bruno's set partitions group by their block sizes and Leibniz's
+    subsets by their size, each kind weighted by how many there are, at every order (a
+    univariate coefficient is symmetric already, so nothing is symmetrized afterwards).
+    """
+
+    def __init__(self, em: Emitter, order: int, directions: int) -> None:
+        super().__init__(em, order, directions)
+        self.grouped = False
+
+    def axes(self, k: int) -> int:
+        return min(k, 1)
+
+    def place(self, t: Operand, k: int, positions: Sequence[int], m: int, rank: int) -> Operand:
+        if t is None or not isinstance(t, fx.Node):
+            return t
+        em = self.em
+        axes = self.axes(k)
+        value_shape = list(em.shape(t)[axes:])
+        lead = list(em.shape(t)[:axes]) or [1] * self.axes(m)
+        return em.reshape(t, lead + [1] * (rank - len(value_shape)) + value_shape)
+
+    def _partitions(self, m: int):
+        return partition_kinds(m)
+
+    def _splits(self, m: int):
+        return subset_sizes(m)
+
+    def _leibniz_term(self, a, b, chosen, rest, m, apply, rank, count) -> tuple[Operand, Span]:
+        """A term with one factor a value keeps the other's own span, as in dense mode; a
+        cross term is a product per direction, taken over the whole span (the dense
+        identity-seed shortcut places seeds on separate axes, which Taylor mode has not)."""
+        if (not rest and a.narrow is not None) or (not chosen and b.narrow is not None):
+            return super()._leibniz_term(a, b, chosen, rest, m, apply, rank, count)
+        return self._term(a, b, chosen, rest, m, apply, rank, count, self._not_larger), self.span

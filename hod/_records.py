@@ -28,6 +28,7 @@ class Mode(str, enum.Enum):
 
     FORWARD = "forward"  # seed the inputs and push D^1 .. D^n through f
     REVERSE_LAST = "reverse-last"  # push D^1 .. D^(n-1) through f's traced gradient
+    TAYLOR = "taylor"  # push univariate Taylor coefficients along directions through f
 
     def __str__(self) -> str:
         return self.value
@@ -51,6 +52,32 @@ class Request:
     def orders(self) -> range:
         """The orders of the result: ``0..n`` for ``derivatives()``, else ``n`` alone."""
         return range(0 if self.with_values else self.order, self.order + 1)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TaylorPlan:
+    """What a Taylor-mode build computes (see :mod:`hod._taylor`).
+
+    The directions come either from the call, ``series=True``: its last positional
+    argument holds, per differentiated leaf, a tuple of input coefficients ``s_1 .. s_j``
+    of shape ``(R,) + leaf.shape``; or from ``basis(S)``, given the size ``S`` of the
+    seed space (batch dims compressed when ``compress``): a ``(R, S)`` tensor of
+    directions over it, or None for the identity (``R = S``). ``collapse``, when set,
+    gives the weights ``(R,)`` of the collapsed top coefficient (None: all one), from
+    ``S`` (or from ``R`` with ``series``).
+    ``returns`` lists the coefficient orders returned per output (0: the value); with
+    ``gradient`` the Jacobian blocks follow (identity basis only). With ``reverse`` the
+    jets run through ``f``'s traced gradient instead of ``f``.
+    """
+
+    order: int
+    returns: tuple[int, ...]
+    series: bool = False
+    basis: Callable[[int], Any] | None = None
+    compress: bool = True
+    collapse: Callable[[int], Any] | None = None
+    gradient: bool = False
+    reverse: bool = False
 
 
 @dataclass(frozen=True)

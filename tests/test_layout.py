@@ -22,14 +22,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "trace": ("_tracing", "decompositions"),
     "split": ("_split",),
     "analyze": ("_analysis",),
-    "plan": ("_plan", "_cost", "_per_example"),
-    "derive": ("_derive", "_jet", "rules"),
+    "plan": ("_plan", "_cost", "_per_example", "_directions"),
+    "derive": ("_derive", "_jet", "_collapse", "rules"),
     "assemble": ("_assemble",),
     "passes": ("passes",),
     "codegen": ("_codegen",),
     "compile": ("_compiled",),
-    "driver": ("_build",),
-    "api": ("_signature", "_api", "__init__"),
+    "driver": ("_build", "_taylor"),
+    "api": ("_signature", "_series", "_api", "_taylor_api", "__init__"),
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}

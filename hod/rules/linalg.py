@@ -284,7 +284,7 @@ def _channel_bias(ctx: DeriveContext, bias: Jet, k: int, rank: int) -> Operand:
     d = bias.d(k)
     if d is None:
         return None
-    return ctx.em.reshape(d, [ctx.seed_size] * k + [1, -1] + [1] * (rank - 2))
+    return ctx.em.reshape(d, ctx.lead(k) + [1, -1] + [1] * (rank - 2))
 
 
 @register(aten.convolution.default)

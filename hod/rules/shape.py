@@ -91,7 +91,7 @@ def _cat(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Op
                 continue
             d = p.d(k)
             pieces.append(
-                d if d is not None else em.zeros([ctx.seed_size] * k + list(em.shape(p.primal)))
+                d if d is not None else em.zeros(ctx.lead(k) + list(em.shape(p.primal)))
             )
         derivs.append(em.call(aten.cat.default, pieces, dim))
     return derivs
@@ -165,10 +165,10 @@ def write_into(
         if ds is None and (db is None or accumulate):
             result.append(db)
             continue
-        lead = [ctx.seed_size] * k
+        lead = ctx.lead(k)
         db = db if db is not None else em.zeros(lead + list(em.shape(base.primal)))
         ds = ds if ds is not None else em.zeros(lead + list(em.shape(src.primal)))
-        result.append(apply(db, ds, k))
+        result.append(apply(db, ds, ctx.axes(k)))
     return result
 
 

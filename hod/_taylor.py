@@ -1,0 +1,186 @@
+"""The Taylor-mode driver: from a call signature to generated code pushing jets through f.
+
+:func:`build_taylor` traces ``f`` (or its gradient, for Hessian-vector products), gives
+each differentiated input leaf its input Taylor coefficients (from the call, or
+directions over the seed space chosen at trace time), derives every node's coefficients
+with :class:`~hod._jet.TaylorContext` (collapsing the top one over the directions when
+asked, :mod:`hod._collapse`), and lowers the graph like :mod:`hod._build` does.
+
+The generated function returns a tuple with one tree like ``f``'s output per coefficient
+order named in ``plan.returns`` (0: the value; ``k``: ``c_k`` of shape
+``(R,) + out.shape``, or ``out.shape`` for a collapsed top), then, with ``plan.gradient``,
+the Jacobian like :func:`hod.jacobian`'s. For a Hessian-vector product (``reverse``) it
+returns ``H v`` like :func:`hod.jacobian` of the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from ._assemble import block, structure
+from ._build import Lowered, lower
+from ._collapse import Collapse
+from ._derive import derive, seeded_inputs
+from ._emitter import Emitter, Operand
+from ._jet import TaylorContext
+from ._plan import plain_segments, plan_seeds
+from ._records import (
+    BuildState,
+    Derived,
+    FlatCall,
+    Jet,
+    Mode,
+    Request,
+    SeedPlan,
+    TaylorPlan,
+    Traced,
+)
+from ._tracing import check_outputs, op_call_site, trace_forward, trace_reverse
+from .errors import OutputError
+
+
+def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
+    """Generate the function computing ``plan`` for calls shaped like ``flat``."""
+    forward = trace_forward(request, flat)
+    out_vals = [n.meta["val"] for n in forward.outputs()[: forward.n_out]]
+    check_outputs(out_vals, request.call)
+    state = BuildState(request, flat, forward, out_vals)
+    traced, outputs = forward, list(range(forward.n_out))
+    if plan.reverse:
+        traced = trace_reverse(request, flat, forward)
+        outputs = list(range(1, 1 + len(flat.diff)))
+    example = flat.tensors[flat.diff[0]]
+    em = Emitter(example.device, example.dtype, request.memory_limit, request.call,
+                 compiling=request.compile is not None)
+    inputs, seeds = _inputs(em, flat, plan, traced)
+    directions = _directions(em, inputs, flat)
+    ctx = TaylorContext(em, plan.order, directions)
+    collapse = None
+    if plan.collapse is not None:
+        weights = plan.collapse(directions if plan.series else seeds.size)
+        weight_node = None if weights is None else em.constant("weights", weights.to(example))
+        collapse = Collapse(TaylorContext(em, plan.order, 1), weight_node)
+    out_jets = derive(
+        traced.gm, ctx, inputs, call=request.call, call_site=op_call_site(request, flat),
+        needs=[(0, directions) if i in outputs else None for i in range(len(traced.outputs()))],
+        collapse=collapse,
+    )
+    if plan.reverse:
+        if out_vals[0].numel() != 1:
+            raise OutputError(
+                f"{request.call}: the function must return a single-element tensor (a "
+                f"loss), got shape {tuple(out_vals[0].shape)}.\n  Fix: reduce it, e.g. "
+                f"return loss.sum(), or use hod.jet for directional derivatives of it."
+            )
+        keys, specs = structure(forward.out_spec, 1, request.argnums, flat.layouts,
+                                range(1, 2))
+        results = [em.reshape(_coefficient(em, out_jets[i], 1, directions, plan),
+                              list(flat.tensors[pos].shape))
+                   for i, pos in zip(outputs, flat.diff, strict=True)]
+        em.output(results)
+        return lower(state, em, Mode.TAYLOR, directions, specs[0])
+    trees = []
+    results = []
+    for k in plan.returns:
+        coefficients = [_coefficient(em, out_jets[i], k, directions, plan) for i in outputs]
+        trees.append(tree_unflatten([_Leaf()] * len(coefficients), forward.out_spec))
+        results += coefficients
+    if plan.gradient:
+        blocks, spec = _gradient_blocks(em, state, seeds, out_jets[: forward.n_out])
+        trees.append(tree_unflatten([_Leaf()] * len(blocks), spec))
+        results += blocks
+    em.output(results)
+    return lower(state, em, Mode.TAYLOR, directions, tree_flatten(tuple(trees))[1])
+
+
+class _Leaf:
+    """A placeholder leaf for building the result's tree spec."""
+
+
+def _inputs(
+    em: Emitter, flat: FlatCall, plan: TaylorPlan, traced: Traced
+) -> tuple[list[Jet], SeedPlan]:
+    """The jets of the call's flat tensors, and the seed plan directions were laid on."""
+    shapes = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
+    seeds = SeedPlan(tuple(plain_segments(shapes)), ())
+    if plan.series:
+        inputs = _unseeded(em, flat, seeds, plan.order)
+        for leaf, coefficients in zip(flat.diff, _series_positions(flat), strict=True):
+            derivs: list[Operand] = [inputs[pos].primal for pos in coefficients]
+            inputs[leaf] = Jet(inputs[leaf].primal, derivs + [None] * (plan.order - len(derivs)))
+        return inputs, seeds
+    if plan.compress:
+        outputs = list(range(traced.n_out))
+        seeds = plan_seeds(traced.gm, flat.diff, shapes, lambda batch: outputs)
+    basis = plan.basis(seeds.size) if plan.basis is not None else None
+    if basis is None:
+        return seeded_inputs(em, flat, seeds, plan.order), seeds
+    inputs = _unseeded(em, flat, seeds, plan.order)
+    basis = em.constant("directions", basis.to(flat.tensors[flat.diff[0]]))
+    for leaf, segment in zip(flat.diff, seeds.segments, strict=True):
+        part = em.call(torch.ops.aten.slice.Tensor, basis, 1, segment.offset,
+                       segment.offset + segment.size)
+        rows = em.shape(basis)[0]
+        kept = list(segment.shape)
+        if segment.batch_dim is not None:
+            kept[segment.batch_dim] = 1  # one row's directions, repeated over the batch
+        along = em.reshape(part, [rows, *kept])
+        derivs = [em.expand(along, [rows, *segment.shape])] + [None] * (plan.order - 1)
+        inputs[leaf] = Jet(inputs[leaf].primal, derivs)
+    return inputs, seeds
+
+
+def _unseeded(em: Emitter, flat: FlatCall, seeds: SeedPlan, order: int) -> list[Jet]:
+    """The call's flat tensors as placeholders, without derivatives yet."""
+    return [Jet(j.primal, [None] * order) for j in seeded_inputs(em, flat, seeds, 0)]
+
+
+def _series_positions(flat: FlatCall) -> list[list[int]]:
+    """Per differentiated leaf, the flat positions of its input coefficients: the call's
+    last positional argument holds one tuple of them per leaf."""
+    args, _ = flat.rebuild(list(flat.tensors))
+    position = {id(t): i for i, t in reversed(list(enumerate(flat.tensors)))}
+    return [[position[id(t)] for t in coefficients] for coefficients in args[-1]]
+
+
+def _directions(em: Emitter, inputs: list[Jet], flat: FlatCall) -> int:
+    """``R``: the leading size of the differentiated leaves' coefficients."""
+    for pos in flat.diff:
+        for d in inputs[pos].derivs:
+            if isinstance(d, fx.Node):
+                return em.shape(d)[0]
+    raise AssertionError("no direction reaches a differentiated input")
+
+
+def _coefficient(em: Emitter, jet: Jet, k: int, directions: int, plan: TaylorPlan) -> fx.Node:
+    """Coefficient ``k`` of an output: ``(R,) + out.shape``, ``out.shape`` when it is the
+    collapsed top; zeros when it is a symbolic zero."""
+    shape = list(em.shape(jet.primal))
+    if k == 0:
+        return jet.primal
+    collapsed = plan.collapse is not None and k == plan.order
+    value = jet.d(k)
+    if value is None:
+        return em.zeros(shape if collapsed else [directions, *shape], em.dtype_of(jet.primal))
+    if collapsed:
+        return em.reshape(value, shape)
+    lo, hi = jet.span or (0, directions)
+    if (lo, hi) != (0, directions):
+        value = em.call(torch.ops.aten.constant_pad_nd.default, value,
+                        [0, 0] * len(shape) + [lo, directions - hi], 0.0)
+    return value
+
+
+def _gradient_blocks(
+    em: Emitter, state: BuildState, seeds: SeedPlan, out_jets: list[Jet]
+) -> tuple[list[fx.Node], TreeSpec]:
+    """The Jacobian blocks ``d out / d leaf`` from the first coefficients along the
+    identity directions, and their tree spec, as :func:`hod.jacobian` lays them out."""
+    request, flat, forward = state.request, state.flat, state.forward
+    keys, specs = structure(forward.out_spec, forward.n_out, request.argnums, flat.layouts,
+                            range(1, 2))
+    leaf_dtypes = [flat.tensors[pos].dtype for pos in flat.diff]
+    derived = Derived(Mode.FORWARD, seeds, out_jets, state.out_vals, leaf_dtypes)
+    return [block(em, key, derived) for key in keys], specs[0]
