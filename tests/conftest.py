@@ -1,7 +1,9 @@
-"""Shared helpers: the torch.func reference, a structural comparison that refuses a
-reference of zeros, and the ``--runslow`` option."""
+"""Shared helpers: the torch.func reference (and its Taylor-mode form, for ``hod.jet``), a
+structural comparison that refuses a reference of zeros, and the ``--runslow`` option."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -94,3 +96,67 @@ def _largest(t: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def taylor_path(f, primals: tuple, series, argnums=0):
+    """``g(t) = f`` at ``x(t) = x + sum_k s_k t^k / k!`` for each differentiated argument.
+
+    ``series`` is as ``hod.jet`` takes it: one entry per differentiated argument (a tuple
+    of entries when ``argnums`` is a tuple); an entry is a direction shaped like the primal
+    (a pytree like it), or a tuple of such coefficients ``(s_1, ..., s_k)``. ``g`` takes a
+    0-dim tensor ``t``.
+    """
+    positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    entries = (series,) if isinstance(argnums, int) else tuple(series)
+
+    def g(t: torch.Tensor):
+        args = list(primals)
+        for i, entry in zip(positions, entries, strict=True):
+            coefficients = entry if isinstance(entry, tuple) else (entry,)
+            args[i] = tree_map(lambda x, *s: _polynomial(x, s, t), primals[i], *coefficients)
+        return f(*args)
+
+    return g
+
+
+def _polynomial(x: torch.Tensor, coefficients, t: torch.Tensor) -> torch.Tensor:
+    """``x + sum_k s_k t^k / k!`` by Horner's rule (products only: no pow at t = 0)."""
+    acc = torch.zeros_like(x)
+    for k in range(len(coefficients), 0, -1):
+        acc = (acc + coefficients[k - 1] / math.factorial(k)) * t
+    return x + acc
+
+
+def jet_reference(f, order: int, argnums=0):
+    """``(primals, series) -> (f(primals), (c_1, ..., c_order))``, ``c_k = d^k/dt^k g(t)`` at
+    ``t = 0`` for :func:`taylor_path`'s ``g``, by ``k`` nested ``torch.func.jvp`` over the
+    scalar ``t`` (forward mode only, no vmap): the contract of ``hod.jet``."""
+
+    def jf(primals: tuple, series):
+        g = taylor_path(f, primals, series, argnums)
+        leaf = tree_flatten(primals)[0][0]
+        t = torch.zeros((), dtype=leaf.dtype, device=leaf.device)
+        coefficients, derivative = [], g
+        for _ in range(order):
+            derivative = _along_t(derivative)
+            coefficients.append(derivative(t))
+        return g(t), tuple(coefficients)
+
+    return jf
+
+
+def _along_t(h):
+    return lambda t: torch.func.jvp(h, (t,), (torch.ones_like(t),))[1]
+
+
+def assert_same_jets(actual: list, expected: list, rtol: float = 1e-9, atol: float = 1e-9,
+                     vanishes=lambda k: False) -> None:
+    """Lists of jets ``(value, (c_1, ..., c_n))`` (one per sample) compared order by order
+    with :func:`assert_same_tree`, so that each order's reference is refused on its own if
+    it is (nearly) zero, unless ``vanishes(k)`` says the k-th coefficient must be zero."""
+    spec_a, spec_e = tree_flatten(actual)[1], tree_flatten(expected)[1]
+    assert spec_a == spec_e, f"structure differs:\n{spec_a}\n!=\n{spec_e}"
+    assert_same_tree([a[0] for a in actual], [e[0] for e in expected], rtol=rtol, atol=atol)
+    for k in range(1, len(expected[0][1]) + 1):
+        assert_same_tree([a[1][k - 1] for a in actual], [e[1][k - 1] for e in expected],
+                         rtol=rtol, atol=atol, expect_zero=vanishes(k))
