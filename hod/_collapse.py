@@ -66,6 +66,10 @@ class Collapse:
         em = self.ctx.em
         shape = list(em.shape(t))
         lo, hi = span or (0, shape[0])
+        factors, t = self._direction_free_factors(t)
+        if factors:  # sum_r w_r a b[r] = a sum_r w_r b[r] when a is the same for every r
+            return em.mul(em.product(factors), self.weighted_sum(t, (lo, hi)))
+        shape = list(em.shape(t))
         if self.weights is None:
             row = em.call(aten.ones.default, [1, hi - lo], dtype=em.dtype_of(t),
                           device=em.device)
@@ -73,6 +77,21 @@ class Collapse:
             row = em.reshape(em.call(aten.slice.Tensor, self.weights, 0, lo, hi), [1, hi - lo])
         flat = em.reshape(t, [shape[0], -1])
         return em.reshape(em.call(aten.mm.default, row, flat), [1, *shape[1:]])
+
+    def _direction_free_factors(self, t: fx.Node) -> tuple[list[Operand], fx.Node]:
+        """``t`` as a product of factors that broadcast over its direction axis (numbers,
+        or nodes of lower rank or of leading size 1), times the rest."""
+        em = self.ctx.em
+        factors: list[Operand] = []
+        while t.target is aten.mul.Tensor:
+            rank, a, b = em.rank(t), *t.args
+            free = [x for x in (a, b) if not isinstance(x, fx.Node) or em.rank(x) < rank
+                    or em.shape(x)[0] == 1 < em.shape(t)[0]]
+            if not free or not isinstance(rest := b if free[0] is a else a, fx.Node):
+                break
+            factors.append(free[0])
+            t = rest
+        return factors, t
 
     def node(
         self, args: tuple, kwargs: dict, jets: Sequence[Jet | None], rule: NodeRule | None,

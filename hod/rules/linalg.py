@@ -47,7 +47,7 @@ def _matmul(ctx: DeriveContext):
 
     def apply(a: fx.Node, b: fx.Node) -> fx.Node:
         em = ctx.em
-        placed = _identity_product(em, a, b)
+        placed = _identity_product(em, a, b) or _broadcast_rows(em, a, b)
         if placed is not None:
             return placed
         narrow = _narrow_product(em, a, b) or _narrow_left(em, a, b)
@@ -58,6 +58,19 @@ def _matmul(ctx: DeriveContext):
         return em.call(aten.matmul.default, a, b)
 
     return apply
+
+
+def _broadcast_rows(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
+    """``a @ b`` for a plain matrix ``b`` and an ``a`` expanded along dims other than its
+    last: the product of what was expanded, expanded the same way (a seed compressed over
+    a batch repeats one row's seeds for every row; the product need not repeat them)."""
+    if not (isinstance(a, fx.Node) and a.target is aten.expand.default and em.rank(b) == 2):
+        return None
+    base = a.args[0]
+    if em.rank(base) != em.rank(a) or em.shape(base)[-1] != em.shape(a)[-1]:
+        return None
+    product = em.call(aten.matmul.default, base, b)
+    return em.expand(product, [*em.shape(a)[:-1], em.shape(b)[-1]])
 
 
 def _identity_product(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
