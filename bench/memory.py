@@ -49,8 +49,9 @@ class MemoryResult:
     detail: str = ""
 
 
-def _child_command(python: Path | str, engine: str, case: Case, device: str) -> list[str]:
-    return [str(python), "-m", "bench.memory", "--child", engine,
+def _child_command(python: Path | str, engine: str, case: Case, device: str,
+                   module: str = "bench.memory") -> list[str]:
+    return [str(python), "-m", module, "--child", engine,
             "--case", json.dumps(case.to_dict()), "--device", device,
             "--threads", str(torch.get_num_threads())]
 
@@ -69,13 +70,14 @@ def _wait_with_usage(pid: int, timeout_s: float) -> tuple[resource.struct_rusage
 
 
 def run_child(python: Path | str, engine: str, case: Case, device: str, timeout_s: float,
-              interpreter: str) -> MemoryResult:
-    """Run one child to completion and return its peak RSS (ru_maxrss is KiB on Linux)."""
+              interpreter: str, module: str = "bench.memory") -> MemoryResult:
+    """Run one child (``python -m module --child engine ...``) to completion and return its
+    peak RSS (ru_maxrss is KiB on Linux)."""
     from bench.engines import REPO_ROOT
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(_child_command(python, engine, case, device), cwd=REPO_ROOT,
-                                stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(_child_command(python, engine, case, device, module),
+                                cwd=REPO_ROOT, stdout=out, stderr=err, text=True)
         usage, exit_code = _wait_with_usage(proc.pid, timeout_s)
         out.seek(0)
         err.seek(0)
@@ -96,23 +98,29 @@ def run_child(python: Path | str, engine: str, case: Case, device: str, timeout_
 
 
 def measure(engine_names: list[str], case: Case, device: str, timeout_s: float,
-            log: Callable[[str], None] = print) -> list[MemoryResult]:
-    """Peak RSS of a baseline and of each engine, each alone in a child process."""
+            log: Callable[[str], None] = print, module: str = "bench.memory",
+            env_engines: tuple[str, ...] = ("thoad",),
+            env_label: str = "thoad env") -> list[MemoryResult]:
+    """Peak RSS of a baseline and of each engine, each alone in a child process
+    (``python -m module --child``); ``env_engines`` run under the Python 3.12 environment."""
     from bench.engines import THOAD_SETUP_HINT, thoad_python
 
     plans: list[tuple[str, str, Path | str]] = [(BASELINE, "project", sys.executable)]
-    plans += [(name, "project", sys.executable) for name in engine_names if name != "thoad"]
+    plans += [(name, "project", sys.executable) for name in engine_names
+              if name not in env_engines]
     results: list[MemoryResult] = []
-    if "thoad" in engine_names:
+    in_env = [name for name in engine_names if name in env_engines]
+    if in_env:
         if thoad_python().exists():
-            plans += [(name, "thoad env", thoad_python()) for name in (BASELINE, "thoad")]
+            plans += [(name, env_label, thoad_python()) for name in (BASELINE, *in_env)]
         else:
-            results.append(MemoryResult("thoad", "thoad env", "absent", None,
-                                        detail=f"no thoad environment; {THOAD_SETUP_HINT}"))
+            missing = f"no {env_label} at {thoad_python()}; {THOAD_SETUP_HINT}"
+            results += [MemoryResult(name, env_label, "absent", None, detail=missing)
+                        for name in in_env]
     baselines: dict[str, float] = {}
     for engine, interpreter, python in plans:
         log(f"  memory: {engine} ({interpreter}) on {case.label()} ...")
-        result = run_child(python, engine, case, device, timeout_s, interpreter)
+        result = run_child(python, engine, case, device, timeout_s, interpreter, module)
         if engine == BASELINE and result.max_rss_mib is not None:
             baselines[interpreter] = result.max_rss_mib
         elif result.max_rss_mib is not None and interpreter in baselines:

@@ -34,6 +34,7 @@ from bench.runner import HOPELESS, HOPELESS_MS, TRAILING, RowResult, RunSettings
 from bench.tables import TAYLOR
 from bench.taylor import TITLE as TAYLOR_TITLE
 from bench.taylor import format_taylor, list_rows, run_taylor_sweep
+from bench.taylor_memory import format_taylor_memory, measure_taylor
 from bench.timing import FULL_POLICY, QUICK_POLICY
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"  # git-ignored scratch
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--memory", action="store_true",
                         help="instead of the sweeps, measure each engine's peak RSS alone in a "
-                             f"child process on the largest {MEMORY_SWEEP} row")
+                             f"child process on the largest {MEMORY_SWEEP} row (with --sweeps "
+                             f"{TAYLOR}: on the taylor sweep's exact Laplacian and PINN rows)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds per call above which an engine is skipped on the larger "
                              "rows of a sweep (default 20, 5 with --quick)")
@@ -173,6 +175,8 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
             write_json(json_path, payload)
         if TAYLOR in args.sweeps.split(","):
             print(f"\n-- {TAYLOR}: {TAYLOR_TITLE}", flush=True)
+            if args.device != "cpu":
+                print(f"note: the {TAYLOR} sweep runs on the CPU only (not {args.device})")
             sweep, versions = run_taylor_sweep(policy, args.seed, max(120.0, 6 * budget))
             info["engines"].update(versions)
             print(format_taylor(sweep))
@@ -190,7 +194,21 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
         print(f"plots:   {png}")
 
 
+def run_taylor_memory(out_stem: Path) -> None:
+    """``--memory --sweeps taylor``: the taylor engines' peak RSS (:mod:`bench.taylor_memory`)."""
+    measured = measure_taylor(timeout_s=600.0)
+    print(format_taylor_memory(measured))
+    json_path = out_stem.with_name(out_stem.name + "-taylor-memory").with_suffix(".json")
+    write_json(json_path, {"machine": machine_info("cpu"), "rows": [
+        {"case": row.to_dict(), "memory": [asdict(r) for r in results]}
+        for row, results in measured]})
+    print(f"\nresults: {json_path}")
+
+
 def run_memory(args: argparse.Namespace, engine_names: list[str], out_stem: Path) -> None:
+    if TAYLOR in args.sweeps.split(","):
+        run_taylor_memory(out_stem)
+        return
     sweep = SWEEPS[MEMORY_SWEEP]
     case = sweep.selected(args.quick)[-1]
     results = measure(engine_names, case, args.device, timeout_s=600.0)
