@@ -153,10 +153,12 @@ def assert_same_jets(actual: list, expected: list, rtol: float = 1e-9, atol: flo
                      vanishes=lambda k: False) -> None:
     """Lists of jets ``(value, (c_1, ..., c_n))`` (one per sample) compared order by order
     with :func:`assert_same_tree`, so that each order's reference is refused on its own if
-    it is (nearly) zero, unless ``vanishes(k)`` says the k-th coefficient must be zero."""
+    it is (nearly) zero, unless ``vanishes(k)`` says the k-th coefficient (the value when
+    ``k = 0``) must be zero."""
     spec_a, spec_e = tree_flatten(actual)[1], tree_flatten(expected)[1]
     assert spec_a == spec_e, f"structure differs:\n{spec_a}\n!=\n{spec_e}"
-    assert_same_tree([a[0] for a in actual], [e[0] for e in expected], rtol=rtol, atol=atol)
+    assert_same_tree([a[0] for a in actual], [e[0] for e in expected], rtol=rtol, atol=atol,
+                     expect_zero=vanishes(0))
     for k in range(1, len(expected[0][1]) + 1):
         assert_same_tree([a[1][k - 1] for a in actual], [e[1][k - 1] for e in expected],
                          rtol=rtol, atol=atol, expect_zero=vanishes(k))

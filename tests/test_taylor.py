@@ -25,7 +25,7 @@ import torch
 from conftest import assert_same_tree, jet_reference, reference
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.func import functional_call, grad, hessian, jvp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 import hod
 
@@ -75,12 +75,15 @@ def derivative_tensor(f, args: tuple, order: int, argnums=0) -> torch.Tensor:
     return reference(g, order)(z)
 
 
-def exact_laplacian(f, args: tuple, argnums=0) -> torch.Tensor:
-    return derivative_tensor(f, args, 2, argnums).diagonal(dim1=-2, dim2=-1).sum(-1)
+def exact_laplacian(f, args: tuple, argnums=0):
+    """The trace of torch.func's Hessian, per output entry (a tree like ``f``'s output)."""
+    return tree_map(lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1),
+                    derivative_tensor(f, args, 2, argnums))
 
 
-def exact_biharmonic(f, args: tuple, argnums=0) -> torch.Tensor:
-    return torch.einsum("...iijj->...", derivative_tensor(f, args, 4, argnums))
+def exact_biharmonic(f, args: tuple, argnums=0):
+    return tree_map(lambda T: torch.einsum("...iijj->...", T),
+                    derivative_tensor(f, args, 4, argnums))
 
 
 # -- jet ------------------------------------------------------------------------------------------
@@ -299,6 +302,15 @@ def test_laplacian_with_weights_that_depend_on_the_input():
     assert_same_tree(actual, weighted(mlp, (x, *params), diffusion(x, *params)))
 
 
+def test_laplacian_with_weights_over_two_arguments():
+    """``D`` counts the entries of both arguments, flattened in positional order."""
+    x, W = torch.randn(3, dtype=D), torch.randn(3, 2, dtype=D)
+    A = torch.randn(9, 9, dtype=D)
+    C = A @ A.T
+    actual = hod.laplacian(tanh_loss, argnums=(0, 1), weights=C)(x, W)
+    assert_same_tree(actual, weighted(tanh_loss, (x, W), C, (0, 1)))
+
+
 def test_laplacian_with_weights_under_vmap_over_data_points():
     params, X = mlp_params(3), torch.randn(4, 3, dtype=D)
     A = torch.randn(3, 3, dtype=D)
@@ -365,11 +377,26 @@ def test_stochastic_laplacian_over_many_directions_approaches_the_exact_one():
     assert 5 * standard_error < 0.1 * abs(float(exact)), "the check could not tell a bias"
 
 
-def test_stochastic_laplacian_is_reproducible_with_a_generator_and_fresh_per_call():
-    params, x = mlp_params(3), torch.randn(3, dtype=D)
-    first = hod.laplacian(mlp, samples=2, generator=seeded(1))
-    again = hod.laplacian(mlp, samples=2, generator=seeded(1))
-    other = hod.laplacian(mlp, samples=2, generator=seeded(2))
+def test_stochastic_laplacian_over_two_arguments():
+    x, W = torch.randn(3, dtype=D), torch.randn(3, 2, dtype=D)
+
+    def probe(x, W):
+        return outer(torch.cat([x.reshape(-1), W.reshape(-1)]))
+
+    estimate = hod.laplacian(tanh_loss, argnums=(0, 1), samples=3, generator=seeded(4))(x, W)
+    P = hod.laplacian(probe, argnums=(0, 1), samples=3, generator=seeded(4))(x, W)
+    H = derivative_tensor(tanh_loss, (x, W), 2, (0, 1))
+    assert_same_tree(estimate, (H * P).sum() / 2)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "normal"])
+def test_stochastic_laplacian_is_reproducible_with_a_generator_and_fresh_per_call(distribution):
+    """Rademacher directions in 8 dimensions: two draws of 4 coincide with probability
+    below 1e-8 (normal ones with probability 0)."""
+    params, x = mlp_params(8), torch.randn(8, dtype=D)
+    first = hod.laplacian(mlp, samples=4, distribution=distribution, generator=seeded(1))
+    again = hod.laplacian(mlp, samples=4, distribution=distribution, generator=seeded(1))
+    other = hod.laplacian(mlp, samples=4, distribution=distribution, generator=seeded(2))
     a = first(x, *params)
     assert torch.equal(a, again(x, *params))
     assert not torch.equal(a, other(x, *params))
@@ -411,6 +438,12 @@ def test_exact_biharmonic_of_a_batched_network_is_per_row():
     actual = hod.biharmonic(mlp)(X, *params)
     assert actual.shape == (3,)
     assert_same_tree(actual, exact_biharmonic(mlp, (X, *params)))
+
+
+def test_exact_biharmonic_over_two_arguments():
+    x, W = torch.randn(2, dtype=D), torch.randn(2, 1, dtype=D)
+    actual = hod.biharmonic(tanh_loss, argnums=(0, 1))(x, W)
+    assert_same_tree(actual, exact_biharmonic(tanh_loss, (x, W), (0, 1)))
 
 
 def test_exact_biharmonic_under_vmap_over_data_points():
@@ -492,6 +525,13 @@ def test_operator_on_a_vector_field_and_a_matrix_input():
     assert_same_tree(hod.operator(f, terms)(X), operator_reference(f, (X,), terms))
 
 
+def test_operator_over_two_arguments_counts_positions_across_them():
+    x, W = torch.randn(3, dtype=D), torch.randn(3, 2, dtype=D)
+    terms = {(0, 4): 1.0, (4, 4, 8): -0.5, (2,): 1.5, (1, 1, 6, 6): 0.25}
+    actual = hod.operator(tanh_loss, terms, argnums=(0, 1))(x, W)
+    assert_same_tree(actual, operator_reference(tanh_loss, (x, W), terms, (0, 1)))
+
+
 def test_operator_under_vmap_over_data_points():
     params, X = mlp_params(3), torch.randn(4, 3, dtype=D)
     actual = vmap(hod.operator(mlp, MIXED), in_dims=(0, *[None] * 5))(X, *params)
@@ -531,7 +571,8 @@ def test_pinn_loss_gradient_reaches_parameters_and_inputs_as_torch_funcs():
     X_hod = X.clone().requires_grad_()
     lap = hod.laplacian(lambda X: model(X).squeeze(-1))
     loss = ((lap(X_hod) - rhs) ** 2).mean()
-    actual = torch.autograd.grad(loss, [*params.values(), X_hod])
+    # the last bias does not reach the Laplacian: its gradient is zero
+    actual = torch.autograd.grad(loss, [*params.values(), X_hod], materialize_grads=True)
     detached = {k: v.detach() for k, v in params.items()}
     loss_ref = pinn_loss_reference(model, X, rhs)
     expected = grad(loss_ref, argnums=(0, 1))(detached, X)
@@ -556,14 +597,16 @@ def test_pinn_loss_on_the_laplacian_trains_the_network():
 
 
 def test_pinn_residual_from_value_gradient_and_laplacian_backpropagates():
-    """A residual using ``u``, ``grad u`` and ``laplacian u`` from one call."""
+    """A residual using ``u``, ``grad u`` and ``laplacian u`` from one call. The gradient is
+    ``hod.jacobian``'s, ``(B, B, 2)`` for a batch: each row's own is on its diagonal."""
     model, X, rhs = pinn()
     params = dict(model.named_parameters())
 
     def u(X):
         return model(X).squeeze(-1)
 
-    value, gradient, lap = hod.laplacian(u, value_and_grad=True)(X)
+    value, jacobian, lap = hod.laplacian(u, value_and_grad=True)(X)
+    gradient = torch.einsum("bbi->bi", jacobian)
     loss = ((lap + gradient.sum(-1) * value - rhs) ** 2).mean()
     actual = torch.autograd.grad(loss, list(params.values()))
 
