@@ -91,9 +91,10 @@ points = torch.rand(256, 2)
 torch.testing.assert_close(laplacian(points), laplacian_reference(points))
 print("Laplacian at 256 points:", tuple(laplacian(points).shape), "equal to torch.func")"""),
     ("md", """`laplacian.lower(points).code` is the code hod generated for this signature:
-straight-line ATen calls on the first-order tangents of the two input directions, shaped
-`(2, 256, ...)` (the batch compressed), and one collapsed second-order coefficient, `(1, 256,
-...)`, the sum over both directions. Its first lines:"""),
+straight-line ATen calls. The first-order tangents carry the two input directions for all 256
+rows at once, `(2, 256, ...)` (the batch compressed: the first layer multiplies one row's
+directions, `(2, 1, 2)`, and expands the product), and the second-order coefficient is
+collapsed, `(1, 256, ...)`, the sum over both directions. Its first lines:"""),
     ("code", """lines = laplacian.lower(points).code.strip().splitlines()
 print("\\n".join(lines[:24]))
 print(f"... {len(lines)} lines in all")"""),
