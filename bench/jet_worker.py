@@ -21,8 +21,10 @@ What is timed is the jet-for-pytorch paper's own benchmark setup (its
 with ``collapsed=True`` (``collapsed``) or ``False`` (``standard``), with
 ``randomization=("rademacher", S)`` on the stochastic row, captured with
 ``jet.tracing.capture_graph``, simplified with ``jet.common_subexpression_elimination``, then
-``torch.func.vmap`` over the batch (``randomness="different"`` when random). The PINN step adds
-the loss and ``torch.autograd.grad`` to the parameters, which the captured graph holds.
+``torch.func.vmap`` over the batch (``randomness="different"`` when random); ``collapsed+compile``
+passes that to ``torch.compile`` as the paper's ``--compiled`` runs do (compiled in the warm-up
+call). The PINN step adds the loss and ``torch.autograd.grad`` to the parameters, which the
+captured graph holds.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ from torch import Tensor
 from bench.engines import is_out_of_memory
 from bench.taylor_rows import Blocks, TaylorRow, as_blocks, mlp, pinn_blocks, pinn_loss
 
-#: The settings of jet-for-pytorch this worker runs, and what ``collapsed`` is for each.
-SETTINGS = {"collapsed": True, "standard": False}
+#: The settings of jet-for-pytorch this worker runs: (``collapsed``, through torch.compile).
+SETTINGS = {"collapsed": (True, False), "standard": (False, False),
+            "collapsed+compile": (True, True)}
 
 
-def build(row: TaylorRow, inputs: dict[str, Any], collapsed: bool) -> Callable[[], object]:
+def build(row: TaylorRow, inputs: dict[str, Any], collapsed: bool,
+          compiled: bool) -> Callable[[], object]:
     """The setting's thunk on the row (module docstring); raises ValueError on an HVP row."""
     import jet
     from jet.tracing import capture_graph
@@ -69,6 +73,11 @@ def build(row: TaylorRow, inputs: dict[str, Any], collapsed: bool) -> Callable[[
     jet.common_subexpression_elimination(graph.graph)
     graph.recompile()
     batched = torch.func.vmap(graph, randomness="error" if randomization is None else "different")
+    if compiled:
+        # Inductor draws its own random numbers unless told to call torch's: with them, the
+        # directions are those of the eager call, which the harness reproduces for the check.
+        torch._inductor.config.fallback_random = randomization is not None
+        batched = torch.compile(batched)
     if row.kind == "pinn":
         s = inputs["s"]
         return lambda: pinn_blocks(pinn_loss(batched(X), s), params)
@@ -81,7 +90,7 @@ class JetCase:
     def __init__(self, row: TaylorRow, inputs: dict[str, Any], setting: str) -> None:
         self.row = row
         self.inputs = inputs
-        self.thunk = build(row, inputs, SETTINGS[setting])
+        self.thunk = build(row, inputs, *SETTINGS[setting])
 
     def call(self) -> float:
         start = time.perf_counter()

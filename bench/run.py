@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated sweeps on which hod.compile runs when --engines "
                              "names it (default all; its warm-up compiles, seconds a row), e.g. "
                              "o3_x,o3_all,o4_x,o4_all")
+    parser.add_argument("--taylor-compile", action="store_true",
+                        help=f"add hod.compile and jet[collapsed+compile] to the {TAYLOR} sweep "
+                             "(torch.compile in each warm-up: tens of seconds a row)")
     parser.add_argument("--list", action="store_true", help="list the sweeps and exit")
     return parser.parse_args(argv)
 
@@ -132,6 +135,8 @@ def make_runner(
 
 
 def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path) -> None:
+    if not select_sweeps(args.sweeps):  # the taylor sweep alone: none of these engines
+        engine_names = []
     runner = make_runner(engine_names, quick=args.quick, device=args.device,
                          budget=args.budget, seed=args.seed)
     engines, policy, budget = runner.engines, runner.settings.policy, runner.settings.budget_s
@@ -177,7 +182,8 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
             print(f"\n-- {TAYLOR}: {TAYLOR_TITLE}", flush=True)
             if args.device != "cpu":
                 print(f"note: the {TAYLOR} sweep runs on the CPU only (not {args.device})")
-            sweep, versions = run_taylor_sweep(policy, args.seed, max(120.0, 6 * budget))
+            sweep, versions = run_taylor_sweep(policy, args.seed, 600.0,
+                                               compiled=args.taylor_compile)
             info["engines"].update(versions)
             print(format_taylor(sweep))
             sweeps_json.append(sweep)

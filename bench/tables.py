@@ -233,25 +233,27 @@ def sweep_grid(sweep: dict[str, Any]) -> list[list[str]]:
 
 def taylor_grid(sweep: dict[str, Any]) -> list[list[str]]:
     """The taylor sweep as a list of rows (header first): every engine's median per row (or its
-    status), hod's speedup over each peer's best setting (named), and hod's time over the
-    matmul floor's (``1.20x`` = 20% above the floor)."""
+    status), then per hod engine (``hod``, ``hod.compile``) its speedup over each peer's best
+    setting (named) and its time over the matmul floor's (``1.20x`` = 20% above the floor)."""
     engines = engines_of(sweep)
     peers = [p for p in peers_of(engines) if p != FLOOR]
-    header = [sweep["x_name"], *engines, *(f"hod vs {p}" for p in peers), "hod / floor"]
+    hods = [e for e in engines if is_hod(e)]
+    header = [sweep["x_name"], *engines]
+    for h in hods:
+        header += [*(f"{h} vs {p}" for p in peers), f"{h} / floor"]
     grid = [header]
     for row in sweep["rows"]:
-        cells = [str(row["x"])]
-        for e in engines:
-            floor = row["engines"][e] if e == FLOOR else None
-            cells.append(f"{floor['median_ms']:.3f}" if floor and floor["median_ms"] is not None
-                         else mark(row, e))
-        for peer in peers:
-            r = ratio(row, peer)
-            cells.append(f"{r[0]:.2f}x" + (f" ({setting_of(r[1])})" if setting_of(r[1]) else "")
-                         if r else "-")
         floor_ms = row["engines"].get(FLOOR, {}).get("median_ms")
-        ours = time_ms(row, HOD)
-        cells.append(f"{ours / floor_ms:.2f}x" if ours is not None and floor_ms else "-")
+        cells = [str(row["x"])]
+        cells += [f"{floor_ms:.3f}" if e == FLOOR and floor_ms is not None else mark(row, e)
+                  for e in engines]
+        for h in hods:
+            for peer in peers:
+                r = ratio(row, peer, h)
+                cells.append(f"{r[0]:.2f}x" + (f" ({setting_of(r[1])})" if setting_of(r[1])
+                                                else "") if r else "-")
+            ours = time_ms(row, h)
+            cells.append(f"{ours / floor_ms:.2f}x" if ours is not None and floor_ms else "-")
         grid.append(cells)
     return grid
 

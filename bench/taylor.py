@@ -125,6 +125,7 @@ class HodTaylorEngine(TaylorEngine):
     name = peer = "hod"
     API = ("laplacian", "biharmonic", "hvp")
     directions = "V_hod"
+    options: dict[str, Any] = {}  # keywords of every hod transform
 
     def __init__(self) -> None:
         self._hod: Any = None
@@ -151,25 +152,35 @@ class HodTaylorEngine(TaylorEngine):
                 "and torch.autograd.grad to the parameters")
 
     def prepare(self, row: TaylorRow, inputs: dict[str, Any]) -> Runner:
-        hod, X, params = self._hod, inputs["X"], inputs["params"]
+        hod, X, params, options = self._hod, inputs["X"], inputs["params"], self.options
         if row.kind == "laplacian":
-            lap = hod.laplacian(mlp)
+            lap = hod.laplacian(mlp, **options)
             return ThunkRunner(lambda: lap(X, *params), row)
         if row.kind == "biharmonic":
-            bih = hod.biharmonic(mlp)
+            bih = hod.biharmonic(mlp, **options)
             return ThunkRunner(lambda: bih(X, *params), row)
         if row.kind == "stochastic":
             generator = torch.Generator().manual_seed(int(inputs["direction_seed"]))
             est = hod.laplacian(mlp, samples=row.samples, distribution="rademacher",
-                                generator=generator)
+                                generator=generator, **options)
             return ThunkRunner(lambda: est(X, *params), row)
         if row.kind == "hvp":
-            hf = hod.hvp(hvp_loss(row.sizes))
+            hf = hod.hvp(hvp_loss(row.sizes), **options)
             primals = (inputs["theta"], X, inputs["Y"])
             return ThunkRunner(lambda: hf(primals, inputs["v"]), row)
-        lap = hod.laplacian(mlp)
+        lap = hod.laplacian(mlp, **options)
         weights, s = tracked(params), inputs["s"]
         return ThunkRunner(lambda: pinn_blocks(pinn_loss(lap(X, *weights), s), weights), row)
+
+
+class HodCompiledTaylorEngine(HodTaylorEngine):
+    """The same with ``compile=True`` (torch.compile in the warm-up call)."""
+
+    name = peer = "hod.compile"
+    options = {"compile": True}
+
+    def describe(self) -> str:
+        return "as hod, with compile=True"
 
 
 class TorchFuncTaylorEngine(TaylorEngine):
@@ -328,10 +339,12 @@ class JetTaylorEngine(TaylorEngine):
         return self._process.version or "not started"
 
     def describe(self) -> str:
-        return (f"jet.laplacian / jet.bilaplacian(u, collapsed={self.setting == 'collapsed'}; "
+        collapsed = self.setting != "standard"
+        compiled = ", torch.compile" if self.setting.endswith("compile") else ""
+        return (f"jet.laplacian / jet.bilaplacian(u, collapsed={collapsed}; "
                 f"randomization=('rademacher', S) on the stochastic row), capture_graph, "
-                f"common_subexpression_elimination, vmap over the data (as the paper's "
-                f"benchmark); PINN: + torch.autograd.grad")
+                f"common_subexpression_elimination, vmap over the data{compiled} (as the "
+                f"paper's benchmark); PINN: + torch.autograd.grad")
 
     def prepare(self, row: TaylorRow, inputs: dict[str, Any]) -> Runner:
         path = self._process.inputs_path(row, inputs)
@@ -343,11 +356,17 @@ class JetTaylorEngine(TaylorEngine):
         self._process.close()
 
 
-def make_taylor_engines(timeout_s: float) -> list[TaylorEngine]:
-    """hod, jet-for-pytorch's two settings (one worker), torch.func and the floor."""
+def make_taylor_engines(timeout_s: float, compiled: bool = False) -> list[TaylorEngine]:
+    """hod, jet-for-pytorch's settings (one worker), torch.func and the floor; with
+    ``compiled`` also hod.compile and jet[collapsed+compile]."""
     process = JetProcess(timeout_s)
-    return [HodTaylorEngine(), JetTaylorEngine("collapsed", process),
-            JetTaylorEngine("standard", process), TorchFuncTaylorEngine(), FloorEngine()]
+    hods: list[TaylorEngine] = [HodTaylorEngine()]
+    jets = ["collapsed", "standard"]
+    if compiled:
+        hods.append(HodCompiledTaylorEngine())
+        jets.append("collapsed+compile")
+    return [*hods, *(JetTaylorEngine(s, process) for s in jets), TorchFuncTaylorEngine(),
+            FloorEngine()]
 
 
 def _warm_up(engine: TaylorEngine, row: TaylorRow, inputs: dict[str, Any],
@@ -417,12 +436,12 @@ def run_taylor_row(row: TaylorRow, engines: list[TaylorEngine], policy: RepPolic
 def run_taylor_sweep(
     policy: RepPolicy, seed: int = 0, timeout_s: float = 600.0,
     log: Callable[[str], None] = print, rows_to_run: tuple[TaylorRow, ...] = TAYLOR_ROWS,
-    engines: list[TaylorEngine] | None = None,
+    engines: list[TaylorEngine] | None = None, compiled: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The taylor rows (default: every one) with ``engines`` (default:
-    :func:`make_taylor_engines`); returns the sweep in the result file's form and the engines'
-    versions (or why each is absent)."""
-    engines = make_taylor_engines(timeout_s) if engines is None else engines
+    :func:`make_taylor_engines`, ``compiled`` passed on); returns the sweep in the result
+    file's form and the engines' versions (or why each is absent)."""
+    engines = make_taylor_engines(timeout_s, compiled) if engines is None else engines
     rows: list[RowResult] = []
     try:
         versions = {e.name: e.unavailable_reason() or e.version() for e in engines}
