@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -179,7 +180,10 @@ def _child_main(engine_name: str, case: Case, device: str) -> dict[str, object]:
     return report
 
 
-def main() -> None:
+def main(child_main: Callable[[str, Any, str], dict[str, object]] = _child_main,
+         read_case: Callable[[dict[str, Any]], Any] = Case.from_dict) -> None:
+    """A child's command line: ``child_main(engine, case, device)`` prints its report (another
+    module's children pass their own, with how to read their ``--case``)."""
     parser = argparse.ArgumentParser(description="peak-memory child (used by bench.run --memory)")
     parser.add_argument("--child", required=True)
     parser.add_argument("--case", required=True, help="Case as JSON")
@@ -188,9 +192,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    case = Case.from_dict(json.loads(args.case))
+    case = read_case(json.loads(args.case))
     try:
-        report = _child_main(args.child, case, args.device)
+        report = child_main(args.child, case, args.device)
     except Exception as exc:
         from bench.engines import failure_kind
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import math
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ import torch
 from bench.compare import compare_blocks
 from bench.engines import (
     THOAD_SETUP_HINT,
+    CallableRunner,
     EngineFailure,
     Runner,
     ThoadWorker,
@@ -34,16 +36,15 @@ from bench.engines import (
     thoad_python,
 )
 from bench.runner import (
-    ABSENT,
     OK,
     UNCHECKED,
-    UNSUPPORTED,
     WRONG,
     EngineResult,
     RowResult,
+    RunSettings,
+    SweepRunner,
     _short,
     row_seed,
-    trailing_settings,
 )
 from bench.tables import FLOOR, TAYLOR, problem_notes, taylor_grid
 from bench.taylor_rows import (
@@ -64,24 +65,21 @@ from bench.taylor_rows import (
     pinn_loss,
     reference,
 )
-from bench.timing import RepPolicy, interleaved, median_ms, timed
+from bench.timing import RepPolicy, timed
 
 TITLE = "Taylor mode: Laplacians, biharmonic, stochastic Laplacian, HVP, PINN step"
 
 
-class ThunkRunner(Runner):
-    """Runs an in-process thunk; its result is turned into Blocks by the row's kind."""
+class ThunkRunner(CallableRunner):
+    """Runs an in-process thunk on the CPU; its result is turned into Blocks by the row's kind
+    (an empty Blocks for the floor's matmuls, which have nothing to check)."""
 
-    def __init__(self, thunk: Callable[[], object], row: TaylorRow) -> None:
-        self._thunk = thunk
-        self._row = row
+    def __init__(self, thunk: Callable[[], object], row: TaylorRow | None) -> None:
+        super().__init__(thunk, row, "cpu")  # type: ignore[arg-type]
 
     def warmup(self) -> Warmup:
-        out, seconds = timed(self._thunk, "cpu")
-        return Warmup(as_blocks(self._row, out), seconds)
-
-    def time_call(self) -> float:
-        return timed(self._thunk, "cpu")[1]
+        out, seconds = timed(self._thunk, self._device)
+        return Warmup(as_blocks(self._case, out) if self._case else {}, seconds)
 
 
 class TaylorEngine(ABC):
@@ -208,19 +206,6 @@ class TorchFuncTaylorEngine(TaylorEngine):
         return ThunkRunner(thunks[row.kind], row)
 
 
-class FloorRunner(Runner):
-    """The floor's matmuls: timed, nothing to check (an empty Blocks)."""
-
-    def __init__(self, thunk: Callable[[], object]) -> None:
-        self._thunk = thunk
-
-    def warmup(self) -> Warmup:
-        return Warmup({}, timed(self._thunk, "cpu")[1])
-
-    def time_call(self) -> float:
-        return timed(self._thunk, "cpu")[1]
-
-
 class FloorEngine(TaylorEngine):
     """The matmul floor of a forward Taylor method (:func:`bench.taylor_rows.floor_vectors`)."""
 
@@ -232,7 +217,7 @@ class FloorEngine(TaylorEngine):
                 "with two backward matmuls per layer)")
 
     def prepare(self, row: TaylorRow, inputs: dict[str, Any]) -> Runner:
-        return FloorRunner(matmul_floor(row, list(inputs["params"][0::2])))
+        return ThunkRunner(matmul_floor(row, list(inputs["params"][0::2])), None)
 
 
 class JetWorker(ThoadWorker):
@@ -394,39 +379,25 @@ def _warm_up(engine: TaylorEngine, row: TaylorRow, inputs: dict[str, Any],
     return result, runner
 
 
-def run_taylor_row(row: TaylorRow, engines: list[TaylorEngine], policy: RepPolicy,
-                   seed: int = 0) -> RowResult:
-    """Check and time every engine on one row."""
+def run_taylor_row(row: TaylorRow, sweep: SweepRunner) -> RowResult:
+    """Check and time ``sweep``'s engines on one row; the timing, and the peer settings far
+    behind another setting of their peer, as :class:`bench.runner.SweepRunner` does them."""
     start = time.perf_counter()
-    inputs = make_inputs(row, row_seed(row, seed))
+    inputs = make_inputs(row, row_seed(row, sweep.settings.seed))
     refs = reference(row, inputs)
     results: dict[str, EngineResult] = {}
     runners: dict[str, Runner] = {}
-    for engine in engines:
-        if (reason := engine.unavailable_reason()) is not None:
-            results[engine.name] = EngineResult(ABSENT, detail=reason)
-            continue
-        if (reason := engine.unsupported_reason(row)) is not None:
-            results[engine.name] = EngineResult(UNSUPPORTED, detail=reason)
+    for engine in sweep.engines:
+        if (skip := sweep._skip_reason(engine, row, over_budget={})) is not None:
+            results[engine.name] = skip  # absent, or n/a on this row
             continue
         results[engine.name], runner = _warm_up(engine, row, inputs, refs)
         if runner is not None:
             runners[engine.name] = runner
     del refs
     gc.collect()
-
-    def on_error(name: str, exc: BaseException) -> None:
-        results[name].status, results[name].detail = failure_kind(exc), _short(exc)
-
-    peers = {e.name: e.peer for e in engines}
-    caps = trailing_settings(results, peers, policy.min_reps)
-    samples = interleaved({n: r.time_call for n, r in runners.items()}, policy, caps, on_error)
-    for name, times in samples.items():
-        result = results[name]
-        if result.status in (OK, UNCHECKED):
-            result.times_ms = [1e3 * t for t in times]
-            result.median_ms = median_ms(times)
-            result.min_ms = min(result.times_ms, default=None)
+    sweep._drop_hopeless(runners, results)
+    sweep._time(runners, results)
     for runner in runners.values():
         runner.close()
     return RowResult(row, row.label(), results, "nested torch.func in float64",
@@ -444,9 +415,11 @@ def run_taylor_sweep(
     engines = make_taylor_engines(timeout_s, compiled) if engines is None else engines
     rows: list[RowResult] = []
     try:
-        versions = {e.name: e.unavailable_reason() or e.version() for e in engines}
+        # No time budget: the rows are fixed, and a compiling warm-up says nothing of the calls.
+        sweep = SweepRunner(engines, RunSettings("cpu", policy, math.inf, seed), log)
+        versions = {e.name: sweep.absent.get(e.name) or e.version() for e in engines}
         for row in rows_to_run:
-            result = run_taylor_row(row, engines, policy, seed)
+            result = run_taylor_row(row, sweep)
             rows.append(result)
             log(f"  {row.label()}: " + " | ".join(
                 f"{n} {r.median_ms:.2f} ms" if r.median_ms is not None else f"{n} {r.status}"

@@ -11,14 +11,11 @@ checks them).
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from bench.memory import BASELINE, CALLS, MemoryResult, format_memory, measure
+from bench.memory import main as memory_child_main
 from bench.runner import row_seed
 from bench.taylor_rows import TAYLOR_ROWS, TaylorRow, make_inputs
 
@@ -61,27 +58,13 @@ def format_taylor_memory(measured: list[tuple[TaylorRow, list[MemoryResult]]]) -
     return "\n\n".join(format_memory(row, results) for row, results in measured)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="taylor peak-memory child")
-    parser.add_argument("--child", required=True)
-    parser.add_argument("--case", required=True, help="TaylorRow as JSON")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    row = TaylorRow.from_dict(json.loads(args.case))
+def _child_main(engine: str, row: TaylorRow, device: str) -> dict[str, object]:
+    """Body of a child: build the row's inputs, make the engine's calls (none for the baseline)."""
     inputs = make_inputs(row, row_seed(row, 0))
-    try:
-        report: dict[str, object] = {"status": "ok"}
-        if args.child != BASELINE:
-            report["call_ms"] = [1e3 * s for s in _calls(args.child, row, inputs)]
-    except Exception as exc:
-        from bench.engines import failure_kind
-
-        report = {"status": failure_kind(exc), "detail": f"{type(exc).__name__}: {exc}"[:300]}
-    print(json.dumps(report), flush=True)
+    if engine == BASELINE:
+        return {"status": "ok"}
+    return {"status": "ok", "call_ms": [1e3 * s for s in _calls(engine, row, inputs)]}
 
 
 if __name__ == "__main__":
-    main()
+    memory_child_main(_child_main, TaylorRow.from_dict)
