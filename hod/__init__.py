@@ -13,15 +13,8 @@ from ._api import (
     jacobian,
 )
 from ._build import Lowered
-from ._taylor_api import (
-    OperatorFunction,
-    SeriesFunction,
-    biharmonic,
-    hvp,
-    jet,
-    laplacian,
-    operator,
-)
+from ._operators import OperatorFunction, biharmonic, laplacian, operator
+from ._taylor_api import SeriesFunction, hvp, jet
 from .errors import (
     CompileError,
     HodError,

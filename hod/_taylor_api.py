@@ -1,25 +1,25 @@
-"""API stage: Taylor mode, ``jet``, ``hvp``, ``laplacian``, ``biharmonic``, ``operator``.
+"""API stage: Taylor mode along the call's own series, ``jet`` and ``hvp``.
 
 Each returns a callable whose generated code (one per call signature, like the other hod
 transforms) pushes univariate Taylor coefficients through ``f`` (:mod:`hod._taylor`).
 Coefficients follow the derivative convention: ``c_k = d^k/dt^k f(x(t))`` at ``t = 0``.
+The differential operators built on the same machinery are in :mod:`hod._operators`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ._api import DEFAULT_MEMORY_LIMIT, DerivativeFunction, describe, jacobian, validate_arguments
+from ._api import DEFAULT_MEMORY_LIMIT, DerivativeFunction, describe, validate_arguments
 from ._build import Lowered
 from ._compiled import compile_options
-from ._directions import biharmonic_directions, operator_directions
 from ._records import FlatCall, Request, TaylorPlan
-from ._series import leaf_series, random_directions
+from ._series import leaf_series
 from ._taylor import build_taylor
 from .errors import InputError
 
@@ -39,7 +39,7 @@ class TaylorFunction(DerivativeFunction):
         return build_taylor(self._request, flat, self._plan)
 
 
-def _request(call: str, f: Callable, order: int, argnums: Any, memory_limit: Any,
+def taylor_request(call: str, f: Callable, order: int, argnums: Any, memory_limit: Any,
              compile: Any, series: bool) -> Request:
     """The build request; ``series``: ``f`` is called with the series as a last argument,
     which it does not see."""
@@ -64,7 +64,7 @@ def _without_last_argument(f: Callable) -> Callable:
     return without
 
 
-def _differentiated_leaves(call: str, args: tuple, nums: tuple[int, ...]) -> list[torch.Tensor]:
+def differentiated_leaves(call: str, args: tuple, nums: tuple[int, ...]) -> list[torch.Tensor]:
     """The tensor leaves of ``args[a]`` for ``a`` in ``argnums``, in positional order."""
     if any(a >= len(args) for a in nums):
         raise InputError(
@@ -100,7 +100,7 @@ class SeriesFunction:
                 f"arguments, got {type(primals).__name__}.\n  Fix: pass (x,) for one argument."
             )
         primals = tuple(primals)
-        _differentiated_leaves(self._call, primals, self._nums)
+        differentiated_leaves(self._call, primals, self._nums)
         if self._tuple and not (isinstance(series, (tuple, list))
                                 and len(series) == len(self._nums)):
             raise InputError(
@@ -146,7 +146,7 @@ def jet(
     """
     call = describe("jet", f, order, argnums)
     nums = validate_arguments(call, f, order, argnums)
-    request = _request(call, f, order, argnums, memory_limit, compile, series=True)
+    request = taylor_request(call, f, order, argnums, memory_limit, compile, series=True)
     plan = TaylorPlan(order=order, returns=tuple(range(order + 1)), series=True)
     inner = TaylorFunction(request, nums, plan)
     return SeriesFunction(call, nums, isinstance(argnums, tuple), inner, order, "series")
@@ -165,281 +165,7 @@ def hvp(
     """
     call = describe("hvp", f, None, argnums)
     nums = validate_arguments(call, f, 1, argnums)
-    request = _request(call, f, 2, argnums, memory_limit, compile, series=True)
+    request = taylor_request(call, f, 2, argnums, memory_limit, compile, series=True)
     plan = TaylorPlan(order=1, returns=(1,), series=True, reverse=True)
     inner = TaylorFunction(request, nums, plan)
     return SeriesFunction(call, nums, isinstance(argnums, tuple), inner, 1, "tangents")
-
-
-# -- differential operators -------------------------------------------------------------------
-class OperatorFunction:
-    """What :func:`laplacian`, :func:`biharmonic` and :func:`operator` return: call it
-    like ``f``."""
-
-    def __init__(self, call: str, run: Callable[..., Any],
-                 lower: Callable[..., Lowered]) -> None:
-        self._call, self._run, self._lower = call, run, lower
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._run(*args, **kwargs)
-
-    def lower(self, *args: Any, **kwargs: Any) -> Lowered:
-        """The generated artifact for this call's signature (``.code``)."""
-        return self._lower(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<hod {self._call}>"
-
-
-def _check_sampling(call: str, samples: Any, distribution: Any, generator: Any,
-                    allowed: tuple[str, ...]) -> None:
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)
-                                or samples < 1):
-        raise InputError(
-            f"{call}: samples must be a positive integer or None (exact), got {samples!r}.\n"
-            f"  Fix: e.g. samples=16 for a 16-direction estimate, or drop it for the exact "
-            f"operator."
-        )
-    if distribution not in allowed:
-        raise InputError(
-            f"{call}: distribution must be one of {allowed}, got {distribution!r}.\n"
-            f"  Fix: e.g. distribution={allowed[0]!r}."
-        )
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise InputError(
-            f"{call}: generator must be a torch.Generator or None, got "
-            f"{type(generator).__name__}.\n  Fix: e.g. generator=torch.Generator().manual_seed(0)."
-        )
-
-
-def _sampled(call: str, f: Callable, nums: tuple[int, ...], request: Request, order: int,
-             samples: int, distribution: str, generator: torch.Generator | None,
-             scale: float) -> tuple[Callable[..., Any], Callable[..., Lowered]]:
-    """Run and lower of a stochastic operator: ``scale`` times the collapsed top
-    coefficient along ``samples`` random directions drawn anew on every call."""
-    plan = TaylorPlan(order=order, returns=(order,), series=True, collapse=lambda r: None)
-    inner = TaylorFunction(request, nums, plan)
-
-    def series(args: tuple) -> tuple:
-        leaves = _differentiated_leaves(call, args, nums)
-        return random_directions(call, leaves, samples, distribution, generator)
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        (top,) = inner(*args, series(args), **kwargs)
-        return tree_map(lambda t: t * scale, top)
-
-    return run, lambda *args, **kwargs: inner.lower(*args, series(args), **kwargs)
-
-
-def laplacian(
-    f: Callable, argnums: int | tuple[int, ...] = 0, *, samples: int | None = None,
-    distribution: str = "rademacher", generator: torch.Generator | None = None,
-    weights: torch.Tensor | Callable[..., torch.Tensor] | None = None,
-    value_and_grad: bool = False, memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
-    compile: bool | dict[str, Any] = False,
-) -> OperatorFunction:
-    """The Laplacian ``sum_i d^2 f / dx_i^2`` over every entry of the differentiated
-    argument(s), per output entry: called like ``f``, it returns a tree like ``f``'s output.
-
-    **Exact** by default: collapsed Taylor mode, one first-order jet per input entry and
-    one second-order coefficient summed over them. When rows of a batch stay independent
-    through ``f`` (a network applied to a batch), hod compresses the batch at trace time:
-    the result holds every row's own Laplacian at the cost of one row's directions.
-
-    ``samples=S``: the unbiased Hutchinson estimate from ``S`` random directions,
-    Rademacher (default) or ``distribution="normal"``, drawn anew on each call (from
-    ``generator`` when given: reproducible). Under ``torch.func.vmap`` pass
-    ``randomness="same"`` or ``"different"`` to it.
-
-    ``weights=C``: ``sum_ij C_ij d^2 f / dx_i dx_j`` (Fokker-Planck, Black-Scholes), with
-    ``C`` a ``(D, D)`` tensor over the ``D`` differentiated entries (flattened, arguments
-    in positional order) or a function of ``f``'s arguments returning one. It takes
-    ``2 D`` directions, ``e_r +- C[:, r]``, built on each call (differentiable in ``C``).
-
-    ``value_and_grad=True`` returns ``(u, grad, lap)``, ``grad`` like
-    ``hod.jacobian(f, argnums)``: from the same pass when exact; the stochastic and
-    weighted forms compute it with ``hod.jacobian``.
-    """
-    call = describe("laplacian", f, None, argnums)
-    nums = validate_arguments(call, f, 2, argnums)
-    _check_sampling(call, samples, distribution, generator, DISTRIBUTIONS)
-    if samples is not None and weights is not None:
-        raise InputError(
-            f"{call}: samples= and weights= cannot be combined.\n"
-            f"  Fix: drop samples for the exact weighted operator."
-        )
-    series = samples is not None or weights is not None
-    request = _request(call, f, 2, argnums, memory_limit, compile, series)
-    if samples is not None:
-        run, lower = _sampled(call, f, nums, request, 2, samples, distribution, generator,
-                              1 / samples)
-    elif weights is not None:
-        run, lower = _weighted(call, nums, request, weights)
-    else:
-        plan = TaylorPlan(order=2, returns=(0, 2) if value_and_grad else (2,),
-                          collapse=lambda r: None, gradient=value_and_grad)
-        inner = TaylorFunction(request, nums, plan)
-        if value_and_grad:
-            return OperatorFunction(call, lambda *a, **k: _value_grad_lap(inner(*a, **k)),
-                                    inner.lower)
-        return OperatorFunction(call, lambda *a, **k: inner(*a, **k)[0], inner.lower)
-    if value_and_grad:
-        gradient = jacobian(f, argnums, memory_limit=memory_limit)
-        return OperatorFunction(
-            call, lambda *a, **k: (f(*a, **k), gradient(*a, **k), run(*a, **k)), lower
-        )
-    return OperatorFunction(call, run, lower)
-
-
-def _value_grad_lap(result: tuple) -> tuple:
-    value, lap, grad = result
-    return value, grad, lap
-
-
-def _weighted(call: str, nums: tuple[int, ...], request: Request,
-              weights: torch.Tensor | Callable[..., torch.Tensor]):
-    """Run and lower of ``sum_ij C_ij d^2 f/dx_i dx_j``: ``H[e_r, c_r]`` summed over the
-    columns ``c_r`` of ``C``, each ``(c_2(e_r + c_r) - c_2(e_r - c_r)) / 4``."""
-    def quarter(directions: int) -> torch.Tensor:
-        half = directions // 2
-        return torch.cat([torch.full((half,), 0.25), torch.full((half,), -0.25)])
-
-    plan = TaylorPlan(order=2, returns=(2,), series=True, collapse=quarter)
-    inner = TaylorFunction(request, nums, plan)
-
-    def series(args: tuple, kwargs: dict) -> tuple:
-        leaves = _differentiated_leaves(call, args, nums)
-        c = weights(*args, **kwargs) if callable(weights) else weights
-        size = sum(leaf.numel() for leaf in leaves)
-        if not isinstance(c, torch.Tensor) or tuple(c.shape) != (size, size):
-            got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
-            raise InputError(
-                f"{call}: weights must be a ({size}, {size}) tensor over the {size} "
-                f"differentiated entries, got {got}.\n"
-                f"  Fix: pass C with one row and column per entry (arguments flattened in "
-                f"positional order), or a function of f's arguments returning one."
-            )
-        c = c.to(leaves[0])
-        eye = torch.eye(size, dtype=c.dtype, device=c.device)
-        directions = torch.cat([eye + c.mT, eye - c.mT])
-        out, offset = [], 0
-        for leaf in leaves:
-            part = directions[:, offset:offset + leaf.numel()]
-            out.append((part.reshape(2 * size, *leaf.shape).contiguous(),))
-            offset += leaf.numel()
-        return tuple(out)
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return inner(*args, series(args, kwargs), **kwargs)[0]
-
-    return run, lambda *args, **kwargs: inner.lower(*args, series(args, kwargs), **kwargs)
-
-
-def biharmonic(
-    f: Callable, argnums: int | tuple[int, ...] = 0, *, samples: int | None = None,
-    distribution: str = "normal", generator: torch.Generator | None = None,
-    memory_limit: int | None = DEFAULT_MEMORY_LIMIT, compile: bool | dict[str, Any] = False,
-) -> OperatorFunction:
-    """The biharmonic ``sum_ij d^4 f / dx_i^2 dx_j^2`` over every entry of the
-    differentiated argument(s), per output entry: called like ``f``.
-
-    **Exact** by default, from collapsed fourth-order jets along ``D^2`` directions (the
-    ``D`` unit vectors and ``e_i +- e_j``, weights chosen at trace time; batches
-    compressed as in :func:`laplacian`). ``samples=S``: the unbiased estimate
-    ``E[c_4(v)] / 3`` over standard normal ``v`` (Rademacher directions would be biased
-    for this operator, so only ``distribution="normal"`` is accepted).
-    """
-    call = describe("biharmonic", f, None, argnums)
-    nums = validate_arguments(call, f, 4, argnums)
-    _check_sampling(call, samples, distribution, generator, ("normal",))
-    request = _request(call, f, 4, argnums, memory_limit, compile, samples is not None)
-    if samples is not None:
-        run, lower = _sampled(call, f, nums, request, 4, samples, distribution, generator,
-                              1 / (3 * samples))
-        return OperatorFunction(call, run, lower)
-    directions = functools.lru_cache(maxsize=8)(biharmonic_directions)
-    plan = TaylorPlan(order=4, returns=(4,), basis=lambda size: directions(size)[0],
-                      collapse=lambda size: directions(size)[1])
-    inner = TaylorFunction(request, nums, plan)
-    return OperatorFunction(call, lambda *a, **k: inner(*a, **k)[0], inner.lower)
-
-
-def operator(
-    f: Callable, terms: Mapping[tuple[int, ...], float], argnums: int | tuple[int, ...] = 0,
-    *, memory_limit: int | None = DEFAULT_MEMORY_LIMIT, compile: bool | dict[str, Any] = False,
-) -> OperatorFunction:
-    """The linear differential operator ``sum_a c_a d^a f``, per output entry: called
-    like ``f``.
-
-    ``terms`` maps multi-indices to numbers. A multi-index is a tuple of flat positions
-    in the differentiated entries (arguments flattened in positional order), with
-    repeats, of order 1 to 4: ``{(0, 0): 1.0, (1,): -2.0}`` is ``u_xx - 2 u_t`` for
-    ``x = args[0][0]``, ``t = args[0][1]``. hod computes it from univariate jets of the
-    highest order present, along directions chosen at trace time (each mixed partial
-    interpolated from the fewest integer directions over its positions), collapsing the
-    top coefficient; lower orders are weighted per direction.
-    """
-    call = describe("operator", f, None, argnums)
-    nums = validate_arguments(call, f, 1, argnums)
-    terms = _checked_terms(call, terms)
-    order = max(len(index) for index in terms)
-    request = _request(call, f, order, argnums, memory_limit, compile, series=False)
-
-    @functools.lru_cache(maxsize=8)
-    def directions(size: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        largest = max(max(index) for index in terms)
-        if largest >= size:
-            raise InputError(
-                f"{call}: a multi-index names position {largest}, but the differentiated "
-                f"arguments have {size} entries (positions 0..{size - 1}).\n"
-                f"  Fix: count positions over the flattened differentiated entries."
-            )
-        return operator_directions(terms, size)
-
-    lower_orders = sorted({len(index) for index in terms} - {order})
-    plan = TaylorPlan(order=order, returns=(*lower_orders, order), compress=False,
-                      basis=lambda size: directions(size)[0],
-                      collapse=lambda size: directions(size)[1][order])
-    inner = TaylorFunction(request, nums, plan)
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        *lower, top = inner(*args, **kwargs)
-        size = sum(leaf.numel() for leaf in _differentiated_leaves(call, args, nums))
-        per_order = directions(size)[1]
-        for k, coefficients in zip(lower_orders, lower, strict=True):
-            top = tree_map(functools.partial(_add_weighted, per_order[k]), top, coefficients)
-        return top
-
-    return OperatorFunction(call, run, inner.lower)
-
-
-def _add_weighted(weights: torch.Tensor, total: torch.Tensor, coefficients: torch.Tensor):
-    """``total + sum_r weights[r] coefficients[r]``."""
-    return total + torch.tensordot(weights.to(coefficients), coefficients, dims=1)
-
-
-def _checked_terms(call: str, terms: Any) -> dict[tuple[int, ...], float]:
-    """``terms`` as ``{sorted multi-index: float}``, or a clear error."""
-    if not isinstance(terms, Mapping) or not terms:
-        raise InputError(
-            f"{call}: terms must be a non-empty dict of multi-indices to numbers, got "
-            f"{terms!r}.\n  Fix: e.g. {{(0, 0): 1.0, (1,): -2.0}} for u_xx - 2 u_t."
-        )
-    checked: dict[tuple[int, ...], float] = {}
-    for index, coefficient in terms.items():
-        index = (index,) if isinstance(index, int) else index
-        if (not isinstance(index, tuple) or not 1 <= len(index) <= 4
-                or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in index)):
-            raise InputError(
-                f"{call}: each multi-index must be a tuple of 1 to 4 non-negative flat "
-                f"positions, got {index!r}.\n"
-                f"  Fix: e.g. (0, 0) for d^2/dx_0^2; orders above 4 are not supported."
-            )
-        if not isinstance(coefficient, (int, float)) or isinstance(coefficient, bool):
-            raise InputError(
-                f"{call}: the coefficient of {index!r} must be a number, got "
-                f"{type(coefficient).__name__}.\n  Fix: e.g. {{(0, 0): 1.0}}."
-            )
-        key = tuple(sorted(index))
-        checked[key] = checked.get(key, 0.0) + float(coefficient)
-    return checked
