@@ -65,6 +65,9 @@ def is_hod(engine: str) -> bool:
 TAYLOR = "taylor"
 #: The taylor sweep's matmul floor: timed beside the engines, never a peer.
 FLOOR = "floor"
+#: The setting the issue's targets name (#16: "jet-for-pytorch collapsed"): the taylor table
+#: gives hod's ratio over it besides the one over jet's best setting.
+TARGET_SETTING = "jet[collapsed]"
 
 
 def derivative_sweeps(run: Run) -> list[dict[str, Any]]:
@@ -234,13 +237,17 @@ def sweep_grid(sweep: dict[str, Any]) -> list[list[str]]:
 def taylor_grid(sweep: dict[str, Any]) -> list[list[str]]:
     """The taylor sweep as a list of rows (header first): every engine's median per row (or its
     status), then per hod engine (``hod``, ``hod.compile``) its speedup over each peer's best
-    setting (named) and its time over the matmul floor's (``1.20x`` = 20% above the floor)."""
+    setting (named), over :data:`TARGET_SETTING` when jet has other settings too, and its time
+    over the matmul floor's (``1.20x`` = 20% above the floor)."""
     engines = engines_of(sweep)
     peers = [p for p in peers_of(engines) if p != FLOOR]
     hods = [e for e in engines if is_hod(e)]
+    target = [TARGET_SETTING] if sum(peer_of(e) == peer_of(TARGET_SETTING)
+                                     for e in engines) > 1 else []
     header = [sweep["x_name"], *engines]
     for h in hods:
-        header += [*(f"{h} vs {p}" for p in peers), f"{h} / floor"]
+        header += [*(f"{h} vs {p}" for p in peers), *(f"{h} vs {t}" for t in target),
+                   f"{h} / floor"]
     grid = [header]
     for row in sweep["rows"]:
         floor_ms = row["engines"].get(FLOOR, {}).get("median_ms")
@@ -253,6 +260,9 @@ def taylor_grid(sweep: dict[str, Any]) -> list[list[str]]:
                 cells.append(f"{r[0]:.2f}x" + (f" ({setting_of(r[1])})" if setting_of(r[1])
                                                 else "") if r else "-")
             ours = time_ms(row, h)
+            for t in target:
+                theirs = time_ms(row, t)
+                cells.append(f"{theirs / ours:.2f}x" if ours and theirs is not None else "-")
             cells.append(f"{ours / floor_ms:.2f}x" if ours is not None and floor_ms else "-")
         grid.append(cells)
     return grid
