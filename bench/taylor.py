@@ -90,6 +90,8 @@ class TaylorEngine(ABC):
     peer: str
     setting: str = ""
     directions = "V"
+    #: Whether the warm-up call compiles (then it says nothing of the calls after it).
+    compiles_in_warmup = False
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -176,6 +178,7 @@ class HodCompiledTaylorEngine(HodTaylorEngine):
 
     name = peer = "hod.compile"
     options = {"compile": True}
+    compiles_in_warmup = True
 
     def describe(self) -> str:
         return "as hod, with compile=True"
@@ -311,6 +314,7 @@ class JetTaylorEngine(TaylorEngine):
         self.setting = setting
         self.name = f"jet[{setting}]"
         self._process = process
+        self.compiles_in_warmup = setting.endswith("compile")
 
     def unavailable_reason(self) -> str | None:
         return self._process.check()
@@ -417,6 +421,9 @@ def run_taylor_sweep(
     try:
         # No time budget: the rows are fixed, and a compiling warm-up says nothing of the calls.
         sweep = SweepRunner(engines, RunSettings("cpu", policy, math.inf, seed), log)
+        # Settings are only rivals at warm-up (the hopeless and trailing rules) when both
+        # compile or neither does.
+        sweep.peers = {e.name: e.peer + " compiled" * e.compiles_in_warmup for e in engines}
         versions = {e.name: sweep.absent.get(e.name) or e.version() for e in engines}
         for row in rows_to_run:
             result = run_taylor_row(row, sweep)
