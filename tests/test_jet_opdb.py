@@ -22,6 +22,26 @@ KINDS = ("direction", "series")
 QUICK = {("direction", 2), ("series", 3)}
 
 
+def _huber(x, y, delta: float = 0.5):
+    d = (x - y).abs()
+    return torch.where(d < delta, 0.5 * d**2, delta * (d - 0.5 * delta)).mean()
+
+
+#: Where nested jvp cannot run the entry's own reference: torch has no forward-mode formula
+#: for huber_loss_backward (which huber_loss's own forward-mode formula calls).
+JET_REFS = {"huber_loss": _huber}
+
+#: Degrees the database leaves unstated because its orders stop below them: a 3 x 3
+#: determinant is a polynomial of degree 3, so its fourth coefficient along a line is zero.
+JET_DEGREES = {"det": 3, "det.forward": 3}
+
+
+def _vanishes(info: OpInfo, kind: str, k: int) -> bool:
+    """Along a direction, coefficients above the entry's degree are zero."""
+    degree = JET_DEGREES.get(info.name, info.degree)
+    return kind == "direction" and degree is not None and k > degree
+
+
 def series_for(sample: tuple, argnums, order: int, kind: str):
     """One entry per differentiated argument, as ``hod.jet`` takes it: a random direction
     shaped like the primal, or ``order`` random coefficients."""
@@ -39,7 +59,7 @@ def check_jets(info: OpInfo, order: int, kind: str, dtype=torch.float64) -> None
     """``hod.jet`` on every sample of ``info`` cast to ``dtype``, against the float64
     reference, order by order (each order has its own zero test)."""
     jf = hod.jet(info.fn, order, info.argnums)
-    ref = jet_reference(info.ref or info.fn, order, info.argnums)
+    ref = jet_reference(JET_REFS.get(info.name) or info.ref or info.fn, order, info.argnums)
     rtol, atol = (info.rtol, info.atol) if dtype == torch.float64 else TOLERANCES[dtype]
     actual, expected = [], []
     for sample in info.samples():
@@ -47,7 +67,7 @@ def check_jets(info: OpInfo, order: int, kind: str, dtype=torch.float64) -> None
         actual.append(jf(cast(sample, dtype), cast(series, dtype)))
         expected.append(cast(ref(sample, series), dtype))
     assert_same_jets(actual, expected, rtol=rtol, atol=atol,
-                     vanishes=lambda k: kind == "direction" and info.vanishes_at(k))
+                     vanishes=lambda k: _vanishes(info, kind, k))
 
 
 def _cases():
