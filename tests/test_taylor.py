@@ -22,7 +22,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_same_tree, jet_reference, reference
+from conftest import TOLERANCES, assert_same_tree, cast, jet_reference, reference
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.func import functional_call, grad, hessian, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -242,6 +242,51 @@ def test_laplacian_of_a_matrix_input_with_a_closure():
     assert_same_tree(hod.laplacian(net)(X), exact_laplacian(net, (X,)))
 
 
+def _centered(X, *params):
+    return mlp(X - X.mean(0), *params)
+
+
+def _batch_normalized(X, *params):
+    """Batch statistics from plain ops (torch.func's own batch_norm formulas are wrong at
+    higher orders: tests/test_taylor_references.py)."""
+    centered = X - X.mean(0)
+    return mlp(centered / torch.sqrt((centered**2).mean(0) + 1e-5), *params)
+
+
+def _gram(X, *params):
+    return mlp(torch.tanh(X @ X.T)[:, :3], *params)
+
+
+def _cumulative(X, *params):
+    return mlp(X.cumsum(0) / 2, *params)
+
+
+def _softmax_over_rows(X, *params):
+    return mlp(torch.softmax(X, 0), *params)
+
+
+ROWS_INTERACT = [_centered, _batch_normalized, _gram, _cumulative, _softmax_over_rows]
+
+
+@pytest.mark.parametrize("f", ROWS_INTERACT, ids=lambda f: f.__name__.strip("_"))
+def test_laplacian_of_a_batch_whose_rows_interact_is_the_full_trace(f):
+    """One output per row, but the rows meet (batch statistics, ``X X^T``, a scan or a
+    softmax over the batch): the Laplacian is the trace over all entries, not per row."""
+    params, X = mlp_params(3), torch.randn(3, 3, dtype=D)
+    diagonal = derivative_tensor(f, (X, *params), 2).diagonal(dim1=-2, dim2=-1).reshape(3, 3, 3)
+    own_rows = torch.einsum("bbi->b", diagonal)
+    full = diagonal.sum((-2, -1))
+    assert not torch.allclose(full, own_rows), "the rows do not interact: a weak test"
+    assert_same_tree(hod.laplacian(f)(X, *params), full)
+
+
+@pytest.mark.parametrize("f", ROWS_INTERACT[:2], ids=lambda f: f.__name__.strip("_"))
+def test_biharmonic_of_a_batch_whose_rows_interact(f):
+    params, X = mlp_params(2), torch.randn(3, 2, dtype=D)
+    assert_same_tree(hod.biharmonic(f)(X, *params), exact_biharmonic(f, (X, *params)),
+                     rtol=1e-8, atol=1e-8)
+
+
 def test_laplacian_with_argnums_tuple_sums_over_both_inputs():
     x, W = torch.randn(3, dtype=D), torch.randn(3, 2, dtype=D)
     actual = hod.laplacian(tanh_loss, argnums=(0, 1))(x, W)
@@ -375,6 +420,22 @@ def test_stochastic_laplacian_over_many_directions_approaches_the_exact_one():
     estimate = hod.laplacian(mlp, samples=S, generator=seeded(5))(x, *params)
     assert abs(float(estimate - exact)) < 5 * standard_error
     assert 5 * standard_error < 0.1 * abs(float(exact)), "the check could not tell a bias"
+
+
+@pytest.mark.parametrize("randomness", ["same", "different"])
+def test_stochastic_laplacian_under_vmap_over_data_points(randomness):
+    """``randomness="same"``: every point sees the same directions; ``"different"``: each its
+    own, read back per point by the probe under the same vmap and seed."""
+    params, X = mlp_params(3), torch.randn(4, 3, dtype=D)
+
+    def batched(f, *rest):
+        estimate = hod.laplacian(f, samples=3, generator=seeded(3))
+        return vmap(estimate, in_dims=(0, *[None] * len(rest)), randomness=randomness)(X, *rest)
+
+    P = batched(outer)
+    H = vmap(lambda x: derivative_tensor(mlp, (x, *params), 2))(X)
+    assert_same_tree(batched(mlp, *params), (H * P).sum((-2, -1)) / 2)
+    assert torch.equal(P[0], P[1]) == (randomness == "same")
 
 
 def test_stochastic_laplacian_over_two_arguments():
@@ -643,6 +704,25 @@ def test_backward_through_biharmonic_and_operator_reaches_parameters():
     assert_same_tree(list(actual), list(expected))
 
 
+# -- float32 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["jet", "hvp", "laplacian", "biharmonic", "operator"])
+def test_float32_results_keep_the_dtype_and_match_float64(name):
+    params, x, v = mlp_params(3), torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    args = (x, *params)
+    compute, expected = {
+        "jet": (lambda a: hod.jet(mlp, 3)(a, v.float()), jet_reference(mlp, 3)(args, v)),
+        "hvp": (lambda a: hod.hvp(mlp)(a, v.float()),
+                jvp(lambda x: grad(mlp)(x, *params), (x,), (v,))[1]),
+        "laplacian": (lambda a: hod.laplacian(mlp)(*a), exact_laplacian(mlp, args)),
+        "biharmonic": (lambda a: hod.biharmonic(mlp)(*a), exact_biharmonic(mlp, args)),
+        "operator": (lambda a: hod.operator(mlp, MIXED)(*a),
+                     operator_reference(mlp, args, MIXED)),
+    }[name]
+    rtol, atol = TOLERANCES[torch.float32]
+    assert_same_tree(compute(cast(args, torch.float32)), cast(expected, torch.float32),
+                     rtol=rtol, atol=atol)
+
+
 # -- torch.compile and the generated code ---------------------------------------------------------
 def test_torch_compile_of_taylor_functions():
     params, X = mlp_params(3), torch.randn(4, 3, dtype=D)
@@ -655,10 +735,15 @@ def test_torch_compile_of_taylor_functions():
     assert counter.frame_count >= 2 and counter.op_count > 10
 
 
-def test_jet_with_compile_option():
+def test_compile_option_of_jet_laplacian_and_biharmonic():
     params, x, v = mlp_params(3), torch.randn(2, 3, dtype=D), torch.randn(2, 3, dtype=D)
-    jf = hod.jet(mlp, 3, compile={"backend": "aot_eager"})
+    options = {"backend": "aot_eager"}
+    jf = hod.jet(mlp, 3, compile=options)
     assert_same_tree(jf((x, *params), v), jet_reference(mlp, 3)((x, *params), v))
+    assert_same_tree(hod.laplacian(mlp, compile=options)(x, *params),
+                     exact_laplacian(mlp, (x, *params)))
+    assert_same_tree(hod.biharmonic(mlp, compile=options)(x, *params),
+                     exact_biharmonic(mlp, (x, *params)))
 
 
 @pytest.mark.slow
@@ -687,7 +772,9 @@ def test_lowered_code_is_a_string_of_torch_calls(name):
 
 def test_taylor_functions_are_generated_once_per_signature():
     params = mlp_params(3)
-    lap = hod.laplacian(mlp)
-    x = torch.randn(3, dtype=D)
-    assert lap.lower(x, *params) is lap.lower(torch.randn(3, dtype=D), *params)
+    lap, jf = hod.laplacian(mlp), hod.jet(mlp, 2)
+    x, y, v = (torch.randn(3, dtype=D) for _ in range(3))
+    assert lap.lower(x, *params) is lap.lower(y, *params)
     assert lap.lower(x, *params) is not lap.lower(torch.randn(2, 3, dtype=D), *params)
+    assert jf.lower((x, *params), v) is jf.lower((y, *params), x)
+    assert jf.lower((x, *params), v) is not jf.lower((x, *params), (v, v))
