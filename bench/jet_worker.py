@@ -41,7 +41,15 @@ import torch
 from torch import Tensor
 
 from bench.engines import is_out_of_memory
-from bench.taylor_rows import Blocks, TaylorRow, as_blocks, mlp, pinn_blocks, pinn_loss
+from bench.taylor_rows import (
+    Blocks,
+    TaylorRow,
+    as_blocks,
+    mlp,
+    pinn_blocks,
+    pinn_loss,
+    tracked,
+)
 
 #: The settings of jet-for-pytorch this worker runs: (``collapsed``, through torch.compile).
 SETTINGS = {"collapsed": (True, False), "standard": (False, False),
@@ -59,7 +67,7 @@ def build(row: TaylorRow, inputs: dict[str, Any], collapsed: bool,
     X = inputs["X"]
     params = inputs["params"]
     if row.kind == "pinn":
-        params = tuple(p.detach().clone().requires_grad_(True) for p in params)
+        params = tracked(params)
 
     def u(x: Tensor) -> Tensor:  # one datum (D,) -> (1,), the parameters captured
         return mlp(x, *params)

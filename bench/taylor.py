@@ -64,6 +64,7 @@ from bench.taylor_rows import (
     pinn_blocks,
     pinn_loss,
     reference,
+    tracked,
 )
 from bench.timing import RepPolicy, timed
 
@@ -112,11 +113,6 @@ class TaylorEngine(ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release engine-wide resources (the worker process)."""
-
-
-def tracked(params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Fresh copies of the parameters that require grad (the PINN step differentiates them)."""
-    return tuple(p.detach().clone().requires_grad_(True) for p in params)
 
 
 class HodTaylorEngine(TaylorEngine):

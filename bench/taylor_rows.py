@@ -249,6 +249,11 @@ def func_hvp(sizes: tuple[int, ...], theta: Tensor, X: Tensor, Y: Tensor, v: Ten
     return jvp(lambda th: grad(loss)(th, X, Y), (theta,), (v,))[1]
 
 
+def tracked(params: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Fresh copies of the parameters that require grad (the PINN step differentiates them)."""
+    return tuple(p.detach().clone().requires_grad_(True) for p in params)
+
+
 def pinn_blocks(loss: Tensor, params: tuple[Tensor, ...]) -> Blocks:
     """The PINN step's result: the loss and, by autograd, its gradient w.r.t. each parameter
     (zeros for the last bias, which no Laplacian depends on)."""
@@ -273,8 +278,8 @@ def reference(row: TaylorRow, inputs: dict[str, object]) -> dict[str, Blocks]:
     if row.kind == "hvp":
         return {"": {(0,): func_hvp(row.sizes, d["theta"], X, d["Y"], d["v"])}}
     if row.kind == "pinn":
-        tracked = tuple(p.clone().requires_grad_(True) for p in params)
-        return {"": pinn_blocks(pinn_loss(hessian_trace_laplacian(X, tracked), d["s"]), tracked)}
+        weights = tracked(params)
+        return {"": pinn_blocks(pinn_loss(hessian_trace_laplacian(X, weights), d["s"]), weights)}
     raise ValueError(f"unknown taylor row kind {row.kind!r}")
 
 
