@@ -8,7 +8,10 @@ the textbook coefficient recurrences on values).
 The series reference is first checked against nested torch.func on the same functions
 written from plain ops whose derivatives torch composes correctly (the normalisations
 from mean and rsqrt, det by the Leibniz formula, solves through ``inv``, cumprod by
-successive products): both must agree before hod is compared with the series.
+successive products): both must agree before hod is compared with the series. The
+exact Laplacian and biharmonic of the non-multilinear ones are checked too, against sums
+of the series' univariate jets along unit vectors (and their pairwise sums and
+differences).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_jets, jet_reference
+from conftest import assert_same_jets, assert_same_tree, jet_reference, reference
 
 import hod
 
@@ -376,3 +379,76 @@ def test_det_jet_at_a_singular_matrix(order):
     expected = det_series(Series.path(a, v, order)).derivatives()
     actual = hod.jet(torch.linalg.det, order)((a,), v)
     assert_same_jets([actual], [expected], rtol=1e-8, atol=1e-8, vanishes=lambda k: k == 0)
+
+
+def _unit(x: torch.Tensor, i: int) -> torch.Tensor:
+    e = torch.zeros(x.numel(), dtype=D)
+    e[i] = 1.0
+    return e.reshape(x.shape)
+
+
+def _coefficient(case: Case, sample: tuple, direction: torch.Tensor, k: int) -> torch.Tensor:
+    """``c_k`` of the series reference along ``direction`` in argument 0 only."""
+    series = (direction, *(torch.zeros_like(a) for a in sample[1:]))
+    return series_reference(case, sample, series, k)[1][k - 1]
+
+
+def laplacian_reference(case: Case, sample: tuple) -> torch.Tensor:
+    """``sum_i c_2(e_i)`` over the entries of argument 0."""
+    x = sample[0]
+    return sum(_coefficient(case, sample, _unit(x, i), 2) for i in range(x.numel()))
+
+
+def biharmonic_reference(case: Case, sample: tuple) -> torch.Tensor:
+    """``sum_i T_iiii + sum_{i != j} T_iijj`` from univariate 4-jets, with
+    ``T_iijj = (c_4(e_i + e_j) + c_4(e_i - e_j) - 2 c_4(e_i) - 2 c_4(e_j)) / 12``."""
+    x = sample[0]
+    units = [_unit(x, i) for i in range(x.numel())]
+    pure = [_coefficient(case, sample, e, 4) for e in units]
+    total = sum(pure)
+    for i, j in itertools.permutations(range(x.numel()), 2):
+        mixed = (_coefficient(case, sample, units[i] + units[j], 4)
+                 + _coefficient(case, sample, units[i] - units[j], 4))
+        total = total + (mixed - 2 * pure[i] - 2 * pure[j]) / 12
+    return total
+
+
+# Left out: det and cumprod are linear in each entry (their Laplacian and biharmonic are
+# zero), cholesky_solve is linear in its argument 0, and a Cholesky factor's own operators
+# would sum over the upper triangle, which the ops do not read.
+OPERATOR_CASES = ["layer_norm", "batch_norm", "slogdet", "solve", "householder_product"]
+
+
+@pytest.mark.parametrize("name", OPERATOR_CASES)
+def test_laplacian_against_the_series_reference(name):
+    """The collapsed exact Laplacian in argument 0."""
+    case = CASES[name]
+    for sample in case.samples():
+        actual = hod.laplacian(case.fn)(*sample)
+        assert_same_tree(actual, laplacian_reference(case, sample), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", OPERATOR_CASES)
+def test_biharmonic_against_the_series_reference(name):
+    case = CASES[name]
+    sample = case.samples()[0]
+    actual = hod.biharmonic(case.fn)(*sample)
+    assert_same_tree(actual, biharmonic_reference(case, sample), rtol=1e-7, atol=1e-7)
+
+
+def test_the_operator_references_are_torch_funcs_traces_on_plain_ops():
+    """The sums of univariate jets above are the Laplacian and biharmonic of torch.func's
+    derivative tensors (solve through inv, a 3 x 3 system with two right-hand sides)."""
+    case = CASES["solve"]
+    sample = case.samples()[0]
+    a, b = sample
+
+    def plain(a_flat):
+        return case.plain(a_flat.reshape(3, 3), b)
+
+    second = reference(plain, 2)(a.reshape(-1))
+    fourth = reference(plain, 4)(a.reshape(-1))
+    assert_same_tree(laplacian_reference(case, sample),
+                     second.diagonal(dim1=-2, dim2=-1).sum(-1), rtol=1e-8, atol=1e-8)
+    assert_same_tree(biharmonic_reference(case, sample),
+                     torch.einsum("...iijj->...", fourth), rtol=1e-7, atol=1e-7)
