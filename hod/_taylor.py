@@ -55,7 +55,7 @@ def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
     em = Emitter(example.device, example.dtype, request.memory_limit, request.call,
                  compiling=request.compile is not None)
     inputs, seeds = _inputs(em, flat, plan, traced)
-    directions = _directions(em, inputs, flat)
+    directions = seeds.size if plan.basis is None and not plan.series else _rows(em, inputs, flat)
     ctx = TaylorContext(em, plan.order, directions)
     collapse = None
     if plan.collapse is not None:
@@ -145,8 +145,9 @@ def _series_positions(flat: FlatCall) -> list[list[int]]:
     return [[position[id(t)] for t in coefficients] for coefficients in args[-1]]
 
 
-def _directions(em: Emitter, inputs: list[Jet], flat: FlatCall) -> int:
-    """``R``: the leading size of the differentiated leaves' coefficients."""
+def _rows(em: Emitter, inputs: list[Jet], flat: FlatCall) -> int:
+    """``R`` when every differentiated leaf carries all directions: the leading size of
+    their coefficients (the identity directions give each leaf its own span of them)."""
     for pos in flat.diff:
         for d in inputs[pos].derivs:
             if isinstance(d, fx.Node):
