@@ -49,8 +49,9 @@ class Lowered:
     ``graph_module`` is the generated ``torch.fx.GraphModule`` (a straight line of ATen
     calls over the flat tensor leaves); ``code`` is its Python source; ``mode`` says how
     it differentiates (:class:`~hod._records.Mode`: ``"forward"``, ``"reverse-last"``, or
-    ``"taylor"`` for the Taylor-mode transforms, which it equals as a string); ``seed_size`` is the size of the seed space its
-    derivative tensors span. ``planned_module``, when set, is the same code for tensors
+    ``"taylor"`` for the Taylor-mode transforms, which it equals as a string);
+    ``seed_size`` is the size of the seed space its derivative tensors span (the number
+    of directions in Taylor mode). ``planned_module``, when set, is the same code for tensors
     that no transform watches (:func:`~hod.passes.memory.unwatched`), which runs instead:
     on the CPU it writes its large tensors into ``memory`` (see :mod:`hod.passes.memory`),
     and its view chains may be single calls (see :mod:`hod.passes.views`); ``captured``

@@ -190,3 +190,11 @@ def _slice_scatter(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) 
         ctx, base, src,
         lambda b, s, k: ctx.em.call(aten.slice_scatter.default, b, s, dim, *bounds),
     )
+
+
+@register(aten.copy_.default)
+def _copy_into(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
+    """``dst.copy_(src)`` overwrites ``dst`` (a fresh intermediate in a traced graph, as in
+    torch's decomposition of label smoothing): the derivatives are ``src``'s, broadcast to
+    ``dst``'s shape and cast to its dtype."""
+    return ctx.linear(as_jet(ctx, args[1]), lambda t, k: t)

@@ -112,8 +112,12 @@ add(
            aten=(aten._linalg_slogdet.default,), family="linalg",
            ref=_with_sum(_cofactor_logabsdet)),
     # torch's backward of det goes through an SVD: hod falls back to forward mode.
-    OpInfo("det", torch.linalg.det, lambda: [(_well_conditioned(3),)],
-           aten=(aten._linalg_det.default,), family="linalg", ref=_cofactor_det),
-    OpInfo("det.forward", _with_sum(torch.linalg.det), lambda: [(_well_conditioned(3, 2),)],
-           aten=(aten._linalg_det.default,), family="linalg", ref=_with_sum(_cofactor_det)),
+    OpInfo("det", torch.linalg.det, lambda: [(_well_conditioned(4),)],
+           aten=(aten._linalg_det.default,), family="linalg", ref=_cofactor_det, degree=4),
+    OpInfo("det.forward", _with_sum(torch.linalg.det), lambda: [(_well_conditioned(4, 2),)],
+           aten=(aten._linalg_det.default,), family="linalg", ref=_with_sum(_cofactor_det),
+           degree=4),
+    # Up to 3 x 3, det is traced as its Leibniz expansion (hod/decompositions/linalg.py).
+    OpInfo("det.expanded", torch.linalg.det, lambda: [(_well_conditioned(3),)],
+           aten=(aten.mul.Tensor,), family="linalg", ref=_cofactor_det, degree=3),
 )
