@@ -38,6 +38,7 @@ CORRECTNESS = ROOT / "docs" / "correctness.md"
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 PNG = ROOT / "docs" / "assets" / "benchmark.png"
 RUNS = ROOT / "bench" / "runs"
+TAYLOR_RUNS = RUNS / "taylor"  # apart, so that a taylor-only run is never "the latest run"
 PNG_KEY = "hod-run"
 PLOT_ALT = "median time per call of hod and of each peer's best setting, per sweep (log scale)"
 
@@ -171,17 +172,24 @@ def benchmarks_bench(run_path: Path) -> str:
     ])
 
 
+def taylor_bench(run_path: Path) -> str:
+    """The benchmarks page's Taylor part: the taylor sweep's table of one run."""
+    from bench import tables
+
+    return tables.sweep_tables(tables.load_run(run_path))
+
+
 BENCH_PAGES: dict[Path, Callable[[Path], str]] = {
     README: readme_bench, BENCHMARKS: benchmarks_bench,
 }
 
 
-def latest_committed_run() -> Path | None:
-    """The newest run in ``bench/runs/``, or None when there is none yet."""
+def latest_committed_run(folder: Path = RUNS) -> Path | None:
+    """The newest run in ``folder`` (``bench/runs/``), or None when there is none yet."""
     from bench import tables
 
     try:
-        return tables.latest_run(RUNS)
+        return tables.latest_run(folder)
     except FileNotFoundError:
         return None
 
@@ -203,23 +211,27 @@ def test_file_problems() -> list[str]:
     return []
 
 
-def bench_problems(page: Path) -> list[str]:
-    """Why ``page``'s benchmark section is stale: made from another run than the latest
-    one in ``bench/runs/`` (when there is one), from a run that is missing, or different
-    from what its run makes."""
+def bench_problems(
+    page: Path, marker: str = "bench", folder: Path = RUNS,
+    generate: Callable[[Path], str] | None = None,
+) -> list[str]:
+    """Why ``page``'s ``marker`` section is stale: made from another run than the latest
+    one in ``folder`` (when there is one), from a run that is missing, or different from
+    what its run makes (with ``generate``, by default the page's :data:`BENCH_PAGES`)."""
     name = page.relative_to(ROOT)
-    section = find_section(page.read_text(), "bench")
+    section = find_section(page.read_text(), marker)
     label = section.attrs.get("run") if section else None
     if label is None:
-        return [f"{name}: no <!-- bench:start run=... --> section"]
+        return [f"{name}: no <!-- {marker}:start run=... --> section"]
     problems = []
-    latest = latest_committed_run()
+    latest = latest_committed_run(folder)
     if latest is not None and label != run_label(latest):
         problems.append(f"{name}: made from {label}, the latest run is {run_label(latest)}")
+    generate = generate or BENCH_PAGES[page]
     if not _run_file(label).is_file():
         problems.append(f"{name}: the run it was made from, {label}, does not exist")
-    elif section.body != BENCH_PAGES[page](_run_file(label)).strip():
-        problems.append(f"{name}: the benchmark section differs from what {label} makes")
+    elif section.body != generate(_run_file(label)).strip():
+        problems.append(f"{name}: the {marker} section differs from what {label} makes")
     return problems
 
 
@@ -238,6 +250,7 @@ def stale_parts() -> list[str]:
     return [
         *operator_problems(), *test_file_problems(), *bench_problems(README),
         *bench_problems(BENCHMARKS), *png_problems(),
+        *bench_problems(BENCHMARKS, "taylor", TAYLOR_RUNS, taylor_bench),
     ]
 
 
@@ -250,6 +263,10 @@ def write(run_path: Path) -> None:
     label = run_label(run_path)
     for page, generate in BENCH_PAGES.items():
         page.write_text(with_section(page.read_text(), "bench", generate(run_path), run=label))
+    taylor = latest_committed_run(TAYLOR_RUNS)
+    if taylor is not None:
+        BENCHMARKS.write_text(with_section(BENCHMARKS.read_text(), "taylor",
+                                           taylor_bench(taylor), run=run_label(taylor)))
     PNG.parent.mkdir(parents=True, exist_ok=True)
     tables.plot_summary(tables.load_run(run_path), PNG)
     PNG.write_bytes(with_png_text(PNG.read_bytes(), PNG_KEY, label))
