@@ -69,7 +69,10 @@ class Collapse:
         factors, t = self._direction_free_factors(t)
         if factors:  # sum_r w_r a b[r] = a sum_r w_r b[r] when a is the same for every r
             return em.mul(em.product(factors), self.weighted_sum(t, (lo, hi)))
-        shape = list(em.shape(t))
+        repeated = self._unexpanded_product(t)
+        if repeated is not None:  # a product of tensors repeated along value dims: sum once
+            summed = self.weighted_sum(repeated, (lo, hi))
+            return em.expand(summed, [1, *shape[1:]])
         if self.weights is None:
             row = em.call(aten.ones.default, [1, hi - lo], dtype=em.dtype_of(t),
                           device=em.device)
@@ -77,6 +80,19 @@ class Collapse:
             row = em.reshape(em.call(aten.slice.Tensor, self.weights, 0, lo, hi), [1, hi - lo])
         flat = em.reshape(t, [shape[0], -1])
         return em.reshape(em.call(aten.mm.default, row, flat), [1, *shape[1:]])
+
+    def _unexpanded_product(self, t: fx.Node) -> fx.Node | None:
+        """For ``t = a * b`` with ``a``, ``b`` expanded along the same value dims (a seed
+        repeated over a batch), the product of what was expanded; else None."""
+        em = self.ctx.em
+        if t.target is not aten.mul.Tensor or not all(
+            isinstance(x, fx.Node) and x.target is aten.expand.default for x in t.args
+        ):
+            return None
+        bases = [x.args[0] for x in t.args]
+        if any(em.rank(b) != em.rank(t) or em.shape(b)[0] != em.shape(t)[0] for b in bases):
+            return None
+        return em.mul(*bases)
 
     def _direction_free_factors(self, t: fx.Node) -> tuple[list[Operand], fx.Node]:
         """``t`` as a product of factors that broadcast over its direction axis (numbers,
