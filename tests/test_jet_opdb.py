@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_same_jets, cast, jet_reference
+from conftest import TOLERANCES, assert_same_jets, assert_same_tree, cast, jet_reference, reference
 from opdb import OPS, OpInfo
+from torch.utils._pytree import tree_map
 
 import hod
 
@@ -27,19 +28,14 @@ def _huber(x, y, delta: float = 0.5):
     return torch.where(d < delta, 0.5 * d**2, delta * (d - 0.5 * delta)).mean()
 
 
-#: Where nested jvp cannot run the entry's own reference: torch has no forward-mode formula
-#: for huber_loss_backward (which huber_loss's own forward-mode formula calls).
-JET_REFS = {"huber_loss": _huber}
-
-#: Degrees the database leaves unstated because its orders stop below them: a 3 x 3
-#: determinant is a polynomial of degree 3, so its fourth coefficient along a line is zero.
-JET_DEGREES = {"det": 3, "det.forward": 3}
+def _norm_3_5(x):
+    return (x.abs() ** 3.5).sum(-1, keepdim=True) ** (1 / 3.5)
 
 
-def _vanishes(info: OpInfo, kind: str, k: int) -> bool:
-    """Along a direction, coefficients above the entry's degree are zero."""
-    degree = JET_DEGREES.get(info.name, info.degree)
-    return kind == "direction" and degree is not None and k > degree
+#: Where torch.func cannot run the entry's own reference: torch has no forward-mode formula
+#: for huber_loss_backward (which huber_loss's own forward-mode formula calls), and its
+#: fourth derivative of the 3.5-norm fails (an in-place pow_ under vmap).
+JET_REFS = {"huber_loss": _huber, "vector_norm_p3.5": _norm_3_5}
 
 
 def series_for(sample: tuple, argnums, order: int, kind: str):
@@ -67,7 +63,7 @@ def check_jets(info: OpInfo, order: int, kind: str, dtype=torch.float64) -> None
         actual.append(jf(cast(sample, dtype), cast(series, dtype)))
         expected.append(cast(ref(sample, series), dtype))
     assert_same_jets(actual, expected, rtol=rtol, atol=atol,
-                     vanishes=lambda k: _vanishes(info, kind, k))
+                     vanishes=lambda k: kind == "direction" and info.vanishes_at(k))
 
 
 def _cases():
@@ -98,3 +94,89 @@ _BY_NAME = {info.name: info for info in OPS}
 @pytest.mark.parametrize("name", FLOAT32)
 def test_jet_in_float32(name: str, kind: str, order: int):
     check_jets(_BY_NAME[name], order, kind, torch.float32)
+
+
+# -- collapsed operators per entry --------------------------------------------------------------
+def _flat_derivative(info: OpInfo, sample: tuple, order: int):
+    """torch.func's ``order``-th derivative of the entry's reference over its differentiated
+    entries flattened in positional order: a tree like the output, each leaf
+    ``out.shape + (n,) * order``."""
+    positions = (info.argnums,) if isinstance(info.argnums, int) else info.argnums
+    sizes = [sample[i].numel() for i in positions]
+    fn = JET_REFS.get(info.name) or info.ref or info.fn
+
+    def g(z):
+        args = list(sample)
+        for i, piece in zip(positions, z.split(sizes), strict=True):
+            args[i] = piece.reshape(sample[i].shape)
+        return fn(*args)
+
+    return reference(g, order)(torch.cat([sample[i].reshape(-1) for i in positions]))
+
+
+def _numel(info: OpInfo, sample: tuple) -> int:
+    positions = (info.argnums,) if isinstance(info.argnums, int) else info.argnums
+    return sum(sample[i].numel() for i in positions)
+
+
+#: Entries with a zero Laplacian: linear in each input entry (products of distinct entries,
+#: so every ``d^2 f / dx_i^2`` is zero), or harmonic (atan2(y, x)).
+HARMONIC = {"prod", "prod_dim", "prod_rows", "cumprod", "cumprod.sum", "det", "det.forward",
+            "det.expanded", "matmul_2d", "mul", "where", "atan2", "atan2_near_axis"}
+#: A zero biharmonic besides: the standard deviation of 4 entries is a Euclidean norm in the
+#: 3-dimensional subspace orthogonal to (1, 1, 1, 1), and the Laplacian 2 / r of a norm in
+#: three dimensions is harmonic.
+BIHARMONIC = HARMONIC | {"std"}
+
+
+def _operator_vanishes(info: OpInfo, order: int) -> bool:
+    zero = HARMONIC if order == 2 else BIHARMONIC
+    return info.name in zero or info.vanishes_at(order)
+
+
+@pytest.mark.parametrize("info", OPS, ids=[i.name for i in OPS])
+def test_exact_laplacian(info: OpInfo):
+    """The collapsed exact Laplacian over the entry's differentiated inputs (batch
+    compression decided at trace time) against the trace of torch.func's Hessian."""
+    lap = hod.laplacian(info.fn, info.argnums)
+    actual, expected = [], []
+    for sample in info.samples():
+        actual.append(lap(*sample))
+        expected.append(tree_map(lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1),
+                                 _flat_derivative(info, sample, 2)))
+    assert_same_tree(actual, expected, rtol=info.rtol, atol=info.atol,
+                     expect_zero=_operator_vanishes(info, 2))
+
+
+@pytest.mark.parametrize("info", OPS, ids=[i.name for i in OPS])
+def test_weighted_laplacian(info: OpInfo):
+    """``sum_ij C_ij d2f/dx_i dx_j`` with a random dense ``C``: cross terms between inputs
+    too (nonzero for products, whose plain Laplacian is zero)."""
+    actual, expected = [], []
+    for sample in info.samples():
+        n = _numel(info, sample)
+        C = torch.randn(n, n, dtype=torch.float64)
+        actual.append(hod.laplacian(info.fn, info.argnums, weights=C)(*sample))
+        expected.append(tree_map(lambda H, C=C: (H * C).sum((-2, -1)),
+                                 _flat_derivative(info, sample, 2)))
+    assert_same_tree(actual, expected, rtol=info.rtol, atol=info.atol,
+                     expect_zero=info.vanishes_at(2))
+
+
+#: The biharmonic's reference is a dense fourth derivative: entries up to this many inputs.
+BIHARMONIC_MAX_INPUTS = 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "info", [i for i in OPS if all(_numel(i, s) <= BIHARMONIC_MAX_INPUTS for s in i.samples())],
+    ids=lambda i: i.name)
+def test_exact_biharmonic(info: OpInfo):
+    bih = hod.biharmonic(info.fn, info.argnums)
+    actual, expected = [], []
+    for sample in info.samples():
+        actual.append(bih(*sample))
+        expected.append(tree_map(lambda T: torch.einsum("...iijj->...", T),
+                                 _flat_derivative(info, sample, 4)))
+    assert_same_tree(actual, expected, rtol=info.rtol, atol=info.atol,
+                     expect_zero=_operator_vanishes(info, 4))
