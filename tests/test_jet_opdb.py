@@ -1,12 +1,15 @@
 """Every op database entry in jet mode: ``hod.jet`` at orders 1-4, along a random direction
 and with a full input series ``(s_1, ..., s_k)``, against k nested ``torch.func.jvp`` over the
-path parameter t (float64); a subset in float32.
+path parameter t (float64); a subset in float32. Each entry's collapsed operators too: the
+exact and a weighted Laplacian against torch.func's Hessian, the biharmonic against its
+fourth derivative.
 
 The quick run covers every entry along a direction at order 2 and with a full series at
 order 3 (whose coefficient sums every partition of 3 over s_1, s_2, s_3); the other orders
 and kinds are marked ``slow``. Along a direction, the coefficients above an entry's
 ``degree`` must be zero and the ones below must not; with a series they need not vanish
-(``x(t)`` itself is a polynomial of degree k).
+(``x(t)`` itself is a polynomial of degree k). Both Laplacians run for every entry in the
+quick run, the biharmonic (entries with up to 12 inputs) is ``slow``.
 """
 
 from __future__ import annotations
