@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import Tensor
@@ -50,6 +50,24 @@ class EngineFailure(RuntimeError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def serve(
+    requests: TextIO, replies: TextIO, handle: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """Answer JSON-line requests with ``handle`` until ``quit`` or end of input; an exception
+    becomes an error reply."""
+    for line in requests:
+        request = json.loads(line)
+        if request["cmd"] == "quit":
+            break
+        try:
+            reply = {"ok": True, **handle(request)}
+        except Exception as exc:  # reported to the harness, which decides what to do
+            reply = {"ok": False, "kind": "OOM" if is_out_of_memory(exc) else "ERROR",
+                     "error": f"{type(exc).__name__}: {exc}"[:500]}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

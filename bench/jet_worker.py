@@ -30,17 +30,16 @@ captured graph holds.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from bench.engines import is_out_of_memory
+from bench.engines import serve
 from bench.taylor_rows import (
     Blocks,
     TaylorRow,
@@ -137,24 +136,6 @@ def _handle(request: dict[str, Any], cases: dict[str, JetCase]) -> dict[str, Any
     if cmd == "time":
         return {"seconds": cases[request["setting"]].call()}
     raise ValueError(f"unknown command {cmd!r}")
-
-
-def serve(
-    requests: TextIO, replies: TextIO, handle: Callable[[dict[str, Any]], dict[str, Any]]
-) -> None:
-    """Answer JSON-line requests with ``handle`` until ``quit`` or end of input; an exception
-    becomes an error reply."""
-    for line in requests:
-        request = json.loads(line)
-        if request["cmd"] == "quit":
-            break
-        try:
-            reply = {"ok": True, **handle(request)}
-        except Exception as exc:  # reported to the harness, which decides what to do
-            reply = {"ok": False, "kind": "OOM" if is_out_of_memory(exc) else "ERROR",
-                     "error": f"{type(exc).__name__}: {exc}"[:500]}
-        replies.write(json.dumps(reply) + "\n")
-        replies.flush()
 
 
 def main() -> None:

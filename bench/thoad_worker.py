@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
-import json
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from bench.engines import is_out_of_memory
+from bench.engines import serve
 from bench.models import Case
 
 
@@ -119,27 +118,12 @@ def _handle(request: dict[str, Any], state: dict[str, ThoadCase]) -> dict[str, A
     raise ValueError(f"unknown command {cmd!r}")
 
 
-def serve(requests: TextIO, replies: TextIO) -> None:
-    """Answer requests until ``quit`` or end of input."""
-    state: dict[str, ThoadCase] = {}
-    for line in requests:
-        request = json.loads(line)
-        if request["cmd"] == "quit":
-            break
-        try:
-            reply = {"ok": True, **_handle(request, state)}
-        except Exception as exc:  # reported to the harness, which decides what to do
-            reply = {"ok": False, "kind": "OOM" if is_out_of_memory(exc) else "ERROR",
-                     "error": f"{type(exc).__name__}: {exc}"[:500]}
-        replies.write(json.dumps(reply) + "\n")
-        replies.flush()
-
-
 def main() -> None:
     # Keep the protocol channel clean: whatever thoad or torch print goes to stderr.
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    serve(sys.stdin, replies)
+    state: dict[str, ThoadCase] = {}
+    serve(sys.stdin, replies, lambda request: _handle(request, state))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,7 @@ ipykernel, matplotlib). The notebook trains a physics-informed network on one to
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import nbformat
-from nbclient import NotebookClient
-
-HERE = Path(__file__).resolve().parent
+from make_tutorial import execute_and_write
 
 CELLS: list[tuple[str, str]] = [
     ("md", r"""# A Poisson PINN trained with `hod.laplacian`
@@ -191,7 +186,7 @@ panels = [
     ("$|u_\\\\theta - u^*|$", (value - exact_value).abs().reshape(shape), "magma"),
 ]
 fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-for ax, (title, field, cmap) in zip(axes, panels):
+for ax, (title, field, cmap) in zip(axes, panels, strict=False):
     image = ax.imshow(field.T, origin="lower", extent=(0, 1, 0, 1), cmap=cmap)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.85)
@@ -265,20 +260,8 @@ print("curved path,   c_1..c_4:", [f"{c.item():+.4f}" for c in coefficients])"""
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = nbformat.v4.new_notebook()
-    make = {"md": nbformat.v4.new_markdown_cell, "code": nbformat.v4.new_code_cell}
-    nb.cells = [make[kind](source) for kind, source in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    return nb
-
-
 def main() -> None:
-    nb = build()
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(HERE)}}).execute()
-    nbformat.write(nb, HERE / "pinn.ipynb")
+    execute_and_write(CELLS, "pinn.ipynb", timeout=600)
 
 
 if __name__ == "__main__":

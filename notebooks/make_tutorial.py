@@ -201,20 +201,26 @@ print(f"split {median_ms(split):.3f} ms, not split {median_ms(plain):.3f} ms per
 ]
 
 
-def build() -> nbformat.NotebookNode:
+def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    """A notebook of ``cells`` (``("md" | "code", source)``), not yet executed."""
     nb = nbformat.v4.new_notebook()
     make = {"md": nbformat.v4.new_markdown_cell, "code": nbformat.v4.new_code_cell}
-    nb.cells = [make[kind](source) for kind, source in CELLS]
+    nb.cells = [make[kind](source) for kind, source in cells]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     return nb
 
 
-def main() -> None:
-    nb = build()
-    NotebookClient(nb, timeout=300, kernel_name="python3",
+def execute_and_write(cells: list[tuple[str, str]], name: str, timeout: int) -> None:
+    """Build the notebook, run every cell in this folder, and write it as ``name``."""
+    nb = build(cells)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(HERE)}}).execute()
-    nbformat.write(nb, HERE / "tutorial.ipynb")
+    nbformat.write(nb, HERE / name)
+
+
+def main() -> None:
+    execute_and_write(CELLS, "tutorial.ipynb", timeout=300)
 
 
 if __name__ == "__main__":
