@@ -21,6 +21,7 @@ from opdb import OPS, OpInfo
 from torch.utils._pytree import tree_map
 
 import hod
+import hod.passes.memory
 
 KINDS = ("direction", "series")
 QUICK = {("direction", 2), ("series", 3)}
@@ -183,3 +184,30 @@ def test_exact_biharmonic(info: OpInfo):
                                  _flat_derivative(info, sample, 4)))
     assert_same_tree(actual, expected, rtol=info.rtol, atol=info.atol,
                      expect_zero=_operator_vanishes(info, 4))
+
+
+def _other(sample: tuple) -> tuple:
+    return tuple(t * 0.97 if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in sample)
+
+
+@pytest.mark.parametrize("info", OPS, ids=[i.name for i in OPS])
+def test_jet_and_laplacian_with_every_tensor_in_reused_memory(info: OpInfo, monkeypatch):
+    """The planned Taylor code (every tensor written into the arena or a result slot): a
+    series jet of order 2 and the exact Laplacian, on a first call and on a second one with
+    other inputs while the first's results are held."""
+    monkeypatch.setattr(hod.passes.memory, "MIN_PLANNED_BYTES", 0)
+    jf, lap = hod.jet(info.fn, 2, info.argnums), hod.laplacian(info.fn, info.argnums)
+    ref = jet_reference(JET_REFS.get(info.name) or info.ref or info.fn, 2, info.argnums)
+    jets, jets_expected, laps, laps_expected = [], [], [], []
+    for sample in info.samples():
+        series = series_for(sample, info.argnums, 2, "series")
+        for args in (sample, _other(sample)):
+            jets.append(jf(args, series))
+            laps.append(lap(*args))
+            jets_expected.append(ref(args, series))
+            laps_expected.append(tree_map(lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1),
+                                          _flat_derivative(info, args, 2)))
+    assert_same_jets(jets, jets_expected, rtol=info.rtol, atol=info.atol)
+    assert_same_tree(laps, laps_expected, rtol=info.rtol, atol=info.atol,
+                     expect_zero=_operator_vanishes(info, 2))
