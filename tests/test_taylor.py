@@ -683,6 +683,21 @@ def test_pinn_residual_from_value_gradient_and_laplacian_backpropagates():
     assert_same_tree(list(actual), list(expected.values()))
 
 
+def test_torch_func_grad_of_hvp_and_laplacian_results():
+    """Inside torch.func transforms, with the parameters passed as arguments."""
+    x, W, v = torch.randn(3, dtype=D), torch.randn(3, 2, dtype=D), torch.randn(3, dtype=D)
+
+    def hvp_loss(hvp_of, W):
+        return hvp_of(W).pow(2).sum()
+
+    actual = grad(lambda W: hvp_loss(lambda W: hod.hvp(tanh_loss)((x, W), v), W))(W)
+    expected = grad(lambda W: hvp_loss(
+        lambda W: jvp(lambda x: grad(tanh_loss)(x, W), (x,), (v,))[1], W))(W)
+    assert_same_tree(actual, expected)
+    actual = torch.func.jacrev(lambda W: hod.laplacian(tanh_loss)(x, W))(W)
+    assert_same_tree(actual, torch.func.jacrev(lambda W: hessian(tanh_loss)(x, W).trace())(W))
+
+
 def test_backward_through_biharmonic_and_operator_reaches_parameters():
     params, x = mlp_params(2), torch.randn(2, dtype=D)
     terms = {(0, 0, 1): 1.0, (1,): 0.5}
