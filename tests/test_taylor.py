@@ -87,7 +87,7 @@ def exact_biharmonic(f, args: tuple, argnums=0):
 
 
 # -- jet ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("order", [1, 2, 3, 4, pytest.param(6, marks=pytest.mark.slow)])
 def test_jet_of_a_network_along_a_direction_and_a_series(order):
     params = mlp_params(3)
     x = torch.randn(4, 3, dtype=D)
@@ -736,6 +736,18 @@ def test_float32_results_keep_the_dtype_and_match_float64(name):
     rtol, atol = TOLERANCES[torch.float32]
     assert_same_tree(compute(cast(args, torch.float32)), cast(expected, torch.float32),
                      rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_taylor_results_stay_on_a_cuda_device():
+    params, X, v = mlp_params(3), torch.randn(4, 3, dtype=D), torch.randn(4, 3, dtype=D)
+    on_cpu = (hod.jet(mlp, 3)((X, *params), v), hod.laplacian(mlp)(X, *params),
+              hod.biharmonic(mlp)(X, *params))
+    X_cuda, *params_cuda, v_cuda = (t.cuda() for t in (X, *params, v))
+    on_cuda = (hod.jet(mlp, 3)((X_cuda, *params_cuda), v_cuda),
+               hod.laplacian(mlp)(X_cuda, *params_cuda), hod.biharmonic(mlp)(X_cuda, *params_cuda))
+    assert all(t.device.type == "cuda" for t in tree_flatten(on_cuda)[0])
+    assert_same_tree(tree_map(lambda t: t.cpu(), on_cuda), on_cpu, rtol=1e-8, atol=1e-8)
 
 
 # -- torch.compile and the generated code ---------------------------------------------------------
