@@ -192,9 +192,9 @@ def _slice_scatter(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) 
     )
 
 
-@register(aten.copy_.default)
+@register(aten.copy.default, aten.copy_.default)
 def _copy_into(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
     """``dst.copy_(src)`` overwrites ``dst`` (a fresh intermediate in a traced graph, as in
-    torch's decomposition of label smoothing): the derivatives are ``src``'s, broadcast to
-    ``dst``'s shape and cast to its dtype."""
+    torch's decomposition of label smoothing; ``copy`` is its functional form): the
+    derivatives are ``src``'s, broadcast to ``dst``'s shape and cast to its dtype."""
     return ctx.linear(as_jet(ctx, args[1]), lambda t, k: t)

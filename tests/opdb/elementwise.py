@@ -96,6 +96,10 @@ unary("floor_divide", lambda x: torch.div(x, 0.3, rounding_mode="floor") * x,
       (aten.div.Tensor_mode,), degree=1)
 unary("detach_alias_clone", lambda x: x.detach() * x[...] + x.clone(),
       (aten.detach.default, aten.alias.default, aten.clone.default), degree=1)
+# copy_ into a fresh tensor: traced as its functional form, copy (label smoothing's
+# decomposition keeps copy_ itself, see cross_entropy_sum_smoothing).
+unary("copy_into_fresh", lambda x: torch.empty_like(x).copy_(torch.sin(x)),
+      (aten.copy.default,))
 unary("where_comparison",
       lambda x: torch.where((x > 0.2) | (x < -0.5) | (x == 0.0), torch.sin(x), x * x),
       (aten.where.self,), kinks=(0.2, -0.5, 0.0))

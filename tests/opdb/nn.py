@@ -98,7 +98,7 @@ _loss("cross_entropy", lambda x: F.cross_entropy(x, _TARGET), lambda: [(rand(3, 
       (aten.gather.default, aten.scatter.value))
 _loss("cross_entropy_sum_smoothing",
       lambda x: F.cross_entropy(x, _TARGET, reduction="sum", label_smoothing=0.1),
-      lambda: [(rand(3, 4),)], (aten.gather.default,))
+      lambda: [(rand(3, 4),)], (aten.gather.default, aten.copy_.default))
 _loss("cross_entropy_none", lambda x: F.cross_entropy(x, _TARGET, reduction="none"),
       lambda: [(rand(3, 4),)], (aten.gather.default,))
 _loss("cross_entropy_probs", F.cross_entropy,
