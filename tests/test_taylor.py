@@ -651,7 +651,7 @@ def test_pinn_loss_on_the_laplacian_trains_the_network():
         loss = ((lap(X) - rhs) ** 2).mean()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     detached = {k: v.detach() for k, v in model.named_parameters()}
     final = float(pinn_loss_reference(model, X, rhs)(detached, X))
     assert final < 0.2 * losses[0], f"the loss went from {losses[0]} to {final}"
