@@ -62,7 +62,7 @@ class Collapse:
 
     def weighted_sum(self, t: fx.Node, span: Span | None) -> fx.Node:
         """``sum_r w_r t[r]`` over the directions ``t``'s leading axis covers (``span``),
-        keeping that axis: ``(1,) + t.shape[1:]``, as one product with the weights."""
+        keeping that axis: ``(1,) + t.shape[1:]``: a sum, or one product with the weights."""
         em = self.ctx.em
         shape = list(em.shape(t))
         lo, hi = span or (0, shape[0])
@@ -73,11 +73,9 @@ class Collapse:
         if repeated is not None:  # a product of tensors repeated along value dims: sum once
             summed = self.weighted_sum(repeated, (lo, hi))
             return em.expand(summed, [1, *shape[1:]])
-        if self.weights is None:
-            row = em.call(aten.ones.default, [1, hi - lo], dtype=em.dtype_of(t),
-                          device=em.device)
-        else:
-            row = em.reshape(em.call(aten.slice.Tensor, self.weights, 0, lo, hi), [1, hi - lo])
+        if self.weights is None:  # a sum, whose backward is a view (that of mm is not)
+            return em.call(aten.sum.dim_IntList, t, [0], True)
+        row = em.reshape(em.call(aten.slice.Tensor, self.weights, 0, lo, hi), [1, hi - lo])
         flat = em.reshape(t, [shape[0], -1])
         return em.reshape(em.call(aten.mm.default, row, flat), [1, *shape[1:]])
 
