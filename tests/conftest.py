@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from torch.func import jacfwd, jacrev
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 pytest_plugins = ["pytester"]
 
@@ -162,3 +162,40 @@ def assert_same_jets(actual: list, expected: list, rtol: float = 1e-9, atol: flo
     for k in range(1, len(expected[0][1]) + 1):
         assert_same_tree([a[1][k - 1] for a in actual], [e[1][k - 1] for e in expected],
                          rtol=rtol, atol=atol, expect_zero=vanishes(k))
+
+
+def _flat_inputs(f, args: tuple, argnums=0):
+    """``(g, z)``: ``g(z) = f(args)`` with the differentiated arguments' leaves (in
+    ``tree_flatten`` order, each flattened) read from the vector ``z``."""
+    positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    leaves, spec = tree_flatten([args[i] for i in positions])
+    sizes = [leaf.numel() for leaf in leaves]
+
+    def g(z):
+        pieces = [p.reshape(leaf.shape) for p, leaf in zip(z.split(sizes), leaves, strict=True)]
+        replaced = list(args)
+        for i, value in zip(positions, tree_unflatten(pieces, spec), strict=True):
+            replaced[i] = value
+        return f(*replaced)
+
+    return g, torch.cat([leaf.reshape(-1) for leaf in leaves])
+
+
+def flat_reference(f, args: tuple, order: int, argnums=0):
+    """:func:`reference`'s ``order``-th derivative at ``args`` over the differentiated
+    entries flattened into one vector of ``n`` (arguments in positional order): a tree like
+    ``f``'s output, each leaf of shape ``out.shape + (n,) * order``."""
+    g, z = _flat_inputs(f, args, argnums)
+    return reference(g, order)(z)
+
+
+def exact_laplacian(f, args: tuple, argnums=0):
+    """The trace of the flat Hessian, per output entry (a tree like ``f``'s output)."""
+    return tree_map(lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1),
+                    flat_reference(f, args, 2, argnums))
+
+
+def exact_biharmonic(f, args: tuple, argnums=0):
+    """``sum_ij T_iijj`` of the flat fourth derivative ``T``, per output entry."""
+    return tree_map(lambda T: torch.einsum("...iijj->...", T),
+                    flat_reference(f, args, 4, argnums))

@@ -16,7 +16,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_same_jets, assert_same_tree, cast, jet_reference, reference
+from conftest import (
+    TOLERANCES,
+    assert_same_jets,
+    assert_same_tree,
+    cast,
+    exact_biharmonic,
+    exact_laplacian,
+    flat_reference,
+    jet_reference,
+)
 from opdb import OPS, OpInfo
 from torch.utils._pytree import tree_map
 
@@ -59,7 +68,7 @@ def check_jets(info: OpInfo, order: int, kind: str, dtype=torch.float64) -> None
     """``hod.jet`` on every sample of ``info`` cast to ``dtype``, against the float64
     reference, order by order (each order has its own zero test)."""
     jf = hod.jet(info.fn, order, info.argnums)
-    ref = jet_reference(JET_REFS.get(info.name) or info.ref or info.fn, order, info.argnums)
+    ref = jet_reference(_reference_fn(info), order, info.argnums)
     rtol, atol = (info.rtol, info.atol) if dtype == torch.float64 else TOLERANCES[dtype]
     actual, expected = [], []
     for sample in info.samples():
@@ -101,21 +110,9 @@ def test_jet_in_float32(name: str, kind: str, order: int):
 
 
 # -- collapsed operators per entry --------------------------------------------------------------
-def _flat_derivative(info: OpInfo, sample: tuple, order: int):
-    """torch.func's ``order``-th derivative of the entry's reference over its differentiated
-    entries flattened in positional order: a tree like the output, each leaf
-    ``out.shape + (n,) * order``."""
-    positions = (info.argnums,) if isinstance(info.argnums, int) else info.argnums
-    sizes = [sample[i].numel() for i in positions]
-    fn = JET_REFS.get(info.name) or info.ref or info.fn
-
-    def g(z):
-        args = list(sample)
-        for i, piece in zip(positions, z.split(sizes), strict=True):
-            args[i] = piece.reshape(sample[i].shape)
-        return fn(*args)
-
-    return reference(g, order)(torch.cat([sample[i].reshape(-1) for i in positions]))
+def _reference_fn(info: OpInfo):
+    """The function the references differentiate (see :data:`JET_REFS`)."""
+    return JET_REFS.get(info.name) or info.ref or info.fn
 
 
 def _numel(info: OpInfo, sample: tuple) -> int:
@@ -146,8 +143,7 @@ def test_exact_laplacian(info: OpInfo):
     actual, expected = [], []
     for sample in info.samples():
         actual.append(lap(*sample))
-        expected.append(tree_map(lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1),
-                                 _flat_derivative(info, sample, 2)))
+        expected.append(exact_laplacian(_reference_fn(info), sample, info.argnums))
     assert_same_tree(actual, expected, rtol=info.rtol, atol=info.atol,
                      expect_zero=_operator_vanishes(info, 2))
 
@@ -162,7 +158,7 @@ def test_weighted_laplacian(info: OpInfo):
         C = torch.randn(n, n, dtype=torch.float64)
         actual.append(hod.laplacian(info.fn, info.argnums, weights=C)(*sample))
         expected.append(tree_map(lambda H, C=C: (H * C).sum((-2, -1)),
-                                 _flat_derivative(info, sample, 2)))
+                                 flat_reference(_reference_fn(info), sample, 2, info.argnums)))
     assert_same_tree(actual, expected, rtol=info.rtol, atol=info.atol,
                      expect_zero=info.vanishes_at(2))
 
@@ -180,8 +176,7 @@ def test_exact_biharmonic(info: OpInfo):
     actual, expected = [], []
     for sample in info.samples():
         actual.append(bih(*sample))
-        expected.append(tree_map(lambda T: torch.einsum("...iijj->...", T),
-                                 _flat_derivative(info, sample, 4)))
+        expected.append(exact_biharmonic(_reference_fn(info), sample, info.argnums))
     assert_same_tree(actual, expected, rtol=info.rtol, atol=info.atol,
                      expect_zero=_operator_vanishes(info, 4))
 
@@ -198,7 +193,7 @@ def test_jet_and_laplacian_with_every_tensor_in_reused_memory(info: OpInfo, monk
     other inputs while the first's results are held."""
     monkeypatch.setattr(hod.passes.memory, "MIN_PLANNED_BYTES", 0)
     jf, lap = hod.jet(info.fn, 2, info.argnums), hod.laplacian(info.fn, info.argnums)
-    ref = jet_reference(JET_REFS.get(info.name) or info.ref or info.fn, 2, info.argnums)
+    ref = jet_reference(_reference_fn(info), 2, info.argnums)
     jets, jets_expected, laps, laps_expected = [], [], [], []
     for sample in info.samples():
         series = series_for(sample, info.argnums, 2, "series")
@@ -206,8 +201,7 @@ def test_jet_and_laplacian_with_every_tensor_in_reused_memory(info: OpInfo, monk
             jets.append(jf(args, series))
             laps.append(lap(*args))
             jets_expected.append(ref(args, series))
-            laps_expected.append(tree_map(lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1),
-                                          _flat_derivative(info, args, 2)))
+            laps_expected.append(exact_laplacian(_reference_fn(info), args, info.argnums))
     assert_same_jets(jets, jets_expected, rtol=info.rtol, atol=info.atol)
     assert_same_tree(laps, laps_expected, rtol=info.rtol, atol=info.atol,
                      expect_zero=_operator_vanishes(info, 2))

@@ -22,10 +22,18 @@ import shutil
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_same_tree, cast, jet_reference, reference
+from conftest import (
+    TOLERANCES,
+    assert_same_tree,
+    cast,
+    exact_biharmonic,
+    exact_laplacian,
+    flat_reference,
+    jet_reference,
+)
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.func import functional_call, grad, hessian, jvp, vmap
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 import hod
 
@@ -49,41 +57,6 @@ def mlp_params(d: int, width: int = 6) -> tuple[torch.Tensor, ...]:
 def field(x):
     """A vector field ``(d,) -> (2,)`` with mixed products, so that its Hessians are full."""
     return torch.stack([torch.sin(x).prod() + (x**3).sum(), torch.exp(0.3 * x).sum() * x[0]])
-
-
-# -- flat references: the differentiated inputs as one vector z ----------------------------------
-def flat(f, args: tuple, argnums=0):
-    """``(g, z)``: ``g(z) = f(args)`` with the differentiated arguments' leaves (in
-    ``tree_flatten`` order, each flattened) read from the vector ``z``."""
-    positions = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    leaves, spec = tree_flatten([args[i] for i in positions])
-    sizes = [leaf.numel() for leaf in leaves]
-
-    def g(z):
-        pieces = [p.reshape(leaf.shape) for p, leaf in zip(z.split(sizes), leaves, strict=True)]
-        replaced = list(args)
-        for i, value in zip(positions, tree_unflatten(pieces, spec), strict=True):
-            replaced[i] = value
-        return f(*replaced)
-
-    return g, torch.cat([leaf.reshape(-1) for leaf in leaves])
-
-
-def derivative_tensor(f, args: tuple, order: int, argnums=0) -> torch.Tensor:
-    """torch.func's ``order``-th derivative, shape ``out + (n,) * order`` over the flat inputs."""
-    g, z = flat(f, args, argnums)
-    return reference(g, order)(z)
-
-
-def exact_laplacian(f, args: tuple, argnums=0):
-    """The trace of torch.func's Hessian, per output entry (a tree like ``f``'s output)."""
-    return tree_map(lambda H: H.diagonal(dim1=-2, dim2=-1).sum(-1),
-                    derivative_tensor(f, args, 2, argnums))
-
-
-def exact_biharmonic(f, args: tuple, argnums=0):
-    return tree_map(lambda T: torch.einsum("...iijj->...", T),
-                    derivative_tensor(f, args, 4, argnums))
 
 
 # -- jet ------------------------------------------------------------------------------------------
@@ -273,7 +246,7 @@ def test_laplacian_of_a_batch_whose_rows_interact_is_the_full_trace(f):
     """One output per row, but the rows meet (batch statistics, ``X X^T``, a scan or a
     softmax over the batch): the Laplacian is the trace over all entries, not per row."""
     params, X = mlp_params(3), torch.randn(3, 3, dtype=D)
-    diagonal = derivative_tensor(f, (X, *params), 2).diagonal(dim1=-2, dim2=-1).reshape(3, 3, 3)
+    diagonal = flat_reference(f, (X, *params), 2).diagonal(dim1=-2, dim2=-1).reshape(3, 3, 3)
     own_rows = torch.einsum("bbi->b", diagonal)
     full = diagonal.sum((-2, -1))
     assert not torch.allclose(full, own_rows), "the rows do not interact: a weak test"
@@ -316,7 +289,7 @@ def test_value_and_grad_come_with_the_laplacian():
 # -- weighted second-order operators --------------------------------------------------------------
 def weighted(f, args: tuple, C: torch.Tensor, argnums=0) -> torch.Tensor:
     """``sum_ij C_ij d2f/dx_i dx_j`` from torch.func's Hessian, per output entry."""
-    return (derivative_tensor(f, args, 2, argnums) * C).sum((-2, -1))
+    return (flat_reference(f, args, 2, argnums) * C).sum((-2, -1))
 
 
 def test_laplacian_with_a_weight_matrix():
@@ -381,7 +354,7 @@ def test_stochastic_laplacian_is_the_hessian_contracted_with_the_directions_draw
     estimate = hod.laplacian(mlp, samples=3, distribution=distribution, generator=seeded(7))
     probe = hod.laplacian(outer, samples=3, distribution=distribution, generator=seeded(7))
     P = probe(x)
-    H = derivative_tensor(mlp, (x, *params), 2)
+    H = flat_reference(mlp, (x, *params), 2)
     assert_same_tree(estimate(x, *params), (H * P).sum() / 2)
     assert not torch.allclose(estimate(x, *params), exact_laplacian(mlp, (x, *params))), (
         "three directions gave the exact Laplacian: is the estimate random at all?")
@@ -413,7 +386,7 @@ def test_stochastic_laplacian_is_unbiased(distribution, diagonal_variance):
 def test_stochastic_laplacian_over_many_directions_approaches_the_exact_one():
     params, x = mlp_params(3), torch.randn(3, dtype=D)
     exact = exact_laplacian(mlp, (x, *params))
-    H = derivative_tensor(mlp, (x, *params), 2)
+    H = flat_reference(mlp, (x, *params), 2)
     off = H - torch.diag(H.diagonal())
     S = 20000
     standard_error = math.sqrt(2 * float((off**2).sum()) / S)  # Rademacher: 2 sum_{i!=j} H_ij^2
@@ -433,7 +406,7 @@ def test_stochastic_laplacian_under_vmap_over_data_points(randomness):
         return vmap(estimate, in_dims=(0, *[None] * len(rest)), randomness=randomness)(X, *rest)
 
     P = batched(outer)
-    H = vmap(lambda x: derivative_tensor(mlp, (x, *params), 2))(X)
+    H = vmap(lambda x: flat_reference(mlp, (x, *params), 2))(X)
     assert_same_tree(batched(mlp, *params), (H * P).sum((-2, -1)) / 2)
     assert torch.equal(P[0], P[1]) == (randomness == "same")
 
@@ -446,7 +419,7 @@ def test_stochastic_laplacian_over_two_arguments():
 
     estimate = hod.laplacian(tanh_loss, argnums=(0, 1), samples=3, generator=seeded(4))(x, W)
     P = hod.laplacian(probe, argnums=(0, 1), samples=3, generator=seeded(4))(x, W)
-    H = derivative_tensor(tanh_loss, (x, W), 2, (0, 1))
+    H = flat_reference(tanh_loss, (x, W), 2, (0, 1))
     assert_same_tree(estimate, (H * P).sum() / 2)
 
 
@@ -479,7 +452,7 @@ def test_stochastic_laplacian_of_a_batched_network_is_per_row_and_unbiased():
     params, X = mlp_params(2), torch.randn(3, 2, dtype=D)
     estimate = hod.laplacian(mlp, samples=4, generator=seeded(9))(X, *params)
     P = hod.laplacian(outer, samples=4, generator=seeded(9))(X)
-    H = derivative_tensor(mlp, (X, *params), 2)
+    H = flat_reference(mlp, (X, *params), 2)
     assert_same_tree(estimate, (H * P).sum((-2, -1)) / 2)
 
 
@@ -531,7 +504,7 @@ def test_stochastic_biharmonic_is_the_fourth_derivative_contracted_with_the_dire
     params, x = mlp_params(3), torch.randn(3, dtype=D)
     estimate = hod.biharmonic(mlp, samples=3, generator=seeded(2))(x, *params)
     P = hod.biharmonic(fourth_power, samples=3, generator=seeded(2))(x)
-    T = derivative_tensor(mlp, (x, *params), 4)
+    T = flat_reference(mlp, (x, *params), 4)
     assert_same_tree(estimate, (T * P).sum() / 24)
     assert not torch.allclose(estimate, exact_biharmonic(mlp, (x, *params)))
 
@@ -559,7 +532,7 @@ def operator_reference(f, args: tuple, terms: dict, argnums=0) -> torch.Tensor:
     """``sum c_alpha d^alpha f`` from torch.func's derivative tensors over the flat input."""
     total = 0
     for alpha, c in terms.items():
-        total = total + c * derivative_tensor(f, args, len(alpha), argnums)[(..., *alpha)]
+        total = total + c * flat_reference(f, args, len(alpha), argnums)[(..., *alpha)]
     return total
 
 
