@@ -71,6 +71,17 @@ def test_jet_of_a_network_along_a_direction_and_a_series(order):
         assert_same_tree(jf((x, *params), series), ref((x, *params), series))
 
 
+def test_the_jet_reference_is_faa_di_bruno_for_sin():
+    """The suite's reference itself (conftest.jet_reference), against the closed form of
+    ``sin(x(t))``'s first three derivatives."""
+    x, s1, s2, s3 = (torch.randn(3, dtype=D) for _ in range(4))
+    value, (c1, c2, c3) = jet_reference(torch.sin, 3)((x,), (s1, s2, s3))
+    sin, cos = torch.sin(x), torch.cos(x)
+    expected = (sin, (cos * s1, -sin * s1**2 + cos * s2,
+                      -cos * s1**3 - 3 * sin * s1 * s2 + cos * s3))
+    assert_same_tree((value, (c1, c2, c3)), expected)
+
+
 def test_a_series_shorter_than_the_order_has_zero_higher_input_coefficients():
     x, s1, s2 = (torch.randn(3, dtype=D) for _ in range(3))
     actual = hod.jet(field, 4)((x,), (s1, s2))
