@@ -49,6 +49,7 @@ def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
     state = BuildState(request, flat, forward, out_vals)
     traced, outputs = forward, list(range(forward.n_out))
     if plan.reverse:
+        _check_loss(request.call, out_vals)
         traced = trace_reverse(request, flat, forward)
         outputs = list(range(1, 1 + len(flat.diff)))
     example = flat.tensors[flat.diff[0]]
@@ -56,43 +57,56 @@ def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
                  compiling=request.compile is not None)
     inputs, seeds = _inputs(em, flat, plan, traced)
     directions = seeds.size if plan.basis is None and not plan.series else _rows(em, inputs, flat)
-    ctx = TaylorContext(em, plan.order, directions)
     collapse = None
     if plan.collapse is not None:
         weights = plan.collapse(directions if plan.series else seeds.size)
         weight_node = None if weights is None else em.constant("weights", weights.to(example))
         collapse = Collapse(TaylorContext(em, plan.order, 1), weight_node)
     out_jets = derive(
-        traced.gm, ctx, inputs, call=request.call, call_site=op_call_site(request, flat),
+        traced.gm, TaylorContext(em, plan.order, directions), inputs, call=request.call,
+        call_site=op_call_site(request, flat),
         needs=[(0, directions) if i in outputs else None for i in range(len(traced.outputs()))],
         collapse=collapse,
     )
-    if plan.reverse:
-        if out_vals[0].numel() != 1:
-            raise OutputError(
-                f"{request.call}: the function must return a single-element tensor (a "
-                f"loss), got shape {tuple(out_vals[0].shape)}.\n  Fix: reduce it, e.g. "
-                f"return loss.sum(), or use hod.jet for directional derivatives of it."
-            )
-        keys, specs = structure(forward.out_spec, 1, request.argnums, flat.layouts,
-                                range(1, 2))
+    if plan.reverse:  # H v, shaped like the differentiated leaves, laid out like a gradient
         results = [em.reshape(_coefficient(em, out_jets[i], 1, directions, plan),
                               list(flat.tensors[pos].shape))
                    for i, pos in zip(outputs, flat.diff, strict=True)]
-        em.output(results)
-        return lower(state, em, Mode.TAYLOR, directions, specs[0])
-    trees = []
-    results = []
+        spec = structure(forward.out_spec, 1, request.argnums, flat.layouts, range(1, 2))[1][0]
+    else:
+        results, spec = _results(em, state, plan, out_jets, seeds, directions)
+    em.output(results)
+    return lower(state, em, Mode.TAYLOR, directions, spec)
+
+
+def _check_loss(call: str, out_vals: list[torch.Tensor]) -> None:
+    if len(out_vals) != 1 or out_vals[0].numel() != 1:
+        shapes = [tuple(v.shape) for v in out_vals]
+        raise OutputError(
+            f"{call}: the function must return a single-element tensor (a loss), got "
+            f"{shapes[0] if len(shapes) == 1 else shapes}.\n  Fix: reduce it, e.g. return "
+            f"loss.sum(), or use hod.jet for directional derivatives of it."
+        )
+
+
+def _results(
+    em: Emitter, state: BuildState, plan: TaylorPlan, out_jets: list[Jet], seeds: SeedPlan,
+    directions: int,
+) -> tuple[list[fx.Node], TreeSpec]:
+    """Per order in ``plan.returns`` the coefficients of every output (a tree like ``f``'s
+    output), then the Jacobian when ``plan.gradient``; and the spec of that tuple."""
+    forward = state.forward
+    trees, results = [], []
     for k in plan.returns:
-        coefficients = [_coefficient(em, out_jets[i], k, directions, plan) for i in outputs]
+        coefficients = [_coefficient(em, out_jets[i], k, directions, plan)
+                        for i in range(forward.n_out)]
         trees.append(tree_unflatten([_Leaf()] * len(coefficients), forward.out_spec))
         results += coefficients
     if plan.gradient:
         blocks, spec = _gradient_blocks(em, state, seeds, out_jets[: forward.n_out])
         trees.append(tree_unflatten([_Leaf()] * len(blocks), spec))
         results += blocks
-    em.output(results)
-    return lower(state, em, Mode.TAYLOR, directions, tree_flatten(tuple(trees))[1])
+    return results, tree_flatten(tuple(trees))[1]
 
 
 class _Leaf:
