@@ -66,7 +66,7 @@ def _check_sampling(call: str, samples: Any, distribution: Any, generator: Any,
         )
 
 
-def _sampled(call: str, f: Callable, nums: tuple[int, ...], request: Request, order: int,
+def _sampled(call: str, nums: tuple[int, ...], request: Request, order: int,
              samples: int, distribution: str, generator: torch.Generator | None,
              scale: float) -> tuple[Callable[..., Any], Callable[..., Lowered]]:
     """Run and lower of a stochastic operator: ``scale`` times the collapsed top
@@ -125,7 +125,7 @@ def laplacian(
     series = samples is not None or weights is not None
     request = taylor_request(call, f, 2, argnums, memory_limit, compile, series)
     if samples is not None:
-        run, lower = _sampled(call, f, nums, request, 2, samples, distribution, generator,
+        run, lower = _sampled(call, nums, request, 2, samples, distribution, generator,
                               1 / samples)
     elif weights is not None:
         run, lower = _weighted(call, nums, request, weights)
@@ -208,7 +208,7 @@ def biharmonic(
     _check_sampling(call, samples, distribution, generator, ("normal",))
     request = taylor_request(call, f, 4, argnums, memory_limit, compile, samples is not None)
     if samples is not None:
-        run, lower = _sampled(call, f, nums, request, 4, samples, distribution, generator,
+        run, lower = _sampled(call, nums, request, 4, samples, distribution, generator,
                               1 / (3 * samples))
         return OperatorFunction(call, run, lower)
     directions = functools.lru_cache(maxsize=8)(biharmonic_directions)
