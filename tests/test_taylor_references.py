@@ -171,8 +171,9 @@ def logabsdet_series(A: Series) -> Series:
 
 
 def gram(L: Series) -> Series:
-    """``L L^T``."""
-    return L @ L.linear(lambda a: a.transpose(-2, -1))
+    """``L L^T`` of the lower triangle (what the Cholesky ops read of their factor)."""
+    lower = L.linear(torch.tril)
+    return lower @ lower.linear(lambda a: a.transpose(-2, -1))
 
 
 def cholesky_inverse_series(L: Series) -> Series:
@@ -261,6 +262,16 @@ def _spd_factor(n: int) -> torch.Tensor:
     return torch.linalg.cholesky(a @ a.T + n * torch.eye(n, dtype=D))
 
 
+def _factor_with_upper_entries(n: int) -> torch.Tensor:
+    """A Cholesky factor with other numbers above its diagonal (as LAPACK leaves a factor
+    computed in place): torch's Cholesky ops read only the lower triangle."""
+    return _spd_factor(n) + torch.triu(torch.rand(n, n, dtype=D), 1)
+
+
+def _gram_plain(L: torch.Tensor) -> torch.Tensor:
+    return L.tril() @ L.tril().T
+
+
 def _well_conditioned(*shape: int) -> torch.Tensor:
     return torch.rand(*shape, dtype=D) * 2 - 1 + 3 * torch.eye(shape[-1], dtype=D)
 
@@ -301,11 +312,14 @@ CASES = {
                   lambda a, b: a.solve(b),
                   lambda: [(_well_conditioned(3, 3), _rand(3, 2))]),
     "cholesky_solve": Case(
-        lambda b, L: torch.cholesky_solve(b, L), lambda b, L: torch.linalg.inv(L @ L.T) @ b,
-        lambda b, L: gram(L).solve(b), lambda: [(_rand(3, 2), _spd_factor(3))], lower=(1,)),
+        lambda b, L: torch.cholesky_solve(b, L), lambda b, L: torch.linalg.inv(_gram_plain(L)) @ b,
+        lambda b, L: gram(L).solve(b),
+        lambda: [(_rand(3, 2), _spd_factor(3)), (_rand(3, 2), _factor_with_upper_entries(3))],
+        lower=(1,)),
     "cholesky_inverse": Case(
-        torch.cholesky_inverse, lambda L: torch.linalg.inv(L @ L.T), cholesky_inverse_series,
-        lambda: [(_spd_factor(3),)], lower=(0,)),
+        torch.cholesky_inverse, lambda L: torch.linalg.inv(_gram_plain(L)),
+        cholesky_inverse_series,
+        lambda: [(_spd_factor(3),), (_factor_with_upper_entries(3),)], lower=(0,)),
     "householder_product": Case(
         torch.linalg.householder_product, _householder_plain, householder_series,
         lambda: [(_rand(4, 3), torch.rand(3, dtype=D) + 0.5)]),
