@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -241,8 +241,9 @@ def _cumprod_plain(x: torch.Tensor, dim: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Case:
     """``fn`` as a user writes it, ``plain`` the same from plain ops, ``series`` on
-    :class:`Series` (every argument differentiated); ``lower`` the arguments whose
-    directions are lower triangular (a Cholesky factor: the op reads that triangle only);
+    :class:`Series` (every argument differentiated); ``triangles`` maps the arguments whose
+    directions are triangular (a Cholesky factor: the op reads one triangle only) to
+    ``torch.tril`` or ``torch.triu``;
     ``degree`` the degree of a polynomial ``fn``: along a direction, higher coefficients
     are zero."""
 
@@ -250,7 +251,7 @@ class Case:
     plain: Callable
     series: Callable
     samples: Callable[[], list[tuple]]
-    lower: tuple[int, ...] = ()
+    triangles: dict[int, Callable] = field(default_factory=dict)
     degree: int | None = None
 
     def vanishes(self, kind: str, k: int) -> bool:
@@ -262,14 +263,28 @@ def _spd_factor(n: int) -> torch.Tensor:
     return torch.linalg.cholesky(a @ a.T + n * torch.eye(n, dtype=D))
 
 
-def _factor_with_upper_entries(n: int) -> torch.Tensor:
-    """A Cholesky factor with other numbers above its diagonal (as LAPACK leaves a factor
-    computed in place): torch's Cholesky ops read only the lower triangle."""
+def _factor_filled_above(n: int) -> torch.Tensor:
+    """A lower Cholesky factor with other numbers above its diagonal (as LAPACK leaves a
+    factor computed in place; transposed, an upper one filled below): torch's Cholesky ops
+    read only the factor's own triangle."""
     return _spd_factor(n) + torch.triu(torch.rand(n, n, dtype=D), 1)
 
 
 def _gram_plain(L: torch.Tensor) -> torch.Tensor:
     return L.tril() @ L.tril().T
+
+
+def _cholesky_solve_plain(b: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.inv(_gram_plain(L)) @ b
+
+
+def _cholesky_solve_series(b: Series, L: Series) -> Series:
+    return gram(L).solve(b)
+
+
+def _transposed(a: torch.Tensor) -> torch.Tensor:
+    """An upper factor ``U`` as the lower factor ``U^T`` (``U^T U = L L^T``)."""
+    return a.mT
 
 
 def _well_conditioned(*shape: int) -> torch.Tensor:
@@ -312,14 +327,25 @@ CASES = {
                   lambda a, b: a.solve(b),
                   lambda: [(_well_conditioned(3, 3), _rand(3, 2))]),
     "cholesky_solve": Case(
-        lambda b, L: torch.cholesky_solve(b, L), lambda b, L: torch.linalg.inv(_gram_plain(L)) @ b,
-        lambda b, L: gram(L).solve(b),
-        lambda: [(_rand(3, 2), _spd_factor(3)), (_rand(3, 2), _factor_with_upper_entries(3))],
-        lower=(1,)),
+        lambda b, L: torch.cholesky_solve(b, L), _cholesky_solve_plain, _cholesky_solve_series,
+        lambda: [(_rand(3, 2), _spd_factor(3)), (_rand(3, 2), _factor_filled_above(3))],
+        triangles={1: torch.tril}),
+    "cholesky_solve_upper": Case(
+        lambda b, U: torch.cholesky_solve(b, U, upper=True),
+        lambda b, U: _cholesky_solve_plain(b, U.mT),
+        lambda b, U: _cholesky_solve_series(b, U.linear(_transposed)),
+        lambda: [(_rand(3, 2), _spd_factor(3).mT), (_rand(3, 2), _factor_filled_above(3).mT)],
+        triangles={1: torch.triu}),
     "cholesky_inverse": Case(
         torch.cholesky_inverse, lambda L: torch.linalg.inv(_gram_plain(L)),
         cholesky_inverse_series,
-        lambda: [(_spd_factor(3),), (_factor_with_upper_entries(3),)], lower=(0,)),
+        lambda: [(_spd_factor(3),), (_factor_filled_above(3),)], triangles={0: torch.tril}),
+    "cholesky_inverse_upper": Case(
+        lambda U: torch.cholesky_inverse(U, upper=True),
+        lambda U: torch.linalg.inv(_gram_plain(U.mT)),
+        lambda U: cholesky_inverse_series(U.linear(_transposed)),
+        lambda: [(_spd_factor(3).mT,), (_factor_filled_above(3).mT,)],
+        triangles={0: torch.triu}),
     "householder_product": Case(
         torch.linalg.householder_product, _householder_plain, householder_series,
         lambda: [(_rand(4, 3), torch.rand(3, dtype=D) + 0.5)]),
@@ -334,11 +360,11 @@ CASES = {
 
 
 def _series_for(case: Case, sample: tuple, order: int, kind: str) -> tuple:
-    """One entry per argument: a direction or ``order`` coefficients, lower triangular
-    for a Cholesky factor."""
+    """One entry per argument: a direction or ``order`` coefficients, triangular for a
+    Cholesky factor."""
     def draw(i: int) -> torch.Tensor:
         v = torch.randn(sample[i].shape, dtype=D)
-        return v.tril() if i in case.lower else v
+        return case.triangles[i](v) if i in case.triangles else v
 
     return tuple(draw(i) if kind == "direction" else tuple(draw(i) for _ in range(order))
                  for i in range(len(sample)))
