@@ -21,8 +21,13 @@ EXPANDED_DET_MAX_SIZE = 3
 
 
 def _gram(factor: torch.Tensor, upper: bool) -> torch.Tensor:
-    """``A = L L^T`` from its lower Cholesky factor (``U^T U`` from an upper one)."""
-    return factor.mT @ factor if upper else factor @ factor.mT
+    """``A = L L^T`` from its lower Cholesky factor (``U^T U`` from an upper one); like
+    torch's Cholesky ops, only the factor's own triangle is read."""
+    if upper:
+        factor = factor.triu()
+        return factor.mT @ factor
+    factor = factor.tril()
+    return factor @ factor.mT
 
 
 @register_decomposition(aten.cholesky_solve.default)
