@@ -26,6 +26,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -68,6 +69,14 @@ def serve(
                      "error": f"{type(exc).__name__}: {exc}"[:500]}
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
+
+
+def serve_stdio(handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """:func:`serve` a worker's stdin; replies go to its stdout, and whatever the peer
+    library or torch prints goes to stderr, keeping the protocol channel clean."""
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin, replies, handle)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

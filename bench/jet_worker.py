@@ -30,7 +30,6 @@ captured graph holds.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.engines import serve
+from bench.engines import serve_stdio
 from bench.taylor_rows import (
     Blocks,
     TaylorRow,
@@ -139,11 +138,8 @@ def _handle(request: dict[str, Any], cases: dict[str, JetCase]) -> dict[str, Any
 
 
 def main() -> None:
-    # Keep the protocol channel clean: whatever jet or torch print goes to stderr.
-    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     cases: dict[str, JetCase] = {}
-    serve(sys.stdin, replies, lambda request: _handle(request, cases))
+    serve_stdio(lambda request: _handle(request, cases))
 
 
 if __name__ == "__main__":

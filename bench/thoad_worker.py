@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
-import os
 import sys
 import time
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.engines import serve
+from bench.engines import serve_stdio
 from bench.models import Case
 
 
@@ -119,11 +118,8 @@ def _handle(request: dict[str, Any], state: dict[str, ThoadCase]) -> dict[str, A
 
 
 def main() -> None:
-    # Keep the protocol channel clean: whatever thoad or torch print goes to stderr.
-    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     state: dict[str, ThoadCase] = {}
-    serve(sys.stdin, replies, lambda request: _handle(request, state))
+    serve_stdio(lambda request: _handle(request, state))
 
 
 if __name__ == "__main__":
