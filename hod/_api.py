@@ -6,6 +6,7 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 from types import CellType
 from typing import Any
 
@@ -15,7 +16,8 @@ from ._build import Lowered, build
 from ._compiled import compile_options
 from ._records import FlatCall, Request
 from ._signature import call_signature, flatten_call
-from .errors import InputError
+from ._vmap import Examples, examples_of
+from .errors import HodError, InputError
 
 #: How many signatures one transformed function keeps generated code for.
 CACHE_SIZE = 64
@@ -60,18 +62,42 @@ class DerivativeFunction:
         functools.update_wrapper(self, request.f, updated=())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        examples = self._examples(args, kwargs)
+        if examples is not None:
+            tensors, key = call_signature(examples.args, examples.kwargs)
+            lowered = self._cached((examples.key, key)) or self._lowered(
+                examples.args, examples.kwargs, examples
+            )
+            if lowered is not UNBATCHED:
+                with examples.below():
+                    results = lowered.results(tensors)
+                return examples.wrap(results)
         tensors, key = call_signature(args, kwargs)
         lowered = self._cached(key) or self._lowered(args, kwargs)
         return lowered.results(tensors)
 
     def lower(self, *args: Any, **kwargs: Any) -> Lowered:
-        """The generated artifact for this call's signature (``.code``, ``.graph_module``)."""
+        """The generated artifact for this call's signature (``.code``, ``.graph_module``).
+
+        Under ``torch.func.vmap`` it is the batched code (see :mod:`hod._vmap`), whose
+        ``examples`` says how many examples it takes, or the unbatched code that
+        functorch batches where that cannot be built.
+        """
+        examples = self._examples(args, kwargs)
+        if examples is not None:
+            lowered = self._lowered(examples.args, examples.kwargs, examples)
+            if lowered is not UNBATCHED:
+                return lowered
         return self._lowered(args, kwargs)
 
     def clear_cache(self) -> None:
         """Forget all generated code: the next call traces ``f`` again."""
         with self._lock:
             self._cache.clear()
+
+    def _examples(self, args: tuple, kwargs: dict) -> Examples | None:
+        """The call's examples when it is made under vmap (see :mod:`hod._vmap`)."""
+        return examples_of(args, kwargs, lambda a: a in self._argnums)
 
     def _flatten(self, args: tuple, kwargs: dict) -> FlatCall:
         call = self._request.call
@@ -86,8 +112,15 @@ class DerivativeFunction:
 
     # torch.compile must not trace code generation itself; it compiles what this returns.
     @torch.compiler.disable
-    def _lowered(self, args: tuple, kwargs: dict) -> Lowered:
+    def _lowered(self, args: tuple, kwargs: dict, examples: Examples | None = None) -> Any:
+        """The code for this call's signature; with ``examples``, ``args`` and ``kwargs``
+        are theirs, and the code is their batched code, or :data:`UNBATCHED` when that
+        cannot be built."""
         flat = self._flatten(args, kwargs)
+        request = self._request
+        if examples is not None:
+            flat = replace(flat, rows=examples.n, key=(examples.key, flat.key))
+            request = replace(request, f=examples.vmapped(request.f))
         lowered = self._cached(flat.key)
         if lowered is None:
             # make_fx keeps global tracer state, so code generation is serialised;
@@ -95,12 +128,24 @@ class DerivativeFunction:
             with _BUILD_LOCK:
                 lowered = self._cached(flat.key)  # another thread may have just built it
                 if lowered is None:
-                    lowered = self._build(flat)
+                    lowered = self._build_or_unbatched(request, flat, examples)
                     self._store(flat.key, lowered, _tensor_bindings(self._request.f))
         return lowered
 
-    def _build(self, flat: FlatCall) -> Lowered:
-        return build(self._request, flat)
+    def _build_or_unbatched(
+        self, request: Request, flat: FlatCall, examples: Examples | None
+    ) -> Any:
+        try:
+            return self._build(request, flat)
+        except (HodError, RuntimeError, NotImplementedError):
+            if examples is None:
+                raise
+            # functorch batches the unbatched code instead; a genuine error of f is
+            # raised there again, in terms of one example.
+            return UNBATCHED
+
+    def _build(self, request: Request, flat: FlatCall) -> Lowered:
+        return build(request, flat)
 
     def _cached(self, key: Hashable) -> Lowered | None:
         if self._bindings and any(
@@ -126,6 +171,10 @@ class DerivativeFunction:
 
 
 _BUILD_LOCK = threading.RLock()
+
+#: Cached for a call under vmap whose batched code cannot be built: functorch batches
+#: the unbatched code instead.
+UNBATCHED = object()
 _MISSING = object()
 
 

@@ -88,7 +88,11 @@ def block(em: Emitter, key: BlockKey, derived: Derived, *, compact: int | None =
         return out_jets[key.out].primal
     y = derived.out_vals[key.out]
     segments = seeds.segments
-    shape = list(y.shape) + [d for leaf in key.leaves for d in segments[leaf].shape]
+    # Per example (seeds.rows): y's leading dim holds the examples, each leaf one of them.
+    shape = list(y.shape) + [
+        d for leaf in key.leaves
+        for d in (segments[leaf].sub_shape if seeds.rows else segments[leaf].shape)
+    ]
     dtype = derived.leaf_dtypes[key.leaves[0]]
     per_example = _per_example_source(mode, key, seeds)
     if per_example is not None:
@@ -102,7 +106,8 @@ def block(em: Emitter, key: BlockKey, derived: Derived, *, compact: int | None =
         source, seeded, order = key.out, list(key.leaves), list(range(len(key.leaves) + 1))
         value_groups = [list(y.shape)]
     else:
-        lead, source, seeded, value_groups, order = _reverse_layout(key, segments, y)
+        m = y.numel() // y.shape[0] if seeds.rows else y.numel()
+        lead, source, seeded, value_groups, order = _reverse_layout(key, segments, m)
     seeded_segments = [segments[s] for s in seeded]
     if mode is not Mode.FORWARD and compact is not None and compact in seeded:
         # Compact: the lead's rows stand for the compressed leaf's other slots too.
@@ -114,37 +119,37 @@ def block(em: Emitter, key: BlockKey, derived: Derived, *, compact: int | None =
                       else segments[leaf].shape)
         ]
     state = None
-    if any(s.batch_dim is not None for s in seeded_segments):
+    if seeds.rows or any(s.batch_dim is not None for s in seeded_segments):
         state = seeds.out_states[source]
         assert state != MIXED, "the planner only compresses seeds for tracked outputs"
     jet = out_jets[source]
     return extract_block(
         em, jet.d(len(seeded)), jet.span or (0, seeds.size), value_groups=value_groups,
         value_batch_dim=state, seeds=seeded_segments, group_order=order, shape=shape,
-        dtype=dtype,
+        dtype=dtype, per_row=seeds.rows,
     )
 
 
 def _reverse_layout(
-    key: BlockKey, segments: Sequence[Segment], y: torch.Tensor
+    key: BlockKey, segments: Sequence[Segment], m: int
 ) -> tuple[int, int, list[int], list[list[int]], list[int]]:
     """Where a reverse-last block is read: its lead leaf's index in ``key.leaves``, the
     output holding that leaf's gradient, the leaves seeding it, the groups of the
     gradient's value dims and the order of the block's dim groups.
 
     Output ``1 + l`` is the gradient w.r.t. leaf ``l``, of shape ``x_l.shape``, or
-    ``(m,) + x_l.shape`` for an output of ``m > 1`` elements; by symmetry any leaf of the
-    block can lead, seeded by the others.
+    ``(m,) + x_l.shape`` for an output of ``m > 1`` elements (per example, when the call
+    holds examples); by symmetry any leaf of the block can lead, seeded by the others.
     """
     lead = _lead(key, segments)
     source = 1 + key.leaves[lead]
     seeded = [leaf for i, leaf in enumerate(key.leaves) if i != lead]
     value_groups = [list(segments[key.leaves[lead]].shape)]
-    if y.numel() > 1:
-        value_groups.insert(0, [y.numel()])
+    if m > 1:
+        value_groups.insert(0, [m])
     first = len(value_groups)  # the first seed group
     order = [first - 1 if i == lead else first + i - (i > lead) for i in range(len(key.leaves))]
-    if y.numel() > 1:
+    if m > 1:
         order.insert(0, 0)
     return lead, source, seeded, value_groups, order
 
@@ -183,6 +188,7 @@ def extract_block(
     group_order: Sequence[int],
     shape: Sequence[int],
     dtype: torch.dtype,
+    per_row: bool = False,
 ) -> fx.Node:
     """One dense block from ``t`` = ``(W,) * j + value dims`` (``None``: a zero block),
     whose seed axes cover the seeds ``span = [lo, lo + W)``.
@@ -194,6 +200,10 @@ def extract_block(
     ``value_groups``; ``group_order`` lists the groups (value groups first, then one per
     seed axis) in the order of the result's dims, which is then reshaped to ``shape``.
     Like torch.func's, the block may be a non-contiguous view; it has type ``dtype``.
+
+    ``per_row``: the value's batch dim holds independent examples; compressed seeds keep
+    their within-row shape and the batch dim goes first, so the block holds each
+    example's own derivatives, ``(B,) + ...``, instead of spreading them.
     """
     compressed = [s for s in seeds if s.batch_dim is not None]
     lo, hi = span
@@ -207,15 +217,37 @@ def extract_block(
             t = em.call(torch.ops.aten.slice.Tensor, t, axis, start, start + segment.size)
     rank = em.rank(t) - j
     t = em.permute(t, list(range(j, j + rank)) + list(range(j)))
+    if per_row:
+        groups = [list(g) for g in value_groups] + [list(s.sub_shape) for s in seeds]
+        t = em.reshape(t, [d for g in groups for d in g])
+        t = _order_groups(em, t, groups, group_order)
+        t = em.call(torch.ops.aten.movedim.int, t,
+                    _ordered_position(groups, group_order, value_batch_dim), 0)
+        return _as_block(em, t, shape, dtype)
     groups = [list(g) for g in value_groups] + [list(s.shape) for s in seeds]
     if compressed:
         t = _spread_batch(em, t, groups, len(value_groups), value_batch_dim, seeds)
     else:
         t = em.reshape(t, [d for g in groups for d in g])
-    t = em.reshape(_order_groups(em, t, groups, group_order), shape)
+    return _as_block(em, _order_groups(em, t, groups, group_order), shape, dtype)
+
+
+def _as_block(em: Emitter, t: fx.Node, shape: Sequence[int], dtype: torch.dtype) -> fx.Node:
+    t = em.reshape(t, shape)
     if em.dtype_of(t) != dtype:
         t = em.call(torch.ops.aten._to_copy.default, t, dtype=dtype)
     return t
+
+
+def _ordered_position(groups: list[list[int]], group_order: Sequence[int], dim: int) -> int:
+    """Where dim ``dim`` of the groups laid out in order lands once they are reordered."""
+    starts = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
+    position = 0
+    for g in group_order:
+        if starts[g] <= dim < starts[g] + len(groups[g]):
+            return position + dim - starts[g]
+        position += len(groups[g])
+    raise AssertionError(f"dim {dim} is in no group")
 
 
 def _spread_batch(

@@ -32,7 +32,15 @@ from ._compiled import CompiledCode
 from ._derive import derive, seeded_inputs
 from ._emitter import Emitter
 from ._jet import DeriveContext
-from ._plan import choose_mode, compact_rows, needs, plan_reverse, plan_seeds, rows_apart
+from ._plan import (
+    choose_mode,
+    compact_rows,
+    needs,
+    plan_reverse,
+    plan_seeds,
+    row_seeds,
+    rows_apart,
+)
 from ._records import BuildState, Derived, FlatCall, Mode, Request, SeedPlan, Traced
 from ._signature import flatten_call
 from ._split import Composition, Split, first_layer, graph_after, inner_tensors
@@ -59,7 +67,9 @@ class Lowered:
     ``graph_module`` compiled with torch.compile (see :mod:`hod._compiled`); it runs on
     tensors that no transform watches. ``first_layer``, when set, says where the first
     linear layer that was split off reads its inputs (see :mod:`hod._split`): the code
-    then takes ``h = X @ W`` before ``f``'s flat tensors.
+    then takes ``h = X @ W`` before ``f``'s flat tensors. ``examples``, when set, says the
+    code is the batched code for a call under ``torch.func.vmap`` (see :mod:`hod._vmap`):
+    it takes and returns the ``examples`` examples along dim 0.
     """
 
     graph_module: fx.GraphModule
@@ -71,6 +81,7 @@ class Lowered:
     compiled: CompiledCode | None = None
     captured: list[torch.Tensor] = field(default_factory=list)
     first_layer: Split | None = None
+    examples: int | None = None
     _unflatten: Callable[[Sequence[object]], object] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,7 +127,7 @@ def build(request: Request, flat: FlatCall, compose: Composition | None = None) 
     out_vals = [n.meta["val"] for n in forward.outputs()[: forward.n_out]]
     check_outputs(out_vals, request.call)
     state = BuildState(request, flat, forward, out_vals)
-    split = None if compose is not None else first_layer(state)
+    split = None if compose is not None or flat.rows is not None else first_layer(state)
     if split is not None:
         try:
             return _build_split(state, split)
@@ -124,8 +135,13 @@ def build(request: Request, flat: FlatCall, compose: Composition | None = None) 
             pass  # built without the split, the error names f's own line (see find_call_site)
     shapes = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
     outputs = list(range(forward.n_out))
-    seeds = plan_seeds(forward.gm, flat.diff, shapes, lambda batch: outputs)
-    if choose_mode(request.order, [v.numel() for v in out_vals], seeds.size) is Mode.FORWARD:
+    if flat.rows is None:
+        seeds = plan_seeds(forward.gm, flat.diff, shapes, lambda batch: outputs)
+        out_sizes = [v.numel() for v in out_vals]
+    else:
+        seeds = row_seeds(shapes, [0] * len(forward.outputs()))
+        out_sizes = [v.numel() // flat.rows for v in out_vals]
+    if choose_mode(request.order, out_sizes, seeds.size) is Mode.FORWARD:
         return _generate(state, Mode.FORWARD, forward, seeds, compose)
     try:
         reverse, reverse_seeds = plan_reverse(state, shapes)
@@ -187,12 +203,13 @@ def lower(state: BuildState, em: Emitter, mode: Mode, seed_size: int, spec: Tree
         rewritten = rewrite(em.graph, em.constants, em.device, plan_memory=False)
         gm = generate(rewritten, em.constants, em.device)[0]
         compiled = CompiledCode(gm, request.compile, request.call, list(em.constants.values()))
-        return Lowered(gm, spec, mode, seed_size, compiled=compiled)
+        return Lowered(gm, spec, mode, seed_size, compiled=compiled, examples=flat.rows)
     captured = list(em.constants.values())
     probe = None if request.allow_random or not unwatched(flat.tensors) else flat.tensors
     rewritten = rewrite(em.graph, em.constants, em.device, probe=probe)
     gm, planned = generate(rewritten, em.constants, em.device)
-    return Lowered(gm, spec, mode, seed_size, planned, rewritten.memory, captured=captured)
+    return Lowered(gm, spec, mode, seed_size, planned, rewritten.memory, captured=captured,
+                   examples=flat.rows)
 
 
 def _build_split(state: BuildState, split: Split) -> Lowered:

@@ -329,6 +329,13 @@ class Emitter:
         shape = [int(s) for s in shape]
         if list(self.shape(node)) == shape:
             return node
+        if node.target is aten.expand.default:
+            # Keep the expand outermost, where products see it (a seed compressed over a
+            # batch of examples is expanded over them, then viewed by the traced code).
+            base = node.args[0]
+            base_shape = _expanded_view(self.shape(base), self.shape(node), shape)
+            if base_shape is not None:
+                return self.expand(self.reshape(base, base_shape), shape)
         if self._is_view_compatible(node, shape):
             return self.call(aten.view.default, node, shape)
         return self.call(aten.reshape.default, node, shape)
@@ -496,3 +503,43 @@ def _human(size: int) -> str:
         if size >= scale:
             return f"{size / scale:.2f} {unit}"
     return f"{size} bytes"
+
+
+def _expanded_view(
+    base: Sequence[int], expanded: Sequence[int], shape: Sequence[int]
+) -> list[int] | None:
+    """The shape ``b`` with ``expand(base, expanded).reshape(shape)`` equal to
+    ``base.reshape(b).expand(shape)``, or None when the reshape merges an expanded dim
+    with one that is not (or ``base`` has fewer dims than ``expanded``).
+
+    The dims of ``expanded`` and ``shape`` are matched in groups of equal product; a group
+    of expanded dims becomes ones, any other group keeps its sizes.
+    """
+    if len(base) != len(expanded):
+        return None
+    result: list[int] = []
+    i = j = 0
+    while i < len(expanded) or j < len(shape):
+        if i == len(expanded) or j == len(shape):  # only ones may remain, on either side
+            if any(d != 1 for d in [*expanded[i:], *shape[j:]]):
+                return None
+            return result + [1] * (len(shape) - j)
+        old, new = [i], [j]
+        i, j = i + 1, j + 1
+        while math.prod(expanded[k] for k in old) != math.prod(shape[k] for k in new):
+            if math.prod(expanded[k] for k in old) < math.prod(shape[k] for k in new):
+                if i == len(expanded):
+                    return None
+                old.append(i)
+                i += 1
+            else:
+                if j == len(shape):
+                    return None
+                new.append(j)
+                j += 1
+        grown = [expanded[k] != base[k] for k in old]
+        kept = [expanded[k] == base[k] != 1 for k in old]
+        if any(grown) and any(kept):
+            return None
+        result += [1 if any(grown) else shape[k] for k in new]
+    return result

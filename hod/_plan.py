@@ -36,6 +36,17 @@ def plain_segments(shapes: Sequence[tuple[int, ...]]) -> list[Segment]:
     return segments
 
 
+def row_seeds(shapes: Sequence[tuple[int, ...]], out_states: Sequence[int]) -> SeedPlan:
+    """The seeds of one example for a call holding independent examples along dim 0 of
+    every leaf (:attr:`~hod._records.FlatCall.rows`): independence is known, so no
+    analysis runs; ``out_states`` gives where each output of the graph holds them."""
+    segments, offset = [], 0
+    for shape in shapes:
+        segments.append(Segment(offset, tuple(shape), 0))
+        offset += segments[-1].size
+    return SeedPlan(tuple(segments), tuple(out_states), rows=True)
+
+
 #: ``required(batch)``: the outputs that compressed seeds of the leaves in ``batch`` are
 #: read from; each must stay tracked (or free) for the compression to be valid.
 Required = Callable[[dict[int, int]], Sequence[int]]
@@ -109,6 +120,10 @@ def plan_reverse(state: BuildState, shapes: list[tuple[int, ...]]) -> tuple[Trac
     """The gradient graph and its seed space (batch compression for a scalar output)."""
     request, flat = state.request, state.flat
     reverse = trace_reverse(request, flat, state.forward)
+    if flat.rows is not None:  # gradients (m,) + leaf shape for m > 1 outputs per example
+        per_example = state.out_vals[0].numel() // flat.rows
+        gradients = [0 if per_example == 1 else 1] * len(flat.diff)
+        return reverse, row_seeds(shapes, [0, *gradients] + [0] * reverse.n_aux)
     if state.out_vals[0].numel() != 1:
         return reverse, SeedPlan(tuple(plain_segments(shapes)), ())
 

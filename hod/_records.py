@@ -95,6 +95,11 @@ class FlatCall:
     ``tensors`` are the tensor leaves of ``(args, kwargs)`` in flatten order; ``diff``
     holds, for every differentiated leaf, its position in ``tensors``; ``layouts`` maps an
     argnum to its tree spec and the indices (into ``diff``) of its leaves.
+
+    ``rows``, when set, is the number ``N`` of independent examples the call holds (a
+    call made under ``torch.func.vmap``, see :mod:`hod._vmap`): every differentiated
+    leaf and every output of ``f`` is ``(N,) + example shape``, and the results are
+    each example's own derivatives, ``(N,) + block shape``.
     """
 
     tensors: tuple[torch.Tensor, ...]
@@ -102,6 +107,7 @@ class FlatCall:
     layouts: dict[int, ArgLayout]
     key: Hashable
     rebuild: Callable[[list[torch.Tensor]], tuple[tuple, dict]]
+    rows: int | None = None
 
 
 @dataclass
@@ -178,12 +184,15 @@ class SeedPlan:
     """The seed space: a segment per differentiated leaf and the states of the outputs.
 
     ``per_example`` lists the leaves whose gradient's per-example terms follow the
-    gradients among the outputs, in that order (see :mod:`hod._per_example`).
+    gradients among the outputs, in that order (see :mod:`hod._per_example`). ``rows``:
+    the call holds independent examples (:attr:`FlatCall.rows`), every leaf compressed
+    along dim 0, and blocks are read per example instead of spread over the batch.
     """
 
     segments: tuple[Segment, ...]
     out_states: tuple[State, ...]
     per_example: tuple[int, ...] = ()
+    rows: bool = False
 
     @property
     def size(self) -> int:

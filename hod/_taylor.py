@@ -25,7 +25,7 @@ from ._collapse import Collapse
 from ._derive import derive, seeded_inputs
 from ._emitter import Emitter, Operand
 from ._jet import TaylorContext
-from ._plan import plain_segments, plan_seeds
+from ._plan import plain_segments, plan_seeds, row_seeds
 from ._records import (
     BuildState,
     Derived,
@@ -49,7 +49,7 @@ def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
     state = BuildState(request, flat, forward, out_vals)
     traced, outputs = forward, list(range(forward.n_out))
     if plan.reverse:
-        _check_loss(request.call, out_vals)
+        _check_loss(request.call, out_vals, flat.rows)
         traced = trace_reverse(request, flat, forward)
         outputs = list(range(1, 1 + len(flat.diff)))
     example = flat.tensors[flat.diff[0]]
@@ -79,9 +79,9 @@ def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
     return lower(state, em, Mode.TAYLOR, directions, spec)
 
 
-def _check_loss(call: str, out_vals: list[torch.Tensor]) -> None:
-    if len(out_vals) != 1 or out_vals[0].numel() != 1:
-        shapes = [tuple(v.shape) for v in out_vals]
+def _check_loss(call: str, out_vals: list[torch.Tensor], rows: int | None) -> None:
+    if len(out_vals) != 1 or out_vals[0].numel() != (rows or 1):
+        shapes = [tuple(v.shape)[1 if rows else 0:] for v in out_vals]
         raise OutputError(
             f"{call}: the function must return a single-element tensor (a loss), got "
             f"{shapes[0] if len(shapes) == 1 else shapes}.\n  Fix: reduce it, e.g. return "
@@ -100,6 +100,8 @@ def _results(
     for k in plan.returns:
         coefficients = [_coefficient(em, out_jets[i], k, directions, plan)
                         for i in range(forward.n_out)]
+        if state.flat.rows is not None:
+            coefficients = [_examples_first(em, c, k, plan) for c in coefficients]
         trees.append(tree_unflatten([_Leaf()] * len(coefficients), forward.out_spec))
         results += coefficients
     if plan.gradient:
@@ -125,7 +127,9 @@ def _inputs(
             derivs: list[Operand] = [inputs[pos].primal for pos in coefficients]
             inputs[leaf] = Jet(inputs[leaf].primal, derivs + [None] * (plan.order - len(derivs)))
         return inputs, seeds
-    if plan.compress:
+    if flat.rows is not None:
+        seeds = row_seeds(shapes, [0] * len(traced.outputs()))
+    elif plan.compress:
         outputs = list(range(traced.n_out))
         seeds = plan_seeds(traced.gm, flat.diff, shapes, lambda batch: outputs)
     basis = plan.basis(seeds.size) if plan.basis is not None else None
@@ -186,6 +190,14 @@ def _coefficient(em: Emitter, jet: Jet, k: int, directions: int, plan: TaylorPla
         value = em.call(torch.ops.aten.constant_pad_nd.default, value,
                         [0, 0] * len(shape) + [lo, directions - hi], 0.0)
     return value
+
+
+def _examples_first(em: Emitter, coefficient: fx.Node, k: int, plan: TaylorPlan) -> fx.Node:
+    """A coefficient of a call holding examples (``FlatCall.rows``) with the examples
+    first: ``(N, R) + ...`` for ``(R, N) + ...``; a value or collapsed top has them first."""
+    if k == 0 or (plan.collapse is not None and k == plan.order):
+        return coefficient
+    return em.call(torch.ops.aten.movedim.int, coefficient, 1, 0)
 
 
 def _gradient_blocks(

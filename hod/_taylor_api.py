@@ -21,6 +21,7 @@ from ._compiled import compile_options
 from ._records import FlatCall, Request, TaylorPlan
 from ._series import leaf_series
 from ._taylor import build_taylor
+from ._vmap import Examples, examples_of
 from .errors import InputError
 
 DISTRIBUTIONS = ("rademacher", "normal")
@@ -35,8 +36,12 @@ class TaylorFunction(DerivativeFunction):
         super().__init__(request, argnums)
         self._plan = plan
 
-    def _build(self, flat: FlatCall) -> Lowered:
-        return build_taylor(self._request, flat, self._plan)
+    def _build(self, request: Request, flat: FlatCall) -> Lowered:
+        return build_taylor(request, flat, self._plan)
+
+    def _examples(self, args: tuple, kwargs: dict) -> Examples | None:
+        series = len(args) - 1 if self._plan.series else None
+        return examples_of(args, kwargs, lambda a: a in self._argnums, series)
 
 
 def taylor_request(call: str, f: Callable, order: int, argnums: Any, memory_limit: Any,

@@ -369,11 +369,15 @@ def trace_reverse(request: Request, flat: FlatCall, forward: Traced) -> Traced:
 
         diff = [tensors[pos] for pos in flat.diff]
         y, vjp_fn, aux = torch.func.vjp(of_diff, *diff, has_aux=True)
-        if y.numel() == 1:
+        # Independent examples (flat.rows) each get their own gradients from one sweep.
+        m = y.numel() // (flat.rows or 1)
+        if m == 1:
             grads = vjp_fn(torch.ones_like(y))
         else:
-            basis = torch.eye(y.numel(), dtype=y.dtype, device=y.device)
-            grads = torch.func.vmap(vjp_fn)(basis.view(y.numel(), *y.shape))
+            eye = torch.eye(m, dtype=y.dtype, device=y.device)
+            basis = (eye.view(m, *y.shape) if flat.rows is None
+                     else eye.view(m, 1, *y.shape[1:]).expand(m, *y.shape))
+            grads = torch.func.vmap(vjp_fn)(basis)
         return [y, *grads, *aux]
 
     gm = trace(reverse, flat.tensors, request.call, request.allow_random)
