@@ -17,7 +17,7 @@ from ._compiled import compile_options
 from ._records import FlatCall, Request
 from ._signature import call_signature, flatten_call
 from ._vmap import Examples, examples_of
-from .errors import HodError, InputError
+from .errors import HodError, InputError, MemoryLimitError
 
 #: How many signatures one transformed function keeps generated code for.
 CACHE_SIZE = 64
@@ -137,6 +137,8 @@ class DerivativeFunction:
     ) -> Any:
         try:
             return self._build(request, flat)
+        except MemoryLimitError:
+            raise  # the unbatched code under vmap would need as much memory
         except (HodError, RuntimeError, NotImplementedError):
             if examples is None:
                 raise
