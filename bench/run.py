@@ -7,6 +7,7 @@ Run from the repository root::
     python -m bench.run --sweeps hess_all_width,o3_x --device cuda
     python -m bench.run --memory                # peak RSS per engine on the largest Hessian row
     python -m bench.run --sweeps taylor         # Taylor mode: hod, jet-for-pytorch, torch.func
+    python -m bench.run --sweeps per-sample     # vmap(hod.hessian(f)) against vmap of torch.func
     python -m bench.run --list                  # the sweeps and their rows
 
 See bench/README.md for what is measured and how results are checked.
@@ -29,16 +30,21 @@ from bench.compare import ATOL, RTOL
 from bench.engines import DEFAULT_ENGINES, ENGINE_NAMES, PEERS, expand_engine_names, make_engines
 from bench.memory import format_memory, measure
 from bench.models import MEMORY_SWEEP, SWEEPS, Sweep
+from bench.per_sample import TITLE as PER_SAMPLE_TITLE
+from bench.per_sample import format_per_sample, run_per_sample_sweep
+from bench.per_sample import list_rows as list_per_sample_rows
 from bench.report import check_summary, format_table, machine_info, plot, sweep_dict, write_json
 from bench.runner import HOPELESS, HOPELESS_MS, TRAILING, RowResult, RunSettings, SweepRunner
-from bench.tables import TAYLOR
+from bench.tables import PER_SAMPLE, TAYLOR
 from bench.taylor import TITLE as TAYLOR_TITLE
 from bench.taylor import format_taylor, list_rows, run_taylor_sweep
 from bench.taylor_memory import format_taylor_memory, measure_taylor
-from bench.timing import FULL_POLICY, QUICK_POLICY
+from bench.timing import FULL_POLICY, QUICK_POLICY, RepPolicy
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"  # git-ignored scratch
 COMMITTED_OUT = Path(__file__).resolve().parent / "runs"  # runs quoted in README and docs
+#: The sweeps with their own rows and engines, run by name only, on the CPU.
+OWN_ENGINE_SWEEPS = {TAYLOR: TAYLOR_TITLE, PER_SAMPLE: PER_SAMPLE_TITLE}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--sweeps", default="all",
                         help="comma-separated sweep names (see --list), default all but "
-                             f"{TAYLOR} (its own engines: run it by name)")
+                             f"{TAYLOR} and {PER_SAMPLE} (their own engines: run them by "
+                             "name)")
     parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
                         help=f"comma-separated engines of {','.join(ENGINE_NAMES)}, or a "
                              f"peer's plain name ({', '.join(PEERS)}) for all its settings; "
@@ -87,10 +94,11 @@ def select_sweeps(spec: str) -> list[Sweep]:
     if spec == "all":
         return list(SWEEPS.values())
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SWEEPS and n != TAYLOR]
+    unknown = [n for n in names if n not in SWEEPS and n not in OWN_ENGINE_SWEEPS]
     if unknown:
-        raise SystemExit(f"unknown sweeps {unknown}; known: {', '.join(SWEEPS)}, {TAYLOR}")
-    return [SWEEPS[n] for n in names if n != TAYLOR]
+        raise SystemExit(f"unknown sweeps {unknown}; known: {', '.join(SWEEPS)}, "
+                         f"{', '.join(OWN_ENGINE_SWEEPS)}")
+    return [SWEEPS[n] for n in names if n not in OWN_ENGINE_SWEEPS]
 
 
 def engines_for(
@@ -110,6 +118,7 @@ def list_sweeps() -> None:
         print(f"{sweep.name:15s} {sweep.title}\n{'':15s} rows: {', '.join(xs)}\n"
               f"{'':15s} --quick: {', '.join(quick)}")
     print(list_rows())
+    print(list_per_sample_rows())
 
 
 def make_runner(
@@ -178,14 +187,15 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
             sweeps_json.append(sweep_dict(sweep, rows))
             payload["elapsed_s"] = round(time.perf_counter() - start, 1)
             write_json(json_path, payload)
-        if TAYLOR in args.sweeps.split(","):
-            print(f"\n-- {TAYLOR}: {TAYLOR_TITLE}", flush=True)
+        for name, title in OWN_ENGINE_SWEEPS.items():
+            if name not in args.sweeps.split(","):
+                continue
+            print(f"\n-- {name}: {title}", flush=True)
             if args.device != "cpu":
-                print(f"note: the {TAYLOR} sweep runs on the CPU only (not {args.device})")
-            sweep, versions = run_taylor_sweep(policy, args.seed, 600.0,
-                                               compiled=args.taylor_compile)
+                print(f"note: the {name} sweep runs on the CPU only (not {args.device})")
+            sweep, versions = run_own_engine_sweep(name, args, policy)
             info["engines"].update(versions)
-            print(format_taylor(sweep))
+            print(format_taylor(sweep) if name == TAYLOR else format_per_sample(sweep))
             sweeps_json.append(sweep)
             payload["elapsed_s"] = round(time.perf_counter() - start, 1)
             write_json(json_path, payload)
@@ -198,6 +208,16 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
         plot(png, done, f"hod benchmark, {args.device}, torch {torch.__version__}, "
                         f"{torch.get_num_threads()} threads{' (quick)' if args.quick else ''}")
         print(f"plots:   {png}")
+
+
+def run_own_engine_sweep(
+    name: str, args: argparse.Namespace, policy: RepPolicy
+) -> tuple[dict[str, object], dict[str, str]]:
+    """One of :data:`OWN_ENGINE_SWEEPS` on the CPU: the sweep's part of the result file, and
+    its engines' versions."""
+    if name == TAYLOR:
+        return run_taylor_sweep(policy, args.seed, 600.0, compiled=args.taylor_compile)
+    return run_per_sample_sweep(policy, args.seed, quick=args.quick)
 
 
 def run_taylor_memory(out_stem: Path) -> None:

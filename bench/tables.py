@@ -70,9 +70,14 @@ FLOOR = "floor"
 TARGET_SETTING = "jet[collapsed]"
 
 
+#: The ``kind`` of the per-sample sweep (vmap of hod and of torch.func): its own rows, engines
+#: and table (:func:`per_sample_grid`), also left out of the summary, headline and plot.
+PER_SAMPLE = "per-sample"
+
+
 def derivative_sweeps(run: Run) -> list[dict[str, Any]]:
-    """The run's sweeps but the taylor one."""
-    return [s for s in run["sweeps"] if s.get("kind") != TAYLOR]
+    """The run's sweeps but the taylor and per-sample ones."""
+    return [s for s in run["sweeps"] if s.get("kind") not in (TAYLOR, PER_SAMPLE)]
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -268,6 +273,25 @@ def taylor_grid(sweep: dict[str, Any]) -> list[list[str]]:
     return grid
 
 
+def per_sample_grid(sweep: dict[str, Any]) -> list[list[str]]:
+    """The per-sample sweep as a list of rows (header first): every engine's median per row (or
+    its status), hod's speedup over each peer (``torch.func``) and over every other hod engine
+    (``hod.summed``: ``2.00x`` = hod under vmap takes half its time), and ``lowered.examples``
+    of hod's code under vmap (the batch when hod ran its own batched code)."""
+    engines = engines_of(sweep)
+    others = [e for e in engines if e != HOD]
+    header = [sweep["x_name"], *engines, *(f"hod vs {e}" for e in others), "lowered.examples"]
+    grid = [header]
+    for row in sweep["rows"]:
+        cells = [str(row["x"]), *(mark(row, e) for e in engines)]
+        ours = time_ms(row, HOD)
+        for other in others:
+            theirs = time_ms(row, other)
+            cells.append(f"{theirs / ours:.2f}x" if ours and theirs is not None else "-")
+        grid.append([*cells, str(row.get("examples"))])
+    return grid
+
+
 def problem_notes(sweep: dict[str, Any]) -> list[str]:
     """Per engine and status other than ok, the first row with it and why."""
     seen: set[tuple[str, str]] = set()
@@ -299,7 +323,8 @@ def sweep_tables(run: Run) -> str:
     for sweep in run["sweeps"]:
         parts.append(f"### {SWEEP_TITLES.get(sweep['name'], sweep['name'])} "
                      f"(`{sweep['name']}`: {sweep['title']}), median ms")
-        grid = taylor_grid(sweep) if sweep.get("kind") == TAYLOR else sweep_grid(sweep)
+        grids = {TAYLOR: taylor_grid, PER_SAMPLE: per_sample_grid}
+        grid = grids.get(sweep.get("kind"), sweep_grid)(sweep)
         parts.append(markdown(grid))
         notes = [*sweep.get("notes", []), *problem_notes(sweep)]
         if notes:
