@@ -51,6 +51,9 @@ class DerivativeFunction:
     captured model's parameters). Inside ``torch.func.grad``/``vmap``, a tensor that the
     transform tracks must be an argument of ``f``, not captured: that raises
     :class:`~hod.TracingError`.
+
+    **Under vmap.** Called under ``torch.func.vmap``, it runs code generated for the
+    batched signature, every example's derivatives at once (see :mod:`hod._vmap`).
     """
 
     def __init__(self, request: Request, argnums: tuple[int, ...]) -> None:
@@ -285,7 +288,8 @@ _COMMON_KEYWORDS = """
     call of a signature then takes seconds to compile; later calls run fused kernels, much
     faster when the derivative tensors are many and small (orders 3 and 4). Calls under
     autograd, ``torch.func`` transforms or an enclosing ``torch.compile`` run the eager
-    code. A compiler failure raises :class:`~hod.CompileError`.
+    code (under ``vmap``, hod's batched code runs, compiled). A compiler failure raises
+    :class:`~hod.CompileError`.
 """
 
 

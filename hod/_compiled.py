@@ -8,7 +8,8 @@ call of a signature (seconds to tens of seconds) and is kept with that signature
 
 The compiled code runs on tensors no transform watches (see
 :func:`~hod.passes.memory.unwatched`); a call under autograd, ``torch.func`` transforms or an
-enclosing ``torch.compile`` runs the eager code, which computes the same values.
+enclosing ``torch.compile`` runs the eager code, which computes the same values. Under
+``vmap`` the batched code runs on the unwrapped tensors (see :mod:`hod._vmap`), compiled.
 """
 
 from __future__ import annotations
