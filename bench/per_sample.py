@@ -53,7 +53,7 @@ from bench.runner import (
     _row_line,
     row_seed,
 )
-from bench.tables import PER_SAMPLE, per_sample_grid, problem_notes
+from bench.tables import HOD, PER_SAMPLE, per_sample_grid, problem_notes
 from bench.timing import RepPolicy
 
 TITLE = "per-sample derivatives under torch.func.vmap: vmap(hod) vs vmap(torch.func)"
@@ -156,8 +156,8 @@ def expected(engine: Engine, row: PerSampleRow, per_sample: Tensor) -> Reference
 
 
 def run_per_sample_row(row: PerSampleRow, sweep: SweepRunner) -> tuple[RowResult, int | None]:
-    """Check and time ``sweep``'s engines on one row; with ``lowered.examples`` of hod's code
-    (None when hod was not checked)."""
+    """Check and time ``sweep``'s engines on one row; with ``lowered.examples`` of the code of
+    the engine named ``hod`` (None when it did not run)."""
     start = time.perf_counter()
     inputs = make_inputs(row, row_seed(row, sweep.settings.seed))
     per_sample = reference(row, inputs)
@@ -173,8 +173,9 @@ def run_per_sample_row(row: PerSampleRow, sweep: SweepRunner) -> tuple[RowResult
         result, runner = sweep._warm_up(engine, row, inputs, ref)
         results[engine.name] = result
         if isinstance(runner, BatchedHodRunner):
-            examples = runner.examples
-            if examples is None:
+            if engine.name == HOD:
+                examples = runner.examples
+            if runner.examples is None:
                 result.status = WRONG
                 result.detail = ("not hod's batched code (lowered.examples is None: "
                                  f"functorch batched the unbatched code); {result.detail}")

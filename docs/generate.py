@@ -14,6 +14,9 @@ Generated parts sit between markers in Markdown files:
   and summary table) and in ``docs/benchmarks.md`` (headline, summary and one table per
   sweep): made by ``bench.tables`` from the run ``PATH`` names (relative to the repository
   root);
+* ``<!-- taylor:start run=PATH -->`` and ``<!-- per-sample:start run=PATH -->`` sections
+  in ``docs/benchmarks.md``: the latest run in ``bench/runs/taylor/``, respectively
+  ``bench/runs/per-sample/``, each sweep's table (the per-sample one after the run's headline);
 * ``docs/assets/benchmark.png``: ``bench.tables.plot_summary`` of the same run, with the
   run's path in a PNG text chunk (``hod-run``) so that a check can tell which run drew it.
 
@@ -39,6 +42,7 @@ BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 PNG = ROOT / "docs" / "assets" / "benchmark.png"
 RUNS = ROOT / "bench" / "runs"
 TAYLOR_RUNS = RUNS / "taylor"  # apart, so that a taylor-only run is never "the latest run"
+PER_SAMPLE_RUNS = RUNS / "per-sample"  # apart for the same reason
 PNG_KEY = "hod-run"
 PLOT_ALT = "median time per call of hod and of each peer's best setting, per sweep (log scale)"
 
@@ -179,6 +183,15 @@ def taylor_bench(run_path: Path) -> str:
     return tables.sweep_tables(tables.load_run(run_path))
 
 
+def per_sample_bench(run_path: Path) -> str:
+    """The benchmarks page's per-sample part: the run's headline (machine, software, checks)
+    and the per-sample sweep's table."""
+    from bench import tables
+
+    run = tables.load_run(run_path)
+    return "\n\n".join([tables.headline(run), tables.sweep_tables(run)])
+
+
 BENCH_PAGES: dict[Path, Callable[[Path], str]] = {
     README: readme_bench, BENCHMARKS: benchmarks_bench,
 }
@@ -251,6 +264,7 @@ def stale_parts() -> list[str]:
         *operator_problems(), *test_file_problems(), *bench_problems(README),
         *bench_problems(BENCHMARKS), *png_problems(),
         *bench_problems(BENCHMARKS, "taylor", TAYLOR_RUNS, taylor_bench),
+        *bench_problems(BENCHMARKS, "per-sample", PER_SAMPLE_RUNS, per_sample_bench),
     ]
 
 
@@ -267,6 +281,11 @@ def write(run_path: Path) -> None:
     if taylor is not None:
         BENCHMARKS.write_text(with_section(BENCHMARKS.read_text(), "taylor",
                                            taylor_bench(taylor), run=run_label(taylor)))
+    per_sample = latest_committed_run(PER_SAMPLE_RUNS)
+    if per_sample is not None:
+        BENCHMARKS.write_text(with_section(BENCHMARKS.read_text(), "per-sample",
+                                           per_sample_bench(per_sample),
+                                           run=run_label(per_sample)))
     PNG.parent.mkdir(parents=True, exist_ok=True)
     tables.plot_summary(tables.load_run(run_path), PNG)
     PNG.write_bytes(with_png_text(PNG.read_bytes(), PNG_KEY, label))
