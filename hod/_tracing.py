@@ -66,6 +66,7 @@ def trace(
     if not allow_random:
         _reject_random(gm, call, lambda: find_call_site(fn, examples, _is_random))
     _functional_views(gm)
+    _cancel_reshape_round_trips(gm)
     return gm
 
 
@@ -244,6 +245,38 @@ def _functional_views(gm: fx.GraphModule) -> None:
         if node.op == "call_function" and _is_inplace_view(node.target):
             packet = getattr(aten, node.target._schema.name.split("::")[1].rstrip("_"))
             node.target = getattr(packet, node.target._overloadname)
+    gm.recompile()
+
+
+#: Ops that regroup a tensor's dims and keep its entries in row-major order.
+_RESHAPES = frozenset({
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+})
+
+
+def _cancel_reshape_round_trips(gm: fx.GraphModule) -> None:
+    """Read a chain of reshapes that ends in its start's shape as its start.
+
+    Such a chain keeps every entry in place, so it is the identity. ``vmap`` leaves many:
+    the product ``x @ W`` of one example's vector becomes ``unsqueeze``, ``view``, ``mm``,
+    ``view`` and ``squeeze`` over the batch, and every derivative order would repeat them.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _RESHAPES:
+            continue
+        shape = node.meta["val"].shape
+        source = node.args[0]
+        while isinstance(source, fx.Node):
+            if source.meta["val"].shape == shape:
+                node.replace_all_uses_with(source)
+                break
+            if source.op != "call_function" or source.target not in _RESHAPES:
+                break
+            source = source.args[0]
+    for node in reversed(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _RESHAPES and not node.users:
+            gm.graph.erase_node(node)
     gm.recompile()
 
 

@@ -70,7 +70,8 @@ class Examples:
                 continue
             if tuple(t.shape[:k]) != tuple(self.sizes):
                 t = t.expand(*self.sizes, *t.shape[k:])
-            t = t.reshape(self.n, *t.shape[k:])
+            if k > 1:
+                t = t.reshape(self.n, *t.shape[k:])
             dim = 1 if a == series else 0
             dims.append(dim)
             unwrapped.append(t.movedim(0, 1) if dim else t)
@@ -162,7 +163,8 @@ def _unwrapped(leaves: Sequence[Any]) -> tuple[list[VmapInterpreter], list[Any]]
         levels.append(interpreter)
         for i, (t, dim) in enumerate(step):
             if isinstance(t, torch.Tensor):
-                current[i] = t.unsqueeze(0) if dim is None else t.movedim(dim, 0)
+                current[i] = t.unsqueeze(0) if dim is None else t if dim == 0 else t.movedim(
+                    dim, 0)
                 batched[i] = batched[i] or dim is not None
     fronts = [(t, b) if isinstance(t, torch.Tensor) else t
               for t, b in zip(current, batched, strict=True)]
