@@ -74,7 +74,12 @@ def _make_fx(
     fn: Callable, fakes: list[torch.Tensor], call: str, enclosing_level: int | None
 ) -> fx.GraphModule:
     try:
-        with _RejectTransformedCaptures(call, enclosing_level):
+        # Without oneDNN, CPU modules trace to the ops their float64 path takes, which have
+        # rules (float32 LSTMs would reach aten.mkldnn_rnn_layer); the generated code's
+        # convolutions and products still pick their kernels when they run.
+        with _RejectTransformedCaptures(call, enclosing_level), torch.backends.mkldnn.flags(
+            enabled=False
+        ):
             return make_fx(
                 torch.func.functionalize(fn),
                 decomposition_table=DECOMPOSITIONS,
@@ -243,9 +248,19 @@ def _functional_views(gm: fx.GraphModule) -> None:
     """
     for node in gm.graph.nodes:
         if node.op == "call_function" and _is_inplace_view(node.target):
-            packet = getattr(aten, node.target._schema.name.split("::")[1].rstrip("_"))
-            node.target = getattr(packet, node.target._overloadname)
+            node.target = _out_of_place(node.target)
     gm.recompile()
+
+
+def _out_of_place(op: torch._ops.OpOverload) -> torch._ops.OpOverload:
+    """The overload of ``op``'s out-of-place packet taking the same arguments
+    (``transpose_.default`` -> ``transpose.int``)."""
+    packet = getattr(aten, op._schema.name.split("::")[1].rstrip("_"))
+    names = [a.name for a in op._schema.arguments]
+    return next(
+        getattr(packet, overload) for overload in packet.overloads()
+        if [a.name for a in getattr(packet, overload)._schema.arguments] == names
+    )
 
 
 #: Ops that regroup a tensor's dims and keep its entries in row-major order.
