@@ -1,0 +1,143 @@
+"""torch.nn modules in float64, float32 and bfloat16: Hessians w.r.t. the input and the
+parameters against nested torch.func in float64.
+
+CPU kernels differ by dtype: float32 LSTMs dispatch to oneDNN's ``mkldnn_rnn_layer``,
+convolutions to oneDNN, attention to a fused flash kernel, none of which the float64 path
+takes; hod traces every dtype to the ops of the float64 path. The reference runs the
+module copied to float64, with the math attention kernel (torch.func cannot differentiate
+the fused CPU one twice) and layer norm in plain ops (torch.func's second derivative of
+layer norm is wrong in its weight-input block, which a transformer layer's parameter
+Hessian reaches).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_same_tree, cast, reference
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_leaves
+
+import hod
+
+
+def _conv_norm_pool():
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.AvgPool2d(1)).eval()
+
+
+#: name: (module factory, input shape, how the module is called).
+MODULES = {
+    "linear": (lambda: nn.Linear(4, 3), (2, 4), None),
+    "conv1d": (lambda: nn.Conv1d(2, 3, 3), (2, 2, 6), None),
+    "conv2d": (lambda: nn.Conv2d(2, 3, 3), (1, 2, 5, 5), None),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(2, 2, 3), (1, 2, 3, 3), None),
+    "conv_batchnorm_pool": (_conv_norm_pool, (2, 2, 6, 6), None),
+    "layer_norm": (lambda: nn.LayerNorm(4), (3, 4), None),
+    "group_norm": (lambda: nn.GroupNorm(2, 4), (2, 4, 3), None),
+    "lstm": (lambda: nn.LSTM(3, 4, batch_first=True), (2, 4, 3), lambda m, x: m(x)[0]),
+    "gru": (lambda: nn.GRU(3, 4, batch_first=True), (2, 4, 3), lambda m, x: m(x)[0]),
+    "rnn": (lambda: nn.RNN(3, 4, batch_first=True), (2, 4, 3), lambda m, x: m(x)[0]),
+    "multihead_attention": (lambda: nn.MultiheadAttention(4, 2, batch_first=True), (2, 3, 4),
+                            lambda m, x: m(x, x, x)[0]),
+    "transformer_encoder_layer": (
+        lambda: nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True).eval(),
+        (2, 3, 4), None),
+}
+
+#: bfloat16 results are compared as bfloat16 computes: every entry of a module's output
+#: carries about 3 significant digits, and a Hessian sums many of them.
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _loss(name: str, module: nn.Module):
+    """A scalar of the module's output with nonzero second derivatives everywhere."""
+    call = MODULES[name][2] or (lambda m, x: m(x))
+
+    def of_input(x):
+        return torch.tanh(call(module, x)).sum()
+
+    def of_params(params, x):
+        return torch.tanh(call(lambda *a: functional_call(module, params, a), x)).sum()
+
+    return of_input, of_params
+
+
+def _setup(name: str, dtype: torch.dtype):
+    factory, shape, _ = MODULES[name]
+    torch.manual_seed(sum(map(ord, name)))
+    module = factory()
+    x = torch.randn(*shape, dtype=torch.float64)
+    double = copy.deepcopy(module).double()
+    return module.to(dtype), double, x
+
+
+def _plain_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+    dims = list(range(-len(shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    return y * (1 if weight is None else weight) + (0 if bias is None else bias)
+
+
+def _reference(fn, *args):
+    """``fn(*args)`` with the math attention kernel, and layer norm written with plain
+    ops: torch.func's nesting gets its weight-input block wrong (see tests/opdb/nn.py)."""
+    original = F.layer_norm
+    F.layer_norm = _plain_layer_norm
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn(*args)
+    finally:
+        F.layer_norm = original
+
+
+def _tolerances(dtype: torch.dtype, expected) -> tuple[float, float]:
+    """TOLERANCES, but bfloat16's absolute one relative to the largest entry: its 8-bit
+    mantissa makes an absolute 0.1 meaningless for Hessians of order 0.1."""
+    if dtype is not torch.bfloat16:
+        return TOLERANCES[dtype]
+    largest = max(float(t.abs().max()) for t in tree_leaves(expected))
+    return 0.05, 0.03 * largest
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", MODULES)
+def test_hessian_wrt_the_input(name, dtype):
+    module, double, x = _setup(name, dtype)
+    actual = hod.hessian(_loss(name, module)[0])(x.to(dtype))
+    expected = _reference(reference(_loss(name, double)[0], 2), x)
+    assert actual.dtype == dtype
+    assert_same_tree(actual, cast(expected, dtype), *_tolerances(dtype, expected))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", MODULES)
+def test_hessian_wrt_the_parameters(name, dtype):
+    module, double, x = _setup(name, dtype)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    params64 = {k: v.detach() for k, v in double.named_parameters()}
+    actual = hod.hessian(_loss(name, module)[1])(params, x.to(dtype))
+    expected = _reference(reference(_loss(name, double)[1], 2), params64, x)
+    assert_same_tree(actual, cast(expected, dtype), *_tolerances(dtype, expected))
+
+
+def test_batchnorm_in_training_mode_is_refused_and_left_as_it_was():
+    """Training mode updates the running statistics in place: hod refuses the function
+    (torch.func refuses it too) and the statistics are as they were before the call."""
+    norm = nn.BatchNorm1d(3)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    with pytest.raises(hod.TracingError, match="writes into tensors it captured"):
+        hod.hessian(lambda x: norm(x).pow(3).sum())(torch.randn(4, 3))
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, before[k]) and not v.requires_grad, k
+    norm.eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    norm.double()
+    assert_same_tree(hod.hessian(lambda x: norm(x).pow(3).sum())(x),
+                     reference(lambda x: norm(x).pow(3).sum(), 2)(x))
