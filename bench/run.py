@@ -8,6 +8,7 @@ Run from the repository root::
     python -m bench.run --memory                # peak RSS per engine on the largest Hessian row
     python -m bench.run --sweeps taylor         # Taylor mode: hod, jet-for-pytorch, torch.func
     python -m bench.run --sweeps per-sample     # vmap(hod.hessian(f)) against vmap of torch.func
+    python -m bench.run --sweeps zoo            # real models in float32 against the best peer
     python -m bench.run --list                  # the sweeps and their rows
 
 See bench/README.md for what is measured and how results are checked.
@@ -35,16 +36,21 @@ from bench.per_sample import format_per_sample, run_per_sample_sweep
 from bench.per_sample import list_rows as list_per_sample_rows
 from bench.report import check_summary, format_table, machine_info, plot, sweep_dict, write_json
 from bench.runner import HOPELESS, HOPELESS_MS, TRAILING, RowResult, RunSettings, SweepRunner
-from bench.tables import PER_SAMPLE, TAYLOR
+from bench.tables import PER_SAMPLE, TAYLOR, ZOO
 from bench.taylor import TITLE as TAYLOR_TITLE
 from bench.taylor import format_taylor, list_rows, run_taylor_sweep
 from bench.taylor_memory import format_taylor_memory, measure_taylor
 from bench.timing import FULL_POLICY, QUICK_POLICY, RepPolicy
+from bench.zoo import TITLE as ZOO_TITLE
+from bench.zoo import format_zoo, run_zoo_sweep
+from bench.zoo import list_rows as list_zoo_rows
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"  # git-ignored scratch
 COMMITTED_OUT = Path(__file__).resolve().parent / "runs"  # runs quoted in README and docs
 #: The sweeps with their own rows and engines, run by name only, on the CPU.
-OWN_ENGINE_SWEEPS = {TAYLOR: TAYLOR_TITLE, PER_SAMPLE: PER_SAMPLE_TITLE}
+OWN_ENGINE_SWEEPS = {TAYLOR: TAYLOR_TITLE, PER_SAMPLE: PER_SAMPLE_TITLE, ZOO: ZOO_TITLE}
+#: How each of them prints its table.
+OWN_ENGINE_FORMATS = {TAYLOR: format_taylor, PER_SAMPLE: format_per_sample, ZOO: format_zoo}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--sweeps", default="all",
                         help="comma-separated sweep names (see --list), default all but "
-                             f"{TAYLOR} and {PER_SAMPLE} (their own engines: run them by "
-                             "name)")
+                             f"{TAYLOR}, {PER_SAMPLE} and {ZOO} (their own engines: run them "
+                             "by name)")
     parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
                         help=f"comma-separated engines of {','.join(ENGINE_NAMES)}, or a "
                              f"peer's plain name ({', '.join(PEERS)}) for all its settings; "
@@ -119,6 +125,7 @@ def list_sweeps() -> None:
               f"{'':15s} --quick: {', '.join(quick)}")
     print(list_rows())
     print(list_per_sample_rows())
+    print(list_zoo_rows())
 
 
 def make_runner(
@@ -195,7 +202,7 @@ def run_sweeps(args: argparse.Namespace, engine_names: list[str], out_stem: Path
                 print(f"note: the {name} sweep runs on the CPU only (not {args.device})")
             sweep, versions = run_own_engine_sweep(name, args, policy)
             info["engines"].update(versions)
-            print(format_taylor(sweep) if name == TAYLOR else format_per_sample(sweep))
+            print(OWN_ENGINE_FORMATS[name](sweep))
             sweeps_json.append(sweep)
             payload["elapsed_s"] = round(time.perf_counter() - start, 1)
             write_json(json_path, payload)
@@ -217,6 +224,8 @@ def run_own_engine_sweep(
     its engines' versions."""
     if name == TAYLOR:
         return run_taylor_sweep(policy, args.seed, 600.0, compiled=args.taylor_compile)
+    if name == ZOO:
+        return run_zoo_sweep(policy, args.seed, quick=args.quick)
     return run_per_sample_sweep(policy, args.seed, quick=args.quick)
 
 

@@ -75,9 +75,14 @@ TARGET_SETTING = "jet[collapsed]"
 PER_SAMPLE = "per-sample"
 
 
+#: The ``kind`` of the zoo sweep (#18: real models in float32 against the best peer): its own
+#: rows, engines and table (:func:`zoo_grid`), also left out of the summary, headline and plot.
+ZOO = "zoo"
+
+
 def derivative_sweeps(run: Run) -> list[dict[str, Any]]:
-    """The run's sweeps but the taylor and per-sample ones."""
-    return [s for s in run["sweeps"] if s.get("kind") not in (TAYLOR, PER_SAMPLE)]
+    """The run's sweeps but the taylor, per-sample and zoo ones."""
+    return [s for s in run["sweeps"] if s.get("kind") not in (TAYLOR, PER_SAMPLE, ZOO)]
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -292,6 +297,27 @@ def per_sample_grid(sweep: dict[str, Any]) -> list[list[str]]:
     return grid
 
 
+def zoo_grid(sweep: dict[str, Any]) -> list[list[str]]:
+    """The zoo sweep as a list of rows (header first): every engine's median per row (or its
+    status), the fastest peer setting that passed its check, hod's speedup over it, and a last
+    row with the median of those speedups over the rows that have one."""
+    engines = engines_of(sweep)
+    header = [sweep["x_name"], *engines, "best peer", "hod vs best peer"]
+    grid = [header]
+    ratios = []
+    for row in sweep["rows"]:
+        best, speedup = best_peer(row), ratio(row)
+        if speedup is not None:
+            ratios.append(speedup[0])
+        grid.append([str(row["x"]), *(mark(row, e) for e in engines),
+                     f"{best[1]} {best[0]:.3f}" if best else "-",
+                     f"{speedup[0]:.2f}x" if speedup else "-"])
+    median = f"{statistics.median(ratios):.2f}x" if ratios else "-"
+    grid.append([f"median over the {len(ratios)} rows with a ratio", *[""] * (len(engines) + 1),
+                 median])
+    return grid
+
+
 def problem_notes(sweep: dict[str, Any]) -> list[str]:
     """Per engine and status other than ok, the first row with it and why."""
     seen: set[tuple[str, str]] = set()
@@ -323,7 +349,7 @@ def sweep_tables(run: Run) -> str:
     for sweep in run["sweeps"]:
         parts.append(f"### {SWEEP_TITLES.get(sweep['name'], sweep['name'])} "
                      f"(`{sweep['name']}`: {sweep['title']}), median ms")
-        grids = {TAYLOR: taylor_grid, PER_SAMPLE: per_sample_grid}
+        grids = {TAYLOR: taylor_grid, PER_SAMPLE: per_sample_grid, ZOO: zoo_grid}
         grid = grids.get(sweep.get("kind"), sweep_grid)(sweep)
         parts.append(markdown(grid))
         notes = [*sweep.get("notes", []), *problem_notes(sweep)]
