@@ -15,6 +15,10 @@ Two ways to reach an order-``n`` derivative, chosen by :func:`~hod._plan.choose_
   scalar ``y``, its gradient) and push ``D^1 .. D^(n-1)`` through that graph. When the
   output is much smaller than the seed space this costs about ``S^(n-1)`` gradients
   instead of ``S^n`` forward passes.
+
+Where reverse-last would run for the Hessian of a scalar, the **adjoint** driver
+(:mod:`hod._adjoint`) is tried first: it sums the Hessian from the local second-order terms
+of the curved nodes, paying each forward product once per seed instead of twice.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import TreeSpec, tree_flatten
 
+from ._adjoint import adjoint_hessian
 from ._assemble import block, result_spec, structure, unflattener
 from ._codegen import generate
 from ._compiled import CompiledCode
@@ -56,8 +61,9 @@ class Lowered:
 
     ``graph_module`` is the generated ``torch.fx.GraphModule`` (a straight line of ATen
     calls over the flat tensor leaves); ``code`` is its Python source; ``mode`` says how
-    it differentiates (:class:`~hod._records.Mode`: ``"forward"``, ``"reverse-last"``, or
-    ``"taylor"`` for the Taylor-mode transforms, which it equals as a string);
+    it differentiates (:class:`~hod._records.Mode`: ``"forward"``, ``"reverse-last"``,
+    ``"adjoint"`` (see :mod:`hod._adjoint`), or ``"taylor"`` for the Taylor-mode
+    transforms, which it equals as a string);
     ``seed_size`` is the size of the seed space its derivative tensors span (the number
     of directions in Taylor mode). ``planned_module``, when set, is the same code for tensors
     that no transform watches (:func:`~hod.passes.memory.unwatched`), which runs instead:
@@ -144,6 +150,10 @@ def build(request: Request, flat: FlatCall, compose: Composition | None = None) 
     if choose_mode(request.order, out_sizes, seeds.size) is Mode.FORWARD:
         return _generate(state, Mode.FORWARD, forward, seeds, compose)
     try:
+        adjoint = adjoint_hessian(state, shapes) if compose is None else None
+        if adjoint is not None:
+            em, spec, size = adjoint
+            return lower(state, em, Mode.ADJOINT, size, spec)
         reverse, reverse_seeds = plan_reverse(state, shapes)
         return _generate(state, Mode.REVERSE_LAST, reverse, reverse_seeds, compose)
     except (UnsupportedOperatorError, RuntimeError) as reverse_error:

@@ -29,6 +29,7 @@ class Mode(str, enum.Enum):
     FORWARD = "forward"  # seed the inputs and push D^1 .. D^n through f
     REVERSE_LAST = "reverse-last"  # push D^1 .. D^(n-1) through f's traced gradient
     TAYLOR = "taylor"  # push univariate Taylor coefficients along directions through f
+    ADJOINT = "adjoint"  # a scalar's Hessian summed from its curved nodes' local terms
 
     def __str__(self) -> str:
         return self.value

@@ -79,8 +79,7 @@ def _make_fx(
         # rules (float32 LSTMs would reach aten.mkldnn_rnn_layer); the generated code's
         # convolutions and products still pick their kernels when they run.
         with _RejectTransformedCaptures(call, enclosing_level), \
-                _RejectCapturedWrites(call, fakes), \
-                torch.backends.mkldnn.flags(enabled=False):
+                _RejectCapturedWrites(call, fakes), _without_onednn():
             return make_fx(
                 torch.func.functionalize(fn),
                 decomposition_table=DECOMPOSITIONS,
@@ -216,6 +215,17 @@ class _RejectCapturedWrites(TorchFunctionMode):
                 f"  Fix: call model.eval(), build the norm with track_running_stats=False, or "
                 f"update the statistics with a separate call of the model."
             )
+
+
+@contextlib.contextmanager
+def _without_onednn() -> Iterator[None]:
+    """oneDNN kernels off (``torch.backends.mkldnn.flags`` would also warn about TF32)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "passes": ("passes",),
     "codegen": ("_codegen",),
     "compile": ("_compiled",),
-    "driver": ("_build", "_taylor"),
+    "driver": ("_build", "_taylor", "_adjoint"),
     "api": ("_signature", "_series", "_vmap", "_api", "_taylor_api", "_operators", "__init__"),
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}

@@ -1,0 +1,325 @@
+"""The adjoint driver: a scalar's Hessian summed from its curved nodes' local terms.
+
+For a scalar ``y`` (one per example, for a call holding examples), the Hessian w.r.t. the
+seeded inputs is a sum over the nodes ``v = phi(u_1, .., u_m)`` that are not linear in
+their tracked inputs:
+
+    H[s, t] = sum_v sum_ab sum_i  vbar[i] * d2 phi / du_a du_b [i] * D u_a[s, i] * D u_b[t, i]
+
+with ``vbar = dy/dv`` (the adjoint of ``v``) and ``D u`` the first-order derivatives of the
+inputs. Reverse-last mode pushes ``D^1`` through ``f``'s whole gradient graph instead: every
+product of the forward pass is paid twice per seed (the tangent forward, and the tangent of
+its backward product). Here it is paid once, plus one ``(S, M) @ (M, S)`` per curved node of
+``M`` entries, which is far cheaper when the seeds are few against the layer widths (the
+Hessian of a network w.r.t. its input).
+
+It applies when every node with a tracked input is elementwise (its second derivatives
+come from its own rule, run over one seed per tracked input) or linear in its tracked
+inputs (:data:`LINEAR`: views, reductions, products and convolutions with one tracked
+operand); otherwise :func:`adjoint_hessian` returns None and reverse-last mode runs.
+The driver (:mod:`hod._build`) lowers what it emits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import fx
+from torch.utils._pytree import TreeSpec, tree_flatten
+
+from ._assemble import result_spec, structure
+from ._derive import derive, seeded_inputs
+from ._emitter import Emitter, Operand
+from ._jet import DeriveContext
+from ._plan import plain_segments, row_seeds
+from ._records import BuildState, Jet, SeedPlan
+from ._tracing import op_call_site, trace
+from .rules import RULES
+
+aten = torch.ops.aten
+
+#: Ops that are linear in each tracked input when at most one input is tracked.
+PRODUCTS = frozenset({
+    aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
+    aten.convolution.default, aten.linear.default, aten.dot.default, aten.mv.default,
+})
+
+#: Ops linear in their tracked inputs (their rules give no second-order term).
+LINEAR = PRODUCTS | frozenset({
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.expand.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+    aten.slice.Tensor, aten.select.int, aten.index.Tensor, aten.cat.default,
+    aten.stack.default, aten.sum.dim_IntList, aten.sum.default, aten.mean.dim,
+    aten.mean.default, aten.clone.default, aten.alias.default, aten._to_copy.default,
+    aten.constant_pad_nd.default, aten.flip.default, aten.roll.default,
+    aten.diag_embed.default, aten.diagonal.default, aten.gather.default,
+    aten.avg_pool2d.default, aten.avg_pool1d.default, aten.full_like.default,
+    aten.zeros_like.default, aten.ones_like.default,
+})
+
+
+def adjoint_hessian(
+    state: BuildState, shapes: Sequence[tuple[int, ...]]
+) -> tuple[Emitter, TreeSpec, int] | None:
+    """The Hessian of ``f``'s scalar output by local terms: the emitter holding its code
+    (outputs emitted), the result's spec and the seed-space size; or None where it does not
+    apply or costs more than reverse-last mode (see the module docstring)."""
+    request, flat, forward = state.request, state.flat, state.forward
+    gm = forward.gm
+    if request.order != 2 or request.with_values or forward.n_out != 1:
+        return None
+    per_example = flat.rows or 1
+    if state.out_vals[0].numel() != per_example:
+        return None
+    tracked = _tracked(gm, flat.diff)
+    curved = _curved_nodes(gm, tracked)
+    seeds = (row_seeds(shapes, []) if flat.rows is not None
+             else SeedPlan(tuple(plain_segments(shapes)), ()))
+    if curved is None or not _pays(gm, tracked, curved, seeds.size):
+        return None
+    adjoint_graph = _trace_adjoints(state, curved)
+    return _generate(state, adjoint_graph, curved, seeds)
+
+
+def _tracked(gm: fx.GraphModule, diff: Sequence[int]) -> set[fx.Node]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tracked = {placeholders[i] for i in diff}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any(a in tracked for a in node.all_input_nodes):
+            tracked.add(node)
+    return tracked
+
+
+def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | None:
+    """The elementwise nodes with a tracked input, or None when a node with a tracked
+    input is neither elementwise nor linear in it."""
+    curved = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node not in tracked:
+            continue
+        op = node.target
+        inputs = [a for a in node.all_input_nodes if a in tracked]
+        if op in PRODUCTS and len(inputs) > 1:
+            return None
+        if op in LINEAR or getattr(op, "__name__", "") == "getitem":
+            continue
+        if isinstance(op, torch._ops.OpOverload) and torch.Tag.pointwise in op.tags:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
+                continue  # a comparison: no derivative flows through it
+            if op not in RULES or not isinstance(val, torch.Tensor):
+                return None
+            curved.append(node)
+            continue
+        return None
+    return curved
+
+
+def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
+          seeds: int) -> bool:
+    """Whether the local terms cost less than what they save.
+
+    Per seed, reverse-last mode pushes tangents through the forward and the backward pass,
+    about ``2 (P + E)`` for products of ``P`` multiply-adds and ``E`` tracked entries; this
+    mode pushes them through the forward pass only, ``P + E``, and adds ``S m^2`` per entry
+    of a curved node with ``m`` tracked inputs.
+    """
+    local = sum(n.meta["val"].numel() * _tracked_inputs(n, tracked) ** 2 for n in curved
+                if not _linear_elementwise(n, tracked))
+    work = 0
+    for node in tracked:
+        val = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(val, torch.Tensor):
+            continue
+        work += val.numel()
+        if node.target in PRODUCTS:
+            operand = node.args[0] if node.target is not aten.addmm.default else node.args[1]
+            inner = operand.meta["val"].shape[-1] if operand.meta["val"].dim() else 1
+            work += val.numel() * inner
+    return seeds * local < work
+
+
+def _tracked_inputs(node: fx.Node, tracked: set[fx.Node]) -> int:
+    """How many floating tensor arguments of ``node`` are tracked."""
+    return sum(1 for a in _tensor_args(node)
+               if a in tracked and a.meta["val"].dtype.is_floating_point)
+
+
+#: Elementwise ops linear in their tracked inputs (``mul``, ``div``: in one of them).
+_LINEAR_ELEMENTWISE = frozenset({
+    aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.where.self, aten.add.Scalar,
+    aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
+})
+
+
+def _linear_elementwise(node: fx.Node, tracked: set[fx.Node]) -> bool:
+    """Whether an elementwise node has no second derivative in its tracked inputs (its
+    local term would be zero: the cost model leaves it out)."""
+    if node.target in _LINEAR_ELEMENTWISE:
+        return True
+    if node.target is aten.mul.Tensor:
+        return _tracked_inputs(node, tracked) == 1
+    if node.target is aten.div.Tensor:
+        return node.args[1] not in tracked
+    return False
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node)]
+
+
+def _trace_adjoints(state: BuildState, curved: list[fx.Node]) -> fx.GraphModule:
+    """``f``'s graph returning ``[y, vbar per curved node, each curved node's tensor
+    arguments and output, aux...]``: the adjoints from one reverse sweep of the value."""
+    gm, forward = state.forward.gm, state.forward
+
+    def adjoints(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        def perturbed(*eps: torch.Tensor):
+            seen: list[torch.Tensor] = []
+            outs = _Perturbed(gm, dict(zip(curved, eps, strict=True)), seen).run(*tensors)
+            return outs[0], (seen, outs[forward.n_out:])
+
+        zeros = [torch.zeros(n.meta["val"].shape, dtype=n.meta["val"].dtype,
+                             device=n.meta["val"].device) for n in curved]
+        y, vjp_fn, (seen, aux) = torch.func.vjp(perturbed, *zeros, has_aux=True)
+        return [y, *vjp_fn(torch.ones_like(y)), *seen, *aux]
+
+    return trace(adjoints, state.flat.tensors, state.request.call, state.request.allow_random)
+
+
+class _Perturbed(fx.Interpreter):
+    """Runs the forward graph adding ``eps[v]`` to each curved node ``v``'s output and
+    recording each curved node's tensor arguments and (unperturbed) output in ``seen``."""
+
+    def __init__(self, gm: fx.GraphModule, eps: dict, seen: list) -> None:
+        super().__init__(gm)
+        self.eps, self.seen = eps, seen
+
+    def run_node(self, node: fx.Node):
+        out = super().run_node(node)
+        if node in self.eps:
+            self.seen += [self.env[a] for a in _tensor_args(node)] + [out]
+            return out + self.eps[node]
+        return out
+
+
+def _generate(state: BuildState, graph: fx.GraphModule, curved: list[fx.Node],
+              seeds: SeedPlan) -> tuple[Emitter, TreeSpec, int]:
+    request, flat = state.request, state.flat
+    example = flat.tensors[flat.diff[0]]
+    em = Emitter(example.device, example.dtype, request.memory_limit, request.call,
+                 compiling=request.compile is not None)
+    size = seeds.size
+    ctx = DeriveContext(em, 1, size)
+    counts = [len(_tensor_args(n)) + 1 for n in curved]
+    n_seen = sum(counts)
+    first_seen = 1 + len(curved)
+    needs = [None] * first_seen + [(0, size)] * n_seen
+    jets = derive(graph, ctx, seeded_inputs(em, flat, seeds, 1), call=request.call,
+                  call_site=op_call_site(request, flat), needs=needs)
+    total: Operand = None
+    at = first_seen
+    for k, node in enumerate(curved):
+        args = jets[at:at + counts[k] - 1]
+        out = jets[at + counts[k] - 1]
+        at += counts[k]
+        term = _local_term(em, ctx, node, args, out, jets[1 + k].primal, flat.rows)
+        if term is not None:
+            total = term if total is None else em.add(total, term)
+    blocks = _blocks(em, state, seeds, total)
+    aux = [j.primal for j in jets[first_seen + n_seen:]]
+    em.output(blocks + aux)
+    specs = structure(state.forward.out_spec, 1, request.argnums, flat.layouts,
+                      request.orders)[1]
+    return em, result_spec(specs, request, state.forward.aux_spec), size
+
+
+def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
+                vbar: fx.Node, rows: int | None) -> Operand:
+    """``sum_ab sum_i vbar[i] phi_ab[i] D u_a[s, i] D u_b[t, i]`` for one curved node:
+    ``(S, S)``, or ``(N, S, S)`` per example."""
+    tracked = [i for i, a in enumerate(args) if not a.is_constant]
+    m = len(tracked)
+    if m == 0:
+        return None
+    local = DeriveContext(em, 2, m)
+    eye = em.eye(m, out.primal)
+    unit_args = []
+    for i, a in enumerate(args):
+        if i not in tracked:
+            unit_args.append(Jet(a.primal, [None, None]))
+            continue
+        rank = em.rank(a.primal)
+        unit = em.call(aten.select.int, eye, 0, tracked.index(i))
+        unit = em.reshape(unit, [m] + [1] * rank)
+        unit_args.append(Jet(a.primal, [em.expand(unit, [m, *em.shape(a.primal)]), None]))
+    env = dict(zip(_tensor_args(node), unit_args, strict=True))
+    rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
+    rule_kwargs = fx.node.map_aggregate(node.kwargs,
+                                        lambda v: env[v] if isinstance(v, fx.Node) else v)
+    derivs = RULES[node.target](local, rule_args, dict(rule_kwargs), out.primal)
+    second = local.symmetrized(derivs[1], 2) if derivs[1] is not None else None
+    if second is None:
+        return None
+    shape = list(em.shape(out.primal))
+    second = em.expand(local.align(second, 2, len(shape)), [m, m, *shape])
+    weighted = em.mul(second, vbar)  # (m, m) + out.shape
+    total: Operand = None
+    for a_index, a in enumerate(tracked):
+        da = _spread(em, ctx, args[a], shape)
+        for b_index, b in enumerate(tracked):
+            w = em.call(aten.select.int, em.call(aten.select.int, weighted, 0, a_index), 0,
+                        b_index)
+            db = _spread(em, ctx, args[b], shape)
+            term = _contract(em, em.mul(da, w), db, rows)
+            total = term if total is None else em.add(total, term)
+    return total
+
+
+def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.Node:
+    """``D^1`` of an argument over every seed, broadcast to the node's output ``shape``."""
+    d = ctx.fit(jet, (0, ctx.full_size)).d(1)
+    return em.expand(ctx.align(d, 1, len(shape)), [ctx.full_size, *shape])
+
+
+def _contract(em: Emitter, a: fx.Node, b: fx.Node, rows: int | None) -> fx.Node:
+    """``sum_i a[s, i] b[t, i]``: ``(S, S)``; per example (``rows``), ``(N, S, S)``."""
+    size = em.shape(a)[0]
+    if rows is None:
+        flat_a = em.reshape(a, [size, -1 if em.rank(a) > 1 else 1])
+        flat_b = em.reshape(b, [size, -1 if em.rank(b) > 1 else 1])
+        return em.call(aten.mm.default, flat_a, em.call(aten.t.default, flat_b))
+    per = math.prod(em.shape(a)[2:])
+    flat_a = em.permute(em.reshape(a, [size, rows, per]), [1, 0, 2])
+    flat_b = em.permute(em.reshape(b, [size, rows, per]), [1, 2, 0])
+    return em.call(aten.bmm.default, flat_a, flat_b)
+
+
+def _blocks(em: Emitter, state: BuildState, seeds: SeedPlan, total: Operand) -> list:
+    """The Hessian's blocks from ``total`` (zeros when no node is curved), as
+    :func:`hod.hessian` lays them out (per example with ``rows``)."""
+    request, flat = state.request, state.flat
+    keys = structure(state.forward.out_spec, 1, request.argnums, flat.layouts,
+                     request.orders)[0]
+    rows = flat.rows
+    lead = [rows] if rows is not None else list(state.out_vals[0].shape)
+    blocks = []
+    for key in keys:
+        first, second = (seeds.segments[leaf] for leaf in key.leaves)
+        shape = lead + list(first.sub_shape) + list(second.sub_shape)
+        dtype = flat.tensors[flat.diff[key.leaves[0]]].dtype
+        if total is None:
+            blocks.append(em.zeros(shape, dtype))
+            continue
+        axis = 1 if rows is not None else 0
+        t = em.call(aten.slice.Tensor, total, axis, first.offset, first.offset + first.size)
+        t = em.call(aten.slice.Tensor, t, axis + 1, second.offset,
+                    second.offset + second.size)
+        t = em.reshape(t, shape)
+        if em.dtype_of(t) != dtype:
+            t = em.call(aten._to_copy.default, t, dtype=dtype)
+        blocks.append(t)
+    return blocks

@@ -1,0 +1,99 @@
+"""Hessians of scalars summed from their curved nodes' local terms (``hod._adjoint``):
+each case checks that the adjoint mode ran (``.lower().mode``) and equals torch.func in
+float64; cases outside its reach take reverse-last mode and are right too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_same_tree, cast, reference
+from torch.func import hessian, vmap
+
+import hod
+
+D = torch.float64
+
+
+def _weights(*sizes):
+    torch.manual_seed(sum(sizes))
+    return [torch.randn(a, b, dtype=D) / a**0.5 for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+
+W1, W2, W3 = _weights(3, 96, 96, 1)
+
+
+def _layer(x, W):
+    return x @ W.to(x.dtype)
+
+
+def tanh_net(x):
+    return _layer(torch.tanh(_layer(torch.tanh(_layer(x, W1)), W2)), W3).sum()
+
+
+def products(x):
+    """Elementwise products of two tracked tensors, a quotient, a power and a select,
+    between wide products."""
+    h = torch.sigmoid(_layer(torch.tanh(_layer(x, W1)), W2))
+    g = torch.sin(_layer(x, W1))
+    return (h * g / (1.5 + g * g)).pow(3).sum() + torch.where(h > 0.5, h, g).sum()
+
+
+def scaled(x, s):
+    """Two differentiated arguments, multiplied together."""
+    return torch.nn.functional.softplus(_layer(torch.tanh(_layer(x, W1) * s), W2)).sum()
+
+
+CASES = {
+    "tanh_net": (tanh_net, 0, lambda: (torch.randn(3, dtype=D),)),
+    "products": (products, 0, lambda: (torch.randn(3, dtype=D),)),
+    "scaled": (scaled, (0, 1), lambda: (torch.randn(3, dtype=D), torch.rand(1, dtype=D))),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_hessian_by_local_terms(case, dtype):
+    f, argnums, make = CASES[case]
+    args = make()
+    fn = hod.hessian(f, argnums)
+    typed = cast(args, dtype)
+    assert fn.lower(*typed).mode == "adjoint"
+    assert_same_tree(fn(*typed), cast(reference(f, 2, argnums)(*args), dtype),
+                     *TOLERANCES[dtype])
+
+
+def test_per_example_hessians_under_vmap():
+    X = torch.randn(5, 3, dtype=D)
+    fn = hod.hessian(tanh_net)
+    box = []
+    actual = vmap(lambda x: (box.append(fn.lower(x)), fn(x))[1])(X)
+    assert box[0].mode == "adjoint" and box[0].examples == 5
+    assert_same_tree(actual, vmap(hessian(tanh_net))(X))
+
+
+def test_has_aux_and_pytree_argument():
+    def f(p):
+        y = (torch.tanh(_layer(torch.tanh(p["x"] @ W1), W2)) * p["s"]).sum()
+        return y, {"y": y}
+
+    p = {"x": torch.randn(3, dtype=D), "s": torch.randn(1, dtype=D)}
+    fn = hod.hessian(f, has_aux=True)
+    assert fn.lower(p).mode == "adjoint"
+    assert_same_tree(fn(p), reference(f, 2, has_aux=True)(p))
+
+
+@pytest.mark.parametrize("name", ["softmax", "product_of_tracked_matrices", "wide_input"])
+def test_outside_its_reach_reverse_last_runs(name):
+    """A node neither elementwise nor linear in its tracked inputs (softmax, a product of
+    two tracked matrices), or seeds too many for the work they save (400 seeds through
+    an elementwise layer: local terms of 400^2 per entry), take reverse-last mode."""
+    f, x = {
+        "softmax": (lambda x: torch.softmax(x @ W1, 0).pow(2).sum(), torch.randn(3, dtype=D)),
+        "product_of_tracked_matrices": (
+            lambda x: torch.tanh(x.reshape(2, 2) @ x.reshape(2, 2).T).sum(),
+            torch.randn(4, dtype=D)),
+        "wide_input": (lambda x: torch.tanh(x).sum(), torch.randn(400, dtype=D)),
+    }[name]
+    fn = hod.hessian(f)
+    assert fn.lower(x).mode == "reverse-last"
+    assert_same_tree(fn(x), hessian(f)(x))
