@@ -69,7 +69,7 @@ def adjoint_hessian(
     apply or costs more than reverse-last mode (see the module docstring)."""
     request, flat, forward = state.request, state.flat, state.forward
     gm = forward.gm
-    if request.order != 2 or request.with_values or forward.n_out != 1:
+    if request.order != 2 or forward.n_out != 1:
         return None
     per_example = flat.rows or 1
     if state.out_vals[0].numel() != per_example:
@@ -172,18 +172,23 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 def _trace_adjoints(state: BuildState, curved: list[fx.Node]) -> fx.GraphModule:
-    """``f``'s graph returning ``[y, vbar per curved node, each curved node's tensor
-    arguments and output, aux...]``: the adjoints from one reverse sweep of the value."""
+    """``f``'s graph returning ``[y, gradients (with values), vbar per curved node, each
+    curved node's tensor arguments and output, aux...]``: the adjoints (and the gradient
+    w.r.t. the differentiated leaves) from one reverse sweep of the value."""
     gm, forward = state.forward.gm, state.forward
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    leaves = [placeholders[i] for i in state.flat.diff] if state.request.with_values else []
+    points = leaves + curved
 
     def adjoints(*tensors: torch.Tensor) -> list[torch.Tensor]:
         def perturbed(*eps: torch.Tensor):
             seen: list[torch.Tensor] = []
-            outs = _Perturbed(gm, dict(zip(curved, eps, strict=True)), seen).run(*tensors)
+            run = _Perturbed(gm, dict(zip(points, eps, strict=True)), set(curved), seen)
+            outs = run.run(*tensors)
             return outs[0], (seen, outs[forward.n_out:])
 
         zeros = [torch.zeros(n.meta["val"].shape, dtype=n.meta["val"].dtype,
-                             device=n.meta["val"].device) for n in curved]
+                             device=n.meta["val"].device) for n in points]
         y, vjp_fn, (seen, aux) = torch.func.vjp(perturbed, *zeros, has_aux=True)
         return [y, *vjp_fn(torch.ones_like(y)), *seen, *aux]
 
@@ -191,17 +196,18 @@ def _trace_adjoints(state: BuildState, curved: list[fx.Node]) -> fx.GraphModule:
 
 
 class _Perturbed(fx.Interpreter):
-    """Runs the forward graph adding ``eps[v]`` to each curved node ``v``'s output and
-    recording each curved node's tensor arguments and (unperturbed) output in ``seen``."""
+    """Runs the forward graph adding ``eps[v]`` to each node ``v`` of ``eps``, recording
+    each curved node's tensor arguments and (unperturbed) output in ``seen``."""
 
-    def __init__(self, gm: fx.GraphModule, eps: dict, seen: list) -> None:
+    def __init__(self, gm: fx.GraphModule, eps: dict, curved: set, seen: list) -> None:
         super().__init__(gm)
-        self.eps, self.seen = eps, seen
+        self.eps, self.curved, self.seen = eps, curved, seen
 
     def run_node(self, node: fx.Node):
         out = super().run_node(node)
-        if node in self.eps:
+        if node in self.curved:
             self.seen += [self.env[a] for a in _tensor_args(node)] + [out]
+        if node in self.eps:
             return out + self.eps[node]
         return out
 
@@ -216,7 +222,8 @@ def _generate(state: BuildState, graph: fx.GraphModule, curved: list[fx.Node],
     ctx = DeriveContext(em, 1, size)
     counts = [len(_tensor_args(n)) + 1 for n in curved]
     n_seen = sum(counts)
-    first_seen = 1 + len(curved)
+    n_grads = len(flat.diff) if request.with_values else 0
+    first_seen = 1 + n_grads + len(curved)
     needs = [None] * first_seen + [(0, size)] * n_seen
     jets = derive(graph, ctx, seeded_inputs(em, flat, seeds, 1), call=request.call,
                   call_site=op_call_site(request, flat), needs=needs)
@@ -226,10 +233,11 @@ def _generate(state: BuildState, graph: fx.GraphModule, curved: list[fx.Node],
         args = jets[at:at + counts[k] - 1]
         out = jets[at + counts[k] - 1]
         at += counts[k]
-        term = _local_term(em, ctx, node, args, out, jets[1 + k].primal, flat.rows)
+        term = _local_term(em, ctx, node, args, out, jets[1 + n_grads + k].primal, flat.rows)
         if term is not None:
             total = term if total is None else em.add(total, term)
-    blocks = _blocks(em, state, seeds, total)
+    gradients = [j.primal for j in jets[1:1 + n_grads]]
+    blocks = _blocks(em, state, seeds, jets[0].primal, gradients, total)
     aux = [j.primal for j in jets[first_seen + n_seen:]]
     em.output(blocks + aux)
     specs = structure(state.forward.out_spec, 1, request.argnums, flat.layouts,
@@ -298,9 +306,11 @@ def _contract(em: Emitter, a: fx.Node, b: fx.Node, rows: int | None) -> fx.Node:
     return em.call(aten.bmm.default, flat_a, flat_b)
 
 
-def _blocks(em: Emitter, state: BuildState, seeds: SeedPlan, total: Operand) -> list:
-    """The Hessian's blocks from ``total`` (zeros when no node is curved), as
-    :func:`hod.hessian` lays them out (per example with ``rows``)."""
+def _blocks(em: Emitter, state: BuildState, seeds: SeedPlan, value: fx.Node,
+            gradients: list[fx.Node], total: Operand) -> list:
+    """The result's blocks, as :func:`hod.derivatives` (or :func:`hod.hessian`) lays them
+    out, per example with ``rows``: the value, the ``gradients`` (one per leaf), and the
+    Hessian's blocks from ``total`` (zeros when no node is curved)."""
     request, flat = state.request, state.flat
     keys = structure(state.forward.out_spec, 1, request.argnums, flat.layouts,
                      request.orders)[0]
@@ -308,6 +318,10 @@ def _blocks(em: Emitter, state: BuildState, seeds: SeedPlan, total: Operand) -> 
     lead = [rows] if rows is not None else list(state.out_vals[0].shape)
     blocks = []
     for key in keys:
+        if len(key.leaves) < 2:
+            blocks.append(value if not key.leaves else em.reshape(
+                gradients[key.leaves[0]], lead + list(seeds.segments[key.leaves[0]].sub_shape)))
+            continue
         first, second = (seeds.segments[leaf] for leaf in key.leaves)
         shape = lead + list(first.sub_shape) + list(second.sub_shape)
         dtype = flat.tensors[flat.diff[key.leaves[0]]].dtype

@@ -97,3 +97,25 @@ def test_outside_its_reach_reverse_last_runs(name):
     fn = hod.hessian(f)
     assert fn.lower(x).mode == "reverse-last"
     assert_same_tree(fn(x), hessian(f)(x))
+
+
+@pytest.mark.parametrize("case", ["tanh_net", "scaled"])
+def test_value_gradient_and_hessian_from_one_sweep(case):
+    """``hod.derivatives(f, 2)``: the gradient is the adjoint of the differentiated
+    leaves, from the same reverse sweep as the curved nodes' adjoints."""
+    f, argnums, make = CASES[case]
+    args = make()
+    fn = hod.derivatives(f, 2, argnums)
+    assert fn.lower(*args).mode == "adjoint"
+    expected = (f(*args), reference(f, 1, argnums)(*args), reference(f, 2, argnums)(*args))
+    assert_same_tree(fn(*args), expected)
+
+
+def test_value_gradient_and_hessian_per_example():
+    X = torch.randn(4, 3, dtype=D)
+    fn = hod.derivatives(tanh_net, 2)
+    box = []
+    actual = vmap(lambda x: (box.append(fn.lower(x)), fn(x))[1])(X)
+    assert box[0].mode == "adjoint"
+    expected = (vmap(tanh_net)(X), vmap(reference(tanh_net, 1))(X), vmap(hessian(tanh_net))(X))
+    assert_same_tree(actual, expected)
