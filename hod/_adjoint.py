@@ -57,7 +57,8 @@ LINEAR = PRODUCTS | frozenset({
     aten.constant_pad_nd.default, aten.flip.default, aten.roll.default,
     aten.diag_embed.default, aten.diagonal.default, aten.gather.default,
     aten.avg_pool2d.default, aten.avg_pool1d.default, aten.full_like.default,
-    aten.zeros_like.default, aten.ones_like.default,
+    aten.zeros_like.default, aten.ones_like.default, aten.split_with_sizes.default,
+    aten.split.Tensor, aten.unbind.int, aten.detach.default,
 })
 
 
@@ -100,18 +101,16 @@ def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | 
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in tracked:
             continue
-        op = node.target
+        op, val = node.target, node.meta.get("val")
         inputs = [a for a in node.all_input_nodes if a in tracked]
         if op in PRODUCTS and len(inputs) > 1:
             return None
         if op in LINEAR or getattr(op, "__name__", "") == "getitem":
             continue
-        if isinstance(op, torch._ops.OpOverload) and torch.Tag.pointwise in op.tags:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
-                continue  # a comparison: no derivative flows through it
-            if op not in RULES or not isinstance(val, torch.Tensor):
-                return None
+        if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
+            continue  # a comparison or an index: no derivative flows through it
+        if (isinstance(op, torch._ops.OpOverload) and torch.Tag.pointwise in op.tags
+                and op in RULES and isinstance(val, torch.Tensor)):
             curved.append(node)
             continue
         return None
