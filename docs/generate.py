@@ -14,9 +14,10 @@ Generated parts sit between markers in Markdown files:
   and summary table) and in ``docs/benchmarks.md`` (headline, summary and one table per
   sweep): made by ``bench.tables`` from the run ``PATH`` names (relative to the repository
   root);
-* ``<!-- taylor:start run=PATH -->`` and ``<!-- per-sample:start run=PATH -->`` sections
-  in ``docs/benchmarks.md``: the latest run in ``bench/runs/taylor/``, respectively
-  ``bench/runs/per-sample/``, each sweep's table (the per-sample one after the run's headline);
+* ``<!-- taylor:start run=PATH -->``, ``<!-- per-sample:start run=PATH -->`` and
+  ``<!-- zoo:start run=PATH -->`` sections in ``docs/benchmarks.md``: the latest run in
+  ``bench/runs/taylor/``, ``bench/runs/per-sample/``, respectively ``bench/runs/zoo/``, each
+  sweep's table (the per-sample and zoo ones after the run's headline);
 * ``docs/assets/benchmark.png``: ``bench.tables.plot_summary`` of the same run, with the
   run's path in a PNG text chunk (``hod-run``) so that a check can tell which run drew it.
 
@@ -43,6 +44,7 @@ PNG = ROOT / "docs" / "assets" / "benchmark.png"
 RUNS = ROOT / "bench" / "runs"
 TAYLOR_RUNS = RUNS / "taylor"  # apart, so that a taylor-only run is never "the latest run"
 PER_SAMPLE_RUNS = RUNS / "per-sample"  # apart for the same reason
+ZOO_RUNS = RUNS / "zoo"  # and again
 PNG_KEY = "hod-run"
 PLOT_ALT = "median time per call of hod and of each peer's best setting, per sweep (log scale)"
 
@@ -192,6 +194,17 @@ def per_sample_bench(run_path: Path) -> str:
     return "\n\n".join([tables.headline(run), tables.sweep_tables(run)])
 
 
+#: The zoo part: the run's headline and the zoo sweep's table, as the per-sample part.
+zoo_bench = per_sample_bench
+
+#: The benchmarks page's sections made from the latest run of their own folder: marker ->
+#: (folder, what the section holds).
+OWN_RUN_SECTIONS: dict[str, tuple[Path, Callable[[Path], str]]] = {
+    "taylor": (TAYLOR_RUNS, taylor_bench),
+    "per-sample": (PER_SAMPLE_RUNS, per_sample_bench),
+    "zoo": (ZOO_RUNS, zoo_bench),
+}
+
 BENCH_PAGES: dict[Path, Callable[[Path], str]] = {
     README: readme_bench, BENCHMARKS: benchmarks_bench,
 }
@@ -263,8 +276,8 @@ def stale_parts() -> list[str]:
     return [
         *operator_problems(), *test_file_problems(), *bench_problems(README),
         *bench_problems(BENCHMARKS), *png_problems(),
-        *bench_problems(BENCHMARKS, "taylor", TAYLOR_RUNS, taylor_bench),
-        *bench_problems(BENCHMARKS, "per-sample", PER_SAMPLE_RUNS, per_sample_bench),
+        *(problem for marker, (folder, generate) in OWN_RUN_SECTIONS.items()
+          for problem in bench_problems(BENCHMARKS, marker, folder, generate)),
     ]
 
 
@@ -277,15 +290,11 @@ def write(run_path: Path) -> None:
     label = run_label(run_path)
     for page, generate in BENCH_PAGES.items():
         page.write_text(with_section(page.read_text(), "bench", generate(run_path), run=label))
-    taylor = latest_committed_run(TAYLOR_RUNS)
-    if taylor is not None:
-        BENCHMARKS.write_text(with_section(BENCHMARKS.read_text(), "taylor",
-                                           taylor_bench(taylor), run=run_label(taylor)))
-    per_sample = latest_committed_run(PER_SAMPLE_RUNS)
-    if per_sample is not None:
-        BENCHMARKS.write_text(with_section(BENCHMARKS.read_text(), "per-sample",
-                                           per_sample_bench(per_sample),
-                                           run=run_label(per_sample)))
+    for marker, (folder, generate) in OWN_RUN_SECTIONS.items():
+        latest = latest_committed_run(folder)
+        if latest is not None:
+            BENCHMARKS.write_text(with_section(BENCHMARKS.read_text(), marker,
+                                               generate(latest), run=run_label(latest)))
     PNG.parent.mkdir(parents=True, exist_ok=True)
     tables.plot_summary(tables.load_run(run_path), PNG)
     PNG.write_bytes(with_png_text(PNG.read_bytes(), PNG_KEY, label))

@@ -45,9 +45,15 @@ class _OnePercentOff(ZooTorchFuncEngine):
 
 @pytest.fixture(scope="module")
 def sweep() -> dict[str, Any]:
-    engines = [*make_zoo_engines(thoad_timeout_s=120.0), _OnePercentOff()]
-    result, versions = run_zoo_sweep(FEW_CALLS, quick=True, engines=engines,
-                                     log=lambda _: None)
+    # One thread, as `python -m bench.run` runs by default (and the thoad worker with it).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engines = [*make_zoo_engines(thoad_timeout_s=120.0), _OnePercentOff()]
+        result, versions = run_zoo_sweep(FEW_CALLS, quick=True, engines=engines,
+                                         log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
     assert versions["hod"].startswith("hod ")
     return result
 
