@@ -29,6 +29,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import TreeSpec, tree_flatten
 
+from ._analysis import node_states
 from ._assemble import result_spec, structure
 from ._derive import derive, seeded_inputs
 from ._emitter import Emitter, Operand
@@ -77,12 +78,31 @@ def adjoint_hessian(
         return None
     tracked = _tracked(gm, flat.diff)
     curved = _curved_nodes(gm, tracked)
-    seeds = (row_seeds(shapes, []) if flat.rows is not None
-             else SeedPlan(tuple(plain_segments(shapes)), ()))
-    if curved is None or not _pays(gm, tracked, curved, seeds.size):
+    if curved is None:
+        return None
+    if flat.rows is not None:
+        seeds = row_seeds(shapes, [])
+    else:
+        seeds = _batch_seeds(gm, flat.diff, shapes, curved) or SeedPlan(
+            tuple(plain_segments(shapes)), ())
+    if not _pays(gm, tracked, curved, seeds.size):
         return None
     adjoint_graph = _trace_adjoints(state, curved)
     return _generate(state, adjoint_graph, curved, seeds)
+
+
+def _batch_seeds(gm: fx.GraphModule, diff: Sequence[int], shapes: Sequence[tuple[int, ...]],
+                 curved: list[fx.Node]) -> SeedPlan | None:
+    """Seeds of one row when every differentiated leaf is a batch along dim 0 and every
+    curved node keeps its rows apart along dim 0 (its local terms are then per row), or
+    None."""
+    sizes = {shape[0] if shape else 0 for shape in shapes}
+    if len(sizes) != 1 or sizes.pop() < 2:
+        return None
+    states = node_states(gm, {pos: 0 for pos in diff})
+    if any(states.get(node) != 0 for node in curved):
+        return None
+    return row_seeds(shapes, [])
 
 
 def _tracked(gm: fx.GraphModule, diff: Sequence[int]) -> set[fx.Node]:
@@ -232,7 +252,8 @@ def _generate(state: BuildState, graph: fx.GraphModule, curved: list[fx.Node],
         args = jets[at:at + counts[k] - 1]
         out = jets[at + counts[k] - 1]
         at += counts[k]
-        term = _local_term(em, ctx, node, args, out, jets[1 + n_grads + k].primal, flat.rows)
+        rows = em.shape(out.primal)[0] if seeds.rows else None
+        term = _local_term(em, ctx, node, args, out, jets[1 + n_grads + k].primal, rows)
         if term is not None:
             total = term if total is None else em.add(total, term)
     gradients = [j.primal for j in jets[1:1 + n_grads]]
@@ -317,20 +338,29 @@ def _blocks(em: Emitter, state: BuildState, seeds: SeedPlan, value: fx.Node,
     lead = [rows] if rows is not None else list(state.out_vals[0].shape)
     blocks = []
     for key in keys:
-        if len(key.leaves) < 2:
-            blocks.append(value if not key.leaves else em.reshape(
-                gradients[key.leaves[0]], lead + list(seeds.segments[key.leaves[0]].sub_shape)))
+        if not key.leaves:
+            blocks.append(value)
+            continue
+        if len(key.leaves) == 1:  # a gradient: the leaf's shape, per example with rows
+            gradient = gradients[key.leaves[0]]
+            blocks.append(gradient if rows is None else em.reshape(
+                gradient, lead + list(seeds.segments[key.leaves[0]].sub_shape)))
             continue
         first, second = (seeds.segments[leaf] for leaf in key.leaves)
-        shape = lead + list(first.sub_shape) + list(second.sub_shape)
         dtype = flat.tensors[flat.diff[key.leaves[0]]].dtype
+        per_row = seeds.rows and rows is None  # a batch: blocks on its diagonal
+        shape = lead + (list(first.shape) + list(second.shape) if per_row
+                        else list(first.sub_shape) + list(second.sub_shape))
         if total is None:
             blocks.append(em.zeros(shape, dtype))
             continue
-        axis = 1 if rows is not None else 0
+        axis = 1 if seeds.rows else 0
         t = em.call(aten.slice.Tensor, total, axis, first.offset, first.offset + first.size)
         t = em.call(aten.slice.Tensor, t, axis + 1, second.offset,
                     second.offset + second.size)
+        if per_row:  # (B, n1, n2) -> (B, n1, B, n2), zero off the batch diagonal
+            t = em.call(aten.diag_embed.default, em.permute(t, [1, 2, 0]), 0, -2, -1)
+            t = em.permute(t, [2, 0, 3, 1])
         t = em.reshape(t, shape)
         if em.dtype_of(t) != dtype:
             t = em.call(aten._to_copy.default, t, dtype=dtype)

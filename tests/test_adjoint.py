@@ -86,13 +86,14 @@ def test_has_aux_and_pytree_argument():
 def test_outside_its_reach_reverse_last_runs(name):
     """A node neither elementwise nor linear in its tracked inputs (softmax, a product of
     two tracked matrices), or seeds too many for the work they save (400 seeds through
-    an elementwise layer: local terms of 400^2 per entry), take reverse-last mode."""
+    elementwise layers that mix the entries: local terms of 400^2 per entry), take
+    reverse-last mode."""
     f, x = {
         "softmax": (lambda x: torch.softmax(x @ W1, 0).pow(2).sum(), torch.randn(3, dtype=D)),
         "product_of_tracked_matrices": (
             lambda x: torch.tanh(x.reshape(2, 2) @ x.reshape(2, 2).T).sum(),
             torch.randn(4, dtype=D)),
-        "wide_input": (lambda x: torch.tanh(x).sum(), torch.randn(400, dtype=D)),
+        "wide_input": (lambda x: torch.tanh(x.sum() * x).sum(), torch.randn(400, dtype=D)),
     }[name]
     fn = hod.hessian(f)
     assert fn.lower(x).mode == "reverse-last"
@@ -119,3 +120,21 @@ def test_value_gradient_and_hessian_per_example():
     assert box[0].mode == "adjoint"
     expected = (vmap(tanh_net)(X), vmap(reference(tanh_net, 1))(X), vmap(hessian(tanh_net))(X))
     assert_same_tree(actual, expected)
+
+
+def rows_net(X):
+    """Independent rows, summed: the Hessian is block diagonal over the batch."""
+    return _layer(torch.tanh(_layer(torch.tanh(_layer(X, W1)), W2)), W3).sum()
+
+
+@pytest.mark.parametrize("transform", ["hessian", "derivatives"])
+def test_a_batch_of_independent_rows_is_seeded_per_row(transform):
+    """Seeds of one row (3, not 12): the local terms are summed per row and placed on the
+    batch diagonal."""
+    X = torch.randn(4, 3, dtype=D)
+    fn = hod.hessian(rows_net) if transform == "hessian" else hod.derivatives(rows_net, 2)
+    lowered = fn.lower(X)
+    assert lowered.mode == "adjoint" and lowered.seed_size == 3
+    H = hessian(rows_net)(X)
+    expected = H if transform == "hessian" else (rows_net(X), reference(rows_net, 1)(X), H)
+    assert_same_tree(fn(X), expected)

@@ -1,4 +1,5 @@
-"""hod decompositions: Cholesky solves, Householder products and small determinants.
+"""hod decompositions: matrix-vector products, Cholesky solves, Householder products and
+small determinants.
 
 Each is written with ops that have rules (products, ``linalg.solve``, ``linalg.inv``,
 ``where`` with a constant mask), so its derivatives of every order follow from theirs.
@@ -28,6 +29,14 @@ def _gram(factor: torch.Tensor, upper: bool) -> torch.Tensor:
         return factor.mT @ factor
     factor = factor.tril()
     return factor @ factor.mT
+
+
+@register_decomposition(aten.mv.default)
+def _mv(matrix: torch.Tensor, vector: torch.Tensor):
+    """``A x`` as the row ``x^T A^T``: its derivatives are then one product of the seeds'
+    rows by ``A^T``. torch's own decomposition, a broadcast product summed, made them
+    ``S x m x n`` numbers to sum (5 ms against 0.2 for a 500 x 100 matrix and 100 seeds)."""
+    return (vector.unsqueeze(0) @ matrix.mT).squeeze(0)
 
 
 @register_decomposition(aten.cholesky_solve.default)
