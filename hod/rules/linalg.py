@@ -270,6 +270,16 @@ class _Convolution:
             groups = self.groups * (copies if dim == 1 else 1)
             return self.em.call(aten.convolution.default, a, b, None, *self.params, groups)
 
+        em, rank = self.em, self.rank
+        lead = _lead(em, w, rank)
+        if math.prod(_lead(em, x, rank)) == 1 and math.prod(lead) > 1 and self.groups == 1:
+            # One input against copies of the weight: the copies are output channels of
+            # one convolution (as groups, the input would be copied once per seed). A
+            # transposed convolution's weight has its output channels second.
+            out_channels = 1 if self.params[3] else 0
+            x = em.reshape(x, list(em.shape(x))[em.rank(x) - rank:])
+            stacked = _fold(em, w, rank, lead, out_channels)
+            return _unfold(em, op(x, stacked, 1, 0), lead, 1)
         return self._batch_like(x, w, op)
 
     def grad_input(self, g: fx.Node, w: fx.Node) -> fx.Node:
@@ -279,10 +289,37 @@ class _Convolution:
             x = _shape_only(self.em, shape, a)
             return self._backward(a, x, b, copies if dim == 1 else 1, which=0)
 
+        em, rank = self.em, self.rank
+        lead = _lead(em, w, rank)
+        if self._stackable(g, lead):  # copies of the weight: input channels of one backward
+            g = em.reshape(g, list(em.shape(g))[em.rank(g) - rank:])
+            stacked = _fold(em, w, rank, lead, 0 if self.params[3] else 1)
+            shape = list(em.shape(self.x))
+            shape[1] *= math.prod(lead)
+            grad = self._backward(g, _shape_only(em, shape, g), stacked, 1, which=0)
+            return _unfold(em, grad, lead, 1)
         return self._batch_like(g, w, op)
+
+    def _stackable(self, plain: fx.Node, lead: list[int]) -> bool:
+        """Whether ``plain`` has no seed axes while the other operand has ``lead`` ones, in
+        an ungrouped convolution: the other operand's copies then stack along channels."""
+        return (math.prod(_lead(self.em, plain, self.rank)) == 1 and math.prod(lead) > 1
+                and self.groups == 1)
 
     def grad_weight(self, g: fx.Node, x: fx.Node) -> fx.Node:
         em, rank = self.em, self.rank
+        transposed = bool(self.params[3])
+        for seeded, plain, dim in ((g, x, 0 if not transposed else 1),
+                                   (x, g, 1 if not transposed else 0)):
+            lead = _lead(em, seeded, rank)
+            if self._stackable(plain, lead):  # copies of one operand stack along channels
+                plain = em.reshape(plain, list(em.shape(plain))[em.rank(plain) - rank:])
+                stacked = _fold(em, seeded, rank, lead, 1)
+                shape = list(em.shape(self.w))
+                shape[dim] *= math.prod(lead)
+                pair = (stacked, plain) if seeded is g else (plain, stacked)
+                grad = self._backward(*pair, _shape_only(em, shape, stacked), 1, which=1)
+                return _unfold(em, grad, lead, dim)
         lead = list(torch.broadcast_shapes(_lead(em, g, rank), _lead(em, x, rank)))
         copies = math.prod(lead)
         shape = list(em.shape(self.w))
