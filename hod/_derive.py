@@ -7,6 +7,7 @@ seed space. Nodes that depend on no seeded input cost nothing beyond their value
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 
@@ -15,11 +16,13 @@ from torch import fx
 
 from ._analysis import covered_span, needed_spans
 from ._collapse import Collapse
-from ._emitter import Emitter, Operand
+from ._emitter import Emitter, Operand, delta_strides
 from ._jet import DeriveContext
 from ._records import FlatCall, Jet, SeedPlan, Segment, Span
 from .errors import UnsupportedOperatorError
 from .rules import RULES
+
+aten = torch.ops.aten
 
 #: ``site(op)`` returns where the user's function called ``op`` (for error messages).
 CallSite = Callable[[object], "str | None"]
@@ -58,7 +61,7 @@ def derive(
         elif node.op == "call_function" and node.target is operator.getitem:
             env[node] = env[node.args[0]][node.args[1]]  # one output of a multi-output op
         elif node.op == "call_function":
-            env[node] = _derive_node(
+            env[node] = _narrowed_seed(ctx, node, env, needed.get(node)) or _derive_node(
                 ctx, node, env, call, call_site, needed.get(node), collapse
             )
         elif node.op == "output":
@@ -155,6 +158,40 @@ def _derive_node(
             lambda d, o: _conform(em, top_ctx, d, top_ctx.order, o, node),
         )
     return jets_out if multi else jets_out[0]
+
+
+def _narrowed_seed(
+    ctx: DeriveContext, node: fx.Node, env: dict, needed: Span | None
+) -> Jet | None:
+    """Rows ``[start, end)`` of a leaf seeded by the identity (``aten.slice`` along dim 0):
+    the identity over their seeds alone, with that narrower span.
+
+    A flat parameter vector split into a model's weights gives each weight a slice of the
+    vector's identity seeds; narrowed, each weight's seeds are its own, and products with
+    them are placements (see :func:`~hod._emitter.delta_strides`) over its span only.
+    """
+    if node.target is not aten.slice.Tensor or needed is None or type(ctx) is not DeriveContext:
+        return None  # Taylor mode's directions are not seeds
+    x = env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    if (not isinstance(x, Jet) or dim != 0 or step != 1 or not x.derivs or x.derivs[0] is None
+            or any(d is not None for d in x.derivs[1:]) or x.narrow is not None):
+        return None
+    strides = delta_strides(x.derivs[0])
+    em = ctx.em
+    shape = list(em.shape(x.primal))
+    if strides is None or not shape or strides != tuple(
+            torch.empty(shape, device="meta").stride()):
+        return None
+    start, end, _ = slice(start, end).indices(shape[0])
+    if end <= start:
+        return None
+    inner = math.prod(shape[1:])
+    lo = ctx.span_of(x)[0]
+    primal = em.call(aten.slice.Tensor, x.primal, *node.args[1:])
+    seeds = (end - start) * inner
+    derivs = [em.seed_identity(seeds, em.shape(primal), primal)] + [None] * (ctx.order - 1)
+    return Jet(primal, derivs, (lo + start * inner, lo + end * inner))
 
 
 def _constant(jets: list[Jet]) -> bool:

@@ -30,7 +30,7 @@ from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves
 
 from ._records import FlatCall, Request, Traced
@@ -78,8 +78,7 @@ def _make_fx(
         # Without oneDNN, CPU modules trace to the ops their float64 path takes, which have
         # rules (float32 LSTMs would reach aten.mkldnn_rnn_layer); the generated code's
         # convolutions and products still pick their kernels when they run.
-        with _RejectTransformedCaptures(call, enclosing_level), \
-                _RejectCapturedWrites(call, fakes), _without_onednn():
+        with _RejectTransformedCaptures(call, enclosing_level), _without_onednn():
             return make_fx(
                 torch.func.functionalize(fn),
                 decomposition_table=DECOMPOSITIONS,
@@ -172,51 +171,6 @@ class _RejectTransformedCaptures(TorchFunctionMode):
 _DATA_GETTER = torch.Tensor.data.__get__
 
 
-class _RejectCapturedWrites(TorchFunctionMode):
-    """Refuses a function that writes into a tensor it captured, after undoing the write.
-
-    The traced inputs are fake, so a real tensor an op receives is one ``f`` captured; an
-    in-place update of it (BatchNorm's running statistics in training mode) would run for
-    real while tracing, and once it is tracked by hod's own transforms it would leave the
-    captured tensor requiring grad. Each captured tensor is copied when tracing first
-    meets it; if it changed, it is written back and the trace refused.
-    """
-
-    def __init__(self, call: str, inputs: Sequence[torch.Tensor]) -> None:
-        super().__init__()
-        self.call = call
-        self.inputs = {id(t) for t in inputs}  # the traced inputs' stand-ins
-        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        for leaf in tree_leaves((args, kwargs or {})):
-            if (type(leaf) in (torch.Tensor, torch.nn.Parameter)
-                    and id(leaf) not in self.seen and id(leaf) not in self.inputs
-                    and leaf.device.type != "meta" and not torch._is_functional_tensor(leaf)
-                    and not torch._C._functorch.is_functorch_wrapped_tensor(leaf)):
-                with _untraced():  # a real copy, not a fake or traced one
-                    self.seen[id(leaf)] = (leaf, leaf.detach().clone())
-        return func(*args, **(kwargs or {}))
-
-    def __exit__(self, exc_type, *rest) -> None:
-        super().__exit__(exc_type, *rest)
-        written = []
-        with _untraced():
-            for t, copy in self.seen.values():
-                if not torch.equal(t, copy):
-                    t.copy_(copy)
-                    written.append(tuple(t.shape))
-        if written and exc_type is None:
-            raise TracingError(
-                f"{self.call}: the function writes into tensors it captured (shapes "
-                f"{written}), such as BatchNorm's running statistics in training mode.\n"
-                f"  Expected: a function whose only effect is its result (hod leaves captured "
-                f"tensors as they were).\n"
-                f"  Fix: call model.eval(), build the norm with track_running_stats=False, or "
-                f"update the statistics with a separate call of the model."
-            )
-
-
 @contextlib.contextmanager
 def _without_onednn() -> Iterator[None]:
     """oneDNN kernels off (``torch.backends.mkldnn.flags`` would also warn about TF32)."""
@@ -226,14 +180,6 @@ def _without_onednn() -> Iterator[None]:
         yield
     finally:
         torch._C._set_mkldnn_enabled(enabled)
-
-
-@contextlib.contextmanager
-def _untraced() -> Iterator[None]:
-    """Plain tensor arithmetic while tracing: no autograd, no torch function or dispatch
-    mode (the tracer's, fake tensors', hod's own)."""
-    with torch.no_grad(), torch._C.DisableTorchFunction(), _disable_current_modes():
-        yield
 
 
 def _from_enclosing_transform(t: torch.Tensor, enclosing_level: int | None) -> bool:

@@ -125,19 +125,3 @@ def test_hessian_wrt_the_parameters(name, dtype):
     actual = hod.hessian(_loss(name, module)[1])(params, x.to(dtype))
     expected = _reference(reference(_loss(name, double)[1], 2), params64, x)
     assert_same_tree(actual, cast(expected, dtype), *_tolerances(dtype, expected))
-
-
-def test_batchnorm_in_training_mode_is_refused_and_left_as_it_was():
-    """Training mode updates the running statistics in place: hod refuses the function
-    (torch.func refuses it too) and the statistics are as they were before the call."""
-    norm = nn.BatchNorm1d(3)
-    before = {k: v.clone() for k, v in norm.state_dict().items()}
-    with pytest.raises(hod.TracingError, match="writes into tensors it captured"):
-        hod.hessian(lambda x: norm(x).pow(3).sum())(torch.randn(4, 3))
-    for k, v in norm.state_dict().items():
-        assert torch.equal(v, before[k]) and not v.requires_grad, k
-    norm.eval()
-    x = torch.randn(4, 3, dtype=torch.float64)
-    norm.double()
-    assert_same_tree(hod.hessian(lambda x: norm(x).pow(3).sum())(x),
-                     reference(lambda x: norm(x).pow(3).sum(), 2)(x))

@@ -54,10 +54,26 @@ def _matmul(ctx: DeriveContext):
         if narrow is not None:
             return narrow
         if _needs_einsum(em, a, b):
-            return em.call(aten.einsum.default, "...ik,...kj->...ij", [a, b])
+            return _transposed_stack(em, a, b) or em.call(
+                aten.einsum.default, "...ik,...kj->...ij", [a, b]
+            )
         return em.call(aten.matmul.default, a, b)
 
     return apply
+
+
+def _transposed_stack(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
+    """A plain ``a (m, k)`` times stacked ``b (..., k, n)`` that is the transpose of a
+    contiguous tensor (a weight's seeds, transposed in a linear layer): ``b^T a^T`` is then
+    one product of all of ``b``'s rows, and the result its transpose, a view. ``einsum``
+    would copy ``b`` into another layout first (2.4 ms a step for a GRU's 1,073 seeds)."""
+    if em.rank(a) != 2 or em.rank(b) < 3 or not b.meta["val"].mT.is_contiguous():
+        return None
+    k, n = em.shape(b)[-2:]
+    rows = em.reshape(em.call(aten.transpose.int, b, -1, -2), [-1, k])
+    product = em.call(aten.mm.default, rows, em.permute(a, [1, 0]))
+    product = em.reshape(product, [*em.shape(b)[:-2], n, em.shape(a)[0]])
+    return em.call(aten.transpose.int, product, -1, -2)
 
 
 def _broadcast_rows(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
