@@ -168,7 +168,9 @@ def _narrowed_seed(
 
     A flat parameter vector split into a model's weights gives each weight a slice of the
     vector's identity seeds; narrowed, each weight's seeds are its own, and products with
-    them are placements (see :func:`~hod._emitter.delta_strides`) over its span only.
+    them are placements (see :func:`~hod._emitter.delta_strides`) over its span only. A
+    slice of more than half the leaf keeps the whole span: shifted slices combined
+    elementwise (``x[1:] - x[:-1]``) would only be padded back to it.
     """
     if node.target is not aten.slice.Tensor or needed is None or type(ctx) is not DeriveContext:
         return None  # Taylor mode's directions are not seeds
@@ -184,8 +186,8 @@ def _narrowed_seed(
             torch.empty(shape, device="meta").stride()):
         return None
     start, end, _ = slice(start, end).indices(shape[0])
-    if end <= start:
-        return None
+    if not 0 < 2 * (end - start) <= shape[0]:
+        return None  # most of the leaf (x[1:] against x[:-1]): padding spans costs more
     inner = math.prod(shape[1:])
     lo = ctx.span_of(x)[0]
     primal = em.call(aten.slice.Tensor, x.primal, *node.args[1:])
