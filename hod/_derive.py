@@ -162,9 +162,9 @@ def _derive_node(
 
 def _narrowed_seed(
     ctx: DeriveContext, node: fx.Node, env: dict, needed: Span | None
-) -> Jet | None:
-    """Rows ``[start, end)`` of a leaf seeded by the identity (``aten.slice`` along dim 0):
-    the identity over their seeds alone, with that narrower span.
+) -> Jet | tuple[Jet, ...] | None:
+    """Rows of a leaf seeded by the identity (``aten.slice`` or ``aten.split`` along dim 0):
+    the identity over their own seeds alone, with that narrower span.
 
     A flat parameter vector split into a model's weights gives each weight a slice of the
     vector's identity seeds; narrowed, each weight's seeds are its own, and products with
@@ -172,28 +172,54 @@ def _narrowed_seed(
     slice of more than half the leaf keeps the whole span: shifted slices combined
     elementwise (``x[1:] - x[:-1]``) would only be padded back to it.
     """
-    if node.target is not aten.slice.Tensor or needed is None or type(ctx) is not DeriveContext:
-        return None  # Taylor mode's directions are not seeds
-    x = env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
-    if (not isinstance(x, Jet) or dim != 0 or step != 1 or not x.derivs or x.derivs[0] is None
-            or any(d is not None for d in x.derivs[1:]) or x.narrow is not None):
+    splits = (aten.split_with_sizes.default, aten.split.Tensor)
+    if (node.target is not aten.slice.Tensor and node.target not in splits) or needed is None \
+            or type(ctx) is not DeriveContext:  # Taylor mode's directions are not seeds
         return None
-    strides = delta_strides(x.derivs[0])
-    em = ctx.em
-    shape = list(em.shape(x.primal))
-    if strides is None or not shape or strides != tuple(
-            torch.empty(shape, device="meta").stride()):
+    x = env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    leaf = _identity_seeded(ctx, x)
+    if leaf is None:
+        return None
+    em, (lo, shape) = ctx.em, leaf
+    inner = math.prod(shape[1:])
+    if node.target in splits:
+        sizes, dim = node.args[1], (node.args[2] if len(node.args) > 2 else 0)
+        if dim != 0:
+            return None
+        if isinstance(sizes, int):
+            sizes = [min(sizes, shape[0] - i) for i in range(0, shape[0], sizes)]
+        parts = em.call(node.target, x.primal, *node.args[1:])
+        jets, start = [], 0
+        for i, size in enumerate(sizes):
+            piece = em.call(operator.getitem, parts, i)
+            jets.append(_identity_jet(ctx, piece, lo + start * inner, size * inner))
+            start += size
+        return tuple(jets)
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    if dim != 0 or step != 1:
         return None
     start, end, _ = slice(start, end).indices(shape[0])
     if not 0 < 2 * (end - start) <= shape[0]:
         return None  # most of the leaf (x[1:] against x[:-1]): padding spans costs more
-    inner = math.prod(shape[1:])
-    lo = ctx.span_of(x)[0]
     primal = em.call(aten.slice.Tensor, x.primal, *node.args[1:])
-    seeds = (end - start) * inner
-    derivs = [em.seed_identity(seeds, em.shape(primal), primal)] + [None] * (ctx.order - 1)
-    return Jet(primal, derivs, (lo + start * inner, lo + end * inner))
+    return _identity_jet(ctx, primal, lo + start * inner, (end - start) * inner)
+
+
+def _identity_seeded(ctx: DeriveContext, x: object) -> tuple[int, list[int]] | None:
+    """``(first seed, shape)`` of a jet whose only derivative is a row-major identity seed."""
+    if (not isinstance(x, Jet) or not x.derivs or x.derivs[0] is None
+            or any(d is not None for d in x.derivs[1:]) or x.narrow is not None):
+        return None
+    shape = list(ctx.em.shape(x.primal))
+    strides = delta_strides(x.derivs[0])
+    if not shape or strides != tuple(torch.empty(shape, device="meta").stride()):
+        return None
+    return ctx.span_of(x)[0], shape
+
+
+def _identity_jet(ctx: DeriveContext, primal: fx.Node, first: int, seeds: int) -> Jet:
+    derivs = [ctx.em.seed_identity(seeds, ctx.em.shape(primal), primal)]
+    return Jet(primal, derivs + [None] * (ctx.order - 1), (first, first + seeds))
 
 
 def _constant(jets: list[Jet]) -> bool:

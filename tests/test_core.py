@@ -202,14 +202,23 @@ def test_data_and_detach_are_constants(order):
         assert_same_tree(hod.derivative(f, order)(x), expected)
 
 
-def test_slices_of_one_seeded_vector_keep_their_own_seeds():
-    """A flat parameter vector split into weights by slicing: each slice is seeded by the
-    identity over its own seeds only (hod._derive._narrowed_seed), overlapping slices too;
-    derivatives of orders 1-3 equal torch.func's."""
+@pytest.mark.parametrize("how", ["slice", "split", "split_equal"])
+def test_pieces_of_one_seeded_vector_keep_their_own_seeds(how):
+    """A flat parameter vector cut into weights (sliced, or split by sizes or into equal
+    pieces): each piece is seeded by the identity over its own seeds only
+    (hod._derive._narrowed_seed), overlapping slices too; derivatives of orders 1-3 equal
+    torch.func's."""
     x0 = torch.randn(3, dtype=torch.float64)
 
     def f(theta):
-        W, b, w = theta[:6].view(2, 3), theta[6:8], theta[8:10]
+        if how == "slice":
+            W, b, w = theta[:6], theta[6:8], theta[8:10]
+        elif how == "split":
+            W, b, w = theta.split([6, 2, 2])
+        else:
+            W1, W2, W3, b, w = theta.split(2)
+            W = torch.cat([W1, W2, W3])
+        W = W.view(2, 3)
         return (torch.tanh(W @ x0 + b) * w).sum() + theta[2:5].pow(3).sum()
 
     theta = torch.randn(10, dtype=torch.float64)
