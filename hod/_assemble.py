@@ -207,14 +207,12 @@ def extract_block(
     """
     compressed = [s for s in seeds if s.batch_dim is not None]
     lo, hi = span
-    outside = any(s.offset < lo or s.offset + s.size > hi for s in seeds)
+    outside = any(s.offset + s.size <= lo or s.offset >= hi for s in seeds)
     if t is None or outside or (compressed and value_batch_dim is None):
         return em.zeros(shape, dtype)
     j = len(seeds)
     for axis, segment in enumerate(seeds):
-        if segment.size != hi - lo:
-            start = segment.offset - lo
-            t = em.call(torch.ops.aten.slice.Tensor, t, axis, start, start + segment.size)
+        t = _over_segment(em, t, axis, (lo, hi), segment)
     rank = em.rank(t) - j
     t = em.permute(t, list(range(j, j + rank)) + list(range(j)))
     if per_row:
@@ -230,6 +228,22 @@ def extract_block(
     else:
         t = em.reshape(t, [d for g in groups for d in g])
     return _as_block(em, _order_groups(em, t, groups, group_order), shape, dtype)
+
+
+def _over_segment(em: Emitter, t: fx.Node, axis: int, span: tuple[int, int],
+                  segment: Segment) -> fx.Node:
+    """Seed axis ``axis`` of ``t``, over ``span``, narrowed to ``segment``'s seeds; zeros
+    where the span does not reach (a slice of a leaf keeps only its own seeds)."""
+    lo, hi = span
+    first, last = segment.offset, segment.offset + segment.size
+    start, stop = max(first, lo) - lo, min(last, hi) - lo
+    if (start, stop) != (0, hi - lo):
+        t = em.call(torch.ops.aten.slice.Tensor, t, axis, start, stop)
+    before, after = max(0, lo - first), max(0, last - hi)
+    if before or after:
+        pad = [0, 0] * (em.rank(t) - 1 - axis) + [before, after]
+        t = em.call(torch.ops.aten.constant_pad_nd.default, t, pad, 0.0)
+    return t
 
 
 def _as_block(em: Emitter, t: fx.Node, shape: Sequence[int], dtype: torch.dtype) -> fx.Node:
