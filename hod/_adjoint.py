@@ -295,13 +295,11 @@ def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
     shape = list(em.shape(out.primal))
     second = em.expand(local.align(second, 2, len(shape)), [m, m, *shape])
     weighted = em.mul(second, vbar)  # (m, m) + out.shape
+    spread = [_spread(em, ctx, args[i], shape) for i in tracked]
     total: Operand = None
-    for a_index, a in enumerate(tracked):
-        da = _spread(em, ctx, args[a], shape)
-        for b_index, b in enumerate(tracked):
-            w = em.call(aten.select.int, em.call(aten.select.int, weighted, 0, a_index), 0,
-                        b_index)
-            db = _spread(em, ctx, args[b], shape)
+    for a, da in enumerate(spread):
+        for b, db in enumerate(spread):
+            w = em.call(aten.select.int, em.call(aten.select.int, weighted, 0, a), 0, b)
             term = _contract(em, em.mul(da, w), db, rows)
             total = term if total is None else em.add(total, term)
     return total

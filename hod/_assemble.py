@@ -255,7 +255,7 @@ def _as_block(em: Emitter, t: fx.Node, shape: Sequence[int], dtype: torch.dtype)
 
 def _ordered_position(groups: list[list[int]], group_order: Sequence[int], dim: int) -> int:
     """Where dim ``dim`` of the groups laid out in order lands once they are reordered."""
-    starts = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
+    starts = _group_starts(groups)
     position = 0
     for g in group_order:
         if starts[g] <= dim < starts[g] + len(groups[g]):
@@ -291,9 +291,14 @@ def _spread_batch(
 def _order_groups(
     em: Emitter, t: fx.Node, groups: list[list[int]], group_order: Sequence[int]
 ) -> fx.Node:
-    starts = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
+    starts = _group_starts(groups)
     dims = [starts[g] + d for g in group_order for d in range(len(groups[g]))]
     return em.permute(t, dims)
+
+
+def _group_starts(groups: list[list[int]]) -> list[int]:
+    """The first dim of each group, the groups laid out one after another."""
+    return [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
 
 
 def unflattener(spec: TreeSpec) -> Callable[[Sequence[object]], object]:

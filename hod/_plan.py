@@ -27,11 +27,13 @@ from ._tracing import trace_reverse
 REVERSE_COST = 3
 
 
-def plain_segments(shapes: Sequence[tuple[int, ...]]) -> list[Segment]:
-    """Uncompressed segments, one after another."""
+def plain_segments(
+    shapes: Sequence[tuple[int, ...]], batch_dim: int | None = None
+) -> list[Segment]:
+    """Segments one after another, uncompressed, or all compressed along ``batch_dim``."""
     segments, offset = [], 0
     for shape in shapes:
-        segments.append(Segment(offset, tuple(shape)))
+        segments.append(Segment(offset, tuple(shape), batch_dim))
         offset += segments[-1].size
     return segments
 
@@ -40,11 +42,7 @@ def row_seeds(shapes: Sequence[tuple[int, ...]], out_states: Sequence[int]) -> S
     """The seeds of one example for a call holding independent examples along dim 0 of
     every leaf (:attr:`~hod._records.FlatCall.rows`): independence is known, so no
     analysis runs; ``out_states`` gives where each output of the graph holds them."""
-    segments, offset = [], 0
-    for shape in shapes:
-        segments.append(Segment(offset, tuple(shape), 0))
-        offset += segments[-1].size
-    return SeedPlan(tuple(segments), tuple(out_states), rows=True)
+    return SeedPlan(tuple(plain_segments(shapes, 0)), tuple(out_states), rows=True)
 
 
 #: ``required(batch)``: the outputs that compressed seeds of the leaves in ``batch`` are

@@ -288,14 +288,12 @@ class _Convolution:
 
         em, rank = self.em, self.rank
         lead = _lead(em, w, rank)
-        if math.prod(_lead(em, x, rank)) == 1 and math.prod(lead) > 1 and self.groups == 1:
+        if self._stackable(x, lead):
             # One input against copies of the weight: the copies are output channels of
             # one convolution (as groups, the input would be copied once per seed). A
             # transposed convolution's weight has its output channels second.
-            out_channels = 1 if self.params[3] else 0
-            x = em.reshape(x, list(em.shape(x))[em.rank(x) - rank:])
-            stacked = _fold(em, w, rank, lead, out_channels)
-            return _unfold(em, op(x, stacked, 1, 0), lead, 1)
+            stacked = _fold(em, w, rank, lead, 1 if self.params[3] else 0)
+            return _unfold(em, op(self._value(x), stacked, 1, 0), lead, 1)
         return self._batch_like(x, w, op)
 
     def grad_input(self, g: fx.Node, w: fx.Node) -> fx.Node:
@@ -308,7 +306,7 @@ class _Convolution:
         em, rank = self.em, self.rank
         lead = _lead(em, w, rank)
         if self._stackable(g, lead):  # copies of the weight: input channels of one backward
-            g = em.reshape(g, list(em.shape(g))[em.rank(g) - rank:])
+            g = self._value(g)
             stacked = _fold(em, w, rank, lead, 0 if self.params[3] else 1)
             shape = list(em.shape(self.x))
             shape[1] *= math.prod(lead)
@@ -322,6 +320,10 @@ class _Convolution:
         return (math.prod(_lead(self.em, plain, self.rank)) == 1 and math.prod(lead) > 1
                 and self.groups == 1)
 
+    def _value(self, plain: fx.Node) -> fx.Node:
+        """``plain`` without its leading axes of size 1 (see :meth:`_stackable`)."""
+        return self.em.reshape(plain, list(self.em.shape(plain))[self.em.rank(plain) - self.rank:])
+
     def grad_weight(self, g: fx.Node, x: fx.Node) -> fx.Node:
         em, rank = self.em, self.rank
         transposed = bool(self.params[3])
@@ -329,7 +331,7 @@ class _Convolution:
                                    (x, g, 1 if not transposed else 0)):
             lead = _lead(em, seeded, rank)
             if self._stackable(plain, lead):  # copies of one operand stack along channels
-                plain = em.reshape(plain, list(em.shape(plain))[em.rank(plain) - rank:])
+                plain = self._value(plain)
                 stacked = _fold(em, seeded, rank, lead, 1)
                 shape = list(em.shape(self.w))
                 shape[dim] *= math.prod(lead)
