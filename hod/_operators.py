@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._pytree import tree_map
@@ -20,8 +20,11 @@ from ._build import Lowered
 from ._directions import biharmonic_directions, operator_directions
 from ._records import Request, TaylorPlan
 from ._series import random_directions
-from ._taylor_api import TaylorFunction, differentiated_leaves, taylor_request
+from ._taylor_api import Chunks, TaylorFunction, differentiated_leaves, taylor_request
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 DISTRIBUTIONS = ("rademacher", "normal")
 
@@ -66,31 +69,13 @@ def _check_sampling(call: str, samples: Any, distribution: Any, generator: Any,
         )
 
 
-def _sampled(call: str, nums: tuple[int, ...], request: Request, order: int,
-             samples: int, distribution: str, generator: torch.Generator | None,
-             scale: float) -> tuple[Callable[..., Any], Callable[..., Lowered]]:
-    """Run and lower of a stochastic operator: ``scale`` times the collapsed top
-    coefficient along ``samples`` random directions drawn anew on every call."""
-    plan = TaylorPlan(order=order, returns=(order,), series=True, collapse=lambda r: None)
-    inner = TaylorFunction(request, nums, plan)
-
-    def series(args: tuple) -> tuple:
-        leaves = differentiated_leaves(call, args, nums)
-        return random_directions(call, leaves, samples, distribution, generator)
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        (top,) = inner(*args, series(args), **kwargs)
-        return tree_map(lambda t: t * scale, top)
-
-    return run, lambda *args, **kwargs: inner.lower(*args, series(args), **kwargs)
-
-
 def laplacian(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, samples: int | None = None,
     distribution: str = "rademacher", generator: torch.Generator | None = None,
     weights: torch.Tensor | Callable[..., torch.Tensor] | None = None,
     value_and_grad: bool = False, memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
-    compile: bool | dict[str, Any] = False,
+    compile: bool | dict[str, Any] = False, chunk_size: int | None = None,
+    group: ProcessGroup | None = None,
 ) -> OperatorFunction:
     """The Laplacian ``sum_i d^2 f / dx_i^2`` over every entry of the differentiated
     argument(s), per output entry: called like ``f``, it returns a tree like ``f``'s output.
@@ -111,36 +96,51 @@ def laplacian(
     ``2 D`` directions, ``e_r +- C[:, r]``, built on each call (differentiable in ``C``).
 
     ``value_and_grad=True`` returns ``(u, grad, lap)``, ``grad`` like
-    ``hod.jacobian(f, argnums)``: from the same pass when exact; the stochastic and
-    weighted forms compute it with ``hod.jacobian``.
+    ``hod.jacobian(f, argnums)``: from the same pass when exact and uncut; the
+    stochastic, weighted and cut forms compute it with ``hod.jacobian`` (given the same
+    ``chunk_size`` and ``group``).
+
+    ``chunk_size=c`` runs the directions (the entries, the samples, the ``2 D`` weighted
+    ones) ``c`` at a time through one generated code and sums the parts; ``group=``
+    gives each rank of a ``torch.distributed`` process group a slice of them and returns
+    ``Partial`` DTensors (``u``: ``Replicate``). See "Chunks and ranks" in the Taylor
+    docs.
     """
     call = describe("laplacian", f, None, argnums)
     nums = validate_arguments(call, f, 2, argnums)
     _check_sampling(call, samples, distribution, generator, DISTRIBUTIONS)
+    chunks = Chunks(call, chunk_size, group)
     if samples is not None and weights is not None:
         raise InputError(
             f"{call}: samples= and weights= cannot be combined.\n"
             f"  Fix: drop samples for the exact weighted operator."
         )
     series = samples is not None or weights is not None
-    request = taylor_request(call, f, 2, argnums, memory_limit, compile, series)
+    request = taylor_request(call, f, 2, argnums, memory_limit, compile,
+                             series or chunks.active)
     if samples is not None:
-        run, lower = _sampled(call, nums, request, 2, samples, distribution, generator,
-                              1 / samples)
+        run, lower = _sampled(call, nums, request, 2, (samples, distribution, generator),
+                              1 / samples, chunks)
     elif weights is not None:
-        run, lower = _weighted(call, nums, request, weights)
-    else:
-        plan = TaylorPlan(order=2, returns=(0, 2) if value_and_grad else (2,),
-                          collapse=lambda r: None, gradient=value_and_grad)
+        run, lower = _weighted(call, nums, request, weights, chunks)
+    elif value_and_grad and not chunks.active:
+        plan = TaylorPlan(order=2, returns=(0, 2), collapse=lambda size: None, gradient=True)
         inner = TaylorFunction(request, nums, plan)
-        if value_and_grad:
-            return OperatorFunction(call, lambda *a, **k: _value_grad_lap(inner(*a, **k)),
-                                    inner.lower)
-        return OperatorFunction(call, lambda *a, **k: inner(*a, **k)[0], inner.lower)
+        return OperatorFunction(call, lambda *a, **k: _value_grad_lap(inner(*a, **k)),
+                                inner.lower)
+    else:
+        plan = TaylorPlan(order=2, returns=(2,), collapse=lambda size: None,
+                          chunked=chunks.active)
+        inner = TaylorFunction(request, nums, plan)
+        exact = _basis_operator(call, inner, nums, chunks, lambda size: size,
+                                lambda args, result, rows: result[0])
+        run, lower = exact, exact.lower
     if value_and_grad:
-        gradient = jacobian(f, argnums, memory_limit=memory_limit)
+        gradient = jacobian(f, argnums, memory_limit=memory_limit, chunk_size=chunk_size,
+                            group=group)
         return OperatorFunction(
-            call, lambda *a, **k: (f(*a, **k), gradient(*a, **k), run(*a, **k)), lower
+            call, lambda *a, **k: (chunks.replicate(f(*a, **k)), gradient(*a, **k),
+                                   run(*a, **k)), lower
         )
     return OperatorFunction(call, run, lower)
 
@@ -151,48 +151,58 @@ def _value_grad_lap(result: tuple) -> tuple:
 
 
 def _weighted(call: str, nums: tuple[int, ...], request: Request,
-              weights: torch.Tensor | Callable[..., torch.Tensor]):
+              weights: torch.Tensor | Callable[..., torch.Tensor],
+              chunks: Chunks) -> tuple[Callable[..., Any], Callable[..., Lowered]]:
     """Run and lower of ``sum_ij C_ij d^2 f/dx_i dx_j``: ``H[e_r, c_r]`` summed over the
-    columns ``c_r`` of ``C``, each ``(c_2(e_r + c_r) - c_2(e_r - c_r)) / 4``."""
-    def quarter(directions: int) -> torch.Tensor:
-        half = directions // 2
-        return torch.cat([torch.full((half,), 0.25), torch.full((half,), -0.25)])
-
-    plan = TaylorPlan(order=2, returns=(2,), series=True, collapse=quarter)
+    columns ``c_r`` of ``C``, each ``(c_2(e_r + c_r) - c_2(e_r - c_r)) / 4``; the code
+    takes the directions and these weights from the call."""
+    plan = TaylorPlan(order=2, returns=(2,), series=True, collapse=lambda size: None,
+                      call_weights=True)
     inner = TaylorFunction(request, nums, plan)
+
+    def count(args: tuple, kwargs: dict) -> int:
+        return 2 * sum(leaf.numel() for leaf in differentiated_leaves(call, args, nums))
 
     def series(args: tuple, kwargs: dict) -> tuple:
         leaves = differentiated_leaves(call, args, nums)
-        c = weights(*args, **kwargs) if callable(weights) else weights
-        size = sum(leaf.numel() for leaf in leaves)
-        if not isinstance(c, torch.Tensor) or tuple(c.shape) != (size, size):
-            got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
-            raise InputError(
-                f"{call}: weights must be a ({size}, {size}) tensor over the {size} "
-                f"differentiated entries, got {got}.\n"
-                f"  Fix: pass C with one row and column per entry (arguments flattened in "
-                f"positional order), or a function of f's arguments returning one."
-            )
-        c = c.to(leaves[0])
-        eye = torch.eye(size, dtype=c.dtype, device=c.device)
+        c = _checked_weights(call, leaves, weights(*args, **kwargs) if callable(weights)
+                             else weights)
+        eye = torch.eye(len(c), dtype=c.dtype, device=c.device)
         directions = torch.cat([eye + c.mT, eye - c.mT])
         out, offset = [], 0
         for leaf in leaves:
             part = directions[:, offset:offset + leaf.numel()]
-            out.append((part.reshape(2 * size, *leaf.shape).contiguous(),))
+            out.append((part.reshape(len(directions), *leaf.shape).contiguous(),))
             offset += leaf.numel()
-        return tuple(out)
+        quarter = torch.full((len(c),), 0.25, dtype=c.dtype, device=c.device)
+        return tuple(out), torch.cat([quarter, -quarter])
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return inner(*args, series(args, kwargs), **kwargs)[0]
+    def chunk(args: tuple, kwargs: dict, directions: Any, piece: range) -> Any:
+        total = len(directions[1])
+        return inner(*args, chunks.cut(directions, piece, total), **kwargs)[0]
 
-    return run, lambda *args, **kwargs: inner.lower(*args, series(args, kwargs), **kwargs)
+    return _series_operator(inner, chunks, count, series, chunk)
+
+
+def _checked_weights(call: str, leaves: list[torch.Tensor], c: Any) -> torch.Tensor:
+    """``C`` checked as ``(D, D)`` over the ``D`` differentiated entries, like them."""
+    size = sum(leaf.numel() for leaf in leaves)
+    if not isinstance(c, torch.Tensor) or tuple(c.shape) != (size, size):
+        got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+        raise InputError(
+            f"{call}: weights must be a ({size}, {size}) tensor over the {size} "
+            f"differentiated entries, got {got}.\n"
+            f"  Fix: pass C with one row and column per entry (arguments flattened in "
+            f"positional order), or a function of f's arguments returning one."
+        )
+    return c.to(leaves[0])
 
 
 def biharmonic(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, samples: int | None = None,
     distribution: str = "normal", generator: torch.Generator | None = None,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, compile: bool | dict[str, Any] = False,
+    chunk_size: int | None = None, group: ProcessGroup | None = None,
 ) -> OperatorFunction:
     """The biharmonic ``sum_ij d^4 f / dx_i^2 dx_j^2`` over every entry of the
     differentiated argument(s), per output entry: called like ``f``.
@@ -201,26 +211,31 @@ def biharmonic(
     ``D`` unit vectors and ``e_i +- e_j``, weights chosen at trace time; batches
     compressed as in :func:`laplacian`). ``samples=S``: the unbiased estimate
     ``E[c_4(v)] / 3`` over standard normal ``v`` (Rademacher directions would be biased
-    for this operator, so only ``distribution="normal"`` is accepted).
+    for this operator, so only ``distribution="normal"`` is accepted). ``chunk_size``
+    and ``group`` cut the directions as in :func:`laplacian`.
     """
     call = describe("biharmonic", f, None, argnums)
     nums = validate_arguments(call, f, 4, argnums)
     _check_sampling(call, samples, distribution, generator, ("normal",))
-    request = taylor_request(call, f, 4, argnums, memory_limit, compile, samples is not None)
+    chunks = Chunks(call, chunk_size, group)
+    request = taylor_request(call, f, 4, argnums, memory_limit, compile,
+                             samples is not None or chunks.active)
     if samples is not None:
-        run, lower = _sampled(call, nums, request, 4, samples, distribution, generator,
-                              1 / (3 * samples))
+        run, lower = _sampled(call, nums, request, 4, (samples, distribution, generator),
+                              1 / (3 * samples), chunks)
         return OperatorFunction(call, run, lower)
     directions = functools.lru_cache(maxsize=8)(biharmonic_directions)
     plan = TaylorPlan(order=4, returns=(4,), basis=lambda size: directions(size)[0],
-                      collapse=lambda size: directions(size)[1])
+                      collapse=lambda size: directions(size)[1], chunked=chunks.active)
     inner = TaylorFunction(request, nums, plan)
-    return OperatorFunction(call, lambda *a, **k: inner(*a, **k)[0], inner.lower)
+    return _basis_operator(call, inner, nums, chunks, lambda size: size * size,
+                           lambda args, result, rows: result[0])
 
 
 def operator(
     f: Callable, terms: Mapping[tuple[int, ...], float], argnums: int | tuple[int, ...] = 0,
     *, memory_limit: int | None = DEFAULT_MEMORY_LIMIT, compile: bool | dict[str, Any] = False,
+    chunk_size: int | None = None, group: ProcessGroup | None = None,
 ) -> OperatorFunction:
     """The linear differential operator ``sum_a c_a d^a f``, per output entry: called
     like ``f``.
@@ -231,13 +246,16 @@ def operator(
     ``x = args[0][0]``, ``t = args[0][1]``. hod computes it from univariate jets of the
     highest order present, along directions chosen at trace time (each mixed partial
     interpolated from the fewest integer directions over its positions), collapsing the
-    top coefficient; lower orders are weighted per direction.
+    top coefficient; lower orders are weighted per direction. ``chunk_size`` and
+    ``group`` cut the directions as in :func:`laplacian`.
     """
     call = describe("operator", f, None, argnums)
     nums = validate_arguments(call, f, 1, argnums)
     terms = _checked_terms(call, terms)
+    chunks = Chunks(call, chunk_size, group)
     order = max(len(index) for index in terms)
-    request = taylor_request(call, f, order, argnums, memory_limit, compile, series=False)
+    request = taylor_request(call, f, order, argnums, memory_limit, compile,
+                             series=chunks.active)
 
     @functools.lru_cache(maxsize=8)
     def directions(size: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -253,18 +271,98 @@ def operator(
     lower_orders = sorted({len(index) for index in terms} - {order})
     plan = TaylorPlan(order=order, returns=(*lower_orders, order), compress=False,
                       basis=lambda size: directions(size)[0],
-                      collapse=lambda size: directions(size)[1][order])
+                      collapse=lambda size: directions(size)[1][order], chunked=chunks.active)
     inner = TaylorFunction(request, nums, plan)
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        *lower, top = inner(*args, **kwargs)
+    def finish(args: tuple, result: tuple, rows: torch.Tensor | None) -> Any:
+        """The top plus each lower order's coefficients weighted per direction (the
+        chunk's ``rows`` of the weights; an index past the last is a zero direction)."""
+        *lower, top = result
         size = sum(leaf.numel() for leaf in differentiated_leaves(call, args, nums))
-        per_order = directions(size)[1]
         for k, coefficients in zip(lower_orders, lower, strict=True):
-            top = tree_map(functools.partial(_add_weighted, per_order[k]), top, coefficients)
+            weights = directions(size)[1][k]
+            if rows is not None:
+                weights = torch.cat([weights, weights.new_zeros(1)])[rows]
+            top = tree_map(functools.partial(_add_weighted, weights), top, coefficients)
         return top
 
-    return OperatorFunction(call, run, inner.lower)
+    return _basis_operator(call, inner, nums, chunks,
+                           lambda size: len(directions(size)[0]), finish)
+
+
+def _sampled(call: str, nums: tuple[int, ...], request: Request, order: int,
+             sampling: tuple[int, str, torch.Generator | None], scale: float,
+             chunks: Chunks) -> tuple[Callable[..., Any], Callable[..., Lowered]]:
+    """Run and lower of a stochastic operator: ``scale`` times the collapsed top
+    coefficient along ``samples`` random directions drawn anew on every call (all of
+    them on every rank, which keeps its own slice)."""
+    samples, distribution, generator = sampling
+    plan = TaylorPlan(order=order, returns=(order,), series=True, collapse=lambda size: None)
+    inner = TaylorFunction(request, nums, plan)
+
+    def series(args: tuple, kwargs: dict) -> tuple:
+        leaves = differentiated_leaves(call, args, nums)
+        return random_directions(call, leaves, samples, distribution, generator)
+
+    def chunk(args: tuple, kwargs: dict, directions: Any, piece: range) -> Any:
+        (top,) = inner(*args, chunks.cut(directions, piece, samples), **kwargs)
+        return tree_map(lambda t: t * scale, top)
+
+    return _series_operator(inner, chunks, lambda a, k: samples, series, chunk)
+
+
+def _series_operator(
+    inner: TaylorFunction, chunks: Chunks, count: Callable[[tuple, dict], int],
+    series: Callable[[tuple, dict], Any], chunk: Callable[[tuple, dict, Any, range], Any],
+) -> tuple[Callable[..., Any], Callable[..., Lowered]]:
+    """Run and lower of an operator whose ``count(args, kwargs)`` directions come with
+    the call (``series``): ``chunk(args, kwargs, series, piece)`` is one chunk's part of
+    the sum."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        directions, total = series(args, kwargs), count(args, kwargs)
+        return chunks.partial(chunks.summed(
+            total, lambda piece: chunk(args, kwargs, directions, piece)))
+
+    def lower(*args: Any, **kwargs: Any) -> Lowered:
+        total = count(args, kwargs)
+        first = next(iter(chunks.pieces(total)))
+        return inner.lower(*args, chunks.cut(series(args, kwargs), first, total), **kwargs)
+
+    return run, lower
+
+
+def _basis_operator(
+    call: str, inner: TaylorFunction, nums: tuple[int, ...], chunks: Chunks,
+    bound: Callable[[int], int], finish: Callable[[tuple, tuple, torch.Tensor | None], Any],
+) -> OperatorFunction:
+    """An operator whose directions are fixed at trace time: its whole code when the
+    call cuts nothing, else the chunked code (``TaylorPlan.chunked``) run over this
+    rank's chunks. ``bound(D)`` is at least the number ``R`` of directions for ``D``
+    differentiated entries; ``finish(args, result, rows)`` is a chunk's part of the sum
+    from the code's result (rows None: all directions)."""
+    if not chunks.active:
+        return OperatorFunction(call, lambda *a, **k: finish(a, inner(*a, **k), None),
+                                inner.lower)
+
+    def total(args: tuple, kwargs: dict) -> int:
+        """``R``, as the code records it (batch compression may make it below the bound)."""
+        size = sum(leaf.numel() for leaf in differentiated_leaves(call, args, nums))
+        probe = chunks.rows(range(0), bound(size))
+        return inner.lower(*args, probe, **kwargs).seed_size
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        directions = total(args, kwargs)
+
+        def chunk(piece: range) -> Any:
+            rows = chunks.rows(piece, directions)
+            return finish(args, inner(*args, rows, **kwargs), rows)
+
+        return chunks.partial(chunks.summed(directions, chunk))
+
+    def lower(*args: Any, **kwargs: Any) -> Lowered:
+        return inner.lower(*args, chunks.rows(range(0), total(args, kwargs)), **kwargs)
+
+    return OperatorFunction(call, run, lower)
 
 
 def _add_weighted(weights: torch.Tensor, total: torch.Tensor, coefficients: torch.Tensor):

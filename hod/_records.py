@@ -64,11 +64,19 @@ class TaylorPlan:
     of shape ``(R,) + leaf.shape``; or from ``basis(S)``, given the size ``S`` of the
     seed space (batch dims compressed when ``compress``): a ``(R, S)`` tensor of
     directions over it, or None for the identity (``R = S``). ``collapse``, when set,
-    gives the weights ``(R,)`` of the collapsed top coefficient (None: all one), from
-    ``S`` (or from ``R`` with ``series``).
+    collapses the top coefficient over the directions; called with ``S`` it gives their
+    weights ``(R,)`` (None: all one; a ``series`` plan's are all one unless
+    ``call_weights``).
     ``returns`` lists the coefficient orders returned per output (0: the value); with
     ``gradient`` the Jacobian blocks follow (identity basis only). With ``reverse`` the
     jets run through ``f``'s traced gradient instead of ``f``.
+
+    Chunks (see :mod:`hod._operators`): with ``chunked`` the code covers only ``c`` of the
+    ``R`` directions of ``basis(S)`` on each call, named by an int64 ``(c,)`` tensor of
+    row indices, the call's last positional argument (an index ``>= R`` is a zero
+    direction, which pads a short chunk); the collapse weights are gathered the same way.
+    With ``call_weights`` (a ``series`` plan) the last positional argument is
+    ``(series, weights)``: the collapse weights ``(R,)`` come from the call.
     """
 
     order: int
@@ -79,6 +87,8 @@ class TaylorPlan:
     collapse: Callable[[int], Any] | None = None
     gradient: bool = False
     reverse: bool = False
+    chunked: bool = False
+    call_weights: bool = False
 
 
 @dataclass(frozen=True)

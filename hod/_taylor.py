@@ -11,13 +11,19 @@ order named in ``plan.returns`` (0: the value; ``k``: ``c_k`` of shape
 ``(R,) + out.shape``, or ``out.shape`` for a collapsed top), then, with ``plan.gradient``,
 the Jacobian like :func:`hod.jacobian`'s. For a Hessian-vector product (``reverse``) it
 returns ``H v`` like :func:`hod.jacobian` of the loss.
+
+A ``chunked`` plan's code covers ``c`` of its ``R`` directions per call, the rows its last
+argument names (:class:`~hod._records.TaylorPlan`); its ``Lowered.seed_size`` is ``R``, so
+that the caller learns how many directions to cut into chunks.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from ._assemble import block, structure
 from ._build import Lowered, lower
@@ -55,13 +61,12 @@ def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
     example = flat.tensors[flat.diff[0]]
     em = Emitter(example.device, example.dtype, request.memory_limit, request.call,
                  compiling=request.compile is not None)
-    inputs, seeds = _inputs(em, flat, plan, traced)
-    directions = seeds.size if plan.basis is None and not plan.series else _rows(em, inputs, flat)
+    inputs, seeds, weights, total = _inputs(em, flat, plan, traced)
+    identity = plan.basis is None and not plan.series and not plan.chunked
+    directions = seeds.size if identity else _rows(em, inputs, flat)
     collapse = None
     if plan.collapse is not None:
-        weights = plan.collapse(directions if plan.series else seeds.size)
-        weight_node = None if weights is None else em.constant("weights", weights.to(example))
-        collapse = Collapse(TaylorContext(em, plan.order, 1), weight_node)
+        collapse = Collapse(TaylorContext(em, plan.order, 1), weights)
     out_jets = derive(
         traced.gm, TaylorContext(em, plan.order, directions), inputs, call=request.call,
         call_site=op_call_site(request, flat),
@@ -76,7 +81,7 @@ def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
     else:
         results, spec = _results(em, state, plan, out_jets, seeds, directions)
     em.output(results)
-    return lower(state, em, Mode.TAYLOR, directions, spec)
+    return lower(state, em, Mode.TAYLOR, total or directions, spec)
 
 
 def _check_loss(call: str, out_vals: list[torch.Tensor], rows: int | None) -> None:
@@ -117,26 +122,24 @@ class _Leaf:
 
 def _inputs(
     em: Emitter, flat: FlatCall, plan: TaylorPlan, traced: Traced
-) -> tuple[list[Jet], SeedPlan]:
-    """The jets of the call's flat tensors, and the seed plan directions were laid on."""
+) -> tuple[list[Jet], SeedPlan, fx.Node | None, int | None]:
+    """The jets of the call's flat tensors, the seed plan directions were laid on, the
+    collapse weights (None: all one) and, for a ``chunked`` plan, the number ``R`` of
+    directions its chunks cover (else None)."""
     shapes = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
     seeds = SeedPlan(tuple(plain_segments(shapes)), ())
     if plan.series:
-        inputs = _unseeded(em, flat, seeds, plan.order)
-        for leaf, coefficients in zip(flat.diff, _series_positions(flat), strict=True):
-            derivs: list[Operand] = [inputs[pos].primal for pos in coefficients]
-            inputs[leaf] = Jet(inputs[leaf].primal, derivs + [None] * (plan.order - len(derivs)))
-        return inputs, seeds
+        return (*_series_inputs(em, flat, plan, seeds), None)
     if flat.rows is not None:
         seeds = row_seeds(shapes, [0] * len(traced.outputs()))
     elif plan.compress:
         outputs = list(range(traced.n_out))
         seeds = plan_seeds(traced.gm, flat.diff, shapes, lambda batch: outputs)
-    basis = plan.basis(seeds.size) if plan.basis is not None else None
-    if basis is None:
-        return seeded_inputs(em, flat, seeds, plan.order), seeds
+    if plan.basis is None and not plan.chunked:
+        return seeded_inputs(em, flat, seeds, plan.order), seeds, _weights(em, flat, plan,
+                                                                           seeds), None
     inputs = _unseeded(em, flat, seeds, plan.order)
-    basis = em.constant("directions", basis.to(flat.tensors[flat.diff[0]]))
+    basis, weights, total = _directions(em, flat, plan, seeds, inputs)
     for leaf, segment in zip(flat.diff, seeds.segments, strict=True):
         part = em.call(torch.ops.aten.slice.Tensor, basis, 1, segment.offset,
                        segment.offset + segment.size)
@@ -147,7 +150,59 @@ def _inputs(
         along = em.reshape(part, [rows, *kept])
         derivs = [em.expand(along, [rows, *segment.shape])] + [None] * (plan.order - 1)
         inputs[leaf] = Jet(inputs[leaf].primal, derivs)
-    return inputs, seeds
+    return inputs, seeds, weights, total
+
+
+def _weights(em: Emitter, flat: FlatCall, plan: TaylorPlan, seeds: SeedPlan) -> fx.Node | None:
+    """The collapse weights of a plan whose directions are fixed at trace time."""
+    weights = None if plan.collapse is None else plan.collapse(seeds.size)
+    return None if weights is None else em.constant("weights", weights.to(_like(flat)))
+
+
+def _directions(
+    em: Emitter, flat: FlatCall, plan: TaylorPlan, seeds: SeedPlan, inputs: list[Jet]
+) -> tuple[fx.Node, fx.Node | None, int]:
+    """The directions ``(R, S)`` of a basis plan and its collapse weights, or, when
+    ``chunked``, the rows of both that the call's last argument names, ``(c, S)``, and
+    ``R`` (else None)."""
+    aten = torch.ops.aten
+    full = None if plan.basis is None else plan.basis(seeds.size).to(_like(flat))
+    if not plan.chunked:
+        return em.constant("directions", full), _weights(em, flat, plan, seeds), None
+    rows = inputs[_last_argument(flat)].primal
+    total = seeds.size if full is None else len(full)
+    if full is None:  # the identity: row r is one at coordinate r (none for r >= S)
+        coordinates = em.constant("coordinates", torch.arange(seeds.size,
+                                                              device=_like(flat).device))
+        hits = em.call(aten.eq.Tensor, em.reshape(rows, [-1, 1]), coordinates)
+        basis = em.call(aten._to_copy.default, hits, dtype=_like(flat).dtype)
+    else:
+        padded = torch.cat([full, full.new_zeros(1, full.shape[1])])
+        basis = em.call(aten.index_select.default, em.constant("directions", padded), 0, rows)
+    weights = None if plan.collapse is None else plan.collapse(seeds.size)
+    if weights is not None:
+        padded = torch.cat([weights, weights.new_zeros(1)]).to(_like(flat))
+        weights = em.call(aten.index_select.default, em.constant("weights", padded), 0, rows)
+    return basis, weights, total
+
+
+def _like(flat: FlatCall) -> torch.Tensor:
+    """The first differentiated leaf: the dtype and device of directions and weights."""
+    return flat.tensors[flat.diff[0]]
+
+
+def _series_inputs(
+    em: Emitter, flat: FlatCall, plan: TaylorPlan, seeds: SeedPlan
+) -> tuple[list[Jet], SeedPlan, fx.Node | None]:
+    """The jets of a ``series`` plan's flat tensors, with the input coefficients the
+    call passes, and the collapse weights it passes (``call_weights``)."""
+    inputs = _unseeded(em, flat, seeds, plan.order)
+    last = _last_argument(flat)
+    series, weights = last if plan.call_weights else (last, None)
+    for leaf, coefficients in zip(flat.diff, series, strict=True):
+        derivs: list[Operand] = [inputs[pos].primal for pos in coefficients]
+        inputs[leaf] = Jet(inputs[leaf].primal, derivs + [None] * (plan.order - len(derivs)))
+    return inputs, seeds, None if weights is None else inputs[weights].primal
 
 
 def _unseeded(em: Emitter, flat: FlatCall, seeds: SeedPlan, order: int) -> list[Jet]:
@@ -155,12 +210,12 @@ def _unseeded(em: Emitter, flat: FlatCall, seeds: SeedPlan, order: int) -> list[
     return [Jet(j.primal, [None] * order) for j in seeded_inputs(em, flat, seeds, 0)]
 
 
-def _series_positions(flat: FlatCall) -> list[list[int]]:
-    """Per differentiated leaf, the flat positions of its input coefficients: the call's
-    last positional argument holds one tuple of them per leaf."""
+def _last_argument(flat: FlatCall) -> Any:
+    """The call's last positional argument (a series, chunk rows or weights) with each
+    tensor replaced by its position in ``flat.tensors``."""
     args, _ = flat.rebuild(list(flat.tensors))
     position = {id(t): i for i, t in reversed(list(enumerate(flat.tensors)))}
-    return [[position[id(t)] for t in coefficients] for coefficients in args[-1]]
+    return tree_map(lambda t: position[id(t)], args[-1])
 
 
 def _rows(em: Emitter, inputs: list[Jet], flat: FlatCall) -> int:

@@ -9,8 +9,8 @@ The differential operators built on the same machinery are in :mod:`hod._operato
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
@@ -20,9 +20,13 @@ from ._build import Lowered
 from ._compiled import compile_options
 from ._records import FlatCall, Request, TaylorPlan
 from ._series import leaf_series
+from ._shard import Placement, check_chunk_size, check_group, chunked, rank_rows
 from ._taylor import build_taylor
 from ._vmap import Examples, examples_of
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 DISTRIBUTIONS = ("rademacher", "normal")
 
@@ -89,14 +93,82 @@ def differentiated_leaves(call: str, args: tuple, nums: tuple[int, ...]) -> list
     return leaves
 
 
+# -- chunks and ranks -------------------------------------------------------------------------
+class Chunks:
+    """How a call cuts its ``R`` directions: a rank of ``group`` takes its
+    :func:`~hod._shard.rank_rows` of them (all without a group), ``chunk_size`` at a time.
+
+    Every chunk is ``width(R)`` rows wide, the last one padded (with zero directions),
+    so that one generated code serves them all; the per-chunk results are summed.
+    """
+
+    def __init__(self, call: str, chunk_size: Any, group: Any) -> None:
+        check_chunk_size(call, chunk_size)
+        check_group(call, group)
+        self.size = chunk_size
+        self.placement = None if group is None else Placement(group)
+
+    @property
+    def active(self) -> bool:
+        """Whether the call cuts its directions at all."""
+        return self.size is not None or self.placement is not None
+
+    def width(self, total: int) -> int:
+        """The rows of one chunk: ``chunk_size``, at most this rank's share of ``total``."""
+        world = 1 if self.placement is None else self.placement.world
+        share = max(1, -(-total // world))
+        return share if self.size is None else min(self.size, share)
+
+    def pieces(self, total: int) -> Iterator[range]:
+        """This rank's directions among ``total``, chunk by chunk (one empty chunk when
+        it holds none)."""
+        rank, world = (0, 1) if self.placement is None else (self.placement.rank,
+                                                             self.placement.world)
+        return chunked(rank_rows(total, rank, world), self.width(total))
+
+    def rows(self, piece: range, total: int) -> torch.Tensor:
+        """The int64 row indices of a chunk, padded to the chunk's width with ``total``
+        (an index past the last direction: a zero one)."""
+        rows = torch.full((self.width(total),), total, dtype=torch.int64)
+        rows[: len(piece)] = torch.arange(piece.start, piece.stop)
+        return rows
+
+    def cut(self, tree: Any, piece: range, total: int) -> Any:
+        """Rows ``piece`` of every tensor in ``tree`` (directions first), zero-padded to
+        the chunk's width."""
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            part = t[piece.start:piece.stop]
+            pad = t.new_zeros(self.width(total) - len(piece), *t.shape[1:])
+            return torch.cat([part, pad]) if len(pad) else part
+
+        return tree_map(rows, tree)
+
+    def summed(self, total: int, run_chunk: Callable[[range], Any]) -> Any:
+        """The sum over this rank's chunks of ``run_chunk(piece)`` (a tree of tensors)."""
+        result = None
+        for piece in self.pieces(total):
+            part = run_chunk(piece)
+            result = part if result is None else tree_map(torch.add, result, part)
+        return result
+
+    def partial(self, tree: Any) -> Any:
+        """``tree``'s tensors as this rank's parts of sums over the ranks."""
+        return tree if self.placement is None else tree_map(self.placement.partial, tree)
+
+    def replicate(self, tree: Any) -> Any:
+        """``tree``'s tensors as computed whole on every rank."""
+        return tree if self.placement is None else tree_map(self.placement.replicate, tree)
+
+
 # -- jets and Hessian-vector products ---------------------------------------------------------
 class SeriesFunction:
     """What :func:`jet` and :func:`hvp` return: call it as ``(primals, series)``."""
 
     def __init__(self, call: str, nums: tuple[int, ...], tuple_argnums: bool,
-                 inner: TaylorFunction, order: int, what: str) -> None:
+                 inner: TaylorFunction, order: int, what: str, chunks: Chunks) -> None:
         self._call, self._nums, self._tuple = call, nums, tuple_argnums
         self._inner, self._order, self._what = inner, order, what
+        self._chunks = chunks
 
     def _arguments(self, primals: Any, series: Any) -> tuple[tuple, tuple]:
         if not isinstance(primals, (tuple, list)):
@@ -125,10 +197,10 @@ class SeriesFunction:
     def __call__(self, primals: Any, series: Any) -> Any:
         primals, laid_out = self._arguments(primals, series)
         result = self._inner(*primals, laid_out)
-        if self._what == "tangents":
-            return result
-        value, *coefficients = result
-        return value, tuple(tree_map(lambda t: t[0], c) for c in coefficients)
+        if self._what != "tangents":
+            value, *coefficients = result
+            result = value, tuple(tree_map(lambda t: t[0], c) for c in coefficients)
+        return self._chunks.replicate(result)
 
     def __repr__(self) -> str:
         return f"<hod {self._call}>"
@@ -137,6 +209,7 @@ class SeriesFunction:
 def jet(
     f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, compile: bool | dict[str, Any] = False,
+    chunk_size: int | None = None, group: ProcessGroup | None = None,
 ) -> SeriesFunction:
     """Taylor coefficients of ``f`` along a path: ``jf(primals, series)`` returns
     ``(value, (c_1, ..., c_order))``.
@@ -148,29 +221,39 @@ def jet(
     For a pytree argument an entry is a pytree like it (a tuple of them for
     coefficients). ``c_k = d^k/dt^k f(x(t))`` at ``t = 0`` (derivatives, not scaled by
     ``1/k!``), each like ``f``'s output; ``value`` is ``f``'s output.
+
+    A jet follows one path, so there is no seed space to cut: ``chunk_size`` is accepted
+    and changes nothing, and with ``group=`` every rank computes the whole jet and gets
+    ``Replicate`` DTensors.
     """
     call = describe("jet", f, order, argnums)
     nums = validate_arguments(call, f, order, argnums)
+    chunks = Chunks(call, chunk_size, group)
     request = taylor_request(call, f, order, argnums, memory_limit, compile, series=True)
     plan = TaylorPlan(order=order, returns=tuple(range(order + 1)), series=True)
     inner = TaylorFunction(request, nums, plan)
-    return SeriesFunction(call, nums, isinstance(argnums, tuple), inner, order, "series")
+    return SeriesFunction(call, nums, isinstance(argnums, tuple), inner, order, "series",
+                          chunks)
 
 
 def hvp(
     f: Callable, argnums: int | tuple[int, ...] = 0, *,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, compile: bool | dict[str, Any] = False,
+    chunk_size: int | None = None, group: ProcessGroup | None = None,
 ) -> SeriesFunction:
     """Hessian-vector products: ``hf(primals, tangents)`` returns ``H v``, shaped like
     the differentiated argument(s); equal to
     ``torch.func.jvp(torch.func.grad(f, argnums), primals, tangents)[1]``.
 
     ``f`` returns one number (a loss). Computed forward over reverse: one first-order
-    jet along ``v`` through ``f``'s traced gradient.
+    jet along ``v`` through ``f``'s traced gradient. ``chunk_size`` and ``group`` act as
+    in :func:`jet` (one direction: nothing to cut; ``Replicate`` DTensors).
     """
     call = describe("hvp", f, None, argnums)
     nums = validate_arguments(call, f, 1, argnums)
+    chunks = Chunks(call, chunk_size, group)
     request = taylor_request(call, f, 2, argnums, memory_limit, compile, series=True)
     plan = TaylorPlan(order=1, returns=(1,), series=True, reverse=True)
     inner = TaylorFunction(request, nums, plan)
-    return SeriesFunction(call, nums, isinstance(argnums, tuple), inner, 1, "tangents")
+    return SeriesFunction(call, nums, isinstance(argnums, tuple), inner, 1, "tangents",
+                          chunks)
