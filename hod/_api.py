@@ -2,211 +2,22 @@
 
 from __future__ import annotations
 
-import functools
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import replace
-from types import CellType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ._build import Lowered, build
+from ._chunked import ChunkedFunction
 from ._compiled import compile_options
-from ._records import FlatCall, Request
-from ._signature import call_signature, flatten_call
-from ._vmap import Examples, examples_of
-from .errors import HodError, InputError, MemoryLimitError
+from ._function import DerivativeFunction
+from ._records import Request
+from ._shard import check_chunk_size, check_group
+from .errors import InputError
 
-#: How many signatures one transformed function keeps generated code for.
-CACHE_SIZE = 64
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 #: Default ``memory_limit``: no single tensor the generated code allocates may exceed it.
 DEFAULT_MEMORY_LIMIT = 8 * 2**30
-
-
-#: Where ``f`` reads a tensor by name (a globals dict or a closure cell), and the tensor.
-_Binding = tuple[dict | CellType, str, torch.Tensor]
-
-
-class DerivativeFunction:
-    """What the transforms return: call it like ``f``; ``lower`` shows the generated code.
-
-    **Cache.** Code is generated on the first call with a new signature (pytree structure,
-    shapes, dtypes, devices, and the values of non-tensor arguments, compared with ``==``,
-    or by identity when unhashable) and reused afterwards; at most :data:`CACHE_SIZE`
-    signatures are kept, least recently used first out. Calls from several threads are
-    safe; code generation itself runs one at a time.
-
-    **Captured tensors.** Tensors ``f`` reads from its closure, globals or a module
-    (parameters of a model it calls) are not arguments: the generated code holds a
-    *reference* to each, so in-place updates (``W.mul_(2)``, ``optimizer.step()``,
-    ``load_state_dict``) show in the next call's result. *Rebinding* a name to a new
-    tensor (``W = W * 2``) is seen when ``f`` itself names it (a global or closure
-    variable of ``f``): hod then drops its generated code and retraces. A rebinding that
-    ``f`` reaches only indirectly (an attribute of a module, a global of a helper ``f``
-    calls) is not seen: pass such tensors as arguments, or call :meth:`clear_cache`.
-    Gradients flow into captured tensors that require them (``.backward()`` reaches a
-    captured model's parameters). Inside ``torch.func.grad``/``vmap``, a tensor that the
-    transform tracks must be an argument of ``f``, not captured: that raises
-    :class:`~hod.TracingError`.
-
-    **Under vmap.** Called under ``torch.func.vmap``, it runs code generated for the
-    batched signature, every example's derivatives at once (see :mod:`hod._vmap`).
-    """
-
-    def __init__(self, request: Request, argnums: tuple[int, ...]) -> None:
-        self._request = request
-        self._argnums = argnums
-        self._cache: OrderedDict[Any, Lowered] = OrderedDict()
-        self._lock = threading.Lock()
-        self._bindings: list[_Binding] = []
-        functools.update_wrapper(self, request.f, updated=())
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        examples = self._examples(args, kwargs)
-        if examples is not None:
-            tensors, key = call_signature(examples.args, examples.kwargs)
-            lowered = self._cached((examples.key, key)) or self._lowered(
-                examples.args, examples.kwargs, examples
-            )
-            if lowered is not UNBATCHED:
-                with examples.below():
-                    results = lowered.results(tensors)
-                return examples.wrap(results)
-        tensors, key = call_signature(args, kwargs)
-        lowered = self._cached(key) or self._lowered(args, kwargs)
-        return lowered.results(tensors)
-
-    def lower(self, *args: Any, **kwargs: Any) -> Lowered:
-        """The generated artifact for this call's signature (``.code``, ``.graph_module``).
-
-        Under ``torch.func.vmap`` it is the batched code (see :mod:`hod._vmap`), whose
-        ``examples`` says how many examples it takes, or the unbatched code that
-        functorch batches where that cannot be built.
-        """
-        examples = self._examples(args, kwargs)
-        if examples is not None:
-            lowered = self._lowered(examples.args, examples.kwargs, examples)
-            if lowered is not UNBATCHED:
-                return lowered
-        return self._lowered(args, kwargs)
-
-    def clear_cache(self) -> None:
-        """Forget all generated code: the next call traces ``f`` again."""
-        with self._lock:
-            self._cache.clear()
-
-    def _examples(self, args: tuple, kwargs: dict) -> Examples | None:
-        """The call's examples when it is made under vmap (see :mod:`hod._vmap`)."""
-        return examples_of(args, kwargs, lambda a: a in self._argnums)
-
-    def _flatten(self, args: tuple, kwargs: dict) -> FlatCall:
-        call = self._request.call
-        for a in self._argnums:
-            if a >= len(args):
-                raise InputError(
-                    f"{call}: argnums asks for positional argument {a}, but the call passed "
-                    f"{len(args)} positional argument(s).\n"
-                    f"  Fix: pass that argument positionally, or change argnums."
-                )
-        return flatten_call(args, kwargs, self._argnums, call)
-
-    # torch.compile must not trace code generation itself; it compiles what this returns.
-    @torch.compiler.disable
-    def _lowered(self, args: tuple, kwargs: dict, examples: Examples | None = None) -> Any:
-        """The code for this call's signature; with ``examples``, ``args`` and ``kwargs``
-        are theirs, and the code is their batched code, or :data:`UNBATCHED` when that
-        cannot be built."""
-        flat = self._flatten(args, kwargs)
-        request = self._request
-        if examples is not None:
-            flat = replace(flat, rows=examples.n, key=(examples.key, flat.key))
-            request = replace(request, f=examples.vmapped(request.f))
-        lowered = self._cached(flat.key)
-        if lowered is None:
-            # make_fx keeps global tracer state, so code generation is serialised;
-            # reentrant because f may call a hod function that is traced for the first time.
-            with _BUILD_LOCK:
-                lowered = self._cached(flat.key)  # another thread may have just built it
-                if lowered is None:
-                    lowered = self._build_or_unbatched(request, flat, examples)
-                    self._store(flat.key, lowered, _tensor_bindings(self._request.f))
-        return lowered
-
-    def _build_or_unbatched(
-        self, request: Request, flat: FlatCall, examples: Examples | None
-    ) -> Any:
-        try:
-            return self._build(request, flat)
-        except MemoryLimitError:
-            raise  # the unbatched code under vmap would need as much memory
-        except (HodError, RuntimeError, NotImplementedError):
-            if examples is None:
-                raise
-            # functorch batches the unbatched code instead; a genuine error of f is
-            # raised there again, in terms of one example.
-            return UNBATCHED
-
-    def _build(self, request: Request, flat: FlatCall) -> Lowered:
-        return build(request, flat)
-
-    def _cached(self, key: Hashable) -> Lowered | None:
-        if self._bindings and any(
-            _read(scope, name) is not t for scope, name, t in self._bindings
-        ):
-            self.clear_cache()  # f names a rebound tensor: all its code is stale
-        lowered = self._cache.get(key)
-        if lowered is not None:
-            with self._lock:
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-        return lowered
-
-    def _store(self, key: Hashable, lowered: Lowered, bindings: list[_Binding]) -> None:
-        with self._lock:
-            self._bindings = bindings
-            self._cache[key] = lowered
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
-
-    def __repr__(self) -> str:
-        return f"<hod {self._request.call}>"
-
-
-_BUILD_LOCK = threading.RLock()
-
-#: Cached for a call under vmap whose batched code cannot be built: functorch batches
-#: the unbatched code instead.
-UNBATCHED = object()
-_MISSING = object()
-
-
-def _tensor_bindings(f: Callable) -> list[_Binding]:
-    """The tensors ``f``'s own code names through a closure cell or a global."""
-    func = getattr(f, "__func__", f)  # a bound method's function
-    code = getattr(func, "__code__", None)
-    if code is None:
-        return []
-    cells = func.__closure__ or ()
-    scopes = [(cell, name) for name, cell in zip(code.co_freevars, cells, strict=True)]
-    scopes += [(func.__globals__, name) for name in code.co_names]
-    bindings = []
-    for scope, name in scopes:
-        value = _read(scope, name)
-        if isinstance(value, torch.Tensor):
-            bindings.append((scope, name, value))
-    return bindings
-
-
-def _read(scope: dict | CellType, name: str) -> object:
-    if isinstance(scope, dict):
-        return scope.get(name, _MISSING)
-    try:
-        return scope.cell_contents
-    except ValueError:  # an empty cell
-        return _MISSING
 
 
 def describe(name: str, f: Callable, order: int | None, argnums: Any) -> str:
@@ -250,12 +61,15 @@ def validate_arguments(call: str, f: Any, order: Any, argnums: Any) -> tuple[int
 def _transform(
     name: str, f: Callable, *, order: int, argnums: int | tuple[int, ...], has_aux: bool,
     with_values: bool, shown_order: int | None, memory_limit: int | None, allow_random: bool,
-    compile: bool | dict[str, Any],
-) -> DerivativeFunction:
+    compile: bool | dict[str, Any], chunk_size: int | None, group: Any,
+) -> Any:
     """The transformed ``f`` after checking the arguments; ``shown_order`` is the order
-    named in error messages (None for ``jacobian``/``hessian``, whose name says it)."""
+    named in error messages (None for ``jacobian``/``hessian``, whose name says it).
+    With ``chunk_size`` or ``group`` it is a :class:`~hod._chunked.ChunkedFunction`."""
     call = describe(name, f, shown_order, argnums)
     nums = validate_arguments(call, f, order, argnums)
+    check_chunk_size(call, chunk_size)
+    check_group(call, group)
     if memory_limit is not None and (
         isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
     ):
@@ -268,7 +82,13 @@ def _transform(
         memory_limit=memory_limit, allow_random=allow_random,
         compile=compile_options(call, compile),
     )
-    return DerivativeFunction(request, nums)
+    whole = DerivativeFunction(request, nums)
+    if chunk_size is None and group is None:
+        return whole
+    inner = f if order == 1 else DerivativeFunction(
+        replace(request, order=order - 1), nums, chunk_hint=False
+    )
+    return ChunkedFunction(request, nums, inner, whole, chunk_size, group)
 
 
 _COMMON_KEYWORDS = """
@@ -290,6 +110,17 @@ _COMMON_KEYWORDS = """
     autograd, ``torch.func`` transforms or an enclosing ``torch.compile`` run the eager
     code (under ``vmap``, hod's batched code runs, compiled). A compiler failure raises
     :class:`~hod.CompileError`.
+
+    ``chunk_size=c`` computes the derivative ``c`` seeds at a time (a seed is one entry of
+    the differentiated arguments; the last derivative index runs over them): one body of
+    generated code, forward mode over ``c`` seeds through hod's code for the order below,
+    runs once per chunk, so intermediates are sized by ``c`` instead of the whole seed
+    space; the result equals the unchunked one. ``group=`` (a ``torch.distributed``
+    process group) splits the seeds across its ranks: each computes the rows of every
+    differentiated leaf's first dim that a ``Shard`` of it holds (chunked by
+    ``chunk_size`` when given) and gets a ``torch.distributed.tensor.DTensor`` per block,
+    sharded along that dim (``full_tensor()`` gathers the whole block); the values of
+    ``derivatives`` and blocks of 0-dim leaves are replicated. See :mod:`hod._chunked`.
 """
 
 
@@ -302,8 +133,9 @@ def _document(transform: Callable) -> Callable:
 def derivative(
     f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
-    compile: bool | dict[str, Any] = False,
-) -> DerivativeFunction:
+    compile: bool | dict[str, Any] = False, chunk_size: int | None = None,
+    group: ProcessGroup | None = None,
+) -> DerivativeFunction | ChunkedFunction:
     """The order-``order`` derivative of ``f`` with respect to ``args[argnums]``.
 
     Equal in structure and value to ``torch.func`` nesting: ``jacrev(f, argnums)`` wrapped
@@ -315,6 +147,7 @@ def derivative(
     return _transform(
         "derivative", f, order=order, argnums=argnums, has_aux=has_aux, with_values=False,
         shown_order=order, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
+        chunk_size=chunk_size, group=group,
     )
 
 
@@ -322,8 +155,9 @@ def derivative(
 def derivatives(
     f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
-    compile: bool | dict[str, Any] = False,
-) -> DerivativeFunction:
+    compile: bool | dict[str, Any] = False, chunk_size: int | None = None,
+    group: ProcessGroup | None = None,
+) -> DerivativeFunction | ChunkedFunction:
     """``(value, D1, ..., Dn)`` of ``f`` from one generated function.
 
     ``Dk`` equals ``derivative(f, k, argnums)``; ``value`` is ``f``'s output.
@@ -331,6 +165,7 @@ def derivatives(
     return _transform(
         "derivatives", f, order=order, argnums=argnums, has_aux=False, with_values=True,
         shown_order=order, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
+        chunk_size=chunk_size, group=group,
     )
 
 
@@ -338,12 +173,14 @@ def derivatives(
 def jacobian(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
-    compile: bool | dict[str, Any] = False,
-) -> DerivativeFunction:
+    compile: bool | dict[str, Any] = False, chunk_size: int | None = None,
+    group: ProcessGroup | None = None,
+) -> DerivativeFunction | ChunkedFunction:
     """``derivative(f, 1, argnums)``: equals ``torch.func.jacrev(f, argnums)``."""
     return _transform(
         "jacobian", f, order=1, argnums=argnums, has_aux=has_aux, with_values=False,
         shown_order=None, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
+        chunk_size=chunk_size, group=group,
     )
 
 
@@ -351,10 +188,12 @@ def jacobian(
 def hessian(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
-    compile: bool | dict[str, Any] = False,
-) -> DerivativeFunction:
+    compile: bool | dict[str, Any] = False, chunk_size: int | None = None,
+    group: ProcessGroup | None = None,
+) -> DerivativeFunction | ChunkedFunction:
     """``derivative(f, 2, argnums)``: equals ``torch.func.hessian(f, argnums)``."""
     return _transform(
         "hessian", f, order=2, argnums=argnums, has_aux=has_aux, with_values=False,
         shown_order=None, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
+        chunk_size=chunk_size, group=group,
     )

@@ -154,7 +154,8 @@ class Emitter:
                 f"{tuple(val.shape)} ({_human(size)}, from {op}), over the memory "
                 f"limit of {_human(self.memory_limit)}. Nothing was computed.\n"
                 f"  Fix: differentiate fewer inputs or a lower order, use smaller inputs, "
-                f"or raise the limit with memory_limit=<bytes> (None disables it)."
+                f"or raise the limit with memory_limit=<bytes> (None disables it).",
+                nbytes=size, limit=self.memory_limit,
             )
 
     def output(self, values: Sequence[fx.Node]) -> None:

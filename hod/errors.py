@@ -24,7 +24,16 @@ class OutputError(HodError, TypeError):
 
 
 class MemoryLimitError(HodError, MemoryError):
-    """A derivative tensor would exceed the configured memory limit."""
+    """A derivative tensor would exceed the configured memory limit.
+
+    ``nbytes`` is the size of the tensor refused and ``limit`` the limit, when known;
+    ``hinted`` says the message already suggests a ``chunk_size``.
+    """
+
+    def __init__(self, message: str, *, nbytes: int | None = None, limit: int | None = None,
+                 hinted: bool = False) -> None:
+        super().__init__(message)
+        self.nbytes, self.limit, self.hinted = nbytes, limit, hinted
 
 
 class CompileError(HodError, RuntimeError):

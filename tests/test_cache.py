@@ -12,13 +12,13 @@ from models import tanh_loss
 from torch.func import hessian, jacrev
 
 import hod
-import hod._api
+import hod._function
 
 D = torch.float64
 
 
 def test_cache_is_a_bounded_lru(monkeypatch):
-    monkeypatch.setattr(hod._api, "CACHE_SIZE", 2)
+    monkeypatch.setattr(hod._function, "CACHE_SIZE", 2)
     fn = hod.jacobian(torch.sin)
     small, medium, large = (torch.rand(n, dtype=D) for n in (2, 3, 4))
     first_small = fn.lower(small)

@@ -20,8 +20,10 @@ aten = torch.ops.aten
 
 #: Core-decomposed ops hod keeps whole: it has rules for them, and one fused op in the
 #: generated code is cheaper than its decomposition (relu's backward is one call instead
-#: of a comparison and a select).
-KEPT_WHOLE = (aten.threshold_backward.default,)
+#: of a comparison and a select). ``eye`` is a constant (no rule needed); its
+#: decomposition builds an ``arange`` of ``uint16``, which eager CPU code cannot run
+#: (met when hod traces hod's own generated code, which seeds with ``eye``).
+KEPT_WHOLE = (aten.threshold_backward.default, aten.eye.default, aten.eye.m)
 
 
 def _table() -> dict:
