@@ -28,8 +28,6 @@ from .errors import InputError
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-DISTRIBUTIONS = ("rademacher", "normal")
-
 
 class TaylorFunction(DerivativeFunction):
     """A Taylor-mode plan's generated code, cached per call signature (see
