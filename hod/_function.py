@@ -1,5 +1,6 @@
 """API stage: what every derivative transform returns, a function with a cache of generated
-code per call signature (:class:`DerivativeFunction`)."""
+code per call signature (:class:`DerivativeFunction`), and the checks of the arguments all
+transforms share."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from ._shard import with_chunk_hint
 from ._signature import call_signature, flatten_call
 from ._vmap import Examples, examples_of
 from .errors import HodError, InputError, MemoryLimitError
+
+#: Default ``memory_limit``: no single tensor the generated code allocates may exceed it.
+DEFAULT_MEMORY_LIMIT = 8 * 2**30
 
 #: How many signatures one transformed function keeps generated code for.
 CACHE_SIZE = 64
@@ -216,3 +220,41 @@ def _read(scope: dict | CellType, name: str) -> object:
         return scope.cell_contents
     except ValueError:  # an empty cell
         return _MISSING
+
+
+def describe(name: str, f: Callable, order: int | None, argnums: Any) -> str:
+    fname = getattr(f, "__name__", type(f).__name__)
+    parts = [fname] + ([f"order={order!r}"] if order is not None else [])
+    if argnums != 0:
+        parts.append(f"argnums={argnums!r}")
+    return f"hod.{name}({', '.join(parts)})"
+
+
+def validate_arguments(call: str, f: Any, order: Any, argnums: Any) -> tuple[int, ...]:
+    if not callable(f):
+        raise InputError(
+            f"{call}: the first argument must be a callable, got {type(f).__name__}.\n"
+            f"  Fix: pass the function to differentiate, e.g. hod.derivative(loss, order=2)."
+        )
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise InputError(
+            f"{call}: order must be a positive integer, got {order!r}.\n"
+            f"  Fix: use order=1 for the Jacobian, order=2 for the Hessian, and so on."
+        )
+    nums = argnums if isinstance(argnums, tuple) else (argnums,)
+    if not nums or any(isinstance(a, bool) or not isinstance(a, int) for a in nums):
+        raise InputError(
+            f"{call}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}.\n"
+            f"  Fix: e.g. argnums=0 or argnums=(0, 1)."
+        )
+    if any(a < 0 for a in nums):
+        raise InputError(
+            f"{call}: argnums must be non-negative, got {argnums!r}.\n"
+            f"  Fix: count positional arguments from 0."
+        )
+    if len(set(nums)) != len(nums):
+        raise InputError(
+            f"{call}: argnums {argnums!r} names an argument twice.\n"
+            f"  Fix: list each argument once."
+        )
+    return nums

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ._api import DEFAULT_MEMORY_LIMIT, DerivativeFunction, describe, validate_arguments
 from ._build import Lowered
 from ._compiled import compile_options
+from ._function import DEFAULT_MEMORY_LIMIT, DerivativeFunction, describe, validate_arguments
 from ._records import FlatCall, Request, TaylorPlan
 from ._series import leaf_series
 from ._shard import Placement, check_chunk_size, check_group, chunked, rank_rows
