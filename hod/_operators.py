@@ -110,31 +110,15 @@ def laplacian(
     nums = validate_arguments(call, f, 2, argnums)
     _check_sampling(call, samples, distribution, generator, DISTRIBUTIONS)
     chunks = Chunks(call, chunk_size, group)
-    if samples is not None and weights is not None:
-        raise InputError(
-            f"{call}: samples= and weights= cannot be combined.\n"
-            f"  Fix: drop samples for the exact weighted operator."
-        )
     series = samples is not None or weights is not None
-    request = taylor_request(call, f, 2, argnums, memory_limit, compile,
-                             series or chunks.active)
-    if samples is not None:
-        run, lower = _sampled(call, nums, request, 2, (samples, distribution, generator),
-                              1 / samples, chunks)
-    elif weights is not None:
-        run, lower = _weighted(call, nums, request, weights, chunks)
-    elif value_and_grad and not chunks.active:
+    request = taylor_request(call, f, 2, argnums, memory_limit, compile)
+    if value_and_grad and not series and not chunks.active:
         plan = TaylorPlan(order=2, returns=(0, 2), collapse=lambda size: None, gradient=True)
         inner = TaylorFunction(request, nums, plan)
         return OperatorFunction(call, lambda *a, **k: _value_grad_lap(inner(*a, **k)),
                                 inner.lower)
-    else:
-        plan = TaylorPlan(order=2, returns=(2,), collapse=lambda size: None,
-                          chunked=chunks.active)
-        inner = TaylorFunction(request, nums, plan)
-        exact = _basis_operator(call, inner, nums, chunks, lambda size: size,
-                                lambda args, result, rows: result[0])
-        run, lower = exact, exact.lower
+    run, lower = _laplacian_parts(call, nums, request, (samples, distribution, generator),
+                                  weights, chunks)
     if value_and_grad:
         gradient = jacobian(f, argnums, memory_limit=memory_limit, chunk_size=chunk_size,
                             group=group)
@@ -143,6 +127,29 @@ def laplacian(
                                    run(*a, **k)), lower
         )
     return OperatorFunction(call, run, lower)
+
+
+def _laplacian_parts(
+    call: str, nums: tuple[int, ...], request: Request,
+    sampling: tuple[int | None, str, torch.Generator | None],
+    weights: torch.Tensor | Callable[..., torch.Tensor] | None, chunks: Chunks,
+) -> tuple[Callable[..., Any], Callable[..., Lowered]]:
+    """Run and lower of the stochastic, weighted or exact Laplacian."""
+    samples = sampling[0]
+    if samples is not None and weights is not None:
+        raise InputError(
+            f"{call}: samples= and weights= cannot be combined.\n"
+            f"  Fix: drop samples for the exact weighted operator."
+        )
+    if samples is not None:
+        return _sampled(call, nums, request, 2, sampling, 1 / samples, chunks)
+    if weights is not None:
+        return _weighted(call, nums, request, weights, chunks)
+    plan = TaylorPlan(order=2, returns=(2,), collapse=lambda size: None, chunked=chunks.active)
+    inner = TaylorFunction(request, nums, plan)
+    exact = _basis_operator(call, inner, nums, chunks, lambda size: size,
+                            lambda args, result, rows: result[0])
+    return exact, exact.lower
 
 
 def _value_grad_lap(result: tuple) -> tuple:
@@ -177,9 +184,9 @@ def _weighted(call: str, nums: tuple[int, ...], request: Request,
         quarter = torch.full((len(c),), 0.25, dtype=c.dtype, device=c.device)
         return tuple(out), torch.cat([quarter, -quarter])
 
-    def chunk(args: tuple, kwargs: dict, directions: Any, piece: range) -> Any:
+    def chunk(args: tuple, kwargs: dict, directions: tuple, piece: range) -> Any:
         total = len(directions[1])
-        return inner(*args, chunks.cut(directions, piece, total), **kwargs)[0]
+        return inner(*args, *chunks.cut(directions, piece, total), **kwargs)[0]
 
     return _series_operator(inner, chunks, count, series, chunk)
 
@@ -218,8 +225,7 @@ def biharmonic(
     nums = validate_arguments(call, f, 4, argnums)
     _check_sampling(call, samples, distribution, generator, ("normal",))
     chunks = Chunks(call, chunk_size, group)
-    request = taylor_request(call, f, 4, argnums, memory_limit, compile,
-                             samples is not None or chunks.active)
+    request = taylor_request(call, f, 4, argnums, memory_limit, compile)
     if samples is not None:
         run, lower = _sampled(call, nums, request, 4, (samples, distribution, generator),
                               1 / (3 * samples), chunks)
@@ -254,8 +260,7 @@ def operator(
     terms = _checked_terms(call, terms)
     chunks = Chunks(call, chunk_size, group)
     order = max(len(index) for index in terms)
-    request = taylor_request(call, f, order, argnums, memory_limit, compile,
-                             series=chunks.active)
+    request = taylor_request(call, f, order, argnums, memory_limit, compile)
 
     @functools.lru_cache(maxsize=8)
     def directions(size: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -302,10 +307,10 @@ def _sampled(call: str, nums: tuple[int, ...], request: Request, order: int,
 
     def series(args: tuple, kwargs: dict) -> tuple:
         leaves = differentiated_leaves(call, args, nums)
-        return random_directions(call, leaves, samples, distribution, generator)
+        return (random_directions(call, leaves, samples, distribution, generator),)
 
-    def chunk(args: tuple, kwargs: dict, directions: Any, piece: range) -> Any:
-        (top,) = inner(*args, chunks.cut(directions, piece, samples), **kwargs)
+    def chunk(args: tuple, kwargs: dict, directions: tuple, piece: range) -> Any:
+        (top,) = inner(*args, *chunks.cut(directions, piece, samples), **kwargs)
         return tree_map(lambda t: t * scale, top)
 
     return _series_operator(inner, chunks, lambda a, k: samples, series, chunk)
@@ -316,8 +321,8 @@ def _series_operator(
     series: Callable[[tuple, dict], Any], chunk: Callable[[tuple, dict, Any, range], Any],
 ) -> tuple[Callable[..., Any], Callable[..., Lowered]]:
     """Run and lower of an operator whose ``count(args, kwargs)`` directions come with
-    the call (``series``): ``chunk(args, kwargs, series, piece)`` is one chunk's part of
-    the sum."""
+    the call: ``series(args, kwargs)`` gives the code's own arguments (the series, and
+    weights), ``chunk(args, kwargs, series, piece)`` one chunk's part of the sum."""
     def run(*args: Any, **kwargs: Any) -> Any:
         directions, total = series(args, kwargs), count(args, kwargs)
         return chunks.partial(chunks.summed(
@@ -326,7 +331,7 @@ def _series_operator(
     def lower(*args: Any, **kwargs: Any) -> Lowered:
         total = count(args, kwargs)
         first = next(iter(chunks.pieces(total)))
-        return inner.lower(*args, chunks.cut(series(args, kwargs), first, total), **kwargs)
+        return inner.lower(*args, *chunks.cut(series(args, kwargs), first, total), **kwargs)
 
     return run, lower
 

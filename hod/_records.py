@@ -75,8 +75,8 @@ class TaylorPlan:
     ``R`` directions of ``basis(S)`` on each call, named by an int64 ``(c,)`` tensor of
     row indices, the call's last positional argument (an index ``>= R`` is a zero
     direction, which pads a short chunk); the collapse weights are gathered the same way.
-    With ``call_weights`` (a ``series`` plan) the last positional argument is
-    ``(series, weights)``: the collapse weights ``(R,)`` come from the call.
+    With ``call_weights`` (a ``series`` plan) the collapse weights ``(R,)`` come from the
+    call: its last positional argument, after the series.
     """
 
     order: int
@@ -89,6 +89,12 @@ class TaylorPlan:
     reverse: bool = False
     chunked: bool = False
     call_weights: bool = False
+
+    @property
+    def trailing(self) -> int:
+        """How many positional arguments the code takes after ``f``'s: the series, the
+        weights, the chunk's rows."""
+        return int(self.series) + int(self.call_weights) + int(self.chunked)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ that the caller learns how many directions to cut into chunks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,11 +45,17 @@ from ._records import (
     Traced,
 )
 from ._tracing import check_outputs, op_call_site, trace_forward, trace_reverse
-from .errors import OutputError
+from .errors import MemoryLimitError, OutputError
 
 
-def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
-    """Generate the function computing ``plan`` for calls shaped like ``flat``."""
+def build_taylor(
+    request: Request, flat: FlatCall, plan: TaylorPlan,
+    hint: Callable[[MemoryLimitError, int], MemoryLimitError] | None = None,
+) -> Lowered:
+    """Generate the function computing ``plan`` for calls shaped like ``flat``.
+
+    ``hint(error, R)`` is raised instead of a :class:`~hod.MemoryLimitError` met while
+    deriving along ``R`` directions (a message that suggests cutting them)."""
     forward = trace_forward(request, flat)
     out_vals = [n.meta["val"] for n in forward.outputs()[: forward.n_out]]
     check_outputs(out_vals, request.call)
@@ -67,21 +74,33 @@ def build_taylor(request: Request, flat: FlatCall, plan: TaylorPlan) -> Lowered:
     collapse = None
     if plan.collapse is not None:
         collapse = Collapse(TaylorContext(em, plan.order, 1), weights)
-    out_jets = derive(
-        traced.gm, TaylorContext(em, plan.order, directions), inputs, call=request.call,
-        call_site=op_call_site(request, flat),
-        needs=[(0, directions) if i in outputs else None for i in range(len(traced.outputs()))],
-        collapse=collapse,
-    )
-    if plan.reverse:  # H v, shaped like the differentiated leaves, laid out like a gradient
-        results = [em.reshape(_coefficient(em, out_jets[i], 1, directions, plan),
-                              list(flat.tensors[pos].shape))
-                   for i, pos in zip(outputs, flat.diff, strict=True)]
-        spec = structure(forward.out_spec, 1, request.argnums, flat.layouts, range(1, 2))[1][0]
-    else:
-        results, spec = _results(em, state, plan, out_jets, seeds, directions)
-    em.output(results)
-    return lower(state, em, Mode.TAYLOR, total or directions, spec)
+    needs = [(0, directions) if i in outputs else None for i in range(len(traced.outputs()))]
+    try:  # a tensor over the directions past the limit: the caller may suggest a chunk
+        out_jets = derive(
+            traced.gm, TaylorContext(em, plan.order, directions), inputs, call=request.call,
+            call_site=op_call_site(request, flat), needs=needs, collapse=collapse,
+        )
+        if plan.reverse:
+            results, spec = _hvp_results(em, state, out_jets, outputs, directions, plan)
+        else:
+            results, spec = _results(em, state, plan, out_jets, seeds, directions)
+        em.output(results)
+        return lower(state, em, Mode.TAYLOR, total or directions, spec)
+    except MemoryLimitError as error:
+        raise (error if hint is None else hint(error, directions)) from None
+
+
+def _hvp_results(
+    em: Emitter, state: BuildState, out_jets: list[Jet], outputs: list[int], directions: int,
+    plan: TaylorPlan,
+) -> tuple[list[fx.Node], TreeSpec]:
+    """``H v``, shaped like the differentiated leaves, laid out like a gradient."""
+    request, flat = state.request, state.flat
+    results = [em.reshape(_coefficient(em, out_jets[i], 1, directions, plan),
+                          list(flat.tensors[pos].shape))
+               for i, pos in zip(outputs, flat.diff, strict=True)]
+    spec = structure(state.forward.out_spec, 1, request.argnums, flat.layouts, range(1, 2))
+    return results, spec[1][0]
 
 
 def _check_loss(call: str, out_vals: list[torch.Tensor], rows: int | None) -> None:
@@ -169,7 +188,7 @@ def _directions(
     full = None if plan.basis is None else plan.basis(seeds.size).to(_like(flat))
     if not plan.chunked:
         return em.constant("directions", full), _weights(em, flat, plan, seeds), None
-    rows = inputs[_last_argument(flat)].primal
+    rows = inputs[_argument(flat, -1)].primal
     total = seeds.size if full is None else len(full)
     if full is None:  # the identity: row r is one at coordinate r (none for r >= S)
         coordinates = em.constant("coordinates", torch.arange(seeds.size,
@@ -197,8 +216,8 @@ def _series_inputs(
     """The jets of a ``series`` plan's flat tensors, with the input coefficients the
     call passes, and the collapse weights it passes (``call_weights``)."""
     inputs = _unseeded(em, flat, seeds, plan.order)
-    last = _last_argument(flat)
-    series, weights = last if plan.call_weights else (last, None)
+    series = _argument(flat, -plan.trailing)
+    weights = _argument(flat, -1) if plan.call_weights else None
     for leaf, coefficients in zip(flat.diff, series, strict=True):
         derivs: list[Operand] = [inputs[pos].primal for pos in coefficients]
         inputs[leaf] = Jet(inputs[leaf].primal, derivs + [None] * (plan.order - len(derivs)))
@@ -210,12 +229,12 @@ def _unseeded(em: Emitter, flat: FlatCall, seeds: SeedPlan, order: int) -> list[
     return [Jet(j.primal, [None] * order) for j in seeded_inputs(em, flat, seeds, 0)]
 
 
-def _last_argument(flat: FlatCall) -> Any:
-    """The call's last positional argument (a series, chunk rows or weights) with each
-    tensor replaced by its position in ``flat.tensors``."""
+def _argument(flat: FlatCall, index: int) -> Any:
+    """Positional argument ``index`` of the call (one the plan takes: a series, weights,
+    a chunk's rows) with each tensor replaced by its position in ``flat.tensors``."""
     args, _ = flat.rebuild(list(flat.tensors))
     position = {id(t): i for i, t in reversed(list(enumerate(flat.tensors)))}
-    return tree_map(lambda t: position[id(t)], args[-1])
+    return tree_map(lambda t: position[id(t)], args[index])
 
 
 def _rows(em: Emitter, inputs: list[Jet], flat: FlatCall) -> int:

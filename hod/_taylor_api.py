@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +21,14 @@ from ._compiled import compile_options
 from ._function import DEFAULT_MEMORY_LIMIT, DerivativeFunction, describe, validate_arguments
 from ._records import FlatCall, Request, TaylorPlan
 from ._series import leaf_series
-from ._shard import Placement, check_chunk_size, check_group, chunked, rank_rows
+from ._shard import (
+    Placement,
+    check_chunk_size,
+    check_group,
+    chunked,
+    rank_rows,
+    with_chunk_hint,
+)
 from ._taylor import build_taylor
 from ._vmap import Examples, examples_of
 from .errors import InputError
@@ -35,21 +43,24 @@ class TaylorFunction(DerivativeFunction):
     input series as one more positional argument when the plan takes them from the call."""
 
     def __init__(self, request: Request, argnums: tuple[int, ...], plan: TaylorPlan) -> None:
-        super().__init__(request, argnums)
+        inner = _without_trailing(request.f, plan.trailing) if plan.trailing else request.f
+        # A MemoryLimitError suggests a chunk of the directions (see _build), not of entries.
+        super().__init__(replace(request, f=inner), argnums, chunk_hint=False)
         self._plan = plan
 
     def _build(self, request: Request, flat: FlatCall) -> Lowered:
-        return build_taylor(request, flat, self._plan)
+        return build_taylor(request, flat, self._plan, hint=with_chunk_hint)
 
     def _examples(self, args: tuple, kwargs: dict) -> Examples | None:
-        series = len(args) - 1 if self._plan.series else None
+        plan = self._plan
+        series = len(args) - plan.trailing if plan.series else None
         return examples_of(args, kwargs, lambda a: a in self._argnums, series)
 
 
 def taylor_request(call: str, f: Callable, order: int, argnums: Any, memory_limit: Any,
-             compile: Any, series: bool) -> Request:
-    """The build request; ``series``: ``f`` is called with the series as a last argument,
-    which it does not see."""
+                   compile: Any) -> Request:
+    """The build request (:class:`TaylorFunction` hides the plan's own arguments from
+    ``f``)."""
     if memory_limit is not None and (
         isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
     ):
@@ -57,16 +68,16 @@ def taylor_request(call: str, f: Callable, order: int, argnums: Any, memory_limi
             f"{call}: memory_limit must be a positive number of bytes or None, "
             f"got {memory_limit!r}.\n  Fix: e.g. memory_limit=16 * 2**30 for 16 GiB."
         )
-    inner = _without_last_argument(f) if series else f
-    return Request(f=inner, order=order, argnums=argnums, has_aux=False, with_values=False,
+    return Request(f=f, order=order, argnums=argnums, has_aux=False, with_values=False,
                    call=call, memory_limit=memory_limit,
                    compile=compile_options(call, compile))
 
 
-def _without_last_argument(f: Callable) -> Callable:
+def _without_trailing(f: Callable, count: int) -> Callable:
+    """``f`` called with ``count`` more positional arguments, which it does not see."""
     @functools.wraps(f)
     def without(*args: Any, **kwargs: Any) -> Any:
-        return f(*args[:-1], **kwargs)
+        return f(*args[:-count], **kwargs)
 
     return without
 
@@ -227,7 +238,7 @@ def jet(
     call = describe("jet", f, order, argnums)
     nums = validate_arguments(call, f, order, argnums)
     chunks = Chunks(call, chunk_size, group)
-    request = taylor_request(call, f, order, argnums, memory_limit, compile, series=True)
+    request = taylor_request(call, f, order, argnums, memory_limit, compile)
     plan = TaylorPlan(order=order, returns=tuple(range(order + 1)), series=True)
     inner = TaylorFunction(request, nums, plan)
     return SeriesFunction(call, nums, isinstance(argnums, tuple), inner, order, "series",
@@ -250,7 +261,7 @@ def hvp(
     call = describe("hvp", f, None, argnums)
     nums = validate_arguments(call, f, 1, argnums)
     chunks = Chunks(call, chunk_size, group)
-    request = taylor_request(call, f, 2, argnums, memory_limit, compile, series=True)
+    request = taylor_request(call, f, 2, argnums, memory_limit, compile)
     plan = TaylorPlan(order=1, returns=(1,), series=True, reverse=True)
     inner = TaylorFunction(request, nums, plan)
     return SeriesFunction(call, nums, isinstance(argnums, tuple), inner, 1, "tangents",

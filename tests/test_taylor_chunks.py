@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 import hod
 import hod._taylor_api
-from hod.errors import InputError
+from hod.errors import InputError, MemoryLimitError
 
 D = torch.float64
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-10),
@@ -89,6 +89,18 @@ def test_value_and_grad_chunked() -> None:
     cut = hod.laplacian(_mlp, value_and_grad=True, chunk_size=3)(x)
     for got, want in zip(cut, (u, grad, lap), strict=True):
         torch.testing.assert_close(got, want, **TOLERANCE[D])
+
+
+@pytest.mark.parametrize("name", ["laplacian-batch", "laplacian-samples", "laplacian-weights",
+                                  "biharmonic"])
+def test_chunks_under_vmap(name: str) -> None:
+    """Over 3 examples: the chunk's rows (or its directions and weights) stay unbatched."""
+    transform, make_args, _ = VARIANTS[name]
+    examples = [torch.stack([a] * 3) + torch.arange(3.0).reshape(3, *[1] * a.dim()) / 10
+                for a in _cast(make_args(), D)]
+    whole = torch.func.vmap(transform(), randomness="same")(*examples)
+    cut = torch.func.vmap(transform(chunk_size=3), randomness="same")(*examples)
+    torch.testing.assert_close(cut, whole, **TOLERANCE[D])
 
 
 def test_operator_with_one_direction() -> None:
@@ -190,6 +202,26 @@ def test_jet_and_hvp_accept_chunk_size() -> None:
         whole, cut = transform()((x,), v), transform(chunk_size=2)((x,), v)
         for got, want in zip(tree_flatten(cut)[0], tree_flatten(whole)[0], strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_memory_limit_suggests_a_chunk() -> None:
+    """64 directions through a (64, 256) layer: 128 KiB along them, over a 64 KiB limit;
+    the suggested chunk fits and gives the same Laplacian. A jet has one direction:
+    nothing to suggest."""
+    w = torch.randn(64, 256, dtype=D)
+
+    def f(x):
+        return torch.tanh(x @ w).sum()
+
+    x, limit = torch.randn(64, dtype=D), 2**16
+    for transform in (hod.laplacian, lambda f, **k: hod.laplacian(f, samples=64, **k)):
+        with pytest.raises(MemoryLimitError, match=r"Or: pass chunk_size=32 \(or less\)"):
+            transform(f, memory_limit=limit)(x)
+    torch.testing.assert_close(hod.laplacian(f, memory_limit=limit, chunk_size=32)(x),
+                               hod.laplacian(f)(x), **TOLERANCE[D])
+    with pytest.raises(MemoryLimitError) as error:
+        hod.jet(f, 2, memory_limit=2**10)((x,), x)
+    assert "chunk_size" not in str(error.value)
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4"])
