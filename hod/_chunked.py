@@ -39,9 +39,10 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ._build import Lowered
 from ._function import CACHE_SIZE, DerivativeFunction
 from ._plan import REVERSE_COST
-from ._records import FlatCall, Request
+from ._records import FlatCall, Request, TaylorPlan
 from ._shard import Placement, chunked, rank_rows
 from ._signature import flatten_call
+from ._taylor_api import TaylorFunction
 from ._tracing import trace_forward
 
 
@@ -99,6 +100,10 @@ class ChunkedLowered:
         return (self.body or self.whole).code
 
 
+#: The body: first Taylor coefficients along the directions the call passes.
+FIRST_COEFFICIENTS = TaylorPlan(order=1, returns=(1,), series=True)
+
+
 class ChunkedFunction:
     """What the derivative transforms return given ``chunk_size=`` or ``group=``: call it
     like ``f``; ``lower`` shows the code run per chunk. Results equal the unchunked
@@ -109,12 +114,8 @@ class ChunkedFunction:
         self._request, self._nums = request, argnums
         self._inner, self._whole = inner, whole
         self._chunk_size, self._group = chunk_size, group
-        body_request = Request(
-            f=self._shifted, order=1, argnums=0, has_aux=True, with_values=False,
-            call=request.call, memory_limit=request.memory_limit,
-            allow_random=request.allow_random, compile=request.compile,
-        )
-        self._body = DerivativeFunction(body_request, (0,))
+        body_request = replace(request, f=self._top, order=1, has_aux=False, with_values=False)
+        self._body = TaylorFunction(body_request, argnums, FIRST_COEFFICIENTS)
         self._plans: OrderedDict[Hashable, ChunkPlan] = OrderedDict()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -123,17 +124,17 @@ class ChunkedFunction:
         placement = None if self._group is None else Placement(self._group)
         if plan.whole:
             return self._whole_result(plan, flat, args, kwargs, placement)
-        pieces: list[list[list[torch.Tensor]]] | None = None
-        spec = rest = None
+        pieces: list[list[list[torch.Tensor]]] = []
+        spec = None
         for chunk in chunked(plan.seeds, plan.width):
-            t, directions = self._directions(plan, chunk, flat)
-            jacobian, rest = self._body(t, directions, *args, **kwargs)
-            blocks, spec = tree_flatten(jacobian)
+            (coefficients,) = self._body(*args, self._series(plan, chunk, flat), **kwargs)
+            blocks, spec = tree_flatten(coefficients)
             pieces = pieces or [[[] for _ in plan.leaves] for _ in blocks]
             for per_block, b in zip(pieces, blocks, strict=True):
                 for per_leaf, (lo, hi) in zip(per_block, plan.columns(chunk), strict=True):
-                    per_leaf.append(b[..., lo:hi])
-        return self._assemble(plan, flat, pieces, spec, rest, placement)
+                    per_leaf.append(b[lo:hi])
+        top = self._assemble(plan, flat, pieces, spec, placement)
+        return self._with_rest(top, self._rest(args, kwargs), placement)
 
     def lower(self, *args: Any, **kwargs: Any) -> ChunkedLowered:
         """The generated code for this call's signature (see :class:`ChunkedLowered`)."""
@@ -141,8 +142,8 @@ class ChunkedFunction:
         plan = self._plan(flat)
         if plan.whole:
             return ChunkedLowered(None, self._whole.lower(*args, **kwargs), 1, 0)
-        t, directions = self._directions(plan, plan.seeds[: plan.width], flat)
-        body = self._body.lower(t, directions, *args, **kwargs)
+        series = self._series(plan, plan.seeds[: plan.width], flat)
+        body = self._body.lower(*args, series, **kwargs)
         chunks = len(list(chunked(plan.seeds, plan.width)))
         return ChunkedLowered(body, None, chunks, plan.width)
 
@@ -190,73 +191,90 @@ class ChunkedFunction:
         return (len(sizes) == 1 and REVERSE_COST * sizes[0] <= plan.size
                 and (self._chunk_size is None or sizes[0] <= self._chunk_size))
 
-    def _directions(self, plan: ChunkPlan, chunk: Sequence[int],
-                    flat: FlatCall) -> tuple[torch.Tensor, torch.Tensor]:
-        """``t = 0`` and the unit directions of ``chunk``'s seeds, ``(width, S)``, the rows
-        past the chunk zero."""
+    @staticmethod
+    def _series(plan: ChunkPlan, chunk: Sequence[int], flat: FlatCall) -> tuple:
+        """The unit directions of ``chunk``'s seeds, laid out as the body's series: per
+        differentiated leaf a ``(width,) + leaf shape`` tensor (rows past the chunk zero)."""
         example = flat.tensors[flat.diff[0]]
-        t = torch.zeros(plan.width, dtype=example.dtype, device=example.device)
         directions = torch.zeros(plan.width, plan.size, dtype=example.dtype,
                                  device=example.device)
         if chunk:
             rows = torch.arange(len(chunk), device=example.device)
             directions[rows, torch.as_tensor(chunk, device=example.device)] = 1
-        return t, directions
+        return tuple(
+            (directions[:, leaf.offset:leaf.offset + _numel(leaf.shape)]
+             .reshape(plan.width, *leaf.shape).to(flat.tensors[pos].dtype),)
+            for leaf, pos in zip(plan.leaves, flat.diff, strict=True)
+        )
 
-    # -- the body: D^(k-1) f along directions -----------------------------------------------
-    def _shifted(self, t: torch.Tensor, directions: torch.Tensor, *args: Any,
-                 **kwargs: Any) -> tuple[Any, tuple]:
-        """``D^(k-1) f`` at ``args + t @ directions`` (its blocks, to differentiate by
-        ``t``) and what rides along unchanged: the lower orders and ``f``'s aux."""
-        delta = t @ directions
-        args = list(args)
-        offset = 0
-        for a in sorted(self._nums):
-            leaves, spec = tree_flatten(args[a])
-            moved = []
-            for leaf in leaves:
-                part = delta[offset:offset + leaf.numel()]
-                moved.append(leaf + part.reshape(leaf.shape).to(leaf.dtype))
-                offset += leaf.numel()
-            args[a] = tree_unflatten(moved, spec)
+    # -- what the body differentiates, and what rides along -----------------------------------
+    def _top(self, *args: Any, **kwargs: Any) -> Any:
+        """``D^(k-1) f`` (``f`` for a Jacobian) without aux and lower orders."""
         result = self._inner(*args, **kwargs)
-        aux: Any = ()
         if self._request.has_aux:
+            result = result[0]
+        if self._request.with_values and self._request.order > 1:
+            result = result[-1]
+        return result
+
+    def _rest(self, args: tuple, kwargs: dict) -> tuple[tuple, Any]:
+        """The lower orders ``derivatives`` returns before the top one, and ``f``'s aux:
+        one call of the order below (of ``f`` for a Jacobian)."""
+        request = self._request
+        if not (request.with_values or request.has_aux):
+            return (), None
+        result = self._inner(*args, **kwargs)
+        aux = None
+        if request.has_aux:
             result, aux = result
-        values: tuple = ()
-        if self._request.with_values:
-            values = (result,) if self._request.order == 1 else tuple(result)
-            result = values[-1]
-        return result, (values, aux)
+        if not request.with_values:
+            return (), aux
+        return ((result,) if request.order == 1 else tuple(result)), aux
 
     # -- the result ---------------------------------------------------------------------------
-    def _assemble(self, plan: ChunkPlan, flat: FlatCall, pieces: list, spec: Any, rest: tuple,
+    def _assemble(self, plan: ChunkPlan, flat: FlatCall, pieces: list, spec: Any,
                   placement: Placement | None) -> Any:
-        """The result from every chunk's columns: per block of ``D^(k-1) f`` and leaf, the
-        columns concatenated, shaped ``block + leaf shape`` (this rank's rows of it)."""
-        per_block = []
-        for columns in pieces:
-            blocks = []
-            for leaf, parts in zip(plan.leaves, columns, strict=True):
-                local = torch.cat(parts, dim=-1)
-                outer = tuple(local.shape[:-1])
-                local = local.reshape(*outer, len(leaf.rows), *leaf.shape[1:])
-                if leaf.shape == ():
-                    local = local.reshape(outer)
-                blocks.append(local if placement is None
-                              else _placed(placement, leaf, local, outer + leaf.shape))
-            per_block.append(self._nest(flat, blocks))
-        top = tree_unflatten(per_block, spec)
-        return self._with_rest(top, rest, placement)
+        """``D^k f`` from every chunk's rows: ``pieces[j][l]`` holds, chunk by chunk, the
+        first coefficients of block ``j`` of ``D^(k-1) f`` along the seeds of leaf ``l``,
+        ``(seeds,) + block shape``.
+
+        Block ``(m_1, .., m_k)`` is block ``(m_1, .., m_(k-1))`` differentiated along leaf
+        ``m_k``: its pieces, the seed axis moved last. For a 0-dim output, whose
+        derivatives are symmetric, it is also block ``(m_2, .., m_k)`` along ``m_1`` with
+        the seed axis first, as the pieces hold it: no transposing copy.
+        """
+        order = [i for a in _argnums(self._request) for i in flat.layouts[a].leaves]
+        n, k = len(order), self._request.order
+        symmetric = k > 1 and _scalar_outputs(plan, pieces, order, k)
+        blocks = []
+        for p in range(len(pieces)):
+            nested = []
+            for m_k in range(n):
+                if symmetric:
+                    inner = n ** (k - 2)
+                    first, rest = divmod(p % (inner * n), inner)
+                    leaf = plan.leaves[order[first]]
+                    block = _rows_first(leaf, pieces[p - p % (inner * n) + rest * n + m_k]
+                                        [order[first]])
+                    dim = 0
+                else:
+                    leaf = plan.leaves[order[m_k]]
+                    block = _rows_last(leaf, pieces[p][order[m_k]])
+                    dim = block.dim() - len(leaf.shape)
+                nested.append(block if placement is None else _placed(placement, leaf, block, dim))
+            blocks.append(self._nest(flat, nested))
+        return tree_unflatten(blocks, spec)
 
     def _nest(self, flat: FlatCall, blocks: list) -> Any:
-        """One block of ``D^(k-1) f`` times every leaf, nested as ``jacfwd(argnums)``
-        nests it: per argnum (a tuple when argnums is one), that argument's pytree."""
-        per_arg = {a: tree_unflatten([blocks[i] for i in layout.leaves], layout.spec)
-                   for a, layout in flat.layouts.items()}
-        argnums = self._request.argnums
-        return tuple(per_arg[a] for a in argnums) if isinstance(argnums, tuple) else (
-            per_arg[argnums])
+        """One block of ``D^(k-1) f`` times every leaf (``blocks``, in argnums order),
+        nested as ``jacfwd(argnums)`` nests it: per argnum (a tuple when argnums is one),
+        that argument's pytree."""
+        per_arg, start = [], 0
+        for a in _argnums(self._request):
+            layout = flat.layouts[a]
+            per_arg.append(tree_unflatten(blocks[start:start + len(layout.leaves)], layout.spec))
+            start += len(layout.leaves)
+        return tuple(per_arg) if isinstance(self._request.argnums, tuple) else per_arg[0]
 
     def _with_rest(self, top: Any, rest: tuple, placement: Placement | None) -> Any:
         """``top`` with the lower orders before it (``derivatives``) and ``f``'s aux."""
@@ -280,26 +298,63 @@ class ChunkedFunction:
         values: tuple = ()
         if self._request.with_values:
             *values, result = result
-        argnums = self._request.argnums
-        nums = argnums if isinstance(argnums, tuple) else (argnums,)
-        leaf_order = itertools.cycle([i for a in nums for i in flat.layouts[a].leaves])
+        leaf_order = itertools.cycle(
+            [i for a in _argnums(self._request) for i in flat.layouts[a].leaves]
+        )
 
         def place(block: torch.Tensor) -> Any:
             leaf = plan.leaves[next(leaf_order)]
             dim = block.dim() - len(leaf.shape)
             local = block.narrow(dim, leaf.rows.start, len(leaf.rows)) if leaf.shape else block
-            return _placed(placement, leaf, local, tuple(block.shape))
+            return _placed(placement, leaf, local, dim)
 
         return self._with_rest(tree_map(place, result), (tuple(values), aux), placement)
 
 
-def _placed(placement: Placement, leaf: Leaf, local: torch.Tensor,
-            shape: tuple[int, ...]) -> Any:
-    """A block's DTensor: sharded along its last leaf's first dim, replicated for a
-    0-dim leaf (every rank computes its one seed)."""
+def _placed(placement: Placement, leaf: Leaf, local: torch.Tensor, dim: int) -> Any:
+    """A block's DTensor: sharded along ``dim``, where this rank's rows of ``leaf``'s first
+    dim sit; replicated for a 0-dim leaf (every rank computes its one seed)."""
     if not leaf.shape:
         return placement.replicate(local)
-    return placement.shard(local, len(shape) - len(leaf.shape), shape)
+    shape = list(local.shape)
+    shape[dim] = leaf.shape[0]
+    return placement.shard(local, dim, shape)
+
+
+def _rows_first(leaf: Leaf, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks' coefficients along ``leaf``'s seeds, ``(seeds,) + block``, as
+    ``leaf rows + block`` (``block`` alone for a 0-dim leaf)."""
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+    lead = (len(leaf.rows),) + leaf.shape[1:] if leaf.shape else ()
+    return rows.reshape(lead + tuple(rows.shape[1:]))
+
+
+def _rows_last(leaf: Leaf, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``block + leaf rows``: :func:`_rows_first` with the leaf's dims moved last."""
+    rows = _rows_first(leaf, parts)
+    ndim = len(leaf.shape)
+    if ndim == 0:
+        return rows
+    return rows.movedim(tuple(range(ndim)), tuple(range(rows.dim() - ndim, rows.dim()))
+                        ).contiguous()
+
+
+def _scalar_outputs(plan: ChunkPlan, pieces: list, order: list[int], k: int) -> bool:
+    """Whether every output of ``f`` is 0-dim: piece ``p`` of ``D^(k-1) f`` is
+    ``(seeds,) + output + leaves m_1 .. m_(k-1)`` (``p``'s digits in base ``n``)."""
+    n = len(order)
+    for p, per_leaf in enumerate(pieces):
+        ranks, q = 0, p % n ** (k - 1)
+        for _ in range(k - 1):
+            q, digit = divmod(q, n)
+            ranks += len(plan.leaves[order[digit]].shape)
+        if per_leaf[0][0].dim() != 1 + ranks:
+            return False
+    return True
+
+
+def _argnums(request: Request) -> tuple[int, ...]:
+    return request.argnums if isinstance(request.argnums, tuple) else (request.argnums,)
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -49,6 +49,7 @@ CASES = [
     ("jacobian", vector, 1, 1),
     ("derivative", vector, 3, (0, 1)),
     ("derivative", scalar, 3, 1),
+    ("derivative", scalar, 3, (1, 0)),
 ]
 
 
