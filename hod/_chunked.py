@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._build import Lowered
@@ -84,6 +85,49 @@ class ChunkPlan:
         return ranges
 
 
+class Gathered:
+    """The first coefficients of one block of ``D^(k-1) f`` along one leaf's seeds,
+    gathered chunk by chunk (``add`` takes ``(seeds,) + block`` rows in seed order) into
+    ``leaf rows + block``, or ``block + leaf rows`` when ``last`` (0-dim leaf: ``block``).
+
+    The rows are written into the result as they come, so that no more than the result
+    and one chunk are held; under a torch.func transform (whose wrapped tensors cannot be
+    written into a plain one) they are kept and concatenated at the end.
+    """
+
+    def __init__(self, leaf: Leaf, *, last: bool) -> None:
+        self.leaf, self.last = leaf, last
+        self.lead = (len(leaf.rows),) + leaf.shape[1:] if leaf.shape else ()
+        self.parts: list[torch.Tensor] = []
+        self.buffer: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # the buffer as (seeds, block entries)
+        self.filled = 0
+
+    def add(self, piece: torch.Tensor) -> None:
+        if self.buffer is None and not self.parts and not is_functorch_wrapped_tensor(piece):
+            block = tuple(piece.shape[1:])
+            seeds, entries = _numel(self.lead), _numel(block)
+            self.buffer = piece.new_empty(block + self.lead if self.last else self.lead + block)
+            self.rows = (self.buffer.view(entries, seeds).T if self.last
+                         else self.buffer.view(seeds, entries))
+        if self.buffer is None:
+            self.parts.append(piece)
+            return
+        count = piece.shape[0]
+        self.rows[self.filled:self.filled + count] = piece.reshape(count, self.rows.shape[1])
+        self.filled += count
+
+    def result(self) -> torch.Tensor:
+        if self.buffer is not None:
+            return self.buffer
+        rows = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+        rows = rows.reshape(self.lead + tuple(rows.shape[1:]))
+        ndim = len(self.lead)
+        if not self.last or ndim == 0:
+            return rows
+        return rows.movedim(tuple(range(ndim)), tuple(range(rows.dim() - ndim, rows.dim())))
+
+
 @dataclass
 class ChunkedLowered:
     """What :meth:`ChunkedFunction.lower` returns: ``body`` is the generated code run per
@@ -124,16 +168,21 @@ class ChunkedFunction:
         placement = None if self._group is None else Placement(self._group)
         if plan.whole:
             return self._whole_result(plan, flat, args, kwargs, placement)
-        pieces: list[list[list[torch.Tensor]]] = []
-        spec = None
+        order = [i for a in _argnums(self._request) for i in flat.layouts[a].leaves]
+        gathered: list[list[Gathered]] = []
+        symmetric, spec = False, None
         for chunk in chunked(plan.seeds, plan.width):
             (coefficients,) = self._body(*args, self._series(plan, chunk, flat), **kwargs)
             blocks, spec = tree_flatten(coefficients)
-            pieces = pieces or [[[] for _ in plan.leaves] for _ in blocks]
-            for per_block, b in zip(pieces, blocks, strict=True):
-                for per_leaf, (lo, hi) in zip(per_block, plan.columns(chunk), strict=True):
-                    per_leaf.append(b[lo:hi])
-        top = self._assemble(plan, flat, pieces, spec, placement)
+            if not gathered:
+                symmetric = self._request.order > 1 and _scalar_outputs(
+                    plan, [b.shape for b in blocks], order, self._request.order)
+                gathered = [[Gathered(leaf, last=not symmetric) for leaf in plan.leaves]
+                            for _ in blocks]
+            for per_block, b in zip(gathered, blocks, strict=True):
+                for rows, (lo, hi) in zip(per_block, plan.columns(chunk), strict=True):
+                    rows.add(b[lo:hi])
+        top = self._assemble(plan, flat, gathered, spec, symmetric, placement)
         return self._with_rest(top, self._rest(args, kwargs), placement)
 
     def lower(self, *args: Any, **kwargs: Any) -> ChunkedLowered:
@@ -232,36 +281,32 @@ class ChunkedFunction:
         return ((result,) if request.order == 1 else tuple(result)), aux
 
     # -- the result ---------------------------------------------------------------------------
-    def _assemble(self, plan: ChunkPlan, flat: FlatCall, pieces: list, spec: Any,
-                  placement: Placement | None) -> Any:
-        """``D^k f`` from every chunk's rows: ``pieces[j][l]`` holds, chunk by chunk, the
-        first coefficients of block ``j`` of ``D^(k-1) f`` along the seeds of leaf ``l``,
-        ``(seeds,) + block shape``.
+    def _assemble(self, plan: ChunkPlan, flat: FlatCall, gathered: list, spec: Any,
+                  symmetric: bool, placement: Placement | None) -> Any:
+        """``D^k f`` from every chunk's rows: ``gathered[j][l]`` holds the first
+        coefficients of block ``j`` of ``D^(k-1) f`` along the seeds of leaf ``l``.
 
         Block ``(m_1, .., m_k)`` is block ``(m_1, .., m_(k-1))`` differentiated along leaf
-        ``m_k``: its pieces, the seed axis moved last. For a 0-dim output, whose
-        derivatives are symmetric, it is also block ``(m_2, .., m_k)`` along ``m_1`` with
-        the seed axis first, as the pieces hold it: no transposing copy.
+        ``m_k``, the seed axes last. When ``symmetric`` (0-dim outputs, order >= 2) it is
+        also block ``(m_2, .., m_k)`` along ``m_1``, the seed axes first, as the chunks
+        compute it: no transposing copy.
         """
         order = [i for a in _argnums(self._request) for i in flat.layouts[a].leaves]
         n, k = len(order), self._request.order
-        symmetric = k > 1 and _scalar_outputs(plan, pieces, order, k)
         blocks = []
-        for p in range(len(pieces)):
+        for p in range(len(gathered)):
             nested = []
             for m_k in range(n):
+                source, leaf = p, order[m_k]
                 if symmetric:
                     inner = n ** (k - 2)
                     first, rest = divmod(p % (inner * n), inner)
-                    leaf = plan.leaves[order[first]]
-                    block = _rows_first(leaf, pieces[p - p % (inner * n) + rest * n + m_k]
-                                        [order[first]])
-                    dim = 0
-                else:
-                    leaf = plan.leaves[order[m_k]]
-                    block = _rows_last(leaf, pieces[p][order[m_k]])
-                    dim = block.dim() - len(leaf.shape)
-                nested.append(block if placement is None else _placed(placement, leaf, block, dim))
+                    source, leaf = p - p % (inner * n) + rest * n + m_k, order[first]
+                block = gathered[source][leaf].result()
+                if placement is not None:
+                    dim = 0 if symmetric else block.dim() - len(plan.leaves[leaf].shape)
+                    block = _placed(placement, plan.leaves[leaf], block, dim)
+                nested.append(block)
             blocks.append(self._nest(flat, nested))
         return tree_unflatten(blocks, spec)
 
@@ -321,34 +366,16 @@ def _placed(placement: Placement, leaf: Leaf, local: torch.Tensor, dim: int) -> 
     return placement.shard(local, dim, shape)
 
 
-def _rows_first(leaf: Leaf, parts: list[torch.Tensor]) -> torch.Tensor:
-    """The chunks' coefficients along ``leaf``'s seeds, ``(seeds,) + block``, as
-    ``leaf rows + block`` (``block`` alone for a 0-dim leaf)."""
-    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
-    lead = (len(leaf.rows),) + leaf.shape[1:] if leaf.shape else ()
-    return rows.reshape(lead + tuple(rows.shape[1:]))
-
-
-def _rows_last(leaf: Leaf, parts: list[torch.Tensor]) -> torch.Tensor:
-    """``block + leaf rows``: :func:`_rows_first` with the leaf's dims moved last."""
-    rows = _rows_first(leaf, parts)
-    ndim = len(leaf.shape)
-    if ndim == 0:
-        return rows
-    return rows.movedim(tuple(range(ndim)), tuple(range(rows.dim() - ndim, rows.dim()))
-                        ).contiguous()
-
-
-def _scalar_outputs(plan: ChunkPlan, pieces: list, order: list[int], k: int) -> bool:
-    """Whether every output of ``f`` is 0-dim: piece ``p`` of ``D^(k-1) f`` is
-    ``(seeds,) + output + leaves m_1 .. m_(k-1)`` (``p``'s digits in base ``n``)."""
+def _scalar_outputs(plan: ChunkPlan, shapes: list, order: list[int], k: int) -> bool:
+    """Whether every output of ``f`` is 0-dim: the body's block ``p`` is
+    ``(width,) + output + leaves m_1 .. m_(k-1)`` (``p``'s digits in base ``n``)."""
     n = len(order)
-    for p, per_leaf in enumerate(pieces):
+    for p, shape in enumerate(shapes):
         ranks, q = 0, p % n ** (k - 1)
         for _ in range(k - 1):
             q, digit = divmod(q, n)
             ranks += len(plan.leaves[order[digit]].shape)
-        if per_leaf[0][0].dim() != 1 + ranks:
+        if len(shape) != 1 + ranks:
             return False
     return True
 
