@@ -287,7 +287,7 @@ def operator(
         for k, coefficients in zip(lower_orders, lower, strict=True):
             weights = directions(size)[1][k]
             if rows is not None:
-                weights = torch.cat([weights, weights.new_zeros(1)])[rows]
+                weights = torch.cat([weights, weights.new_zeros(1)])[rows.cpu()]
             top = tree_map(functools.partial(_add_weighted, weights), top, coefficients)
         return top
 
@@ -349,23 +349,26 @@ def _basis_operator(
         return OperatorFunction(call, lambda *a, **k: finish(a, inner(*a, **k), None),
                                 inner.lower)
 
-    def total(args: tuple, kwargs: dict) -> int:
-        """``R``, as the code records it (batch compression may make it below the bound)."""
-        size = sum(leaf.numel() for leaf in differentiated_leaves(call, args, nums))
-        probe = chunks.rows(range(0), bound(size))
-        return inner.lower(*args, probe, **kwargs).seed_size
+    def total(args: tuple, kwargs: dict) -> tuple[int, torch.device]:
+        """``R``, as the code records it (batch compression may make it below the
+        bound), and the device of the rows."""
+        leaves = differentiated_leaves(call, args, nums)
+        probe = chunks.rows(range(0), bound(sum(leaf.numel() for leaf in leaves)),
+                            leaves[0].device)
+        return inner.lower(*args, probe, **kwargs).seed_size, leaves[0].device
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        directions = total(args, kwargs)
+        directions, device = total(args, kwargs)
 
         def chunk(piece: range) -> Any:
-            rows = chunks.rows(piece, directions)
+            rows = chunks.rows(piece, directions, device)
             return finish(args, inner(*args, rows, **kwargs), rows)
 
         return chunks.partial(chunks.summed(directions, chunk))
 
     def lower(*args: Any, **kwargs: Any) -> Lowered:
-        return inner.lower(*args, chunks.rows(range(0), total(args, kwargs)), **kwargs)
+        directions, device = total(args, kwargs)
+        return inner.lower(*args, chunks.rows(range(0), directions, device), **kwargs)
 
     return OperatorFunction(call, run, lower)
 

@@ -117,7 +117,7 @@ def random_directions(
         if distribution == "normal":
             v = torch.randn(shape, generator=generator, dtype=leaf.dtype, device=leaf.device)
         else:
-            bits = torch.randint(0, 2, shape, generator=generator, device=leaf.device)
-            v = (2 * bits - 1).to(leaf.dtype)
+            v = torch.randint(0, 2, shape, generator=generator, dtype=leaf.dtype,
+                              device=leaf.device).mul_(2).sub_(1)  # no int64 copies
         out.append((v,))
     return tuple(out)

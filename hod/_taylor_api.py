@@ -135,11 +135,11 @@ class Chunks:
                                                              self.placement.world)
         return chunked(rank_rows(total, rank, world), self.width(total))
 
-    def rows(self, piece: range, total: int) -> torch.Tensor:
+    def rows(self, piece: range, total: int, device: torch.device) -> torch.Tensor:
         """The int64 row indices of a chunk, padded to the chunk's width with ``total``
         (an index past the last direction: a zero one)."""
-        rows = torch.full((self.width(total),), total, dtype=torch.int64)
-        rows[: len(piece)] = torch.arange(piece.start, piece.stop)
+        rows = torch.full((self.width(total),), total, dtype=torch.int64, device=device)
+        rows[: len(piece)] = torch.arange(piece.start, piece.stop, device=device)
         return rows
 
     def cut(self, tree: Any, piece: range, total: int) -> Any:

@@ -282,6 +282,10 @@ def _rank_worker(rank: int, world: int) -> dict:
             result = transform(group=dist.group.WORLD, chunk_size=chunk_size)(*args)
             out[name, chunk_size] = [(type(t.placements[0]).__name__, t.full_tensor())
                                      for t in tree_flatten(result)[0]]
+    try:
+        hod.laplacian(_mlp, group="world")
+    except InputError as error:
+        out["error"] = str(error)
     return out
 
 
@@ -290,6 +294,8 @@ PLACEMENTS = {"jet": "Replicate", "hvp": "Replicate"}
 
 def test_two_ranks_equal_one_process() -> None:
     ranks = run_ranks(_rank_worker, 2)
+    for rank in ranks:
+        assert "group must be a torch.distributed ProcessGroup, got str" in rank["error"]
     for name, (transform, args) in _cases().items():
         want = tree_flatten(transform()(*args))[0]
         for rank in ranks:
