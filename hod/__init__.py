@@ -13,6 +13,7 @@ from ._api import (
     jacobian,
 )
 from ._build import Lowered
+from ._chunked import ChunkedFunction
 from ._operators import OperatorFunction, biharmonic, laplacian, operator
 from ._taylor_api import SeriesFunction, hvp, jet
 from .errors import (
@@ -26,6 +27,7 @@ from .errors import (
 )
 
 __all__ = [
+    "ChunkedFunction",
     "CompileError",
     "DEFAULT_MEMORY_LIMIT",
     "DerivativeFunction",
