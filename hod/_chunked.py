@@ -73,6 +73,8 @@ class ChunkPlan:
     width: int
     size: int  # S
     whole: bool = False  # computed unchunked (see the module's docstring)
+    output: Leaf | None = None  # set: a reverse Jacobian cut along its output's rows
+    output_spec: Any = None  # then, the tree spec of f's output
 
     def columns(self, chunk: Sequence[int]) -> list[tuple[int, int]]:
         """Per leaf, the range of ``chunk``'s columns holding its seeds (contiguous,
@@ -160,6 +162,8 @@ class ChunkedFunction:
         self._chunk_size, self._group = chunk_size, group
         body_request = replace(request, f=self._top, order=1, has_aux=False, with_values=False)
         self._body = TaylorFunction(body_request, argnums, FIRST_COEFFICIENTS)
+        rows_request = replace(body_request, f=self._projected)
+        self._rows_body = DerivativeFunction(rows_request, argnums, chunk_hint=False)
         self._plans: OrderedDict[Hashable, ChunkPlan] = OrderedDict()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -168,6 +172,9 @@ class ChunkedFunction:
         placement = None if self._group is None else Placement(self._group)
         if plan.whole:
             return self._whole_result(plan, flat, args, kwargs, placement)
+        if plan.output is not None:
+            top = self._by_output_rows(plan, flat, args, kwargs, placement)
+            return self._with_rest(top, self._rest(args, kwargs), placement)
         order = [i for a in _argnums(self._request) for i in flat.layouts[a].leaves]
         gathered: list[list[Gathered]] = []
         symmetric, spec = False, None
@@ -191,8 +198,12 @@ class ChunkedFunction:
         plan = self._plan(flat)
         if plan.whole:
             return ChunkedLowered(None, self._whole.lower(*args, **kwargs), 1, 0)
-        series = self._series(plan, plan.seeds[: plan.width], flat)
-        body = self._body.lower(*args, series, **kwargs)
+        if plan.output is not None:
+            cotangents = self._unit_rows(plan, plan.seeds[: plan.width], flat)
+            body = self._rows_body.lower(*args, cotangents, **kwargs)
+        else:
+            series = self._series(plan, plan.seeds[: plan.width], flat)
+            body = self._body.lower(*args, series, **kwargs)
         chunks = len(list(chunked(plan.seeds, plan.width)))
         return ChunkedLowered(body, None, chunks, plan.width)
 
@@ -200,6 +211,7 @@ class ChunkedFunction:
         """Forget all generated code and plans."""
         self._plans.clear()
         self._body.clear_cache()
+        self._rows_body.clear_cache()
         self._whole.clear_cache()
 
     def __repr__(self) -> str:
@@ -221,35 +233,61 @@ class ChunkedFunction:
             leaves.append(Leaf(offset, shape, rows))
             offset += _numel(shape)
         seeds = tuple(s for leaf in leaves for s in leaf.seeds)
-        width = len(seeds) if self._chunk_size is None else min(self._chunk_size, len(seeds))
-        plan = ChunkPlan(tuple(leaves), seeds, max(1, width), offset)
+        plan = ChunkPlan(tuple(leaves), seeds, self._width(seeds), offset)
+        reverse = self._reverse_output(plan, flat)
+        if reverse is not None and not reverse[0]:
+            # A gradient: reverse mode's one seed. Each rank keeps its rows of it.
+            plan = replace(plan, whole=True)
+        elif reverse is not None:  # cut the outputs, reverse mode's seeds, instead
+            shape, spec = reverse
+            rows = range(shape[0])
+            if placement is not None:
+                rows = rank_rows(shape[0], placement.rank, placement.world)
+            output = Leaf(0, shape, rows)
+            plan = replace(plan, seeds=tuple(output.seeds), width=self._width(output.seeds),
+                           size=_numel(shape), output=output, output_spec=spec)
         # One chunk holding every seed is the unchunked code.
-        if (placement is None and len(seeds) <= plan.width) or self._few_outputs(plan, flat):
+        if placement is None and len(plan.seeds) <= plan.width:
             plan = replace(plan, whole=True)
         self._plans[flat.key] = plan
         while len(self._plans) > CACHE_SIZE:
             self._plans.popitem(last=False)
         return plan
 
-    def _few_outputs(self, plan: ChunkPlan, flat: FlatCall) -> bool:
-        """A Jacobian that reverse mode computes over outputs fitting in one chunk."""
+    def _width(self, seeds: Sequence[int]) -> int:
+        """Seeds per run of the body: the chunk size, at most all of them."""
+        return max(1, len(seeds) if self._chunk_size is None
+                   else min(self._chunk_size, len(seeds)))
+
+    def _reverse_output(self, plan: ChunkPlan, flat: FlatCall) -> tuple | None:
+        """For a Jacobian that reverse mode computes (one output of ``m`` entries,
+        ``3 m <= S``, as :func:`hod._plan.choose_mode` decides): the output's shape and
+        ``f``'s output spec; None otherwise."""
         if self._request.order != 1:
-            return False
+            return None
         forward = trace_forward(self._whole._request, flat)
-        sizes = [n.meta["val"].numel() for n in forward.outputs()[: forward.n_out]]
-        return (len(sizes) == 1 and REVERSE_COST * sizes[0] <= plan.size
-                and (self._chunk_size is None or sizes[0] <= self._chunk_size))
+        values = [n.meta["val"] for n in forward.outputs()[: forward.n_out]]
+        if len(values) != 1 or REVERSE_COST * values[0].numel() > plan.size:
+            return None
+        return tuple(values[0].shape), forward.out_spec
 
     @staticmethod
-    def _series(plan: ChunkPlan, chunk: Sequence[int], flat: FlatCall) -> tuple:
-        """The unit directions of ``chunk``'s seeds, laid out as the body's series: per
-        differentiated leaf a ``(width,) + leaf shape`` tensor (rows past the chunk zero)."""
+    def _unit_rows(plan: ChunkPlan, chunk: Sequence[int], flat: FlatCall) -> torch.Tensor:
+        """``(width, S)``: row ``r`` is one at seed ``chunk[r]``; the rows past the chunk
+        are zero."""
         example = flat.tensors[flat.diff[0]]
         directions = torch.zeros(plan.width, plan.size, dtype=example.dtype,
                                  device=example.device)
         if chunk:
             rows = torch.arange(len(chunk), device=example.device)
             directions[rows, torch.as_tensor(chunk, device=example.device)] = 1
+        return directions
+
+    @classmethod
+    def _series(cls, plan: ChunkPlan, chunk: Sequence[int], flat: FlatCall) -> tuple:
+        """The unit directions of ``chunk``'s seeds, laid out as the body's series: per
+        differentiated leaf a ``(width,) + leaf shape`` tensor (rows past the chunk zero)."""
+        directions = cls._unit_rows(plan, chunk, flat)
         return tuple(
             (directions[:, leaf.offset:leaf.offset + _numel(leaf.shape)]
              .reshape(plan.width, *leaf.shape).to(flat.tensors[pos].dtype),)
@@ -265,6 +303,28 @@ class ChunkedFunction:
         if self._request.with_values and self._request.order > 1:
             result = result[-1]
         return result
+
+    def _projected(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``U @ f(args)`` flattened, ``U`` (``(width, m)`` unit rows) the last positional
+        argument: reverse mode's seeds for a chunk of the output's entries."""
+        output = tree_flatten(self._top(*args[:-1], **kwargs))[0][0]
+        return args[-1] @ output.reshape(-1)
+
+    def _by_output_rows(self, plan: ChunkPlan, flat: FlatCall, args: tuple, kwargs: dict,
+                        placement: Placement | None) -> Any:
+        """A reverse Jacobian cut along its output: per chunk of its entries the
+        Jacobian of ``U @ f``, whose rows are those of every block."""
+        gathered: list[Gathered] = []
+        for chunk in chunked(plan.seeds, plan.width):
+            rows = self._rows_body(*args, self._unit_rows(plan, chunk, flat), **kwargs)
+            blocks = tree_flatten(rows)[0]
+            gathered = gathered or [Gathered(plan.output, last=False) for _ in blocks]
+            for g, b in zip(gathered, blocks, strict=True):
+                g.add(b[:len(chunk)])
+        results = [g.result() for g in gathered]
+        if placement is not None:
+            results = [_placed(placement, plan.output, r, 0) for r in results]
+        return tree_unflatten([self._nest(flat, results)], plan.output_spec)
 
     def _rest(self, args: tuple, kwargs: dict) -> tuple[tuple, Any]:
         """The lower orders ``derivatives`` returns before the top one, and ``f``'s aux:

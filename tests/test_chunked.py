@@ -102,6 +102,22 @@ def test_a_jacobian_with_few_outputs_is_reverse_mode_whole():
     assert_same_tree(fn(x, y), reference(scalar, 1)(x, y))
 
 
+def test_a_reverse_jacobian_is_cut_along_its_output():
+    """3 m <= S: reverse mode's seeds are the output's entries; they are what is cut."""
+    w = torch.randn(12, 40, dtype=D)
+
+    def f(x, b):
+        return {"y": torch.tanh(w @ x + b.sum()).reshape(3, 4)}
+
+    x, b = torch.randn(40, dtype=D), torch.randn(3, dtype=D)
+    for c in (1, 5, 11):
+        fn = hod.jacobian(f, (1, 0), chunk_size=c)
+        assert fn.lower(x, b).chunks == -(-12 // c)
+        assert_same_tree(fn(x, b), reference(f, 1, (1, 0))(x, b))
+    values = hod.derivatives(f, 1, chunk_size=5)(x, b)
+    assert_same_tree(values, hod.derivatives(f, 1)(x, b))
+
+
 def largest_tensor(gm) -> int:
     """The most elements of one tensor a generated graph computes."""
     sizes = [n.meta["val"].numel() for n in gm.graph.nodes
