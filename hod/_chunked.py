@@ -38,12 +38,12 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._build import Lowered
+from ._directional import Directional, unit_rows
 from ._function import CACHE_SIZE, DerivativeFunction
 from ._plan import REVERSE_COST
-from ._records import FlatCall, Request, TaylorPlan
+from ._records import FlatCall, Request
 from ._shard import Placement, chunked, rank_rows
 from ._signature import flatten_call
-from ._taylor_api import TaylorFunction
 from ._tracing import trace_forward
 
 
@@ -146,10 +146,6 @@ class ChunkedLowered:
         return (self.body or self.whole).code
 
 
-#: The body: first Taylor coefficients along the directions the call passes.
-FIRST_COEFFICIENTS = TaylorPlan(order=1, returns=(1,), series=True)
-
-
 class ChunkedFunction:
     """What the derivative transforms return given ``chunk_size=`` or ``group=``: call it
     like ``f``; ``lower`` shows the code run per chunk. Results equal the unchunked
@@ -160,9 +156,9 @@ class ChunkedFunction:
         self._request, self._nums = request, argnums
         self._inner, self._whole = inner, whole
         self._chunk_size, self._group = chunk_size, group
-        body_request = replace(request, f=self._top, order=1, has_aux=False, with_values=False)
-        self._body = TaylorFunction(body_request, argnums, FIRST_COEFFICIENTS)
-        rows_request = replace(body_request, f=self._projected)
+        self._along = Directional(request, argnums, inner)
+        rows_request = replace(request, f=self._projected, order=1, has_aux=False,
+                               with_values=False)
         self._rows_body = DerivativeFunction(rows_request, argnums, chunk_hint=False)
         self._plans: OrderedDict[Hashable, ChunkPlan] = OrderedDict()
 
@@ -179,7 +175,7 @@ class ChunkedFunction:
         gathered: list[list[Gathered]] = []
         symmetric, spec = False, None
         for chunk in chunked(plan.seeds, plan.width):
-            (coefficients,) = self._body(*args, self._series(plan, chunk, flat), **kwargs)
+            coefficients = self._along(args, kwargs, self._unit_rows(plan, chunk, flat), flat)
             blocks, spec = tree_flatten(coefficients)
             if not gathered:
                 symmetric = self._request.order > 1 and _scalar_outputs(
@@ -202,15 +198,15 @@ class ChunkedFunction:
             cotangents = self._unit_rows(plan, plan.seeds[: plan.width], flat)
             body = self._rows_body.lower(*args, cotangents, **kwargs)
         else:
-            series = self._series(plan, plan.seeds[: plan.width], flat)
-            body = self._body.lower(*args, series, **kwargs)
+            directions = self._unit_rows(plan, plan.seeds[: plan.width], flat)
+            body = self._along.lower(args, kwargs, directions, flat)
         chunks = len(list(chunked(plan.seeds, plan.width)))
         return ChunkedLowered(body, None, chunks, plan.width)
 
     def clear_cache(self) -> None:
         """Forget all generated code and plans."""
         self._plans.clear()
-        self._body.clear_cache()
+        self._along.function.clear_cache()
         self._rows_body.clear_cache()
         self._whole.clear_cache()
 
@@ -273,41 +269,13 @@ class ChunkedFunction:
 
     @staticmethod
     def _unit_rows(plan: ChunkPlan, chunk: Sequence[int], flat: FlatCall) -> torch.Tensor:
-        """``(width, S)``: row ``r`` is one at seed ``chunk[r]``; the rows past the chunk
-        are zero."""
-        example = flat.tensors[flat.diff[0]]
-        directions = torch.zeros(plan.width, plan.size, dtype=example.dtype,
-                                 device=example.device)
-        if chunk:
-            rows = torch.arange(len(chunk), device=example.device)
-            directions[rows, torch.as_tensor(chunk, device=example.device)] = 1
-        return directions
+        return unit_rows(plan.width, plan.size, chunk, flat.tensors[flat.diff[0]])
 
-    @classmethod
-    def _series(cls, plan: ChunkPlan, chunk: Sequence[int], flat: FlatCall) -> tuple:
-        """The unit directions of ``chunk``'s seeds, laid out as the body's series: per
-        differentiated leaf a ``(width,) + leaf shape`` tensor (rows past the chunk zero)."""
-        directions = cls._unit_rows(plan, chunk, flat)
-        return tuple(
-            (directions[:, leaf.offset:leaf.offset + _numel(leaf.shape)]
-             .reshape(plan.width, *leaf.shape).to(flat.tensors[pos].dtype),)
-            for leaf, pos in zip(plan.leaves, flat.diff, strict=True)
-        )
-
-    # -- what the body differentiates, and what rides along -----------------------------------
-    def _top(self, *args: Any, **kwargs: Any) -> Any:
-        """``D^(k-1) f`` (``f`` for a Jacobian) without aux and lower orders."""
-        result = self._inner(*args, **kwargs)
-        if self._request.has_aux:
-            result = result[0]
-        if self._request.with_values and self._request.order > 1:
-            result = result[-1]
-        return result
-
+    # -- what rides along ---------------------------------------------------------------------
     def _projected(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``U @ f(args)`` flattened, ``U`` (``(width, m)`` unit rows) the last positional
         argument: reverse mode's seeds for a chunk of the output's entries."""
-        output = tree_flatten(self._top(*args[:-1], **kwargs))[0][0]
+        output = tree_flatten(self._along.top(*args[:-1], **kwargs))[0][0]
         return args[-1] @ output.reshape(-1)
 
     def _by_output_rows(self, plan: ChunkPlan, flat: FlatCall, args: tuple, kwargs: dict,

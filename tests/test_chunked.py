@@ -84,7 +84,7 @@ def test_body_is_generated_once_and_run_per_chunk():
     assert lowered.body is not None and lowered.whole is None
     fn(x, y)
     fn(x + 1, y)
-    assert len(fn._body._cache) == 1
+    assert len(fn._along.function._cache) == 1
 
 
 def test_one_chunk_holding_every_seed_runs_the_unchunked_code():

@@ -29,8 +29,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "codegen": ("_codegen",),
     "compile": ("_compiled",),
     "driver": ("_build", "_taylor", "_adjoint"),
-    "api": ("_signature", "_series", "_vmap", "_shard", "_function", "_chunked", "_api",
-            "_taylor_api", "_operators", "__init__"),
+    "api": ("_signature", "_series", "_vmap", "_shard", "_function", "_taylor_api",
+            "_directional", "_chunked", "_sparse", "_api", "_operators", "__init__"),
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 LAYER = {name: layer for layer, names in LAYERS.items() for name in names}
