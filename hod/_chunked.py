@@ -38,7 +38,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._build import Lowered
-from ._directional import Directional, unit_rows
+from ._directional import Directional, argnum_order, nest, unit_rows
 from ._function import CACHE_SIZE, DerivativeFunction
 from ._plan import REVERSE_COST
 from ._records import FlatCall, Request
@@ -171,7 +171,7 @@ class ChunkedFunction:
         if plan.output is not None:
             top = self._by_output_rows(plan, flat, args, kwargs, placement)
             return self._with_rest(top, self._rest(args, kwargs), placement)
-        order = [i for a in _argnums(self._request) for i in flat.layouts[a].leaves]
+        order = [i for a in argnum_order(self._request) for i in flat.layouts[a].leaves]
         gathered: list[list[Gathered]] = []
         symmetric, spec = False, None
         for chunk in chunked(plan.seeds, plan.width):
@@ -292,7 +292,7 @@ class ChunkedFunction:
         results = [g.result() for g in gathered]
         if placement is not None:
             results = [_placed(placement, plan.output, r, 0) for r in results]
-        return tree_unflatten([self._nest(flat, results)], plan.output_spec)
+        return tree_unflatten([nest(self._request, flat, results)], plan.output_spec)
 
     def _rest(self, args: tuple, kwargs: dict) -> tuple[tuple, Any]:
         """The lower orders ``derivatives`` returns before the top one, and ``f``'s aux:
@@ -319,7 +319,7 @@ class ChunkedFunction:
         also block ``(m_2, .., m_k)`` along ``m_1``, the seed axes first, as the chunks
         compute it: no transposing copy.
         """
-        order = [i for a in _argnums(self._request) for i in flat.layouts[a].leaves]
+        order = [i for a in argnum_order(self._request) for i in flat.layouts[a].leaves]
         n, k = len(order), self._request.order
         blocks = []
         for p in range(len(gathered)):
@@ -335,19 +335,8 @@ class ChunkedFunction:
                     dim = 0 if symmetric else block.dim() - len(plan.leaves[leaf].shape)
                     block = _placed(placement, plan.leaves[leaf], block, dim)
                 nested.append(block)
-            blocks.append(self._nest(flat, nested))
+            blocks.append(nest(self._request, flat, nested))
         return tree_unflatten(blocks, spec)
-
-    def _nest(self, flat: FlatCall, blocks: list) -> Any:
-        """One block of ``D^(k-1) f`` times every leaf (``blocks``, in argnums order),
-        nested as ``jacfwd(argnums)`` nests it: per argnum (a tuple when argnums is one),
-        that argument's pytree."""
-        per_arg, start = [], 0
-        for a in _argnums(self._request):
-            layout = flat.layouts[a]
-            per_arg.append(tree_unflatten(blocks[start:start + len(layout.leaves)], layout.spec))
-            start += len(layout.leaves)
-        return tuple(per_arg) if isinstance(self._request.argnums, tuple) else per_arg[0]
 
     def _with_rest(self, top: Any, rest: tuple, placement: Placement | None) -> Any:
         """``top`` with the lower orders before it (``derivatives``) and ``f``'s aux."""
@@ -372,7 +361,7 @@ class ChunkedFunction:
         if self._request.with_values:
             *values, result = result
         leaf_order = itertools.cycle(
-            [i for a in _argnums(self._request) for i in flat.layouts[a].leaves]
+            [i for a in argnum_order(self._request) for i in flat.layouts[a].leaves]
         )
 
         def place(block: torch.Tensor) -> Any:
@@ -406,10 +395,6 @@ def _scalar_outputs(plan: ChunkPlan, shapes: list, order: list[int], k: int) -> 
         if len(shape) != 1 + ranks:
             return False
     return True
-
-
-def _argnums(request: Request) -> tuple[int, ...]:
-    return request.argnums if isinstance(request.argnums, tuple) else (request.argnums,)
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_unflatten
 
 from ._build import Lowered
 from ._records import FlatCall, Request, TaylorPlan
@@ -73,3 +74,20 @@ def unit_rows(width: int, size: int, seeds: Sequence[int], like: torch.Tensor) -
         index = torch.arange(len(seeds), device=like.device)
         rows[index, torch.as_tensor(seeds, device=like.device)] = 1
     return rows
+
+
+def argnum_order(request: Request) -> tuple[int, ...]:
+    """The differentiated arguments in the order results nest them (``argnums``' own)."""
+    return request.argnums if isinstance(request.argnums, tuple) else (request.argnums,)
+
+
+def nest(request: Request, flat: FlatCall, blocks: list) -> Any:
+    """One block's derivatives w.r.t. every leaf (``blocks``, in :func:`argnum_order`),
+    nested as ``jacfwd(argnums)`` nests them: per argnum (a tuple when argnums is one),
+    that argument's pytree."""
+    per_arg, start = [], 0
+    for a in argnum_order(request):
+        layout = flat.layouts[a]
+        per_arg.append(tree_unflatten(blocks[start:start + len(layout.leaves)], layout.spec))
+        start += len(layout.leaves)
+    return tuple(per_arg) if isinstance(request.argnums, tuple) else per_arg[0]
