@@ -155,8 +155,8 @@ def _inputs(
         outputs = list(range(traced.n_out))
         seeds = plan_seeds(traced.gm, flat.diff, shapes, lambda batch: outputs)
     if plan.basis is None and not plan.chunked:
-        return seeded_inputs(em, flat, seeds, plan.order), seeds, _weights(em, flat, plan,
-                                                                           seeds), None
+        weights = _weights(em, flat, plan, seeds)
+        return seeded_inputs(em, flat, seeds, plan.order), seeds, weights, None
     inputs = _unseeded(em, flat, seeds, plan.order)
     basis, weights, total = _directions(em, flat, plan, seeds, inputs)
     for leaf, segment in zip(flat.diff, seeds.segments, strict=True):
@@ -196,13 +196,18 @@ def _directions(
         hits = em.call(aten.eq.Tensor, em.reshape(rows, [-1, 1]), coordinates)
         basis = em.call(aten._to_copy.default, hits, dtype=_like(flat).dtype)
     else:
-        padded = torch.cat([full, full.new_zeros(1, full.shape[1])])
-        basis = em.call(aten.index_select.default, em.constant("directions", padded), 0, rows)
+        basis = em.call(aten.index_select.default,
+                        em.constant("directions", _with_zero_row(full)), 0, rows)
     weights = None if plan.collapse is None else plan.collapse(seeds.size)
     if weights is not None:
-        padded = torch.cat([weights, weights.new_zeros(1)]).to(_like(flat))
+        padded = _with_zero_row(weights.to(_like(flat)))
         weights = em.call(aten.index_select.default, em.constant("weights", padded), 0, rows)
     return basis, weights, total
+
+
+def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with one more row of zeros: what a chunk's padding index selects."""
+    return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
 
 
 def _like(flat: FlatCall) -> torch.Tensor:
