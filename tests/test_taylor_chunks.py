@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _distributed import run_ranks
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 import hod
 import hod._taylor_api
@@ -34,6 +34,12 @@ def _mixed(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (y.sin() * y[0]).sum() * z.cos().sum() + (y ** 3).prod() + (z @ z).exp().sum()
 
 
+def _tree(p: dict) -> tuple:
+    """A dict argument and two outputs."""
+    a, b = p["a"], p["b"]
+    return (a.sin() * b.sum()).sum(), torch.stack([a.pow(3).sum(), (a @ b).tanh().sum()])
+
+
 def _weights(size: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.linspace(-1, 1, size * size, dtype=dtype).reshape(size, size).sin()
 
@@ -50,6 +56,8 @@ VARIANTS = {
                         7),
     "laplacian-two-args": (lambda **k: hod.laplacian(_mixed, (0, 1), **k),
                            lambda: (torch.randn(4), torch.randn(2, 2)), 8),
+    "laplacian-pytree": (lambda **k: hod.laplacian(_tree, **k),
+                         lambda: ({"a": torch.randn(2), "b": torch.randn(2, 3)},), 8),
     "laplacian-samples": (lambda **k: hod.laplacian(_mlp, samples=10, generator=_generator(),
                                                     **k), lambda: (torch.randn(3, 7),), 10),
     "laplacian-weights": (lambda **k: hod.laplacian(_mixed, weights=_weights(4, D), **k),
@@ -66,7 +74,7 @@ VARIANTS = {
 
 
 def _cast(args: tuple, dtype: torch.dtype) -> tuple:
-    return tuple(a.to(dtype) for a in args)
+    return tree_map(lambda a: a.to(dtype), args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
