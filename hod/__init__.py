@@ -14,6 +14,7 @@ from ._api import (
 )
 from ._build import Lowered
 from ._chunked import ChunkedFunction
+from ._sparse import SparseFunction
 from ._operators import OperatorFunction, biharmonic, laplacian, operator
 from ._taylor_api import SeriesFunction, hvp, jet
 from .errors import (
@@ -40,6 +41,7 @@ __all__ = [
     "UnsupportedOperatorError",
     "OperatorFunction",
     "SeriesFunction",
+    "SparseFunction",
     "biharmonic",
     "derivative",
     "derivatives",

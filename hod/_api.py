@@ -6,11 +6,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ._chunked import ChunkedFunction
 from ._compiled import compile_options
 from ._function import DEFAULT_MEMORY_LIMIT, DerivativeFunction, describe, validate_arguments
 from ._records import Request
 from ._shard import check_chunk_size, check_group
+from ._sparse import LAYOUTS, SparseFunction
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -20,15 +23,18 @@ if TYPE_CHECKING:
 def _transform(
     name: str, f: Callable, *, order: int, argnums: int | tuple[int, ...], has_aux: bool,
     with_values: bool, shown_order: int | None, memory_limit: int | None, allow_random: bool,
-    compile: bool | dict[str, Any], chunk_size: int | None, group: Any,
+    compile: bool | dict[str, Any], chunk_size: int | None, group: Any, sparse: bool = False,
+    layout: torch.layout = torch.sparse_coo,
 ) -> Any:
     """The transformed ``f`` after checking the arguments; ``shown_order`` is the order
     named in error messages (None for ``jacobian``/``hessian``, whose name says it).
-    With ``chunk_size`` or ``group`` it is a :class:`~hod._chunked.ChunkedFunction`."""
+    With ``sparse`` it is a :class:`~hod._sparse.SparseFunction`, else with
+    ``chunk_size`` or ``group`` a :class:`~hod._chunked.ChunkedFunction`."""
     call = describe(name, f, shown_order, argnums)
     nums = validate_arguments(call, f, order, argnums)
     check_chunk_size(call, chunk_size)
     check_group(call, group)
+    _check_sparse(call, order, sparse, layout)
     if memory_limit is not None and (
         isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
     ):
@@ -42,12 +48,37 @@ def _transform(
         compile=compile_options(call, compile),
     )
     whole = DerivativeFunction(request, nums)
-    if chunk_size is None and group is None:
+    if chunk_size is None and group is None and not sparse:
         return whole
     inner = f if order == 1 else DerivativeFunction(
         replace(request, order=order - 1), nums, chunk_hint=False
     )
+    if sparse:
+        return SparseFunction(request, nums, inner, layout, chunk_size, group)
     return ChunkedFunction(request, nums, inner, whole, chunk_size, group)
+
+
+def _check_sparse(call: str, order: int, sparse: Any, layout: Any) -> None:
+    if not isinstance(sparse, bool):
+        raise InputError(
+            f"{call}: sparse must be True or False, got {sparse!r}.\n"
+            f"  Fix: sparse=True for torch sparse results."
+        )
+    if sparse and order not in (1, 2):
+        raise InputError(
+            f"{call}: sparse=True computes Jacobians and Hessians (orders 1 and 2), not "
+            f"order {order}.\n  Fix: use order 1 or 2, or drop sparse=True."
+        )
+    if layout not in LAYOUTS:
+        raise InputError(
+            f"{call}: layout must be torch.sparse_coo or torch.sparse_csr, got {layout!r}.\n"
+            f"  Fix: e.g. layout=torch.sparse_csr for 2-D results."
+        )
+    if layout is not torch.sparse_coo and not sparse:
+        raise InputError(
+            f"{call}: layout= applies to sparse results only.\n"
+            f"  Fix: pass sparse=True with it, or drop layout=."
+        )
 
 
 _COMMON_KEYWORDS = """
@@ -82,9 +113,24 @@ _COMMON_KEYWORDS = """
     ``derivatives`` and blocks of 0-dim leaves are replicated. See :mod:`hod._chunked`.
 """
 
+_SPARSE_KEYWORDS = """
+
+    ``sparse=True`` (Jacobians and Hessians of one number): every block is a torch sparse
+    tensor of the dense block's shape (``layout=torch.sparse_csr`` for 2-D blocks;
+    COO by default). At the first call of a signature hod finds the derivative's
+    index-level sparsity pattern in the traced graph, colours it, and generates code that
+    pushes one direction per colour through ``f`` (through its gradient for a Hessian), so
+    the work and memory scale with the colours and the nonzeros, not the dense size.
+    ``.lower(...).sparsity`` shows the pattern and the colouring. With ``chunk_size`` the
+    colours run that many at a time; with ``group`` each rank runs its share of them and
+    every rank gets the whole sparse result. See :mod:`hod._sparse`.
+"""
+
 
 def _document(transform: Callable) -> Callable:
     transform.__doc__ += _COMMON_KEYWORDS
+    if transform.__name__ != "derivatives":
+        transform.__doc__ += _SPARSE_KEYWORDS
     return transform
 
 
@@ -93,8 +139,9 @@ def derivative(
     f: Callable, order: int, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
     compile: bool | dict[str, Any] = False, chunk_size: int | None = None,
-    group: ProcessGroup | None = None,
-) -> DerivativeFunction | ChunkedFunction:
+    group: ProcessGroup | None = None, sparse: bool = False,
+    layout: torch.layout = torch.sparse_coo,
+) -> DerivativeFunction | ChunkedFunction | SparseFunction:
     """The order-``order`` derivative of ``f`` with respect to ``args[argnums]``.
 
     Equal in structure and value to ``torch.func`` nesting: ``jacrev(f, argnums)`` wrapped
@@ -106,7 +153,7 @@ def derivative(
     return _transform(
         "derivative", f, order=order, argnums=argnums, has_aux=has_aux, with_values=False,
         shown_order=order, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
-        chunk_size=chunk_size, group=group,
+        chunk_size=chunk_size, group=group, sparse=sparse, layout=layout,
     )
 
 
@@ -133,13 +180,14 @@ def jacobian(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
     compile: bool | dict[str, Any] = False, chunk_size: int | None = None,
-    group: ProcessGroup | None = None,
-) -> DerivativeFunction | ChunkedFunction:
+    group: ProcessGroup | None = None, sparse: bool = False,
+    layout: torch.layout = torch.sparse_coo,
+) -> DerivativeFunction | ChunkedFunction | SparseFunction:
     """``derivative(f, 1, argnums)``: equals ``torch.func.jacrev(f, argnums)``."""
     return _transform(
         "jacobian", f, order=1, argnums=argnums, has_aux=has_aux, with_values=False,
         shown_order=None, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
-        chunk_size=chunk_size, group=group,
+        chunk_size=chunk_size, group=group, sparse=sparse, layout=layout,
     )
 
 
@@ -148,11 +196,12 @@ def hessian(
     f: Callable, argnums: int | tuple[int, ...] = 0, *, has_aux: bool = False,
     memory_limit: int | None = DEFAULT_MEMORY_LIMIT, allow_random: bool = False,
     compile: bool | dict[str, Any] = False, chunk_size: int | None = None,
-    group: ProcessGroup | None = None,
-) -> DerivativeFunction | ChunkedFunction:
+    group: ProcessGroup | None = None, sparse: bool = False,
+    layout: torch.layout = torch.sparse_coo,
+) -> DerivativeFunction | ChunkedFunction | SparseFunction:
     """``derivative(f, 2, argnums)``: equals ``torch.func.hessian(f, argnums)``."""
     return _transform(
         "hessian", f, order=2, argnums=argnums, has_aux=has_aux, with_values=False,
         shown_order=None, memory_limit=memory_limit, allow_random=allow_random, compile=compile,
-        chunk_size=chunk_size, group=group,
+        chunk_size=chunk_size, group=group, sparse=sparse, layout=layout,
     )

@@ -1,0 +1,313 @@
+"""API stage: sparse Jacobians and Hessians, ``sparse=True``.
+
+On the first call of a signature hod traces ``f``, finds the index-level pattern of the
+derivative (:mod:`hod._sparsity`: the Jacobian's, or for a Hessian its nonlinear
+interactions), colours its columns (:mod:`hod._coloring`: distance-2 for a Jacobian, a
+star colouring for a symmetric Hessian) and generates the body along the colours
+(:mod:`hod._directional`): one direction per colour, the sum of its columns' unit
+vectors, pushed forward through ``f`` for a Jacobian or through hod's gradient code for a
+Hessian. That gives the compressed ``B = D S`` (``S`` the ``(seeds, colours)`` colour
+indicator), from which each nonzero is read at its recovery position and returned in a
+torch sparse tensor per block, shaped like the dense block. Nothing the size of the dense
+result is allocated: the directions are ``(colours, seeds)``, ``B`` is
+``(colours, entries)``.
+
+``chunk_size`` runs the colours that many at a time; under ``group=`` each rank runs its
+slice of the colours and the nonzeros are summed over the ranks (every rank gets the
+whole sparse result: DTensor has no sparse layouts).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._build import Lowered
+from ._coloring import column_coloring, hessian_recovery, jacobian_recovery, star_coloring
+from ._directional import Directional, argnum_order, nest
+from ._function import CACHE_SIZE
+from ._records import FlatCall, Request
+from ._shard import Placement, chunked, rank_rows
+from ._signature import flatten_call
+from ._sparsity import hessian_pattern, jacobian_pattern
+from ._tracing import trace_forward
+from .errors import InputError, OutputError
+
+LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """A signature's derivative pattern and colouring.
+
+    ``pattern`` is ``(2, nnz)`` int64 (row, column), coalesced, over a ``shape`` of
+    ``(entries, seeds)``: rows are the outputs' entries (flattened, concatenated), or the
+    seeds again for a Hessian; columns the seeds (the differentiated entries, flattened and
+    concatenated in positional order). ``colors`` gives each seed's colour; ``read`` the
+    ``(colour, entry)`` position of each nonzero in the compressed ``B^T``.
+    """
+
+    pattern: torch.Tensor
+    shape: tuple[int, int]
+    colors: torch.Tensor
+    read: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def colours(self) -> int:
+        return int(self.colors.max()) + 1 if self.colors.numel() else 0
+
+    @property
+    def nnz(self) -> int:
+        return self.pattern.shape[1]
+
+    def __repr__(self) -> str:
+        rows, cols = self.shape
+        return (f"Sparsity({self.nnz} nonzeros of {rows} x {cols}, "
+                f"{self.colours} colours)")
+
+
+@dataclass(frozen=True)
+class BlockEntries:
+    """The nonzeros of one result block: their positions in the pattern and their
+    indices within the block (``(block ndim, n)``), and the block's shape."""
+
+    positions: torch.Tensor
+    indices: torch.Tensor
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    sparsity: Sparsity
+    colours: tuple[int, ...]  # this rank's colours
+    width: int
+    blocks: tuple[BlockEntries, ...]  # in the result's flatten order
+    spec: Any  # the result's tree spec, without aux
+
+
+@dataclass
+class SparseLowered:
+    """What :meth:`SparseFunction.lower` returns: the ``body`` run per chunk of colours
+    (``.code``) and the signature's ``sparsity`` (pattern and colouring)."""
+
+    body: Lowered
+    sparsity: Sparsity
+    chunks: int
+    width: int
+
+    @property
+    def code(self) -> str:
+        return self.body.code
+
+
+class SparseFunction:
+    """What ``jacobian``, ``hessian`` and ``derivative`` (orders 1 and 2) return given
+    ``sparse=True``: call it like ``f``; the result has the dense result's structure,
+    each block a torch sparse tensor (``to_dense()`` equals the dense block)."""
+
+    def __init__(self, request: Request, argnums: tuple[int, ...], inner: Callable,
+                 layout: torch.layout, chunk_size: int | None, group: Any) -> None:
+        self._request, self._nums, self._layout = request, argnums, layout
+        self._chunk_size, self._group = chunk_size, group
+        self._along = Directional(request, argnums, inner)
+        self._plans: OrderedDict[Hashable, SparsePlan] = OrderedDict()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self._flatten(args, kwargs)
+        plan = self._plan(flat)
+        compressed = [self._compressed(args, kwargs, flat, plan, chunk)
+                      for chunk in chunked(plan.colours, plan.width)]
+        b = torch.cat(compressed) if len(compressed) > 1 else compressed[0]
+        colour, entry = plan.sparsity.read
+        values = (b[colour.to(b.device), entry.to(b.device)] if self._group is None
+                  else self._summed(b, plan))
+        blocks = [self._block(values, entries) for entries in plan.blocks]
+        result = tree_unflatten(blocks, plan.spec)
+        if self._request.has_aux:
+            return result, self._along.inner(*args, **kwargs)[1]
+        return result
+
+    def lower(self, *args: Any, **kwargs: Any) -> SparseLowered:
+        """The body and the sparsity of this call's signature (see :class:`SparseLowered`)."""
+        flat = self._flatten(args, kwargs)
+        plan = self._plan(flat)
+        directions = self._directions(plan, plan.colours[:plan.width], flat)
+        body = self._along.lower(args, kwargs, directions, flat)
+        chunks = len(list(chunked(plan.colours, plan.width)))
+        return SparseLowered(body, plan.sparsity, chunks, plan.width)
+
+    def clear_cache(self) -> None:
+        """Forget all generated code and patterns."""
+        self._plans.clear()
+        self._along.function.clear_cache()
+
+    def __repr__(self) -> str:
+        return f"<hod {self._request.call}>"
+
+    def _flatten(self, args: tuple, kwargs: dict) -> FlatCall:
+        if any(torch._C._functorch.is_batchedtensor(t) for t in tree_flatten((args, kwargs))[0]
+               if isinstance(t, torch.Tensor)):
+            raise InputError(
+                f"{self._request.call}: sparse=True returns torch sparse tensors, which "
+                f"torch.func.vmap cannot batch.\n"
+                f"  Fix: call it per example, or use sparse=False under vmap."
+            )
+        return flatten_call(args, kwargs, self._nums, self._request.call)
+
+    # -- the compressed derivative -------------------------------------------------------------
+    def _directions(self, plan: SparsePlan, colours: Any, flat: FlatCall) -> torch.Tensor:
+        """``(width, S)``: row ``r`` is the indicator of the seeds of colour ``colours[r]``
+        (rows past ``colours`` zero)."""
+        like = flat.tensors[flat.diff[0]]
+        directions = torch.zeros(plan.width, plan.sparsity.shape[1], dtype=like.dtype,
+                                 device=like.device)
+        if colours:
+            wanted = torch.as_tensor(colours, device=like.device)
+            seeds = plan.sparsity.colors.to(like.device)
+            rows = (seeds.unsqueeze(0) == wanted.unsqueeze(1)).nonzero()
+            directions[rows[:, 0], rows[:, 1]] = 1
+        return directions
+
+    def _compressed(self, args: tuple, kwargs: dict, flat: FlatCall, plan: SparsePlan,
+                    colours: Any) -> torch.Tensor:
+        """``B^T`` for ``colours``: ``(len(colours), entries)``, the rows in the pattern's
+        row order (the outputs' entries, or the seeds for a Hessian)."""
+        directions = self._directions(plan, colours, flat)
+        coefficients = tree_flatten(self._along(args, kwargs, directions, flat))[0]
+        if self._request.order == 2:  # the gradient's blocks, in argnums order: to seeds
+            order = [i for a in argnum_order(self._request) for i in flat.layouts[a].leaves]
+            coefficients = [coefficients[order.index(i)] for i in range(len(order))]
+        rows = torch.cat([c.reshape(plan.width, -1) for c in coefficients], dim=1)
+        return rows[:len(colours)]
+
+    def _summed(self, b: torch.Tensor, plan: SparsePlan) -> torch.Tensor:
+        """The nonzeros from every rank's colours: each reads those of its own colours."""
+        import torch.distributed as dist
+
+        colour, entry = plan.sparsity.read
+        position = torch.full((plan.sparsity.colours,), -1, dtype=torch.int64)
+        position[torch.as_tensor(plan.colours, dtype=torch.int64)] = torch.arange(
+            len(plan.colours))
+        local = position[colour].to(b.device)
+        mine = local >= 0
+        values = torch.zeros(plan.sparsity.nnz, dtype=b.dtype, device=b.device)
+        values[mine] = b[local[mine], entry[mine].to(b.device)]
+        dist.all_reduce(values, group=self._group)
+        return values
+
+    def _block(self, values: torch.Tensor, entries: BlockEntries) -> torch.Tensor:
+        if self._layout is torch.sparse_csr and len(entries.shape) != 2:
+            raise InputError(
+                f"{self._request.call}: layout=torch.sparse_csr needs 2-D blocks, but a block "
+                f"has shape {entries.shape}.\n"
+                f"  Fix: use the default layout=torch.sparse_coo, or flatten the output and "
+                f"the arguments to 1-D."
+            )
+        block = torch.sparse_coo_tensor(
+            entries.indices.to(values.device), values[entries.positions.to(values.device)],
+            entries.shape, is_coalesced=True,
+        )
+        if self._layout is torch.sparse_coo:
+            return block
+        with warnings.catch_warnings():  # asked for: torch's "CSR support is in beta" is noise
+            warnings.simplefilter("ignore", UserWarning)
+            return block.to_sparse_csr()
+
+    # -- the plan of a signature ------------------------------------------------------------
+    def _plan(self, flat: FlatCall) -> SparsePlan:
+        if flat.key in self._plans:
+            self._plans.move_to_end(flat.key)
+            return self._plans[flat.key]
+        traced = trace_forward(self._request, flat)
+        sizes = [flat.tensors[pos].numel() for pos in flat.diff]
+        outputs = [n.meta["val"] for n in traced.outputs()[: traced.n_out]]
+        sparsity = self._sparsity(traced, flat, sum(sizes), outputs)
+        colours = tuple(range(sparsity.colours))
+        if self._group is not None:
+            placement = Placement(self._group)
+            colours = tuple(rank_rows(len(colours), placement.rank, placement.world))
+        width = max(1, len(colours) if self._chunk_size is None
+                    else min(self._chunk_size, len(colours)))
+        blocks, spec = self._blocks(flat, traced, sparsity, outputs)
+        plan = SparsePlan(sparsity, colours, width, blocks, spec)
+        self._plans[flat.key] = plan
+        while len(self._plans) > CACHE_SIZE:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _sparsity(self, traced: Any, flat: FlatCall, seeds: int,
+                  outputs: list[torch.Tensor]) -> Sparsity:
+        if self._request.order == 1:
+            pattern = jacobian_pattern(traced.gm, flat.diff, traced.n_out)
+            shape = (sum(v.numel() for v in outputs), seeds)
+            colors = column_coloring(pattern, shape)
+            read = (jacobian_recovery(pattern, colors), pattern[0])
+            return Sparsity(pattern, shape, colors, read)
+        if len(outputs) != 1 or outputs[0].numel() != 1:
+            shapes = [tuple(v.shape) for v in outputs]
+            raise OutputError(
+                f"{self._request.call}: sparse=True Hessians need f to return one number, "
+                f"got outputs of shapes {shapes}.\n"
+                f"  Fix: reduce the output (a loss), or take sparse Jacobians of its gradient."
+            )
+        pattern = hessian_pattern(traced.gm, flat.diff, traced.n_out)
+        colors = star_coloring(pattern, seeds)
+        rows, colours = hessian_recovery(pattern, colors)  # H[i, j] = (H S)[rows, colours]
+        return Sparsity(pattern, (seeds, seeds), colors, (colours, rows))
+
+    def _blocks(self, flat: FlatCall, traced: Any, sparsity: Sparsity,
+                outputs: list[torch.Tensor]) -> tuple[tuple[BlockEntries, ...], Any]:
+        """Each result block's nonzeros, in the result's flatten order, and its spec."""
+        leaves = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
+        starts = _starts([_numel(s) for s in leaves])
+        if self._request.order == 1:
+            row_shapes, out_spec = [tuple(v.shape) for v in outputs], traced.out_spec
+        else:
+            row_shapes, out_spec = leaves, None
+        row_starts = _starts([_numel(s) for s in row_shapes])
+        order = [i for a in argnum_order(self._request) for i in flat.layouts[a].leaves]
+        row_order = order if out_spec is None else list(range(len(row_shapes)))
+        rows, cols = sparsity.pattern
+        blocks, trees = [], []
+        for r in row_order:
+            in_rows = (rows >= row_starts[r]) & (rows < row_starts[r] + _numel(row_shapes[r]))
+            per_leaf = []
+            for leaf in order:
+                end = starts[leaf] + _numel(leaves[leaf])
+                positions = (in_rows & (cols >= starts[leaf]) & (cols < end)).nonzero().flatten()
+                indices = torch.cat([_unravel(rows[positions] - row_starts[r], row_shapes[r]),
+                                     _unravel(cols[positions] - starts[leaf], leaves[leaf])])
+                per_leaf.append(BlockEntries(positions, indices, row_shapes[r] + leaves[leaf]))
+                blocks.append(per_leaf[-1])
+            trees.append(nest(self._request, flat, [None] * len(per_leaf)))
+        tree = (tree_unflatten(trees, out_spec) if out_spec is not None
+                else nest(self._request, flat, trees))
+        return tuple(blocks), tree_flatten(tree, is_leaf=lambda x: x is None)[1]
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += size
+    return starts
+
+
+def _unravel(flat_index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``(len(shape), n)`` indices of flat positions in ``shape`` (row-major)."""
+    if not shape:
+        return flat_index.new_zeros((0, flat_index.numel()))
+    return torch.stack(torch.unravel_index(flat_index, shape))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n

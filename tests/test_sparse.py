@@ -1,0 +1,175 @@
+"""``sparse=True``: sparse Jacobians and Hessians (``hod._sparse``).
+
+Each result block is a torch sparse tensor whose ``to_dense()`` equals torch.func's dense
+block (float64 and float32), with exactly the structural nonzeros of the functions here
+(stencils, chained and banded functions, gather-based energies, a convolution), for
+single and tuple argnums, COO and CSR layouts, chunked colours; the generated body holds
+tensors sized by the colours, not the dense result; bad uses fail clearly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOLERANCES, assert_same_tree, reference
+from torch.func import vmap
+
+import hod
+
+D = torch.float64
+
+
+def poisson(u):
+    """A 2-D five-point residual with zero boundary, on an ``(n, n)`` grid."""
+    p = F.pad(u, (1, 1, 1, 1))
+    lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * u
+    return lap + torch.exp(u)
+
+
+def chained_rosenbrock(x):
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+def banded(x):
+    """Interactions between entries up to three apart."""
+    return (torch.sin(x[:-3] * x[3:]).sum() + (x[:-1] * x[1:]).pow(2).sum()
+            + torch.cosh(x).sum())
+
+
+ELEMENTS = torch.randint(0, 30, (40, 3), generator=torch.Generator().manual_seed(4))
+
+
+def energy(x):
+    """A partially separable energy over random 3-entry elements (gather-based)."""
+    e = x[ELEMENTS]
+    return (e.prod(dim=1).tanh() + (e[:, 0] - e[:, 2]) ** 4).sum()
+
+
+KERNEL = torch.tensor([[[0.5, -1.0, 2.0]]], dtype=D)
+
+
+def conv_residual(u):
+    return F.conv1d(u.reshape(1, 1, -1), KERNEL.to(u), padding=1).reshape(-1) + u ** 3
+
+
+def two_arguments(x, y):
+    return torch.tanh(x[1:] * y[:-1]) + x[:-1].exp() * y[1:]
+
+
+JACOBIANS = [
+    (poisson, (torch.randn(6, 6, dtype=D),)),
+    (conv_residual, (torch.randn(12, dtype=D),)),
+    (two_arguments, (torch.randn(9, dtype=D), torch.randn(9, dtype=D))),
+]
+HESSIANS = [
+    (chained_rosenbrock, (torch.randn(20, dtype=D),)),
+    (banded, (torch.randn(16, dtype=D),)),
+    (energy, (torch.randn(30, dtype=D),)),
+]
+
+
+def dense(tree):
+    return torch.utils._pytree.tree_map(lambda t: t.to_dense(), tree)
+
+
+def nonzeros(tree):
+    return sum(int(t.to_dense().ne(0).sum()) for t in torch.utils._pytree.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("f,args", JACOBIANS, ids=lambda v: getattr(v, "__name__", ""))
+def test_sparse_jacobians_equal_torch_func(f, args):
+    argnums = tuple(range(len(args))) if len(args) > 1 else 0
+    result = hod.jacobian(f, argnums, sparse=True)(*args)
+    assert all(t.layout is torch.sparse_coo for t in torch.utils._pytree.tree_leaves(result))
+    expected = reference(f, 1, argnums)(*args)
+    assert_same_tree(dense(result), expected)
+    stored = sum(t._nnz() for t in torch.utils._pytree.tree_leaves(result))
+    assert stored == nonzeros(expected)  # the pattern is exact here
+
+
+@pytest.mark.parametrize("f,args", HESSIANS, ids=lambda v: getattr(v, "__name__", ""))
+def test_sparse_hessians_equal_torch_func(f, args):
+    result = hod.hessian(f, sparse=True)(*args)
+    expected = reference(f, 2)(*args)
+    assert_same_tree(result.to_dense(), expected)
+    assert result._nnz() == nonzeros(expected)
+
+
+@pytest.mark.parametrize("f,args,order", [(*HESSIANS[0], 2), (*HESSIANS[2], 2),
+                                          (*JACOBIANS[0], 1)],
+                         ids=lambda v: getattr(v, "__name__", ""))
+def test_float32(f, args, order):
+    rtol, atol = TOLERANCES[torch.float32]
+    args32 = tuple(a.float() for a in args)
+    result = hod.derivative(f, order, sparse=True)(*args32)
+    expected = reference(f, order)(*args).float()
+    assert_same_tree(result.to_dense(), expected, rtol=rtol, atol=atol)
+
+
+def test_tuple_argnums_hessian_blocks_are_each_sparse():
+    def f(x, y):
+        return chained_rosenbrock(torch.cat([x, y])) + (x * y).sum()
+
+    x, y = torch.randn(7, dtype=D), torch.randn(7, dtype=D)
+    result = hod.hessian(f, (1, 0), sparse=True)(x, y)
+    assert all(t.is_sparse for t in torch.utils._pytree.tree_leaves(result))
+    assert_same_tree(dense(result), reference(f, 2, (1, 0))(x, y))
+
+
+def test_few_colours_and_the_sparsity_shown():
+    x = torch.randn(50, dtype=D)
+    lowered = hod.hessian(chained_rosenbrock, sparse=True).lower(x)
+    assert lowered.sparsity.colours == 3  # tridiagonal: star colouring needs 3
+    assert lowered.sparsity.nnz == 50 + 2 * 49
+    assert lowered.sparsity.shape == (50, 50)
+    assert "colours" in repr(lowered.sparsity)
+
+
+def test_body_tensors_scale_with_colours_not_dense_size():
+    x = torch.randn(400, dtype=D)
+    lowered = hod.hessian(chained_rosenbrock, sparse=True).lower(x)
+    sizes = [n.meta["val"].numel() for n in lowered.body.graph_module.graph.nodes
+             if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert max(sizes) <= 4 * 400 * lowered.sparsity.colours < 400 * 400 // 10
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5])
+def test_chunked_colours(chunk_size):
+    x = torch.randn(30, dtype=D)
+    fn = hod.hessian(energy, sparse=True, chunk_size=chunk_size)
+    lowered = fn.lower(x)
+    assert lowered.chunks == -(-lowered.sparsity.colours // chunk_size)
+    assert_same_tree(fn(x).to_dense(), reference(energy, 2)(x))
+
+
+def test_csr_layout_and_has_aux():
+    u = torch.randn(12, dtype=D)
+
+    def with_aux(u):
+        return conv_residual(u), u.sum()
+
+    result, aux = hod.jacobian(with_aux, has_aux=True, sparse=True, layout=torch.sparse_csr)(u)
+    assert result.layout is torch.sparse_csr
+    assert_same_tree(result.to_dense(), reference(conv_residual, 1)(u))
+    assert torch.equal(aux, u.sum())
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: hod.derivative(banded, 3, sparse=True), "orders 1 and 2"),
+    (lambda: hod.hessian(banded, sparse="yes"), "sparse must be True or False"),
+    (lambda: hod.hessian(banded, sparse=True, layout=torch.strided), "layout must be"),
+    (lambda: hod.hessian(banded, layout=torch.sparse_csr), "applies to sparse results only"),
+])
+def test_bad_keywords(make, message):
+    with pytest.raises(hod.InputError, match=message):
+        make()
+
+
+def test_errors_at_call():
+    with pytest.raises(hod.OutputError, match="one number"):
+        hod.hessian(poisson, sparse=True)(torch.randn(4, 4, dtype=D))
+    with pytest.raises(hod.InputError, match="2-D blocks"):
+        hod.jacobian(poisson, sparse=True, layout=torch.sparse_csr)(torch.randn(4, 4, dtype=D))
+    with pytest.raises(hod.InputError, match="vmap cannot batch"):
+        vmap(hod.hessian(banded, sparse=True))(torch.randn(3, 8, dtype=D))
