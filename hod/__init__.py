@@ -14,8 +14,8 @@ from ._api import (
 )
 from ._build import Lowered
 from ._chunked import ChunkedFunction
-from ._sparse import SparseFunction
 from ._operators import OperatorFunction, biharmonic, laplacian, operator
+from ._sparse import SparseFunction
 from ._taylor_api import SeriesFunction, hvp, jet
 from .errors import (
     CompileError,
