@@ -80,9 +80,15 @@ PER_SAMPLE = "per-sample"
 ZOO = "zoo"
 
 
+#: The ``kind`` of the chunks sweep (#20: ``chunk_size=`` and ``group=``): a memory row and a
+#: distributed row, each its own table (:func:`chunks_grids`), also left out of the summary,
+#: headline and plot.
+CHUNKS = "chunks"
+
+
 def derivative_sweeps(run: Run) -> list[dict[str, Any]]:
-    """The run's sweeps but the taylor, per-sample and zoo ones."""
-    return [s for s in run["sweeps"] if s.get("kind") not in (TAYLOR, PER_SAMPLE, ZOO)]
+    """The run's sweeps but the taylor, per-sample, zoo and chunks ones."""
+    return [s for s in run["sweeps"] if s.get("kind") not in (TAYLOR, PER_SAMPLE, ZOO, CHUNKS)]
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -318,6 +324,53 @@ def zoo_grid(sweep: dict[str, Any]) -> list[list[str]]:
     return grid
 
 
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _ms(result: dict[str, Any]) -> str:
+    return f"{result['median_ms']:.1f}" if result["status"] == OK else result["status"]
+
+
+def chunks_memory_grid(row: Row) -> list[list[str]]:
+    """The chunks sweep's memory row: per setting, its chunks, median time, peak RSS above
+    the baseline and that peak over the unchunked setting's (the first)."""
+    grid = [["setting", "chunks x seeds", "median ms", "peak above baseline MiB",
+             "peak vs unchunked", "rel. error vs float64"]]
+    results = list(row["engines"].items())
+    unchunked = results[0][1].get("above_baseline_mib")
+    for name, result in results:
+        peak = result.get("above_baseline_mib")
+        share = (f"{peak / unchunked:.2f}" if peak is not None and unchunked else "-")
+        runs = (f"{result['chunks']} x {result['width']}" if "chunks" in result else "-")
+        err = result.get("check_rel_err")
+        grid.append([name, runs, _ms(result), _mib(peak), share,
+                     "-" if err is None else f"{err:.1e}"])
+    return grid
+
+
+def chunks_distributed_grid(row: Row) -> list[list[str]]:
+    """The chunks sweep's distributed row: per setting and number of processes, the median
+    time, the largest rank's peak above its baseline, the largest share of the result a rank
+    holds, and the checks."""
+    grid = [["setting", "processes", "median ms (slowest rank)",
+             "peak above baseline per rank MiB (largest)", "largest share per rank",
+             "rel. error vs float64", "rel. diff vs 1-process hod"]]
+    for name, result in row["engines"].items():
+        err, diff = result.get("check_rel_err"), result.get("vs_single_rel")
+        grid.append([name.rsplit(", ", 1)[0], str(result["processes"]), _ms(result),
+                     _mib(result.get("peak_above_baseline_mib")),
+                     f"{result['share']:.2f}" if "share" in result else "-",
+                     "-" if err is None else f"{err:.1e}", "-" if diff is None else f"{diff:.1e}"])
+    return grid
+
+
+def chunks_grids(sweep: dict[str, Any]) -> list[list[list[str]]]:
+    """The chunks sweep's tables: its memory row's, then its distributed row's."""
+    grids = {"memory": chunks_memory_grid, "distributed": chunks_distributed_grid}
+    return [grids[row["part"]](row) for row in sweep["rows"]]
+
+
 def problem_notes(sweep: dict[str, Any]) -> list[str]:
     """Per engine and status other than ok, the first row with it and why."""
     seen: set[tuple[str, str]] = set()
@@ -350,8 +403,11 @@ def sweep_tables(run: Run) -> str:
         parts.append(f"### {SWEEP_TITLES.get(sweep['name'], sweep['name'])} "
                      f"(`{sweep['name']}`: {sweep['title']}), median ms")
         grids = {TAYLOR: taylor_grid, PER_SAMPLE: per_sample_grid, ZOO: zoo_grid}
-        grid = grids.get(sweep.get("kind"), sweep_grid)(sweep)
-        parts.append(markdown(grid))
+        if sweep.get("kind") == CHUNKS:
+            parts += [f"**{row['label']}**\n\n{markdown(grid)}"
+                      for row, grid in zip(sweep["rows"], chunks_grids(sweep), strict=True)]
+        else:
+            parts.append(markdown(grids.get(sweep.get("kind"), sweep_grid)(sweep)))
         notes = [*sweep.get("notes", []), *problem_notes(sweep)]
         if notes:
             parts.append("\n".join(f"* {n}" for n in notes))

@@ -14,10 +14,11 @@ Generated parts sit between markers in Markdown files:
   and summary table) and in ``docs/benchmarks.md`` (headline, summary and one table per
   sweep): made by ``bench.tables`` from the run ``PATH`` names (relative to the repository
   root);
-* ``<!-- taylor:start run=PATH -->``, ``<!-- per-sample:start run=PATH -->`` and
-  ``<!-- zoo:start run=PATH -->`` sections in ``docs/benchmarks.md``: the latest run in
-  ``bench/runs/taylor/``, ``bench/runs/per-sample/``, respectively ``bench/runs/zoo/``, each
-  sweep's table (the per-sample and zoo ones after the run's headline);
+* ``<!-- taylor:start run=PATH -->``, ``<!-- per-sample:start run=PATH -->``,
+  ``<!-- zoo:start run=PATH -->`` and ``<!-- chunks:start run=PATH -->`` sections in
+  ``docs/benchmarks.md``: the latest run in ``bench/runs/taylor/``, ``bench/runs/per-sample/``,
+  ``bench/runs/zoo/``, respectively ``bench/runs/chunks/``, each sweep's table (the
+  per-sample, zoo and chunks ones after the run's headline);
 * ``docs/assets/benchmark.png``: ``bench.tables.plot_summary`` of the same run, with the
   run's path in a PNG text chunk (``hod-run``) so that a check can tell which run drew it.
 
@@ -45,6 +46,7 @@ RUNS = ROOT / "bench" / "runs"
 TAYLOR_RUNS = RUNS / "taylor"  # apart, so that a taylor-only run is never "the latest run"
 PER_SAMPLE_RUNS = RUNS / "per-sample"  # apart for the same reason
 ZOO_RUNS = RUNS / "zoo"  # and again
+CHUNKS_RUNS = RUNS / "chunks"  # and again
 PNG_KEY = "hod-run"
 PLOT_ALT = "median time per call of hod and of each peer's best setting, per sweep (log scale)"
 
@@ -196,6 +198,8 @@ def per_sample_bench(run_path: Path) -> str:
 
 #: The zoo part: the run's headline and the zoo sweep's table, as the per-sample part.
 zoo_bench = per_sample_bench
+#: The chunks part (chunk_size= and group=), the same again.
+chunks_bench = per_sample_bench
 
 #: The benchmarks page's sections made from the latest run of their own folder: marker ->
 #: (folder, what the section holds).
@@ -203,6 +207,7 @@ OWN_RUN_SECTIONS: dict[str, tuple[Path, Callable[[Path], str]]] = {
     "taylor": (TAYLOR_RUNS, taylor_bench),
     "per-sample": (PER_SAMPLE_RUNS, per_sample_bench),
     "zoo": (ZOO_RUNS, zoo_bench),
+    "chunks": (CHUNKS_RUNS, chunks_bench),
 }
 
 BENCH_PAGES: dict[Path, Callable[[Path], str]] = {
