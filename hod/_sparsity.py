@@ -8,11 +8,12 @@ pattern is held by its nonzeros, COO indices sorted row-major and unique
 
 Patterns flow through the graph by one rule per op family:
 
-- data movement (views, slices, pads, ``cat``, ``flip``, ``index``, ``gather``, ``scatter``,
-  ...): the op runs on tensors whose values are ``1 +`` the flat index of their entries, so
-  each output entry names the one input entry it copies (``0``: a fill value, no entry);
-- additive scatters (``scatter_add``, ``index_add``, ``index_put`` accumulating): each
-  source entry's target is found by the matching gather of the flat indices of ``self``;
+- data movement (views, slices, pads, ``cat``, ``flip``, ``index``, ``gather``, ...): the
+  op runs on tensors whose values are ``1 +`` the flat index of their entries, so each
+  output entry names the one input entry it copies (``0``: a fill value, no entry);
+- scatters (``scatter``, ``scatter_add``, ``index_add``, ``index_put``): each source
+  entry's target is found by the matching gather of the flat indices of ``self``; every
+  write to an entry counts (as in torch's derivative when indices repeat);
 - elementwise ops broadcast their inputs; ``mul`` by a constant drops the entries where the
   constant is zero, ``where`` with a constant condition keeps the side it picks;
 - reductions, softmaxes and cumulative ops gather their groups, slices and prefixes;
@@ -385,28 +386,34 @@ def _movement(node: fx.Node, state: _State) -> object:
 
 
 def _index_put(node: fx.Node, state: _State) -> object:
-    """``index_put``: a copy, or with ``accumulate`` an additive scatter of ``values``."""
-    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
-    if not accumulate:
-        return _movement(node, state)
+    """``index_put``: ``values`` written (or with ``accumulate``, added) into ``self``."""
     this, indices, values = node.args[:3]
+    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
     if any(i is not None and state.value(i) is None for i in indices):
         return None
     target = _index_tensor(-1, this.meta["val"]).long()[
         tuple(None if i is None else state.value(i) for i in indices)]
     source = torch.arange(values.meta["val"].numel()).view(values.meta["val"].shape)
-    return _added(state, this, values, target, source.expand(target.shape))
+    return _added(state, this, values, target, source.expand(target.shape), not accumulate)
 
 
-def _scatter_add(node: fx.Node, state: _State) -> object:
-    """``scatter_add`` and ``scatter_reduce`` (a superset for the selecting reductions)."""
+def _scatter(node: fx.Node, state: _State) -> object:
+    """``scatter`` (``src`` written), ``scatter_add`` and ``scatter_reduce`` (added: a
+    superset for the selecting reductions). Every write to an entry counts, as in torch's
+    derivative when indices repeat."""
     this, dim, index, src = node.args[:4]
     index_value = state.value(index)
     if index_value is None:
         return None
     target = torch.gather(_index_tensor(-1, this.meta["val"]).long(), dim, index_value)
-    source = torch.arange(src.meta["val"].numel()).view(src.meta["val"].shape)
-    return _added(state, this, src, target, source[tuple(slice(0, s) for s in index_value.shape)])
+    if not isinstance(src, fx.Node):  # scatter.value: a constant written
+        src = None
+        picked = torch.zeros(0, dtype=torch.long)
+    else:
+        whole = torch.arange(src.meta["val"].numel()).view(src.meta["val"].shape)
+        picked = whole[tuple(slice(0, s) for s in index_value.shape)]
+    overwrite = node.target in (aten.scatter.src, aten.scatter.value)
+    return _added(state, this, src, target, picked, overwrite)
 
 
 def _index_add(node: fx.Node, state: _State) -> object:
@@ -415,14 +422,21 @@ def _index_add(node: fx.Node, state: _State) -> object:
     if index_value is None:
         return None
     target = torch.index_select(_index_tensor(-1, this.meta["val"]).long(), dim, index_value)
-    return _added(state, this, source, target, torch.arange(target.numel()))
+    return _added(state, this, source, target, torch.arange(target.numel()), False)
 
 
-def _added(state: _State, this: fx.Node, source: fx.Node, target: Tensor, src: Tensor) -> Pattern:
-    """``this`` plus the entries ``src`` of ``source`` added into the entries ``target``."""
+def _added(state: _State, this: fx.Node, source: fx.Node | None, target: Tensor, src: Tensor,
+           overwrite: bool) -> Pattern:
+    """``this`` with the entries ``src`` of ``source`` added into (or, ``overwrite``,
+    written over) its entries ``target``."""
     n = this.meta["val"].numel()
-    moved = compose(state.pattern(source), target.reshape(-1), src.reshape(-1), n)
-    return union([state.pattern(this), moved], n, state.width)
+    kept = torch.arange(n)
+    if overwrite:
+        kept[target.reshape(-1)] = -1
+    pieces = [gather(state.pattern(this), kept)]
+    if source is not None:
+        pieces.append(compose(state.pattern(source), target.reshape(-1), src.reshape(-1), n))
+    return union(pieces, n, state.width)
 
 
 def _broadcast_source(arg: fx.Node, shape: torch.Size) -> Tensor:
@@ -435,11 +449,9 @@ def _elementwise(node: fx.Node, state: _State) -> Pattern:
     """Broadcasting elementwise ops. A constant zero factor of ``mul`` and the side a
     constant condition of ``where`` leaves out drop their entries."""
     shape = node.meta["val"].shape
-    n = node.meta["val"].numel()
-    args = [a for a in node.args if isinstance(a, fx.Node)]
-    pieces = []
-    for arg in args:
-        if not arg.meta["val"].is_floating_point():
+    pieces = {}
+    for arg in node.args:
+        if not isinstance(arg, fx.Node) or not arg.meta["val"].is_floating_point():
             continue
         src = _broadcast_source(arg, shape)
         if node.target is aten.mul.Tensor:
@@ -449,13 +461,14 @@ def _elementwise(node: fx.Node, state: _State) -> Pattern:
         if node.target is aten.where.self and state.value(node.args[0]) is not None:
             picked = state.value(node.args[0]).expand(shape)
             src[~picked if arg is node.args[1] else picked] = -1
-        pieces.append(gather(state.pattern(arg), src))
-    result = union(pieces, n, state.width)
-    if node.target is aten.mul.Tensor and len(pieces) == 2:
-        state.interact(*pieces)
-    elif node.target is aten.div.Tensor and len(pieces) == 2:
-        state.interact(pieces[0], pieces[1])
-        state.interact(pieces[1], pieces[1])
+        pieces[arg] = gather(state.pattern(arg), src)
+    result = union(list(pieces.values()), node.meta["val"].numel(), state.width)
+    if node.target in (aten.mul.Tensor, aten.div.Tensor):
+        blank = empty(result.n_rows, state.width)
+        a, b = (pieces.get(arg, blank) for arg in node.args[:2])
+        state.interact(a, b)  # a product, or a quotient's numerator with its denominator
+        if node.target is aten.div.Tensor:
+            state.interact(b, b)
     elif node.target not in _LINEAR:
         state.interact(result, result)
     return result
@@ -637,7 +650,7 @@ _MOVEMENT = _ops(
     "view", "_unsafe_view", "reshape", "permute", "transpose.int", "t", "expand", "slice.Tensor",
     "select.int", "squeeze.dim", "squeeze.dims", "squeeze", "unsqueeze", "cat", "stack", "flip",
     "roll", "constant_pad_nd", "index_select", "gather", "index.Tensor", "_unsafe_index.Tensor",
-    "scatter.src", "scatter.value", "repeat", "clone", "alias", "diagonal", "as_strided",
+    "repeat", "clone", "alias", "diagonal", "as_strided",
     "unfold", "split.Tensor", "split_with_sizes", "unbind.int", "narrow", "movedim.int",
     "diag_embed", "tril", "triu", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
     "replication_pad2d", "masked_fill.Scalar", "select_scatter", "slice_scatter",
@@ -662,12 +675,13 @@ _RULES: dict[object, Callable[[fx.Node, _State], object]] = {
     aten.convolution.default: _convolution,
     aten._to_copy.default: _elementwise,
     aten.index_put.default: _index_put,
-    **dict.fromkeys(_ops("scatter_add", "scatter_reduce.two"), _scatter_add),
+    **dict.fromkeys(_ops("scatter.src", "scatter.value", "scatter_add", "scatter_reduce.two"),
+                    _scatter),
     aten.index_add.default: _index_add,
 }
 
 #: Rules that record a node's Hessian interactions themselves (none for linear ones).
-_OWN_CURVATURE = {_movement, _elementwise, _matmul, _convolution, _index_put, _scatter_add,
+_OWN_CURVATURE = {_movement, _elementwise, _matmul, _convolution, _index_put, _scatter,
                   _index_add}
 
 #: Ops with no second derivative (linear, or piecewise linear: zero almost everywhere).
