@@ -211,7 +211,7 @@ class SparseFunction:
             )
         block = torch.sparse_coo_tensor(
             entries.indices.to(values.device), values[entries.positions.to(values.device)],
-            entries.shape, is_coalesced=True,
+            entries.shape, is_coalesced=True, check_invariants=False,
         )
         if self._layout is torch.sparse_coo:
             return block
