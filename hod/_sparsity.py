@@ -280,7 +280,8 @@ def _visit(node: fx.Node, state: _State) -> object:
             state.values[node] = state.values[source][index]
         return state.patterns[source][index]
     inputs = node.all_input_nodes
-    if all(n in state.values for n in inputs) and not _is_random(node.target):
+    if all(n in state.values for n in inputs) and not _is_random(node.target) \
+            and node.target not in _UNINITIALISED:
         try:
             state.values[node] = node.target(*fx.map_arg(node.args, state.values.get),
                                              **fx.map_arg(node.kwargs, state.values.get))
@@ -693,6 +694,10 @@ _LINEAR = set(_ops(
     "amin", "max", "min", "max.dim", "min.dim", "cumsum", "cummax", "cummin", "copy",
     "lerp.Scalar", "masked_fill.Scalar",
 ))
+
+#: Ops whose values are whatever memory held: never constants.
+_UNINITIALISED = set(_ops("empty.memory_format", "empty_like", "empty_strided", "new_empty",
+                          "new_empty_strided"))
 
 #: Ops whose derivative is zero (almost everywhere).
 _ZERO_DERIVATIVE = set(_ops(

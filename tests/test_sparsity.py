@@ -158,7 +158,8 @@ JACOBIAN_CASES = {
     "reductions": (lambda x: torch.cat([x.view(3, 4).sum(0), x.view(3, 4).mean(1),
                                         x.view(3, 4).prod(1), torch.logsumexp(x.view(3, 4), 0),
                                         x.view(3, 4).var(1), x.view(3, 4).norm(dim=0),
-                                        x.sum().view(1)]), (x_(12),)),
+                                        x.sum().view(1), torch.stack(torch.var_mean(
+                                            x.view(3, 4), 0)).flatten()]), (x_(12),)),
     "softmax": (lambda x: torch.cat([torch.softmax(x.view(2, 3), 1).flatten(),
                                      torch.log_softmax(x.view(2, 3), 0).flatten()]), (x_(6),)),
     "cumulative": (lambda x: torch.cat([torch.cumsum(x.view(2, 3), 1).flatten(),
