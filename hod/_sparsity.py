@@ -289,7 +289,8 @@ def _visit(node: fx.Node, state: _State) -> object:
             pass
         return _blank(val, state.width)
     patterns = [state.patterns[n] for n in inputs]
-    if node.target in _ZERO_DERIVATIVE or all(_is_blank(p) for p in patterns):
+    if node.target in _ZERO_DERIVATIVE or all(_is_blank(p) for p in patterns) \
+            or not _floating(val):
         return _blank(val, state.width)
     rule = _rule(node.target)
     result = rule(node, state) if rule is not None else None
@@ -303,6 +304,13 @@ def _visit(node: fx.Node, state: _State) -> object:
 
 def _is_random(op: object) -> bool:
     return isinstance(op, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in op.tags
+
+
+def _floating(val: object) -> bool:
+    """Whether ``val`` (a tensor, or a tuple of values) holds a floating-point tensor."""
+    if isinstance(val, Tensor):
+        return val.is_floating_point()
+    return isinstance(val, (tuple, list)) and any(_floating(v) for v in val)
 
 
 def _is_blank(p: object) -> bool:
