@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -74,10 +74,11 @@ class Sparsity:
 
 @dataclass(frozen=True)
 class BlockEntries:
-    """The nonzeros of one result block: their positions in the pattern and their
-    indices within the block (``(block ndim, n)``), and the block's shape."""
+    """The nonzeros of one result block: their positions in the pattern (None: all of
+    them) and their indices within the block (``(block ndim, n)``), and the block's
+    shape."""
 
-    positions: torch.Tensor
+    positions: torch.Tensor | None
     indices: torch.Tensor
     shape: tuple[int, ...]
 
@@ -89,6 +90,7 @@ class SparsePlan:
     width: int
     blocks: tuple[BlockEntries, ...]  # in the result's flatten order
     spec: Any  # the result's tree spec, without aux
+    directions: tuple[torch.Tensor, ...] = ()  # per chunk of colours, (width, S)
 
 
 @dataclass
@@ -121,8 +123,9 @@ class SparseFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat = self._flatten(args, kwargs)
         plan = self._plan(flat)
-        compressed = [self._compressed(args, kwargs, flat, plan, chunk)
-                      for chunk in chunked(plan.colours, plan.width)]
+        compressed = [self._compressed(args, kwargs, flat, plan, directions)[:len(chunk)]
+                      for chunk, directions in zip(chunked(plan.colours, plan.width),
+                                                   plan.directions, strict=True)]
         b = torch.cat(compressed) if len(compressed) > 1 else compressed[0]
         colour, entry = plan.sparsity.read
         values = (b[colour.to(b.device), entry.to(b.device)] if self._group is None
@@ -137,8 +140,7 @@ class SparseFunction:
         """The body and the sparsity of this call's signature (see :class:`SparseLowered`)."""
         flat = self._flatten(args, kwargs)
         plan = self._plan(flat)
-        directions = self._directions(plan, plan.colours[:plan.width], flat)
-        body = self._along.lower(args, kwargs, directions, flat)
+        body = self._along.lower(args, kwargs, plan.directions[0], flat)
         chunks = len(list(chunked(plan.colours, plan.width)))
         return SparseLowered(body, plan.sparsity, chunks, plan.width)
 
@@ -175,16 +177,17 @@ class SparseFunction:
         return directions
 
     def _compressed(self, args: tuple, kwargs: dict, flat: FlatCall, plan: SparsePlan,
-                    colours: Any) -> torch.Tensor:
-        """``B^T`` for ``colours``: ``(len(colours), entries)``, the rows in the pattern's
-        row order (the outputs' entries, or the seeds for a Hessian)."""
-        directions = self._directions(plan, colours, flat)
+                    directions: torch.Tensor) -> torch.Tensor:
+        """``B^T`` along ``directions`` (a chunk of colours): ``(width, entries)``, the
+        columns in the pattern's row order (the outputs' entries, or the seeds for a
+        Hessian)."""
         coefficients = tree_flatten(self._along(args, kwargs, directions, flat))[0]
         if self._request.order == 2:  # the gradient's blocks, in argnums order: to seeds
             order = [i for a in argnum_order(self._request) for i in flat.layouts[a].leaves]
             coefficients = [coefficients[order.index(i)] for i in range(len(order))]
-        rows = torch.cat([c.reshape(plan.width, -1) for c in coefficients], dim=1)
-        return rows[:len(colours)]
+        if len(coefficients) == 1:
+            return coefficients[0].reshape(plan.width, -1)
+        return torch.cat([c.reshape(plan.width, -1) for c in coefficients], dim=1)
 
     def _summed(self, b: torch.Tensor, plan: SparsePlan) -> torch.Tensor:
         """The nonzeros from every rank's colours: each reads those of its own colours."""
@@ -209,8 +212,10 @@ class SparseFunction:
                 f"  Fix: use the default layout=torch.sparse_coo, or flatten the output and "
                 f"the arguments to 1-D."
             )
+        if entries.positions is not None:
+            values = values[entries.positions.to(values.device)]
         block = torch.sparse_coo_tensor(
-            entries.indices.to(values.device), values[entries.positions.to(values.device)],
+            entries.indices.to(values.device), values,
             entries.shape, is_coalesced=True, check_invariants=False,
         )
         if self._layout is torch.sparse_coo:
@@ -236,6 +241,8 @@ class SparseFunction:
                     else min(self._chunk_size, len(colours)))
         blocks, spec = self._blocks(flat, traced, sparsity, outputs)
         plan = SparsePlan(sparsity, colours, width, blocks, spec)
+        plan = replace(plan, directions=tuple(self._directions(plan, chunk, flat)
+                                              for chunk in chunked(colours, width)))
         self._plans[flat.key] = plan
         while len(self._plans) > CACHE_SIZE:
             self._plans.popitem(last=False)
@@ -283,6 +290,8 @@ class SparseFunction:
                 positions = (in_rows & (cols >= starts[leaf]) & (cols < end)).nonzero().flatten()
                 indices = torch.cat([_unravel(rows[positions] - row_starts[r], row_shapes[r]),
                                      _unravel(cols[positions] - starts[leaf], leaves[leaf])])
+                if positions.numel() == sparsity.nnz:
+                    positions = None  # the one block: every nonzero, in order
                 per_leaf.append(BlockEntries(positions, indices, row_shapes[r] + leaves[leaf]))
                 blocks.append(per_leaf[-1])
             trees.append(nest(self._request, flat, [None] * len(per_leaf)))
