@@ -572,7 +572,11 @@ def _product(state: _State, a: fx.Node, b: fx.Node, dims: tuple[int, int, int, i
     a_transposed = None if left is None else left.reshape(batch, i, k).transpose(1, 2)
     from_b = gather(_left_factor(b_transposed, a_transposed, batch, j, k, i),
                     _transposed(batch, j, i))
-    state.interact(from_a, from_b)
+    if state.curved is not None:  # A[b, i, k] meets B[b, k, j] for every i and j
+        by_k_a, by_k_b = state.pattern(a), state.pattern(b)
+        state.interact(coalesced(by_k_a.rows // (i * k) * k + by_k_a.rows % k, by_k_a.cols,
+                                 batch * k, state.width),
+                       coalesced(by_k_b.rows // j, by_k_b.cols, batch * k, state.width))
     return union([from_a, from_b], batch * i * j, state.width)
 
 
@@ -604,44 +608,63 @@ def _convolution(node: fx.Node, state: _State) -> Pattern:
     """1-D and 2-D convolutions (not transposed): an output entry depends on the input
     entries its window covers (skipping padding and the zeros of a constant weight), on
     the weights meeting an input entry there (not a constant zero) and on its bias."""
-    x, w, bias, stride, padding, dilation, transposed, _, groups = node.args
-    spatial = x.meta["val"].dim() - 2
+    x, w, bias = node.args[:3]
     out = node.meta["val"]
-    if transposed or spatial not in (1, 2):
+    if node.args[6] or x.meta["val"].dim() not in (3, 4):
         result = dense(_flat_patterns([state.patterns[n] for n in node.all_input_nodes]),
                        out.numel(), state.width)
         state.interact(result, result)
         return result
-    lift = (lambda v: [1, *v]) if spatial == 1 else list
-    lift0 = (lambda v: [0, *v]) if spatial == 1 else list
-    shape = x.meta["val"].shape
-    n, c = shape[0], shape[1]
-    images = _index_tensor(0, x.meta["val"]).view(n, c, *lift(shape[2:]))
-    kernel = lift(w.meta["val"].shape[2:])
-    windows = functional.unfold(images, kernel, dilation=lift(dilation), padding=lift0(padding),
-                                stride=lift(stride)).long() - 1
-    co, spots = w.meta["val"].shape[0], windows.shape[-1]
-    per_group = w.meta["val"].numel() // co
-    windows = windows.view(n, groups, 1, per_group, spots)
-    full = (n, groups, co // groups, per_group, spots)
-    target = torch.arange(n * co * spots).view(n, groups, co // groups, 1, spots).expand(full)
+    windows, target = _windows(node)
+    groups, per_out, per_group = windows.shape[1], target.shape[2], windows.shape[3]
     weights = state.value(w)
     reach = windows >= 0
     if weights is not None:
-        reach = reach & (weights != 0).reshape(1, groups, co // groups, per_group, 1)
-    pieces = [compose(state.pattern(x), target[reach.expand(full)],
-                      windows.expand(full)[reach.expand(full)], out.numel())]
+        reach = reach & (weights != 0).reshape(1, groups, per_out, per_group, 1)
+    reach = reach.expand(target.shape)
+    pieces = [compose(state.pattern(x), target[reach], windows.expand(target.shape)[reach],
+                      out.numel())]
     meets = windows >= 0
     if state.value(x) is not None:
         meets = meets & (state.value(x).reshape(-1)[windows.clamp(min=0)] != 0)
-    weight_index = torch.arange(w.meta["val"].numel()).view(1, groups, co // groups, per_group, 1)
-    pieces.append(compose(state.pattern(w), target[meets.expand(full)],
-                          weight_index.expand(full)[meets.expand(full)], out.numel()))
-    state.interact(*pieces)
+    meets = meets.expand(target.shape)
+    weight_index = torch.arange(w.meta["val"].numel()).view(1, groups, per_out, per_group, 1)
+    weight_index = weight_index.expand(target.shape)[meets]
+    pieces.append(compose(state.pattern(w), target[meets], weight_index, out.numel()))
+    _meet(state, state.pattern(x), state.pattern(w), windows.expand(target.shape)[meets],
+          weight_index)
     if isinstance(bias, fx.Node):
+        n, co, spots = out.shape[0], out.shape[1], target.shape[-1]
         pieces.append(gather(state.pattern(bias),
                              torch.arange(co).view(1, co, 1).expand(n, co, spots)))
     return union(pieces, out.numel(), state.width)
+
+
+def _windows(node: fx.Node) -> tuple[Tensor, Tensor]:
+    """For a convolution's ``(n, groups, out channels per group, in channels per group x
+    kernel entries, output spots)``: the flat index of the input entry each weight meets
+    at each output spot (-1 in the padding), ``(n, groups, 1, per_group, spots)``, and the
+    flat index of the output entry, ``(n, groups, per_out, per_group, spots)``."""
+    x, w, _, stride, padding, dilation, _, _, groups = node.args
+    lift = (lambda v, pad=1: [pad, *v]) if x.meta["val"].dim() == 3 else (lambda v, pad=1: list(v))
+    shape = x.meta["val"].shape
+    images = _index_tensor(0, x.meta["val"]).view(shape[0], shape[1], *lift(shape[2:]))
+    windows = functional.unfold(images, lift(w.meta["val"].shape[2:]), dilation=lift(dilation),
+                                padding=lift(padding, 0), stride=lift(stride)).long() - 1
+    co, spots = w.meta["val"].shape[0], windows.shape[-1]
+    windows = windows.view(shape[0], groups, 1, -1, spots)
+    full = (shape[0], groups, co // groups, windows.shape[3], spots)
+    target = torch.arange(shape[0] * co * spots).view(shape[0], groups, co // groups, 1, spots)
+    return windows, target.expand(full)
+
+
+def _meet(state: _State, a: Pattern, b: Pattern, index_a: Tensor, index_b: Tensor) -> None:
+    """Record the interactions of the entries ``index_a`` of ``a`` with the entries
+    ``index_b`` of ``b``, pair by pair (the factors of a bilinear op's terms)."""
+    if state.curved is None or not a.rows.numel() or not b.rows.numel():
+        return
+    keys = torch.unique(index_a * b.n_rows + index_b)
+    state.interact(gather(a, keys // b.n_rows), gather(b, keys % b.n_rows))
 
 
 def _ops(*names: str) -> list[object]:

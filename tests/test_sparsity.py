@@ -274,6 +274,9 @@ HESSIAN_CASES = {
                               (x_(9),)),
     "conv_residual_norm": (lambda u: (conv_residual(u) ** 2).sum(), (x_(10),)),
     "softmax_block": (lambda x: torch.log_softmax(x[:3], 0)[0] + x[3:].sum(), (x_(6),)),
+    "matmul_variables": (lambda x: (x[:6].view(2, 3) @ x[6:].view(3, 2)).sum(), (x_(12),)),
+    "conv_variable_weight": (lambda x: F.conv1d(x[3:].view(1, 1, 7), x[:3].view(1, 1, 3))
+                             .sum(), (x_(10),)),
     "piecewise_linear": (lambda x: (torch.where(x > 0, x, 0.1 * x) + torch.relu(x[0] - x.flip(0))
                                     + x.view(2, 3).amax(1).repeat(3)).sum() + x[0] * x[1],
                          (x_(6),)),
