@@ -14,7 +14,7 @@ from ._function import DEFAULT_MEMORY_LIMIT, DerivativeFunction, describe, valid
 from ._records import Request
 from ._shard import check_chunk_size, check_group
 from ._sparse import LAYOUTS, SparseFunction
-from .errors import InputError
+from .errors import InputError, MemoryLimitError
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -47,12 +47,20 @@ def _transform(
         memory_limit=memory_limit, allow_random=allow_random,
         compile=compile_options(call, compile),
     )
-    whole = DerivativeFunction(request, nums)
+    inner = f if order == 1 else DerivativeFunction(replace(request, order=order - 1), nums)
+
+    def chunk_fits(args: tuple, kwargs: dict, chunk: int) -> bool:
+        chunked = ChunkedFunction(request, nums, inner, DerivativeFunction(request, nums),
+                                  chunk, None)
+        try:
+            chunked.lower(*args, **kwargs)
+        except MemoryLimitError:
+            return False
+        return True
+
+    whole = DerivativeFunction(request, nums, chunk_fits=chunk_fits)
     if chunk_size is None and group is None and not sparse:
         return whole
-    inner = f if order == 1 else DerivativeFunction(
-        replace(request, order=order - 1), nums, chunk_hint=False
-    )
     if sparse:
         return SparseFunction(request, nums, inner, layout, chunk_size, group)
     return ChunkedFunction(request, nums, inner, whole, chunk_size, group)

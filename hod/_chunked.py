@@ -159,7 +159,7 @@ class ChunkedFunction:
         self._along = Directional(request, argnums, inner)
         rows_request = replace(request, f=self._projected, order=1, has_aux=False,
                                with_values=False)
-        self._rows_body = DerivativeFunction(rows_request, argnums, chunk_hint=False)
+        self._rows_body = DerivativeFunction(rows_request, argnums)
         self._plans: OrderedDict[Hashable, ChunkPlan] = OrderedDict()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -16,7 +16,7 @@ import torch
 
 from ._build import Lowered, build
 from ._records import FlatCall, Request
-from ._shard import with_chunk_hint
+from ._shard import chunk_estimate, with_chunk_hint
 from ._signature import call_signature, flatten_call
 from ._vmap import Examples, examples_of
 from .errors import HodError, InputError, MemoryLimitError
@@ -27,6 +27,10 @@ DEFAULT_MEMORY_LIMIT = 8 * 2**30
 #: How many signatures one transformed function keeps generated code for.
 CACHE_SIZE = 64
 
+
+#: ``fits(args, kwargs, chunk)``: whether the transform's code, chunked so, builds within
+#: its memory limit for this call.
+ChunkFits = Callable[[tuple, dict, int], bool]
 
 #: Where ``f`` reads a tensor by name (a globals dict or a closure cell), and the tensor.
 _Binding = tuple[dict | CellType, str, torch.Tensor]
@@ -59,9 +63,9 @@ class DerivativeFunction:
     """
 
     def __init__(self, request: Request, argnums: tuple[int, ...], *,
-                 chunk_hint: bool = True) -> None:
+                 chunk_fits: ChunkFits | None = None) -> None:
         self._request = request
-        self._chunk_hint = chunk_hint  # a MemoryLimitError suggests a chunk_size
+        self._chunk_fits = chunk_fits  # set: a MemoryLimitError suggests a chunk_size
         self._argnums = argnums
         self._cache: OrderedDict[Any, Lowered] = OrderedDict()
         self._lock = threading.Lock()
@@ -146,9 +150,7 @@ class DerivativeFunction:
             return self._build(request, flat)
         except MemoryLimitError as error:
             # (the unbatched code under vmap would need as much memory)
-            if not self._chunk_hint:
-                raise
-            raise with_chunk_hint(error, self._seed_count(flat)) from None
+            raise self._hinted(error, flat) from None
         except (HodError, RuntimeError, NotImplementedError):
             if examples is None:
                 raise
@@ -159,11 +161,20 @@ class DerivativeFunction:
     def _build(self, request: Request, flat: FlatCall) -> Lowered:
         return build(request, flat)
 
-    def _seed_count(self, flat: FlatCall) -> int:
-        """The seeds ``chunk_size`` would cut for this call: one per differentiated entry
-        (of one example, for a call holding examples)."""
-        entries = sum(flat.tensors[pos].numel() for pos in flat.diff)
-        return entries // (flat.rows or 1)
+    def _hinted(self, error: MemoryLimitError, flat: FlatCall) -> MemoryLimitError:
+        """``error`` suggesting a ``chunk_size`` that was seen to fit: from the estimate
+        (:func:`~hod._shard.chunk_estimate`) down by halves, the first whose chunked code
+        builds under the limit; ``error`` itself when none does."""
+        seeds = sum(flat.tensors[pos].numel() for pos in flat.diff)
+        chunk = chunk_estimate(error, seeds)
+        if self._chunk_fits is None or flat.rows is not None or chunk is None:
+            return error
+        args, kwargs = flat.rebuild(list(flat.tensors))
+        while chunk >= 1:
+            if self._chunk_fits(args, kwargs, chunk):
+                return with_chunk_hint(error, seeds, chunk)
+            chunk //= 2
+        return error
 
     def _cached(self, key: Hashable) -> Lowered | None:
         if self._bindings and any(

@@ -52,19 +52,27 @@ def check_group(call: str, group: Any) -> None:
         )
 
 
-def with_chunk_hint(error: MemoryLimitError, seeds: int) -> MemoryLimitError:
-    """``error`` with a ``chunk_size`` suggestion when cutting the ``seeds`` would bring
-    its tensor under the limit: a tensor over the seed space shrinks with the chunk."""
+def chunk_estimate(error: MemoryLimitError, seeds: int) -> int | None:
+    """The chunk of ``seeds`` that would bring ``error``'s tensor under the limit if it
+    shrank with the chunk (a tensor over the seed space does); None when none would."""
     nbytes, limit = error.nbytes, error.limit
     if nbytes is None or limit is None or error.hinted:
-        return error
+        return None
     chunk = seeds * limit // nbytes
-    if not 1 <= chunk < seeds:
+    return chunk if 1 <= chunk < seeds else None
+
+
+def with_chunk_hint(error: MemoryLimitError, seeds: int,
+                    chunk: int | None = None) -> MemoryLimitError:
+    """``error`` suggesting ``chunk_size=chunk`` (by default :func:`chunk_estimate`);
+    ``error`` itself when there is no chunk to suggest."""
+    chunk = chunk_estimate(error, seeds) if chunk is None else chunk
+    if chunk is None:
         return error
     return MemoryLimitError(
         f"{error}\n  Or: pass chunk_size={chunk} (or less): the same result, computed "
         f"{chunk} of the {seeds} seeds at a time, in tensors that shrink with the chunk.",
-        nbytes=nbytes, limit=limit, hinted=True,
+        nbytes=error.nbytes, limit=error.limit, hinted=True,
     )
 
 

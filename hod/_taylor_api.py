@@ -45,7 +45,7 @@ class TaylorFunction(DerivativeFunction):
     def __init__(self, request: Request, argnums: tuple[int, ...], plan: TaylorPlan) -> None:
         inner = _without_trailing(request.f, plan.trailing) if plan.trailing else request.f
         # A MemoryLimitError suggests a chunk of the directions (see _build), not of entries.
-        super().__init__(replace(request, f=inner), argnums, chunk_hint=False)
+        super().__init__(replace(request, f=inner), argnums)
         self._plan = plan
 
     def _build(self, request: Request, flat: FlatCall) -> Lowered:

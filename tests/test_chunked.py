@@ -202,6 +202,18 @@ def test_memory_limit_error_suggests_a_chunk_size_that_fits():
         hod.hessian(f, memory_limit=limit, chunk_size=59)(x)
 
 
+def test_no_chunk_size_is_suggested_when_no_chunk_fits():
+    """Here the refused tensor is the captured weight transposed, whatever the chunk."""
+    w = torch.randn(2000, 300)
+
+    def f(x):
+        return torch.tanh(w @ x).sum()
+
+    with pytest.raises(hod.MemoryLimitError) as caught:
+        hod.hessian(f, memory_limit=2_000_000)(torch.randn(300))
+    assert "chunk_size" not in str(caught.value)
+
+
 @pytest.mark.parametrize("keyword,value,message", [
     ("chunk_size", 0, "chunk_size must be a positive integer"),
     ("chunk_size", 2.5, "chunk_size must be a positive integer"),
