@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.memory import BASELINE, CALLS
+from bench.memory import BASELINE, CALLS, peak_rss_mib
 
 HOD = "hod"
 TORCH_FUNC = "torch.func"
@@ -46,17 +46,6 @@ def chunk_setting(chunk_size: int | None) -> str:
 def chunk_of(setting: str) -> int | None:
     """The ``chunk_size`` of a :func:`chunk_setting` name."""
     return int(setting.split("=", 1)[1]) if "=" in setting else None
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far: ``VmHWM`` of ``/proc/self/status``
-    (Linux), the high-water mark of the process's own address space. Not ``ru_maxrss``:
-    Linux carries the parent's resident size at the fork into a child's ``ru_maxrss``
-    (through exec), so a child started by a large parent reads the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: the chunks sweep needs Linux")
 
 
 # --- the chunked-memory row ----------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Peak-memory mode: each engine alone in a fresh child process on one row.
 
-The parent starts ``python -m bench.memory --child ENGINE ...`` per engine (the thoad one under
-the thoad environment's interpreter) and reads the child's peak resident set size from
-``os.wait4`` (``ru_maxrss``), which covers exactly that child. A ``baseline`` child per
-interpreter builds the inputs and computes nothing, so the table can show each engine's peak
-above the baseline of its own interpreter (the thoad environment's torch is the CUDA build of
-PyPI, whose libraries alone make its baseline larger). The child makes the warm-up call and two
-more; it prints a JSON line with its call times and, on CUDA, torch's peak allocated memory.
-The result is not checked here (the sweeps do that).
+The parent starts ``python -m bench.memory --child ENGINE ...`` per engine (the thoad one
+under the thoad environment's interpreter); the child reports its own peak resident set size
+(``VmHWM``, :func:`peak_rss_mib`; the parent's ``os.wait4`` ``ru_maxrss`` remains the
+fallback for a child that dies, though it starts from the parent's size at the fork). A
+``baseline`` child per interpreter builds the inputs and computes nothing, so the table can
+show each engine's peak above the baseline of its own interpreter (the thoad environment's
+torch is the CUDA build of PyPI, whose libraries alone make its baseline larger). The child
+makes the warm-up call and two more; it prints a JSON line with its call times and, on CUDA,
+torch's peak allocated memory. The result is not checked here (the sweeps do that).
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ class MemoryResult:
     cuda_peak_mib: float | None = None
     call_ms: list[float] | None = None
     detail: str = ""
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far: ``VmHWM`` of ``/proc/self/status``
+    (Linux), the high-water mark of the process's own address space. Not ``ru_maxrss``:
+    Linux carries the parent's resident size at the fork into a child's ``ru_maxrss``
+    (through exec), so a child started by a large parent reads the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
 def _child_command(python: Path | str, engine: str, case: Case, device: str,
@@ -93,6 +105,7 @@ def run_child(python: Path | str, engine: str, case: Case, device: str, timeout_
         tail = " | ".join(stderr.strip().splitlines()[-2:])
         return MemoryResult(engine, interpreter, "ERROR", rss, detail=f"exit {exit_code}: {tail}")
     report = json.loads(lines[-1])
+    rss = report.get("peak_mib", rss)  # the child's own peak (see peak_rss_mib)
     return MemoryResult(engine, interpreter, report["status"], rss,
                         cuda_peak_mib=report.get("cuda_peak_mib"),
                         call_ms=report.get("call_ms"), detail=report.get("detail", ""))
@@ -199,6 +212,7 @@ def main(child_main: Callable[[str, Any, str], dict[str, object]] = _child_main,
         from bench.engines import failure_kind
 
         report = {"status": failure_kind(exc), "detail": f"{type(exc).__name__}: {exc}"[:300]}
+    report["peak_mib"] = peak_rss_mib()
     print(json.dumps(report), flush=True)
 
 
