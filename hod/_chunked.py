@@ -2,26 +2,27 @@
 
 ``D^k f`` is the Jacobian of ``D^(k-1) f``: its last index, the one the outermost
 ``jacfwd`` of the torch.func nesting adds, runs over the seed space, the ``S`` entries of
-the differentiated leaves. So one chunk of ``c`` seeds is the derivative along ``c``
-unit directions ``V`` (a ``(c, S)`` input) of ``D^(k-1) f``::
+the differentiated leaves. So one chunk of ``c`` seeds is ``D^k f`` along ``c`` unit
+directions: the first Taylor coefficients of ``D^(k-1) f`` along them
+(:mod:`hod._directional`), forward mode over ``c`` seeds through hod's own code for
+``D^(k-1) f`` (``f`` itself for a Jacobian). That body is generated once per signature and
+run once per chunk, the last chunk padded with zero directions: every intermediate is
+sized by ``c``, not ``S``. Each chunk's rows (``(c,) + block``) are written into the
+result blocks as they come (:class:`Gathered`): the seed axes moved last, or, for a 0-dim
+output at order >= 2, whose derivatives are symmetric, kept first as another block of the
+result (no transposing copy).
 
-    body(t, V, *args) = d/dt  D^(k-1) f(args + t @ V)   at t = 0,   t: (c,)
+A Jacobian that reverse mode computes (one output of ``m`` entries, ``3 m <= S``, as
+:func:`hod._plan.choose_mode` decides) is cut along its output instead, reverse mode's
+seeds: per chunk of entries the Jacobian of ``U @ f`` (``U`` unit rows). A gradient
+(``m = 1``), and anything whose seeds fit in one chunk, is computed whole.
 
-hod generates ``body`` once per signature, forward mode over ``c`` seeds through its own
-code for ``D^(k-1) f`` (``f`` itself for a Jacobian), and runs it once per chunk, the last
-chunk padded with zero directions. Every intermediate is sized by ``c``, not ``S``. Each
-chunk's columns are the block entries whose last leaf's coordinates it holds; the blocks
-are concatenated from them.
-
-With ``group=`` each rank takes its rows of every leaf's first dim (the cut
-:class:`~torch.distributed.tensor.Shard` makes, :func:`hod._shard.rank_rows`), chunked
-further by ``chunk_size``, and returns each block as a DTensor sharded along that dim;
-the values of :func:`hod.derivatives` and the blocks of a 0-dim leaf are replicated.
-
-A Jacobian with few outputs (a single output of ``m`` entries with ``3 m <= S``, as
-:func:`hod._plan.choose_mode` sends to reverse mode, ``m`` at most the chunk) is computed
-whole: reverse mode's seed space is its ``m`` outputs, within the chunk. Under a group
-each rank then keeps its own columns.
+With ``group=`` each rank takes its rows of every leaf's first dim (of the output's, for
+a reverse Jacobian; the cut :class:`~torch.distributed.tensor.Shard` makes,
+:func:`hod._shard.rank_rows`), in chunks of ``chunk_size`` or :data:`GROUP_CHUNK`, and
+returns each block as a DTensor sharded along the dim those rows index; the values of
+:func:`hod.derivatives`, the blocks of a 0-dim leaf and ``f``'s aux are whole on every
+rank. A gradient is computed whole and each rank keeps its rows.
 """
 
 from __future__ import annotations
