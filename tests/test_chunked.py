@@ -21,26 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TOLERANCES, assert_same_tree, cast, reference
+from distributed_checks import D, arguments, scalar, vector
 from torch.func import vmap
 
 import hod
-
-D = torch.float64
-W = torch.randn(6, 5, dtype=D, generator=torch.Generator().manual_seed(1))
-
-
-def scalar(x, y):
-    return (torch.tanh(W.to(x) @ x) * y.sum()).pow(2).sum() + torch.sin(y).prod()
-
-
-def vector(x, y):
-    return torch.sin(W.to(x) @ x)[:4] * y[0, 0] + torch.tanh(y).sum()
-
-
-def arguments(dtype=D):
-    g = torch.Generator().manual_seed(2)
-    return torch.randn(5, dtype=dtype, generator=g), torch.randn(2, 3, dtype=dtype, generator=g)
-
 
 CASES = [
     ("hessian", scalar, 2, 0),
