@@ -32,8 +32,9 @@ The greedy algorithms, written here:
   sees when ``v`` has two or more neighbours of colour ``a`` (``v`` would be a hub whose
   leaves already have other partners), else the colours of ``leaf[w]`` (``v`` would hang
   off a leaf of another star). Updating the sets after each vertex costs a few dict
-  operations per edge, so the colouring is linear in the edges (a hub's edges are
-  visited once, not once per leaf as in the 2005 paper's algorithm 4.1).
+  operations per edge, so the colouring is linear in the edges, times one bit-set
+  operation (``colours / 64`` machine words): a hub's edges are visited once, not once per
+  leaf as in the 2005 paper's algorithm 4.1.
 
 Vertex orders: natural, largest-first (by degree) and smallest-last (Matula-Beck,
 on the column intersection graph for Jacobians when it is small enough to build); the
@@ -43,8 +44,8 @@ Libraries looked at (issue 19 asks for a well-kept one if one fits): SparseMatri
 (Julia, the colourings behind DifferentiationInterface), ColPack (C++), sparsejac (JAX;
 colours with networkx on scipy matrices) and asdex (JAX; its own numpy greedy on JAX
 BCOO patterns). None fits a package that depends on torch alone: the first needs a Julia
-runtime, the second a compiled extension with no maintained Python binding, the JAX ones
-bring JAX, scipy or networkx. The code here is written from the papers above.
+runtime, the second is C++ that hod would have to compile and ship, the JAX ones bring
+JAX, scipy or networkx. The code here is written from the papers above, not from theirs.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def jacobian_recovery(pattern: torch.Tensor, colors: torch.Tensor) -> torch.Tens
     Raises ``ValueError`` if two columns of one colour share a row (no such column)."""
     rows, cols = pattern
     recovery = colors[cols]
-    _check_unique(rows * _num_colors(colors) + recovery, "column colouring is not distance-2")
+    keys = rows * _num_colors(colors) + recovery
+    if torch.unique(keys).numel() != keys.numel():
+        raise ValueError("jacobian_recovery: the column colouring is not distance-2")
     return recovery
 
 
@@ -122,11 +125,14 @@ def hessian_recovery(
     ``B[j, colors[i]]``. Two ``(nnz,)`` int64 tensors; raises ``ValueError`` when neither
     holds it alone (``colors`` is no star colouring of the pattern)."""
     rows, cols = pattern
-    n = int(max(rows.max(), cols.max())) + 1 if rows.numel() else 0
+    n = colors.numel()
+    linear, flipped = rows * n + cols, cols * n + rows
+    transposed = torch.searchsorted(linear, flipped).clamp(max=max(linear.numel() - 1, 0))
+    if not torch.equal(linear[transposed], flipped):
+        raise ValueError("hessian_recovery: the pattern is not symmetric and sorted row-major")
     keys = rows * _num_colors(colors) + colors[cols]
     _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
     alone = counts[inverse] == 1
-    transposed = torch.searchsorted(rows * n + cols, cols * n + rows)
     if not bool((alone | alone[transposed]).all()):
         raise ValueError("hessian_recovery: the colouring is not a star colouring")
     return torch.where(alone, rows, cols), torch.where(alone, colors[cols], colors[rows])
@@ -144,11 +150,6 @@ def _check_pattern(pattern: torch.Tensor, shape: tuple[int, int]) -> None:
         raise ValueError(f"pattern indices fall outside the shape {tuple(shape)}")
     if not bool((torch.diff(rows * shape[1] + cols) > 0).all()):
         raise ValueError("the pattern is not coalesced (sorted row-major, no duplicates)")
-
-
-def _check_unique(keys: torch.Tensor, message: str) -> None:
-    if torch.unique(keys).numel() != keys.numel():
-        raise ValueError(message)
 
 
 def _num_colors(colors: torch.Tensor) -> int:
@@ -187,21 +188,23 @@ def _conflict_graph(
     vertex: torch.Tensor, net: torch.Tensor, n_vertices: int, n_nets: int
 ) -> Graph | None:
     """The graph joining two vertices that share a net, or ``None`` past
-    :data:`MAX_PAIRS` pairs of non-zeros on one net."""
+    :data:`MAX_PAIRS` pairs of non-zeros on one net. Step ``d`` pairs each member of a
+    net with the member ``d`` places after it, so no step holds more than ``nnz`` pairs."""
     by_net = torch.sort(net, stable=True).indices
     members, sorted_net = vertex[by_net], net[by_net]
     sizes = torch.bincount(net, minlength=n_nets)
-    partners = sizes[sorted_net]  # each non-zero pairs with every member of its net
-    if int(partners.sum()) > MAX_PAIRS:
+    if int((sizes * sizes).sum()) > MAX_PAIRS:
         return None
-    left = torch.repeat_interleave(torch.arange(members.numel()), partners)
-    first_pair = torch.cumsum(partners, 0) - partners
-    offset = torch.arange(left.numel()) - torch.repeat_interleave(first_pair, partners)
-    net_start = torch.cumsum(sizes, 0) - sizes
-    right = net_start[sorted_net[left]] + offset
-    a, b = members[left], members[right]
-    keys = torch.unique(a[a != b] * n_vertices + b[a != b])
-    return _pointers(keys // n_vertices, n_vertices), (keys % n_vertices).tolist()
+    position = torch.arange(members.numel()) - (torch.cumsum(sizes, 0) - sizes)[sorted_net]
+    after = sizes[sorted_net] - 1 - position  # members of the same net after this one
+    at, step, keys = torch.nonzero(after > 0).flatten(), 1, []
+    while at.numel():
+        a, b = members[at], members[at + step]
+        keys += [a * n_vertices + b, b * n_vertices + a]
+        step += 1
+        at = at[after[at] >= step]
+    unique = torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64)
+    return _pointers(unique // n_vertices, n_vertices), (unique % n_vertices).tolist()
 
 
 def _distance2_greedy(
@@ -228,41 +231,37 @@ def _distance2_greedy(
 def _star_greedy(graph: Graph, vertices: Sequence[int]) -> list[int]:
     """Greedy star colouring in the order ``vertices`` (see the module docstring).
 
-    ``count[u * n + c]`` is how many coloured neighbours of ``u`` have colour ``c`` and
-    ``first[u * n + c]`` the first of them; ``seen[u]``'s bits are the colours among
+    ``first[u * n + c]`` is the first neighbour of ``u`` coloured ``c``, and ``shared``
+    holds ``u * n + c`` once ``u`` has two; ``seen[u]``'s bits are the colours among
     ``u``'s coloured neighbours, ``leaf[u]``'s the colours ``c`` such that ``u`` is a leaf
     of a star of two or more edges coloured ``(colors[u], c)`` whose hub has colour ``c``.
     """
     ptr, adj = graph
     n = len(vertices)
     colors = [-1] * n
-    count: dict[int, int] = {}
     first: dict[int, int] = {}
+    shared: set[int] = set()
     seen, leaf = [0] * n, [0] * n
     for v in vertices:
         neighbours = adj[ptr[v]:ptr[v + 1]]
         forbidden = 0
         for w in neighbours:
             a = colors[w]
-            if a >= 0:
-                hub = count[v * n + a] >= 2  # v would be the hub of w and another
-                forbidden |= (1 << a) | (seen[w] if hub else leaf[w])
+            if a >= 0:  # past one neighbour coloured a, v would be the hub of an (a, .) star
+                forbidden |= (1 << a) | (seen[w] if v * n + a in shared else leaf[w])
         c = (~forbidden & (forbidden + 1)).bit_length() - 1
         colors[v] = c
         for u in neighbours:
             key = u * n + c
-            k = count.get(key, 0) + 1
-            count[key] = k
             seen[u] |= 1 << c
-            if k == 1:
-                first[key] = v
+            spoke = first.setdefault(key, v)
             a = colors[u]
-            if a < 0:
-                continue
-            if k >= 2:  # u is the hub of an (a, c) star: v, and its first spoke, are leaves
-                leaf[v] |= 1 << a
-                leaf[first[key]] |= 1 << a
-            elif count[v * n + a] >= 2:  # v is the hub: u is a leaf
+            if spoke != v:  # u is the hub of a (colors[u], c) star: v, and its first spoke,
+                shared.add(key)  # are leaves
+                if a >= 0:
+                    leaf[v] |= 1 << a
+                    leaf[spoke] |= 1 << a
+            elif a >= 0 and v * n + a in shared:  # v is the hub: u is a leaf
                 leaf[u] |= 1 << c
     return colors
 

@@ -302,9 +302,12 @@ def test_bad_patterns_are_refused(pattern, match):
         star_coloring(pattern, 3)
 
 
-def test_star_coloring_refuses_an_asymmetric_pattern():
+def test_an_asymmetric_pattern_is_refused():
+    pattern = from_mask(banded(5, 0, 1))
     with pytest.raises(ValueError, match="not symmetric"):
-        star_coloring(from_mask(banded(5, 0, 1)), 5)
+        star_coloring(pattern, 5)
+    with pytest.raises(ValueError, match="not symmetric"):
+        hessian_recovery(pattern, torch.arange(5))
 
 
 def test_an_unknown_order_is_refused():
