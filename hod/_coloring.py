@@ -13,12 +13,12 @@ from ``B = H @ S``: ``H[i, j] = B[i, colors[j]]`` when ``i`` has no other neighb
 ``j``'s colour, else ``B[j, colors[i]]`` (then ``i`` is the hub of the two-coloured star
 through the edge and ``j`` a leaf, whose only neighbour of ``i``'s colour is ``i``).
 Gebremedhin, Manne and Pothen, "What color is your Jacobian?", SIAM Review 47 (2005),
-sections 3-4, give both problems and the direct recoveries.
+give both problems and these direct recoveries.
 
 The greedy algorithms, written here:
 
-* distance-2 column colouring: vertices in a given order, each taking the smallest
-  colour no column sharing one of its rows has. Each row keeps the colours used in it
+* distance-2 column colouring: columns in a given order, each taking the smallest
+  colour that no column sharing one of its rows has. Each row keeps the colours used in it
   as the bits of a Python int, so a column costs one ``|`` per row it touches: linear in
   the non-zeros, with no ``n x n`` intermediate even for a dense row.
 * star colouring: greedy with the invariant of Gebremedhin, Tarafdar, Manne and Pothen,
@@ -34,7 +34,7 @@ The greedy algorithms, written here:
   off a leaf of another star). Updating the sets after each vertex costs a few dict
   operations per edge, so the colouring is linear in the edges, times one bit-set
   operation (``colours / 64`` machine words): a hub's edges are visited once, not once per
-  leaf as in the 2005 paper's algorithm 4.1.
+  leaf as in the 2005 paper's simpler greedy, whose checks walk paths of three edges.
 
 Vertex orders: natural, largest-first (by degree) and smallest-last (Matula-Beck,
 on the column intersection graph for Jacobians when it is small enough to build); the
@@ -153,6 +153,7 @@ def _check_pattern(pattern: torch.Tensor, shape: tuple[int, int]) -> None:
 
 
 def _num_colors(colors: torch.Tensor) -> int:
+    """How many colours ``colors`` ``(n,)`` uses (numbered from 0)."""
     return int(colors.max()) + 1 if colors.numel() else 0
 
 

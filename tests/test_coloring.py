@@ -331,3 +331,18 @@ def test_ten_thousand_variables_colour_quickly():
     hessian_recovery(pattern, star)
     assert number_of_colors(star) <= 11
     assert time.perf_counter() - start < 20
+
+
+def test_a_hub_of_ten_thousand_leaves_colours_quickly():
+    """A hub's edges are visited once, not once per leaf (which would be 10^8 steps); and a
+    dense row does not build the ``n x n`` column intersection graph."""
+    n = 10_000
+    leaves, hub = torch.arange(n), torch.zeros(n, dtype=torch.int64)
+    keys = torch.unique(torch.cat([leaves * n + leaves, hub * n + leaves, leaves * n + hub]))
+    pattern = torch.stack([keys // n, keys % n])
+    start = time.perf_counter()
+    star = star_coloring(pattern, n)
+    hessian_recovery(pattern, star)
+    assert number_of_colors(star) == 2
+    assert number_of_colors(column_coloring(pattern, (n, n))) == n
+    assert time.perf_counter() - start < 20
