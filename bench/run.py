@@ -10,6 +10,7 @@ Run from the repository root::
     python -m bench.run --sweeps per-sample     # vmap(hod.hessian(f)) against vmap of torch.func
     python -m bench.run --sweeps zoo            # real models in float32 against the best peer
     python -m bench.run --sweeps chunks         # chunk_size= memory, group= over 1, 2, 4 processes
+    python -m bench.run --sweeps sparse         # sparse=True against dense and hand colouring
     python -m bench.run --list                  # the sweeps and their rows
 
 See bench/README.md for what is measured and how results are checked.
@@ -40,7 +41,10 @@ from bench.per_sample import format_per_sample, run_per_sample_sweep
 from bench.per_sample import list_rows as list_per_sample_rows
 from bench.report import check_summary, format_table, machine_info, plot, sweep_dict, write_json
 from bench.runner import HOPELESS, HOPELESS_MS, TRAILING, RowResult, RunSettings, SweepRunner
-from bench.tables import CHUNKS, PER_SAMPLE, TAYLOR, ZOO
+from bench.sparse import TITLE as SPARSE_TITLE
+from bench.sparse import format_sparse, run_sparse_sweep
+from bench.sparse import list_rows as list_sparse_rows
+from bench.tables import CHUNKS, PER_SAMPLE, SPARSE, TAYLOR, ZOO
 from bench.taylor import TITLE as TAYLOR_TITLE
 from bench.taylor import format_taylor, list_rows, run_taylor_sweep
 from bench.taylor_memory import format_taylor_memory, measure_taylor
@@ -53,10 +57,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"  # git-ignored scratch
 COMMITTED_OUT = Path(__file__).resolve().parent / "runs"  # runs quoted in README and docs
 #: The sweeps with their own rows and engines, run by name only, on the CPU.
 OWN_ENGINE_SWEEPS = {TAYLOR: TAYLOR_TITLE, PER_SAMPLE: PER_SAMPLE_TITLE, ZOO: ZOO_TITLE,
-                     CHUNKS: CHUNKS_TITLE}
+                     CHUNKS: CHUNKS_TITLE, SPARSE: SPARSE_TITLE}
 #: How each of them prints its table.
 OWN_ENGINE_FORMATS = {TAYLOR: format_taylor, PER_SAMPLE: format_per_sample, ZOO: format_zoo,
-                      CHUNKS: format_chunks}
+                      CHUNKS: format_chunks, SPARSE: format_sparse}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--sweeps", default="all",
                         help="comma-separated sweep names (see --list), default all but "
-                             f"{TAYLOR}, {PER_SAMPLE}, {ZOO} and {CHUNKS} (their own engines: "
-                             "run them by name)")
+                             f"{', '.join(OWN_ENGINE_SWEEPS)} (their own engines: run them "
+                             "by name)")
     parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
                         help=f"comma-separated engines of {','.join(ENGINE_NAMES)}, or a "
                              f"peer's plain name ({', '.join(PEERS)}) for all its settings; "
@@ -133,6 +137,7 @@ def list_sweeps() -> None:
     print(list_per_sample_rows())
     print(list_zoo_rows())
     print(list_chunks_rows())
+    print(list_sparse_rows())
 
 
 def make_runner(
@@ -235,6 +240,8 @@ def run_own_engine_sweep(
         return run_zoo_sweep(policy, args.seed, quick=args.quick)
     if name == CHUNKS:
         return run_chunks_sweep(policy, quick=args.quick, threads=args.threads)
+    if name == SPARSE:
+        return run_sparse_sweep(policy, quick=args.quick)
     return run_per_sample_sweep(policy, args.seed, quick=args.quick)
 
 

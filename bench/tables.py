@@ -86,9 +86,18 @@ ZOO = "zoo"
 CHUNKS = "chunks"
 
 
+#: The ``kind`` of the sparse sweep (#19: ``sparse=True`` against dense engines and a
+#: hand-coloured baseline): its own rows, engines and table (:func:`sparse_grid`), also left
+#: out of the summary, headline and plot.
+SPARSE = "sparse"
+#: The engines of the sparse sweep that its ratios name.
+SPARSE_HOD, SPARSE_DENSE, SPARSE_HAND = "hod sparse", "torch.func dense", "torch.func hand-coloured"
+
+
 def derivative_sweeps(run: Run) -> list[dict[str, Any]]:
-    """The run's sweeps but the taylor, per-sample, zoo and chunks ones."""
-    return [s for s in run["sweeps"] if s.get("kind") not in (TAYLOR, PER_SAMPLE, ZOO, CHUNKS)]
+    """The run's sweeps but the taylor, per-sample, zoo, chunks and sparse ones."""
+    own = (TAYLOR, PER_SAMPLE, ZOO, CHUNKS, SPARSE)
+    return [s for s in run["sweeps"] if s.get("kind") not in own]
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -371,6 +380,31 @@ def chunks_grids(sweep: dict[str, Any]) -> list[list[list[str]]]:
     return [grids[row["part"]](row) for row in sweep["rows"]]
 
 
+def _speedup(row: Row, other: str) -> str:
+    ours, theirs = time_ms(row, SPARSE_HOD), time_ms(row, other)
+    return f"{fmt_ratio(theirs / ours)}x" if ours and theirs is not None else "-"
+
+
+def sparse_grid(sweep: dict[str, Any]) -> list[list[str]]:
+    """The sparse sweep as a list of rows (header first): per row its variables, the
+    pattern's nonzeros and colours, the entries hod's result stores over the nonzeros, hod
+    sparse's first call, every engine's median ms (or its status), and hod sparse's speedups
+    over dense torch.func and over the hand-coloured baseline."""
+    engines = engines_of(sweep)
+    grid = [[sweep["x_name"], "n", "nnz", "colours", "stored / nnz", "first call ms",
+             *engines, "vs dense torch.func", "vs hand-coloured"]]
+    for row in sweep["rows"]:
+        stored = (f"{row['stored'] / row['nnz']:.2f}" if row.get("nnz") else "-")
+        first = row.get("first_call_ms")
+        grid.append([str(row["x"]), f"{row['n']:,}",
+                     f"{row['nnz']:,}" if "nnz" in row else "-",
+                     str(row.get("colours", "-")), stored,
+                     "-" if first is None else f"{first:.0f}",
+                     *(mark(row, e) for e in engines),
+                     _speedup(row, SPARSE_DENSE), _speedup(row, SPARSE_HAND)])
+    return grid
+
+
 def problem_notes(sweep: dict[str, Any]) -> list[str]:
     """Per engine and status other than ok, the first row with it and why."""
     seen: set[tuple[str, str]] = set()
@@ -402,7 +436,8 @@ def sweep_tables(run: Run) -> str:
     for sweep in run["sweeps"]:
         parts.append(f"### {SWEEP_TITLES.get(sweep['name'], sweep['name'])} "
                      f"(`{sweep['name']}`: {sweep['title']}), median ms")
-        grids = {TAYLOR: taylor_grid, PER_SAMPLE: per_sample_grid, ZOO: zoo_grid}
+        grids = {TAYLOR: taylor_grid, PER_SAMPLE: per_sample_grid, ZOO: zoo_grid,
+                 SPARSE: sparse_grid}
         if sweep.get("kind") == CHUNKS:
             parts += [f"**{row['label']}**\n\n{markdown(grid)}"
                       for row, grid in zip(sweep["rows"], chunks_grids(sweep), strict=True)]
