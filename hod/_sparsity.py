@@ -289,8 +289,7 @@ def _visit(node: fx.Node, state: _State) -> object:
             pass
         return _blank(val, state.width)
     patterns = [state.patterns[n] for n in inputs]
-    if node.target in _ZERO_DERIVATIVE or all(_is_blank(p) for p in patterns) \
-            or not _floating(val):
+    if _zero_derivative(node) or all(_is_blank(p) for p in patterns) or not _floating(val):
         return _blank(val, state.width)
     rule = _rule(node.target)
     result = rule(node, state) if rule is not None else None
@@ -304,6 +303,13 @@ def _visit(node: fx.Node, state: _State) -> object:
 
 def _is_random(op: object) -> bool:
     return isinstance(op, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in op.tags
+
+
+def _zero_derivative(node: fx.Node) -> bool:
+    """Whether ``node``'s derivative is zero almost everywhere (rounding, fresh tensors)."""
+    if node.target in (aten.div.Tensor_mode, aten.div.Scalar_mode):
+        return _argument(node, "rounding_mode", None) is not None
+    return node.target in _ZERO_DERIVATIVE
 
 
 def _floating(val: object) -> bool:
@@ -667,6 +673,28 @@ def _meet(state: _State, a: Pattern, b: Pattern, index_a: Tensor, index_b: Tenso
     state.interact(gather(a, keys // b.n_rows), gather(b, keys % b.n_rows))
 
 
+def _copy(node: fx.Node, state: _State) -> Pattern:
+    """``copy(self, src)``: ``src`` broadcast to ``self``'s shape."""
+    src = node.args[1]
+    return gather(state.pattern(src), _broadcast_source(src, node.meta["val"].shape))
+
+
+def _avg_pool(node: fx.Node, state: _State) -> Pattern | None:
+    """``avg_pool2d`` (1-D pools trace to it): each output entry depends on its window."""
+    source, kernel = node.args[:2]
+    stride = _argument(node, "stride", []) or kernel
+    padding = _argument(node, "padding", 0)
+    shape = source.meta["val"].shape
+    planes = _index_tensor(0, source.meta["val"]).view(-1, 1, *shape[-2:])
+    windows = functional.unfold(planes, kernel, padding=padding, stride=stride).long() - 1
+    out = node.meta["val"]
+    if windows.shape[0] * windows.shape[-1] != out.numel():  # ceil_mode's extra windows
+        return None
+    rows = torch.arange(out.numel()).view(windows.shape[0], 1, -1).expand(windows.shape)
+    inside = windows >= 0
+    return compose(state.pattern(source), rows[inside], windows[inside], out.numel())
+
+
 def _ops(*names: str) -> list[object]:
     """The ATen overloads named ``"op.overload"`` that this torch has."""
     found = []
@@ -706,6 +734,8 @@ _RULES: dict[object, Callable[[fx.Node, _State], object]] = {
     **dict.fromkeys(_ops("mm", "bmm", "mv", "dot", "addmm", "baddbmm"), _matmul),
     aten.convolution.default: _convolution,
     aten._to_copy.default: _elementwise,
+    **dict.fromkeys(_ops("copy", "copy_"), _copy),
+    aten.avg_pool2d.default: _avg_pool,
     aten.index_put.default: _index_put,
     **dict.fromkeys(_ops("scatter.src", "scatter.value", "scatter_add", "scatter_reduce.two"),
                     _scatter),
@@ -713,7 +743,7 @@ _RULES: dict[object, Callable[[fx.Node, _State], object]] = {
 }
 
 #: Rules that record a node's Hessian interactions themselves (none for linear ones).
-_OWN_CURVATURE = {_movement, _elementwise, _matmul, _convolution, _index_put, _scatter,
+_OWN_CURVATURE = {_movement, _copy, _elementwise, _matmul, _convolution, _index_put, _scatter,
                   _index_add}
 
 #: Ops with no second derivative (linear, or piecewise linear: zero almost everywhere).
@@ -723,7 +753,7 @@ _LINEAR = set(_ops(
     "relu", "abs", "clamp", "clamp.Tensor", "clamp_min", "clamp_max", "maximum", "minimum",
     "fmax", "fmin", "hardtanh", "sum.dim_IntList", "sum", "mean.dim", "mean", "nansum", "amax",
     "amin", "max", "min", "max.dim", "min.dim", "cumsum", "cummax", "cummin", "copy",
-    "lerp.Scalar", "masked_fill.Scalar",
+    "lerp.Scalar", "masked_fill.Scalar", "avg_pool2d",
 ))
 
 #: Ops whose values are whatever memory held: never constants.
@@ -733,5 +763,5 @@ _UNINITIALISED = set(_ops("empty.memory_format", "empty_like", "empty_strided", 
 #: Ops whose derivative is zero (almost everywhere).
 _ZERO_DERIVATIVE = set(_ops(
     "sign", "floor", "ceil", "round", "trunc", "zeros_like", "ones_like", "full_like",
-    "empty_like", "detach", "new_zeros", "new_ones", "new_full", "new_empty",
+    "empty_like", "detach", "floor_divide", "new_zeros", "new_ones", "new_full", "new_empty",
 ))

@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import hessian, jacrev
+from opdb import OPS
+from torch.func import hessian, jacfwd, jacrev
 
 from hod._records import Request
 from hod._signature import flatten_call
@@ -325,3 +326,53 @@ def test_ten_thousand_unknowns_in_seconds():
     elapsed = time.perf_counter() - start
     assert as_set(indices) == _stencil(100)
     assert elapsed < 10.0  # about 0.02 s alone; generous for a shared machine
+
+
+def _significant(matrix: torch.Tensor) -> set[tuple[int, int]]:
+    """Entries above roundoff (a composite kernel may leave 1e-18 where the truth is 0)."""
+    return as_set((matrix.abs() > 1e-12 * matrix.abs().max()).nonzero().t())
+
+
+def _jacobian_matrix(f, sample: tuple, argnums: tuple[int, ...]) -> torch.Tensor:
+    single = not isinstance(f(*sample), tuple)
+    result = jacrev(f, argnums)(*sample)
+    return _blocks((result,) if single else result, sample, argnums)
+
+
+def _hessian_matrix(f, sample: tuple, argnums: tuple[int, ...]) -> torch.Tensor:
+    blocks = jacfwd(jacrev(f, argnums), argnums)(*sample)
+    return torch.cat([torch.cat([blocks[i][j].reshape(sample[a].numel(), sample[b].numel())
+                                 for j, b in enumerate(argnums)], 1)
+                      for i, a in enumerate(argnums)], 0)
+
+
+@pytest.mark.parametrize("info", OPS, ids=[info.name for info in OPS])
+def test_jacobian_never_sparser_than_torch_func_on_the_op_database(info):
+    """Every op database entry, every sample: the detected Jacobian pattern holds every
+    nonzero of torch.func's."""
+    argnums = info.argnums if isinstance(info.argnums, tuple) else (info.argnums,)
+    for sample in info.samples():
+        gm, diff, n_out = traced(info.fn, sample, argnums)
+        want = _significant(_jacobian_matrix(info.ref or info.fn, sample, argnums))
+        assert want <= as_set(jacobian_pattern(gm, diff, n_out))
+
+
+def _scalar(f):
+    """``f``'s floating outputs through ``sin``, summed: a scalar that keeps their curvature
+    and adds its own."""
+    def scalar(*args):
+        out = f(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        return sum(torch.sin(o).sum() for o in outs if o.is_floating_point())
+
+    return scalar
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("info", OPS, ids=[info.name for info in OPS])
+def test_hessian_never_sparser_than_torch_func_on_the_op_database(info):
+    argnums = info.argnums if isinstance(info.argnums, tuple) else (info.argnums,)
+    for sample in info.samples():
+        gm, diff, n_out = traced(_scalar(info.fn), sample, argnums)
+        want = _significant(_hessian_matrix(_scalar(info.ref or info.fn), sample, argnums))
+        assert want <= as_set(hessian_pattern(gm, diff, n_out))
