@@ -317,6 +317,8 @@ def _zero_derivative(node: fx.Node) -> bool:
     """Whether ``node``'s derivative is zero almost everywhere (rounding, fresh tensors)."""
     if node.target in (aten.div.Tensor_mode, aten.div.Scalar_mode):
         return _argument(node, "rounding_mode", None) is not None
+    if node.target is aten.pow.Tensor_Scalar:
+        return node.args[1] == 0
     return node.target in _ZERO_DERIVATIVE
 
 
@@ -492,7 +494,8 @@ def _elementwise(node: fx.Node, state: _State) -> Pattern:
         state.interact(a, b)  # a product, or a quotient's numerator with its denominator
         if node.target is aten.div.Tensor:
             state.interact(b, b)
-    elif node.target not in _LINEAR:
+    elif node.target not in _LINEAR and not (node.target is aten.pow.Tensor_Scalar
+                                             and node.args[1] == 1):
         state.interact(result, result)
     return result
 

@@ -300,6 +300,27 @@ def test_linear_function_has_no_hessian():
     assert detected_hessian(f, (x_(6),)) == set()
 
 
+def test_powers_zero_and_one():
+    def f(x):
+        return (x[:3] ** 1 * 2 + x[3:] ** 0).sum() + x[0] * x[5]
+
+    assert detected_hessian(f, (x_(6),)) == dense_nonzeros(f, (x_(6),), order=2) == {(0, 5),
+                                                                                   (5, 0)}
+    assert detected(f, (x_(6),)) == {(0, j) for j in range(6) if j not in (3, 4)}
+
+
+def test_dense_interaction_blocks_stay_a_superset(monkeypatch):
+    """Past ``MAX_SQUARE_PAIRS`` an op's interactions become the square of the union of its
+    dependencies: more, never fewer."""
+    import hod._sparsity
+    f, args = HESSIAN_CASES["bratu_energy"]
+    exact = detected_hessian(f, args)
+    monkeypatch.setattr(hod._sparsity, "MAX_SQUARE_PAIRS", 0)
+    blocked = detected_hessian(f, args)
+    assert exact < blocked
+    assert blocked == {(i, j) for i in range(25) for j in range(25)}
+
+
 def test_hessian_needs_one_entry():
     gm, diff, n_out = traced(lambda x: x**2, (x_(3),))
     with pytest.raises(ValueError, match="one entry"):
