@@ -200,6 +200,29 @@ def hessian_pattern(gm: fx.GraphModule, diff: Sequence[int], n_out: int = 1) -> 
     return torch.stack([both.rows, both.cols])
 
 
+def constants_fingerprint(gm: fx.GraphModule) -> tuple[tuple[int, int], ...]:
+    """``(version, data_ptr)`` of every tensor ``gm`` holds as a constant (``get_attr``).
+
+    The graph holds the caller's own tensors (a closed-over matrix, a module's weights), so
+    an in-place change (an optimiser step) can turn a zero the pattern relied on into a
+    nonzero: a pattern stays valid while this fingerprint is unchanged.
+    """
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = _attribute(gm, node.target)
+            if isinstance(value, Tensor):
+                found.append((value._version, value.data_ptr()))
+    return tuple(found)
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> object:
+    value = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
+
+
 def _outputs(gm: fx.GraphModule) -> list[fx.Node]:
     return list(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
 
@@ -261,9 +284,7 @@ def _propagate(gm: fx.GraphModule, diff: Sequence[int], curved: set | None = Non
     for node in gm.graph.nodes:
         state.node = node
         if node.op == "get_attr":
-            value = gm
-            for name in node.target.split("."):
-                value = getattr(value, name)
+            value = _attribute(gm, node.target)
             state.values[node] = value
             state.patterns[node] = _blank(value, state.width)
         elif node.op == "call_function":

@@ -14,7 +14,7 @@ from torch.func import hessian, jacfwd, jacrev
 
 from hod._records import Request
 from hod._signature import flatten_call
-from hod._sparsity import hessian_pattern, jacobian_pattern
+from hod._sparsity import constants_fingerprint, hessian_pattern, jacobian_pattern
 from hod._tracing import trace_forward
 
 D = torch.float64
@@ -225,6 +225,29 @@ def test_constant_built_inside_f():
     args = (x_(5),)
     got = detected(f, args)
     assert got == dense_nonzeros(f, args) == {(i, i) for i in range(1, 5)}
+
+
+def test_a_captured_constant_changed_in_place_changes_the_fingerprint():
+    """The graph holds the caller's tensors: a zero the pattern used may change later."""
+    weights = torch.nn.Linear(3, 2, dtype=D)
+    matrix = SPARSE_MATRIX.clone()
+    with torch.no_grad():
+        weights.weight[0] = 0.0
+
+    def f(x):
+        return weights(matrix[:3, :3] @ x)
+
+    gm, diff, n_out = traced(f, (x_(3),))
+    assert as_set(jacobian_pattern(gm, diff, n_out)) == {(1, 0), (1, 2)}
+    before = constants_fingerprint(gm)
+    assert constants_fingerprint(gm) == before
+    matrix[1, 1] = 1.0
+    assert constants_fingerprint(gm) != before
+    before = constants_fingerprint(gm)
+    with torch.no_grad():
+        weights.weight.add_(1.0)
+    assert constants_fingerprint(gm) != before
+    assert as_set(jacobian_pattern(gm, diff, n_out)) == {(i, j) for i in (0, 1) for j in (0, 1, 2)}
 
 
 def test_unanalysed_op_is_dense():
