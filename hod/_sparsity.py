@@ -196,7 +196,10 @@ def hessian_pattern(gm: fx.GraphModule, diff: Sequence[int], n_out: int = 1) -> 
     state = _propagate(gm, diff, _ancestors(root))
     rows = torch.cat([torch.zeros(0, dtype=torch.long)] + [r for r, _ in state.pairs])
     cols = torch.cat([torch.zeros(0, dtype=torch.long)] + [c for _, c in state.pairs])
-    both = coalesced(torch.cat([rows, cols]), torch.cat([cols, rows]), state.width, state.width)
+    upper = coalesced(torch.minimum(rows, cols), torch.maximum(rows, cols), state.width,
+                      state.width)  # one half first: the pairs come in both orders
+    both = coalesced(torch.cat([upper.rows, upper.cols]), torch.cat([upper.cols, upper.rows]),
+                     state.width, state.width)
     return torch.stack([both.rows, both.cols])
 
 
