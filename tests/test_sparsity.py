@@ -218,6 +218,21 @@ def test_several_outputs_and_arguments():
     assert detected(f, args, (0, 1)) == dense_nonzeros(f, args, (0, 1))
 
 
+def test_float32_identity_and_constant_outputs():
+    """The pattern does not depend on the dtype; an output may be an input itself or hold
+    no dependence at all (empty rows)."""
+    u = x_(4, 4)
+    gm, diff, n_out = traced(bratu, (u.float(),))
+    assert as_set(jacobian_pattern(gm, diff, n_out)) == _stencil(4)
+
+    def f(x):
+        return x, torch.ones(2, dtype=D), x[1:] * x[:-1]
+
+    args = (x_(3),)
+    assert detected(f, args) == dense_nonzeros(f, args) == (
+        {(0, 0), (1, 1), (2, 2), (5, 0), (5, 1), (6, 1), (6, 2)})
+
+
 def test_constant_built_inside_f():
     """A matrix f builds from constants alone (eye, arange) is evaluated: its zeros count."""
     def f(x):
