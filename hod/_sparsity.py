@@ -18,7 +18,7 @@ Patterns flow through the graph by one rule per op family:
   constant is zero, ``where`` with a constant condition keeps the side it picks;
 - reductions, softmaxes, ``avg_pool2d`` and cumulative ops gather their groups, slices,
   windows and prefixes;
-- ``mm``/``bmm``/``addmm``/``mv``/``dot`` and ``convolution`` (1-D and 2-D, not
+- ``mm``/``bmm``/``addmm``/``mv``/``dot`` and ``convolution`` (any dims, not
   transposed) pair the entries that meet in a product, skipping the zeros of a constant
   operand (``get_attr`` tensors and whatever the graph computes from them alone);
 - ops without a rule are dense: every output entry depends on every entry its inputs
@@ -646,12 +646,12 @@ def _matmul(node: fx.Node, state: _State) -> Pattern:
 
 
 def _convolution(node: fx.Node, state: _State) -> Pattern:
-    """1-D and 2-D convolutions (not transposed): an output entry depends on the input
+    """Convolutions (not transposed): an output entry depends on the input
     entries its window covers (skipping padding and the zeros of a constant weight), on
     the weights meeting an input entry there (not a constant zero) and on its bias."""
     x, w, bias = node.args[:3]
     out = node.meta["val"]
-    if node.args[6] or x.meta["val"].dim() not in (3, 4):
+    if node.args[6]:  # transposed
         result = dense(_flat_patterns([state.patterns[n] for n in node.all_input_nodes]),
                        out.numel(), state.width)
         state.interact(result, result)
@@ -687,16 +687,35 @@ def _windows(node: fx.Node) -> tuple[Tensor, Tensor]:
     at each output spot (-1 in the padding), ``(n, groups, 1, per_group, spots)``, and the
     flat index of the output entry, ``(n, groups, per_out, per_group, spots)``."""
     x, w, _, stride, padding, dilation, _, _, groups = node.args
-    lift = (lambda v, pad=1: [pad, *v]) if x.meta["val"].dim() == 3 else (lambda v, pad=1: list(v))
-    shape = x.meta["val"].shape
-    images = _index_tensor(0, x.meta["val"]).view(shape[0], shape[1], *lift(shape[2:]))
-    windows = functional.unfold(images, lift(w.meta["val"].shape[2:]), dilation=lift(dilation),
-                                padding=lift(padding, 0), stride=lift(stride)).long() - 1
+    n = x.meta["val"].shape[0]
+    windows = _sliding(_index_tensor(0, x.meta["val"]), w.meta["val"].shape[2:], stride,
+                       padding, dilation)
     co, spots = w.meta["val"].shape[0], windows.shape[-1]
-    windows = windows.view(shape[0], groups, 1, -1, spots)
-    full = (shape[0], groups, co // groups, windows.shape[3], spots)
-    target = torch.arange(shape[0] * co * spots).view(shape[0], groups, co // groups, 1, spots)
+    windows = windows.view(n, groups, 1, -1, spots)
+    full = (n, groups, co // groups, windows.shape[3], spots)
+    target = torch.arange(n * co * spots).view(n, groups, co // groups, 1, spots)
     return windows, target.expand(full)
+
+
+def _sliding(index: Tensor, kernel: Sequence[int], stride: Sequence[int],
+             padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """The windows of ``index``, ``(n, c, *spatial)`` holding ``1 +`` flat indices, as
+    ``(n, c x kernel entries, spots)`` (channel-major, as ``unfold``) of flat indices, -1
+    in the padding. A one-entry ``stride``/``padding``/``dilation`` serves every dim."""
+    spatial = index.dim() - 2
+
+    def each(values: int | Sequence[int]) -> list[int]:
+        values = [values] if isinstance(values, int) else list(values)
+        return values * spatial if len(values) == 1 else values
+
+    kernel, stride, padding, dilation = map(each, (kernel, stride, padding, dilation))
+    windows = functional.pad(index, [p for p in reversed(padding) for _ in range(2)])
+    for d in range(spatial):
+        span = dilation[d] * (kernel[d] - 1) + 1
+        windows = windows.unfold(2 + d, span, stride[d])[..., :: dilation[d]]
+    order = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]
+    windows = windows.permute(order)
+    return windows.reshape(index.shape[0], -1, windows[0, 0].numel() // _numel(kernel)).long() - 1
 
 
 def _meet(state: _State, a: Pattern, b: Pattern, index_a: Tensor, index_b: Tensor) -> None:
@@ -718,10 +737,9 @@ def _avg_pool(node: fx.Node, state: _State) -> Pattern | None:
     """``avg_pool2d`` (1-D pools trace to it): each output entry depends on its window."""
     source, kernel = node.args[:2]
     stride = _argument(node, "stride", []) or kernel
-    padding = _argument(node, "padding", 0)
     shape = source.meta["val"].shape
     planes = _index_tensor(0, source.meta["val"]).view(-1, 1, *shape[-2:])
-    windows = functional.unfold(planes, kernel, padding=padding, stride=stride).long() - 1
+    windows = _sliding(planes, kernel, stride, _argument(node, "padding", [0]), [1])
     out = node.meta["val"]
     if windows.shape[0] * windows.shape[-1] != out.numel():  # ceil_mode's extra windows
         return None

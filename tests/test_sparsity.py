@@ -182,6 +182,12 @@ JACOBIAN_CASES = {
     "conv2d_groups": (lambda x: F.conv2d(x.view(1, 2, 4, 4), torch.tensor(
         [[[[1.0, 0], [0, 1]]], [[[0, 2.0], [0, 0]]]], dtype=D), groups=2, padding=1).flatten(),
         (x_(32),)),
+    "conv3d": (lambda x: F.conv3d(x.view(1, 1, 3, 3, 4), torch.tensor(
+        [1.0, 0, 2, 0, 0, 3, 0, 4], dtype=D).view(1, 1, 2, 2, 2), padding=(1, 0, 1)).flatten(),
+        (x_(36),)),
+    "avg_pools": (lambda x: torch.cat([F.avg_pool1d(x.view(2, 1, 9), 3, 2, 1).flatten(),
+                                       F.avg_pool2d(x[:16].view(1, 4, 4), 2, 1).flatten()]),
+                  (x_(18),)),
     # whole problems
     "laplacian_2d": (lambda u: laplacian(u), (x_(5, 5),)),
     "bratu_2d": (bratu, (x_(6, 6),)),
