@@ -646,55 +646,53 @@ def _matmul(node: fx.Node, state: _State) -> Pattern:
 
 
 def _convolution(node: fx.Node, state: _State) -> Pattern:
-    """Convolutions (not transposed): an output entry depends on the input
-    entries its window covers (skipping padding and the zeros of a constant weight), on
-    the weights meeting an input entry there (not a constant zero) and on its bias."""
+    """Convolutions, transposed or not: an output entry depends on the input entries its
+    window covers (skipping padding and the zeros of a constant weight), on the weights
+    meeting an input entry there (not a constant zero) and on its bias."""
     x, w, bias = node.args[:3]
     out = node.meta["val"]
-    if node.args[6]:  # transposed
-        result = dense(_flat_patterns([state.patterns[n] for n in node.all_input_nodes]),
-                       out.numel(), state.width)
-        state.interact(result, result)
-        return result
-    windows, target = _windows(node)
-    groups, per_out, per_group = windows.shape[1], target.shape[2], windows.shape[3]
-    weights = state.value(w)
-    reach = windows >= 0
-    if weights is not None:
-        reach = reach & (weights != 0).reshape(1, groups, per_out, per_group, 1)
-    reach = reach.expand(target.shape)
-    pieces = [compose(state.pattern(x), target[reach], windows.expand(target.shape)[reach],
-                      out.numel())]
-    meets = windows >= 0
+    target, source, weight_index = _convolution_terms(node)
+    valid = (target >= 0) & (source >= 0)
+    reach, meets = valid, valid
+    if state.value(w) is not None:
+        reach = reach & (state.value(w).reshape(-1)[weight_index] != 0)
     if state.value(x) is not None:
-        meets = meets & (state.value(x).reshape(-1)[windows.clamp(min=0)] != 0)
-    meets = meets.expand(target.shape)
-    weight_index = torch.arange(w.meta["val"].numel()).view(1, groups, per_out, per_group, 1)
-    weight_index = weight_index.expand(target.shape)[meets]
-    pieces.append(compose(state.pattern(w), target[meets], weight_index, out.numel()))
-    _meet(state, state.pattern(x), state.pattern(w), windows.expand(target.shape)[meets],
-          weight_index)
+        meets = meets & (state.value(x).reshape(-1)[source.clamp(min=0)] != 0)
+    pieces = [compose(state.pattern(x), target[reach], source[reach], out.numel()),
+              compose(state.pattern(w), target[meets], weight_index[meets], out.numel())]
+    _meet(state, state.pattern(x), state.pattern(w), source[valid], weight_index[valid])
     if isinstance(bias, fx.Node):
-        n, co, spots = out.shape[0], out.shape[1], target.shape[-1]
-        pieces.append(gather(state.pattern(bias),
-                             torch.arange(co).view(1, co, 1).expand(n, co, spots)))
+        channels = torch.arange(out.shape[1]).view(1, -1, 1)
+        pieces.append(gather(state.pattern(bias), channels.expand(out.shape[0], out.shape[1],
+                                                                  out[0, 0].numel())))
     return union(pieces, out.numel(), state.width)
 
 
-def _windows(node: fx.Node) -> tuple[Tensor, Tensor]:
-    """For a convolution's ``(n, groups, out channels per group, in channels per group x
-    kernel entries, output spots)``: the flat index of the input entry each weight meets
-    at each output spot (-1 in the padding), ``(n, groups, 1, per_group, spots)``, and the
-    flat index of the output entry, ``(n, groups, per_out, per_group, spots)``."""
-    x, w, _, stride, padding, dilation, _, _, groups = node.args
-    n = x.meta["val"].shape[0]
-    windows = _sliding(_index_tensor(0, x.meta["val"]), w.meta["val"].shape[2:], stride,
-                       padding, dilation)
-    co, spots = w.meta["val"].shape[0], windows.shape[-1]
+def _convolution_terms(node: fx.Node) -> tuple[Tensor, Tensor, Tensor]:
+    """Every term ``y[target] += x[source] * w[weight_index]`` of a convolution, as three
+    flat-index tensors of one shape (-1 where the term falls in the padding).
+
+    A plain convolution slides windows over ``x``; a transposed one is the adjoint, whose
+    terms are those of the plain convolution of ``y``-shaped input to ``x``-shaped output.
+    """
+    x, w, _, stride, padding, dilation, transposed, _, groups = node.args
+    n, spots = x.meta["val"].shape[0], x.meta["val"][0, 0].numel()
+    kernel = w.meta["val"].shape[2:]
+    slid = node.meta["val"] if transposed else x.meta["val"]
+    windows = _sliding(_index_tensor(0, slid), kernel, stride, padding, dilation)
+    if not transposed:  # w: (out, in per group, kernel); windows: over x
+        per_out = w.meta["val"].shape[0] // groups
+        windows = windows.view(n, groups, 1, -1, windows.shape[-1])
+        full = (n, groups, per_out, windows.shape[3], windows.shape[-1])
+        target = torch.arange(node.meta["val"].numel()).view(n, groups, per_out, 1, -1)
+        weights = torch.arange(w.meta["val"].numel()).view(1, groups, per_out, -1, 1)
+        return target.expand(full), windows.expand(full), weights.expand(full)
+    per_in = w.meta["val"].shape[0] // groups  # w: (in, out per group, kernel); windows: over y
     windows = windows.view(n, groups, 1, -1, spots)
-    full = (n, groups, co // groups, windows.shape[3], spots)
-    target = torch.arange(n * co * spots).view(n, groups, co // groups, 1, spots)
-    return windows, target.expand(full)
+    full = (n, groups, per_in, windows.shape[3], spots)
+    source = torch.arange(x.meta["val"].numel()).view(n, groups, per_in, 1, spots)
+    weights = torch.arange(w.meta["val"].numel()).view(1, groups, per_in, -1, 1)
+    return windows.expand(full), source.expand(full), weights.expand(full)
 
 
 def _sliding(index: Tensor, kernel: Sequence[int], stride: Sequence[int],

@@ -185,6 +185,9 @@ JACOBIAN_CASES = {
     "conv3d": (lambda x: F.conv3d(x.view(1, 1, 3, 3, 4), torch.tensor(
         [1.0, 0, 2, 0, 0, 3, 0, 4], dtype=D).view(1, 1, 2, 2, 2), padding=(1, 0, 1)).flatten(),
         (x_(36),)),
+    "conv_transpose": (lambda x: F.conv_transpose2d(x.view(1, 2, 3, 3), torch.tensor(
+        [1.0, 0, 2, 0, 0, 3, 0, 4, 5, 0, 0, 6, 7, 0, 0, 8], dtype=D).view(2, 2, 2, 2), stride=2,
+        padding=1, output_padding=1, groups=2).flatten(), (x_(18),)),
     "avg_pools": (lambda x: torch.cat([F.avg_pool1d(x.view(2, 1, 9), 3, 2, 1).flatten(),
                                        F.avg_pool2d(x[:16].view(1, 4, 4), 2, 1).flatten()]),
                   (x_(18),)),
@@ -208,13 +211,23 @@ def test_jacobian_pattern_is_exact(name):
     assert detected(f, args) == want
 
 
-def test_weights_and_inputs_of_a_convolution():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weights_and_inputs_of_a_convolution(transposed):
     """A variable weight: an output entry depends on the weights meeting a real input
-    entry (not padding), and on its input window."""
+    entry (not padding), and on its input window; its Hessian pairs those meeting."""
+    conv = F.conv_transpose1d if transposed else F.conv1d
+
     def f(x, w):
-        return F.conv1d(x.view(1, 1, 6), w.view(2, 1, 2), padding=1).flatten()
+        return conv(x.view(1, 1, 6), w.view(1, 2, 2) if transposed else w.view(2, 1, 2),
+                    padding=1).flatten()
+
+    def energy(xw):
+        return torch.sin(f(xw[:6], xw[6:])).sum()
+
     args = (x_(6), x_(4, seed=2))
     assert detected(f, args, (0, 1)) == dense_nonzeros(f, args, (0, 1))
+    joined = (torch.cat(args),)
+    assert detected_hessian(energy, joined) == dense_nonzeros(energy, joined, order=2)
 
 
 def test_several_outputs_and_arguments():
