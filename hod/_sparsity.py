@@ -18,7 +18,7 @@ Patterns flow through the graph by one rule per op family:
   constant is zero, ``where`` with a constant condition keeps the side it picks;
 - reductions, softmaxes, ``avg_pool2d`` and cumulative ops gather their groups, slices,
   windows and prefixes;
-- ``mm``/``bmm``/``addmm``/``mv``/``dot`` and ``convolution`` (any dims, not
+- ``mm``/``bmm``/``addmm``/``mv``/``dot`` and ``convolution`` (any dims, also
   transposed) pair the entries that meet in a product, skipping the zeros of a constant
   operand (``get_attr`` tensors and whatever the graph computes from them alone);
 - ops without a rule are dense: every output entry depends on every entry its inputs
