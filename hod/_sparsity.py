@@ -324,7 +324,10 @@ def _visit(node: fx.Node, state: _State) -> object:
     if _zero_derivative(node) or all(_is_blank(p) for p in patterns) or not _floating(val):
         return _blank(val, state.width)
     rule = _rule(node.target)
-    result = rule(node, state) if rule is not None else None
+    try:
+        result = rule(node, state) if rule is not None else None
+    except (RuntimeError, TypeError, ValueError, IndexError):  # a form the rule does not know
+        rule = result = None
     if result is None:
         result = _fill(val, lambda v: dense(_flat_patterns(patterns), v.numel(), state.width))
     if rule not in _OWN_CURVATURE and node.target not in _LINEAR:

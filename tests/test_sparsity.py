@@ -296,6 +296,23 @@ def test_unanalysed_op_is_dense():
     assert got == {(i, j) for i in range(6) for j in (0, 2, 5)} | {(i, 0) for i in range(6)}
 
 
+def test_a_rule_that_fails_falls_back_to_dense(monkeypatch):
+    """A rule meeting a form it does not know gives way to the dense fallback, curvature
+    included, instead of failing the build."""
+    import hod._sparsity
+
+    def broken(node, state):
+        raise RuntimeError("an unexpected form")
+
+    for op in (torch.ops.aten.mv.default, torch.ops.aten.mm.default):  # as torch.mv traces
+        monkeypatch.setitem(hod._sparsity._RULES, op, broken)
+    args = (x_(6),)
+    assert detected(lambda x: torch.mv(SPARSE_MATRIX, x), args) == {
+        (i, j) for i in range(4) for j in range(6)}
+    assert detected_hessian(lambda x: torch.mv(SPARSE_MATRIX, x).sum(), args) == {
+        (i, j) for i in range(6) for j in range(6)}
+
+
 def test_index_from_an_argument_makes_the_op_dense():
     """A non-differentiated argument may change between calls: an index it holds cannot
     shape the pattern, so the indexing op is dense (a superset)."""
