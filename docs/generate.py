@@ -15,10 +15,11 @@ Generated parts sit between markers in Markdown files:
   sweep): made by ``bench.tables`` from the run ``PATH`` names (relative to the repository
   root);
 * ``<!-- taylor:start run=PATH -->``, ``<!-- per-sample:start run=PATH -->``,
-  ``<!-- zoo:start run=PATH -->`` and ``<!-- chunks:start run=PATH -->`` sections in
-  ``docs/benchmarks.md``: the latest run in ``bench/runs/taylor/``, ``bench/runs/per-sample/``,
-  ``bench/runs/zoo/``, respectively ``bench/runs/chunks/``, each sweep's table (the
-  per-sample, zoo and chunks ones after the run's headline);
+  ``<!-- zoo:start run=PATH -->``, ``<!-- chunks:start run=PATH -->`` and
+  ``<!-- sparse:start run=PATH -->`` sections in ``docs/benchmarks.md``: the latest run in
+  ``bench/runs/taylor/``, ``bench/runs/per-sample/``, ``bench/runs/zoo/``,
+  ``bench/runs/chunks/``, respectively ``bench/runs/sparse/``, each sweep's table (the
+  per-sample, zoo, chunks and sparse ones after the run's headline);
 * ``docs/assets/benchmark.png``: ``bench.tables.plot_summary`` of the same run, with the
   run's path in a PNG text chunk (``hod-run``) so that a check can tell which run drew it.
 
@@ -47,6 +48,7 @@ TAYLOR_RUNS = RUNS / "taylor"  # apart, so that a taylor-only run is never "the 
 PER_SAMPLE_RUNS = RUNS / "per-sample"  # apart for the same reason
 ZOO_RUNS = RUNS / "zoo"  # and again
 CHUNKS_RUNS = RUNS / "chunks"  # and again
+SPARSE_RUNS = RUNS / "sparse"  # and again
 PNG_KEY = "hod-run"
 PLOT_ALT = "median time per call of hod and of each peer's best setting, per sweep (log scale)"
 
@@ -200,6 +202,8 @@ def per_sample_bench(run_path: Path) -> str:
 zoo_bench = per_sample_bench
 #: The chunks part (chunk_size= and group=), the same again.
 chunks_bench = per_sample_bench
+#: The sparse part (sparse=True), the same again.
+sparse_bench = per_sample_bench
 
 #: The benchmarks page's sections made from the latest run of their own folder: marker ->
 #: (folder, what the section holds).
@@ -208,6 +212,7 @@ OWN_RUN_SECTIONS: dict[str, tuple[Path, Callable[[Path], str]]] = {
     "per-sample": (PER_SAMPLE_RUNS, per_sample_bench),
     "zoo": (ZOO_RUNS, zoo_bench),
     "chunks": (CHUNKS_RUNS, chunks_bench),
+    "sparse": (SPARSE_RUNS, sparse_bench),
 }
 
 BENCH_PAGES: dict[Path, Callable[[Path], str]] = {
