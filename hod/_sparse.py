@@ -19,6 +19,7 @@ whole sparse result: DTensor has no sparse layouts).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -57,6 +58,12 @@ class Sparsity:
     shape: tuple[int, int]
     colors: torch.Tensor
     read: tuple[torch.Tensor, torch.Tensor]
+
+    @functools.cached_property
+    def flat_read(self) -> torch.Tensor:
+        """The nonzeros' positions in ``B^T`` flattened, ``(colours, entries)``."""
+        colour, entry = self.read
+        return colour * self.shape[0] + entry
 
     @property
     def colours(self) -> int:
@@ -127,9 +134,10 @@ class SparseFunction:
                       for chunk, directions in zip(chunked(plan.colours, plan.width),
                                                    plan.directions, strict=True)]
         b = torch.cat(compressed) if len(compressed) > 1 else compressed[0]
-        colour, entry = plan.sparsity.read
-        values = (b[colour.to(b.device), entry.to(b.device)] if self._group is None
-                  else self._summed(b, plan))
+        if self._group is None:  # one flat gather: cheaper than indexing by two tensors
+            values = b.reshape(-1).take(plan.sparsity.flat_read.to(b.device))
+        else:
+            values = self._summed(b, plan)
         blocks = [self._block(values, entries) for entries in plan.blocks]
         result = tree_unflatten(blocks, plan.spec)
         if self._request.has_aux:

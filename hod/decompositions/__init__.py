@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch._decomp import core_aten_decompositions
 
-from . import elementwise, linalg, nn  # noqa: F401 - importing a family fills the table
+from . import elementwise, indexing, linalg, nn  # noqa: F401 - importing a family fills the table
 from ._registry import HOD_DECOMPOSITIONS, register_decomposition
 
 __all__ = ["DECOMPOSITIONS", "HOD_DECOMPOSITIONS", "KEPT_WHOLE", "register_decomposition"]

@@ -1,0 +1,48 @@
+"""hod decompositions: the backward of reading a slice, as zero padding.
+
+``select_backward`` and ``slice_backward`` (unit step) put a gradient into a zero tensor
+at the entries the forward read. torch's core table builds that with ``select_scatter`` /
+``slice_scatter``, which decompose into a comparison with an ``arange`` and a ``where`` over
+an expanded copy of the gradient. Zero padding says the same in one op that has a rule,
+and the planned code adds a padded gradient into a sum in place (see
+:mod:`hod.passes.concat`): a function reading ``y[:, 0]``, ``y[:, 1]``, ... of one ``y``
+sums four pads instead of four ``where`` over ``(.., 4)`` tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._registry import register_decomposition
+
+aten = torch.ops.aten
+
+
+def _padding(rank: int, dim: int, before: int, after: int) -> list[int]:
+    """``constant_pad_nd``'s pad list (last dim first) that widens ``dim`` alone."""
+    pad = [0, 0] * (rank - 1 - dim)
+    return pad + [before, after]
+
+
+@register_decomposition(aten.select_backward.default)
+def _select_backward(grad: torch.Tensor, input_sizes: Sequence[int], dim: int, index: int):
+    rank = len(input_sizes)
+    dim, size = dim % rank, input_sizes[dim % rank]
+    index %= size
+    return aten.constant_pad_nd.default(
+        grad.unsqueeze(dim), _padding(rank, dim, index, size - index - 1), 0.0
+    )
+
+
+@register_decomposition(aten.slice_backward.default)
+def _slice_backward(grad: torch.Tensor, input_sizes: Sequence[int], dim: int, start: int,
+                    end: int, step: int):
+    if step != 1:
+        return NotImplemented
+    rank = len(input_sizes)
+    dim, size = dim % rank, input_sizes[dim % rank]
+    start = min(max(start + size if start < 0 else start, 0), size)
+    end = min(max(end + size if end < 0 else end, start), size)
+    return aten.constant_pad_nd.default(grad, _padding(rank, dim, start, size - end), 0.0)
