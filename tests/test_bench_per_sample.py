@@ -6,9 +6,6 @@ shows the latest committed per-sample run."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,7 +27,6 @@ from bench.runner import OK, WRONG
 from bench.tables import per_sample_grid
 from bench.timing import RepPolicy
 
-ROOT = Path(__file__).resolve().parents[1]
 FEW_CALLS = RepPolicy(min_reps=2, max_reps=2, target_s=0.0)
 
 
@@ -122,13 +118,3 @@ def test_the_summed_reference_is_torch_funcs_derivative_of_the_summed_function(r
     laid_out = rows.block_diagonal(rows.reference(row, inputs), row.order)
     assert laid_out.shape == full.shape
     torch.testing.assert_close(laid_out, full, rtol=1e-10, atol=1e-12)
-
-
-def test_the_benchmarks_page_shows_the_latest_per_sample_run():
-    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = generate
-    spec.loader.exec_module(generate)
-    problems = generate.bench_problems(generate.BENCHMARKS, "per-sample",
-                                       generate.PER_SAMPLE_RUNS, generate.per_sample_bench)
-    assert not problems, f"{problems}: regenerate with `python docs/generate.py --write`"

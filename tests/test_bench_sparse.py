@@ -7,9 +7,6 @@ only; the benchmarks page shows the latest committed sparse run."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +20,6 @@ from bench.sparse_rows import SparseRow
 from bench.tables import SPARSE, sparse_grid
 from bench.timing import RepPolicy
 
-ROOT = Path(__file__).resolve().parents[1]
 FEW_CALLS = RepPolicy(min_reps=2, max_reps=2, target_s=0.0)
 ROWS = [SparseRow("bratu", 6), SparseRow("rosenbrock", 20), SparseRow("banded", 20),
         SparseRow("energy", 30), SparseRow("conv", 25)]
@@ -128,13 +124,3 @@ def test_the_table_gives_the_speedups_from_the_medians(sweep):
 def test_the_sweep_runs_by_name_only():
     assert SPARSE in OWN_ENGINE_SWEEPS
     assert select_sweeps(SPARSE) == [] and all(s.name != SPARSE for s in select_sweeps("all"))
-
-
-def test_the_benchmarks_page_shows_the_latest_sparse_run():
-    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = generate
-    spec.loader.exec_module(generate)
-    problems = generate.bench_problems(generate.BENCHMARKS, "sparse", generate.SPARSE_RUNS,
-                                       generate.sparse_bench)
-    assert not problems, f"{problems}: regenerate with `python docs/generate.py --write`"

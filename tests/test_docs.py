@@ -52,6 +52,14 @@ def test_benchmark_section_is_made_from_the_latest_run(page: str):
     assert not problems, f"{problems}: {FIX}"
 
 
+@pytest.mark.parametrize("marker", sorted(generate.OWN_RUN_SECTIONS))
+def test_own_run_sections_are_made_from_their_latest_run(marker: str):
+    """The benchmarks page's sections of the sweeps with their own runs (taylor, zoo, ...)."""
+    folder, make = generate.OWN_RUN_SECTIONS[marker]
+    problems = generate.bench_problems(generate.BENCHMARKS, marker, folder, make)
+    assert not problems, f"{problems}: {FIX}"
+
+
 def test_benchmark_plot_is_drawn_from_the_readme_run():
     problems = generate.png_problems()
     assert not problems, f"{problems}: {FIX}"
