@@ -59,7 +59,7 @@ from bench.engines import REPO_ROOT, failure_kind
 from bench.memory import BASELINE, CALLS
 from bench.runner import OK, WRONG
 from bench.tables import CHUNKS, sweep_tables
-from bench.timing import RepPolicy, interleaved, median_ms
+from bench.timing import RepPolicy, call_timer, interleaved, median_ms
 
 TITLE = ("chunk_size= and group=: peak memory by chunk, and a 5,000-parameter Hessian on "
          "1, 2 and 4 processes")
@@ -135,7 +135,7 @@ def run_memory_row(row: MemoryRow, policy: RepPolicy, log: Callable[[str], None]
             result.update(status=failure_kind(exc), detail=f"{type(exc).__name__}: {exc}"[:300])
             continue
         if result["status"] == OK:
-            callers[setting] = _timer(fn, x)
+            callers[setting] = call_timer(fn, x)
     del ref
 
     def on_error(name: str, exc: BaseException) -> None:
@@ -173,15 +173,6 @@ def child_peak(setting: str, row: MemoryRow, log: Callable[[str], None]) -> dict
         tail = " | ".join(done.stderr.strip().splitlines()[-2:])
         return {"status": "ERROR", "detail": f"exit {done.returncode}: {tail}"}
     return json.loads(lines[-1])
-
-
-def _timer(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], float]:
-    def call() -> float:
-        began = time.perf_counter()
-        fn(x)
-        return time.perf_counter() - began
-
-    return call
 
 
 # --- distributed ---------------------------------------------------------------------------

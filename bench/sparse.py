@@ -47,7 +47,7 @@ from bench.engines import failure_kind
 from bench.runner import OK, WRONG
 from bench.sparse_rows import HESSIAN, SparseRow, make_problem
 from bench.tables import SPARSE, sweep_tables
-from bench.timing import RepPolicy, interleaved, median_ms
+from bench.timing import RepPolicy, call_timer, interleaved, median_ms
 
 TITLE = ("sparse Jacobians and Hessians in float32: hod sparse=True against dense hod, dense "
          "torch.func and hand-coloured torch.func")
@@ -196,15 +196,6 @@ def _first_call(result: dict[str, Any], fn: Callable[[Tensor], Tensor], x: Tenso
     return got
 
 
-def _timer(fn: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], float]:
-    def call() -> float:
-        began = time.perf_counter()
-        fn(x)
-        return time.perf_counter() - began
-
-    return call
-
-
 def run_row(row: SparseRow, policy: RepPolicy, log: Callable[[str], None] = print,
             dense_cap_gib: float = DENSE_CAP_GIB) -> dict[str, Any]:
     """Check, then time, every engine on ``row`` (module docstring): the row's result entry."""
@@ -236,7 +227,7 @@ def run_row(row: SparseRow, policy: RepPolicy, log: Callable[[str], None] = prin
         fns[name] = dense_engine(name, row, f)
         with address_space_cap(dense_cap_gib):
             _first_call(results[name], fns[name], x, ref)
-    callers = {name: _timer(fns[name], x) for name, r in results.items() if r["status"] == OK}
+    callers = {name: call_timer(fns[name], x) for name, r in results.items() if r["status"] == OK}
     caps = {name: 1 for name in callers if results[name]["warmup_ms"] > 1e3 * BUDGET_S}
 
     def on_error(name: str, exc: BaseException) -> None:

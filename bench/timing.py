@@ -36,6 +36,12 @@ def timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
+def call_timer(fn: Callable[[torch.Tensor], object], x: torch.Tensor,
+               device: str = "cpu") -> Callable[[], float]:
+    """A caller for :func:`interleaved`: one call ``fn(x)``, its wall time in seconds."""
+    return lambda: timed(lambda: fn(x), device)[1]
+
+
 @dataclass(frozen=True)
 class RepPolicy:
     """How many timed calls each engine gets in one row."""
