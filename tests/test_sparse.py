@@ -173,3 +173,24 @@ def test_errors_at_call():
         hod.jacobian(poisson, sparse=True, layout=torch.sparse_csr)(torch.randn(4, 4, dtype=D))
     with pytest.raises(hod.InputError, match="vmap cannot batch"):
         vmap(hod.hessian(banded, sparse=True))(torch.randn(3, 8, dtype=D))
+
+
+def test_a_function_vmapped_over_examples_gives_block_diagonal_derivatives():
+    """vmap cannot batch sparse results, but a function vmapped over independent examples
+    can be differentiated whole: its pattern is block diagonal and coloured like one
+    example's (4 colours for 50 examples of 4 entries)."""
+    w = torch.randn(4, 4, dtype=D)
+
+    def f(x):
+        return torch.tanh(w @ x) * x
+
+    def loss(xs):
+        return vmap(lambda x: torch.tanh(w @ x).pow(2).sum())(xs).sum()
+
+    xs = torch.randn(50, 4, dtype=D)
+    jacobian = hod.jacobian(vmap(f), sparse=True)
+    assert jacobian.lower(xs).sparsity.colours == 4
+    assert_same_tree(jacobian(xs).to_dense(), reference(vmap(f), 1)(xs))
+    hessian = hod.hessian(loss, sparse=True)
+    assert hessian.lower(xs).sparsity.colours == 4
+    assert_same_tree(hessian(xs).to_dense(), reference(loss, 2)(xs))
