@@ -1,6 +1,10 @@
-"""Sparsity detection (hod._sparsity): detected Jacobian and Hessian patterns against the
-nonzeros of dense torch.func results at random points (a union over a few points, so a
-value that happens to vanish does not hide an entry)."""
+"""Sparsity detection (hod._sparsity): the detected Jacobian and Hessian patterns equal the
+nonzeros of dense torch.func results on every op family with a rule and on whole problems
+(stencils, chained and banded functions, gather energies, convolutions, an MLP), and hold
+them on every op database entry.
+
+The reference is the union of the nonzeros over a few random points, so a value that
+happens to vanish does not hide an entry."""
 
 from __future__ import annotations
 
