@@ -273,7 +273,10 @@ class _Convolution:
         """
         em, rank = self.em, self.rank
         lead_a, lead_b = _lead(em, a, rank), _lead(em, b, rank)
-        if math.prod(lead_b) == 1:
+        # One channel: seeds as groups of one channel each run faster than as a batch
+        # (a (7, 1, 10000) conv1d: 0.43 ms as a batch, 0.12 ms as 7 groups).
+        one_channel = self.groups == 1 and em.shape(a)[len(lead_a) + 1] == 1
+        if math.prod(lead_b) == 1 and not one_channel:
             b = em.reshape(b, list(em.shape(b))[len(lead_b):])
             folded = _fold(em, a, rank, lead_a, 0)
             return _unfold(em, op(folded, b, math.prod(lead_a), 0), lead_a, 0)

@@ -64,6 +64,10 @@ _entry("outer", torch.outer, lambda: [(rand(3), rand(4))], (aten.mul.Tensor,), (
 _CONV = (aten.convolution.default, aten.convolution_backward.default)
 _entry("conv1d", lambda x, w, b: F.conv1d(x, w, b, stride=2, padding=1),
        lambda: [(rand(1, 2, 5), rand(2, 2, 3), rand(2))], _CONV, (0, 1, 2), slow_from=3)
+# A captured weight and one input channel: the seeds run as groups (see _batch_like).
+_KERNEL = torch.tensor([[[0.5, -1.0, 2.0]], [[1.5, 0.25, -0.75]]], dtype=torch.float64)
+_entry("conv1d_one_channel", lambda x: F.conv1d(x, _KERNEL.to(x), padding=1) ** 2,
+       lambda: [(rand(2, 1, 5),)], _CONV, (0,), slow_from=3)
 _entry("conv2d", lambda x, w: F.conv2d(x, w, padding=1, dilation=2, groups=2),
        lambda: [(rand(1, 2, 3, 3), rand(2, 1, 2, 2))], _CONV, (0, 1), slow_from=3)
 _entry("conv3d", lambda x, w: F.conv3d(x, w, stride=(1, 2, 1)),
