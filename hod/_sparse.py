@@ -36,7 +36,7 @@ from ._function import CACHE_SIZE
 from ._records import FlatCall, Request
 from ._shard import Placement, chunked, rank_rows
 from ._signature import flatten_call
-from ._sparsity import hessian_pattern, jacobian_pattern
+from ._sparsity import constants_fingerprint, hessian_pattern, jacobian_pattern
 from ._tracing import trace_forward
 from .errors import InputError, OutputError
 
@@ -98,6 +98,8 @@ class SparsePlan:
     blocks: tuple[BlockEntries, ...]  # in the result's flatten order
     spec: Any  # the result's tree spec, without aux
     directions: tuple[torch.Tensor, ...] = ()  # per chunk of colours, (width, S)
+    graph: Any = None  # f's traced graph, whose constants' zeros the pattern relies on
+    fingerprint: tuple = ()  # their state when the pattern was found
 
 
 @dataclass
@@ -234,9 +236,12 @@ class SparseFunction:
 
     # -- the plan of a signature ------------------------------------------------------------
     def _plan(self, flat: FlatCall) -> SparsePlan:
-        if flat.key in self._plans:
+        """The signature's pattern, colouring and blocks; found again when a tensor ``f``
+        captures was changed in place since (its zeros may have moved)."""
+        plan = self._plans.get(flat.key)
+        if plan is not None and constants_fingerprint(plan.graph) == plan.fingerprint:
             self._plans.move_to_end(flat.key)
-            return self._plans[flat.key]
+            return plan
         traced = trace_forward(self._request, flat)
         sizes = [flat.tensors[pos].numel() for pos in flat.diff]
         outputs = [n.meta["val"] for n in traced.outputs()[: traced.n_out]]
@@ -250,7 +255,8 @@ class SparseFunction:
         blocks, spec = self._blocks(flat, traced, sparsity, outputs)
         plan = SparsePlan(sparsity, colours, width, blocks, spec)
         plan = replace(plan, directions=tuple(self._directions(plan, chunk, flat)
-                                              for chunk in chunked(colours, width)))
+                                              for chunk in chunked(colours, width)),
+                       graph=traced.gm, fingerprint=constants_fingerprint(traced.gm))
         self._plans[flat.key] = plan
         while len(self._plans) > CACHE_SIZE:
             self._plans.popitem(last=False)

@@ -194,3 +194,19 @@ def test_a_function_vmapped_over_examples_gives_block_diagonal_derivatives():
     hessian = hod.hessian(loss, sparse=True)
     assert hessian.lower(xs).sparsity.colours == 4
     assert_same_tree(hessian(xs).to_dense(), reference(loss, 2)(xs))
+
+
+def test_a_captured_tensor_changed_in_place_is_seen():
+    """The pattern relies on a captured matrix's zeros; filling them in place (an optimiser
+    step) makes hod find the pattern again."""
+    a = torch.diag(torch.arange(1.0, 6.0, dtype=D))
+
+    def f(x):
+        return torch.tanh(a @ x)
+
+    x = torch.randn(5, dtype=D)
+    fn = hod.jacobian(f, sparse=True)
+    assert fn(x)._nnz() == 5
+    a.add_(0.5)
+    assert fn(x)._nnz() == 25
+    assert_same_tree(fn(x).to_dense(), reference(f, 1)(x))
