@@ -168,7 +168,9 @@ class SparseFunction:
             raise InputError(
                 f"{self._request.call}: sparse=True returns torch sparse tensors, which "
                 f"torch.func.vmap cannot batch.\n"
-                f"  Fix: call it per example, or use sparse=False under vmap."
+                f"  Fix: differentiate the vmapped function instead, e.g. "
+                f"hod.jacobian(torch.func.vmap(g), sparse=True)(xs) (its pattern is block "
+                f"diagonal), or use sparse=False under vmap."
             )
         return flatten_call(args, kwargs, self._nums, self._request.call)
 
