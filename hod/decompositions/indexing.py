@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch._decomp import decomposition_table
 
 from ._registry import register_decomposition
 
@@ -39,8 +40,9 @@ def _select_backward(grad: torch.Tensor, input_sizes: Sequence[int], dim: int, i
 @register_decomposition(aten.slice_backward.default)
 def _slice_backward(grad: torch.Tensor, input_sizes: Sequence[int], dim: int, start: int,
                     end: int, step: int):
-    if step != 1:
-        return NotImplemented
+    if step != 1:  # torch's own: a slice_scatter into zeros
+        return decomposition_table[aten.slice_backward.default](
+            grad, input_sizes, dim, start, end, step)
     rank = len(input_sizes)
     dim, size = dim % rank, input_sizes[dim % rank]
     start = min(max(start + size if start < 0 else start, 0), size)
