@@ -102,11 +102,25 @@ def _index_put(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> l
     ]).dim()
 
     def apply(b: fx.Node, s: fx.Node, k: int) -> Operand:
-        s = _seeds_last(ctx, ctx.align(s, k, region), k)
-        written = em.call(aten.index_put.default, _seeds_last(ctx, b, k), indices, s, accumulate)
+        s = ctx.align(s, k, region)
+        if accumulate and len(indices) == 1 and indices[0] is not None:
+            return _added_rows(ctx, b, indices[0], s, k)
+        written = em.call(aten.index_put.default, _seeds_last(ctx, b, k), indices,
+                          _seeds_last(ctx, s, k), accumulate)
         return _seeds_first(ctx, written, k)
 
     return write_into(ctx, base, values, apply, accumulate=accumulate)
+
+
+def _added_rows(ctx: DeriveContext, b: fx.Node, index: fx.Node, s: fx.Node, k: int) -> fx.Node:
+    """``b[:, .., index] += s`` (``k`` seed axes first) as one ``index_add`` along the first
+    value dim: the gradient of ``x[index]`` without moving the seed axes last and back
+    (an ``index_put`` on permuted operands took 3x as long)."""
+    em = ctx.em
+    lead, rows = list(em.shape(b))[:k], list(em.shape(b))[k + 1:]
+    region = lead + list(em.shape(index)) + rows
+    flat = em.reshape(em.expand(s, region), lead + [-1] + rows)
+    return em.call(aten.index_add.default, b, k, em.reshape(index, [-1]), flat)
 
 
 @register(aten.scatter.value)
