@@ -34,7 +34,7 @@ from ._assemble import result_spec, structure
 from ._derive import derive, seeded_inputs
 from ._emitter import Emitter, Operand
 from ._jet import DeriveContext
-from ._plan import plain_segments, row_seeds
+from ._plan import REVERSE_COST, plain_segments, row_seeds
 from ._records import BuildState, Jet, SeedPlan
 from ._tracing import op_call_site, trace
 from .rules import RULES
@@ -63,6 +63,12 @@ LINEAR = PRODUCTS | frozenset({
 })
 
 
+#: Curved ops that are not elementwise but small where they occur (a classifier's last
+#: layer): their local term is their rule's second derivative along every seed pair,
+#: ``(S, S) + out.shape``, summed against the adjoint.
+COUPLED = frozenset({aten._log_softmax.default, aten._softmax.default})
+
+
 def adjoint_hessian(
     state: BuildState, shapes: Sequence[tuple[int, ...]]
 ) -> tuple[Emitter, TreeSpec, int] | None:
@@ -85,10 +91,20 @@ def adjoint_hessian(
     else:
         seeds = _batch_seeds(gm, flat.diff, shapes, curved) or SeedPlan(
             tuple(plain_segments(shapes)), ())
-    if not _pays(gm, tracked, curved, seeds.size):
+    bending = [n for n in curved if not _linear_elementwise(n, tracked)]
+    entries = sum(a.meta["val"].numel() for n in bending for a in _tensor_args(n)
+                  if a in tracked)
+    # Few entries where f bends: their D^1 by reverse mode, one sweep per entry.
+    reverse = (flat.rows is None and not seeds.rows
+               and REVERSE_COST * entries <= seeds.size)
+    if not reverse and not _pays(gm, tracked, curved, seeds.size):
         return None
-    adjoint_graph = _trace_adjoints(state, curved)
-    return _generate(state, adjoint_graph, curved, seeds)
+    curved = bending if reverse else curved
+    adjoint_graph = _trace_adjoints(state, curved, [a in tracked for n in curved
+                                                    for a in _tensor_args(n)] if reverse
+                                    else None)
+    return _generate(state, adjoint_graph, curved, seeds, reverse=reverse,
+                     tracked=tracked)
 
 
 def _batch_seeds(gm: fx.GraphModule, diff: Sequence[int], shapes: Sequence[tuple[int, ...]],
@@ -129,8 +145,8 @@ def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | 
             continue
         if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
             continue  # a comparison or an index: no derivative flows through it
-        if (isinstance(op, torch._ops.OpOverload) and torch.Tag.pointwise in op.tags
-                and op in RULES and isinstance(val, torch.Tensor)):
+        if (isinstance(op, torch._ops.OpOverload) and op in RULES and isinstance(val, torch.Tensor)
+                and (torch.Tag.pointwise in op.tags or op in COUPLED)):
             curved.append(node)
             continue
         return None
@@ -146,8 +162,9 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
     mode pushes them through the forward pass only, ``P + E``, and adds ``S m^2`` per entry
     of a curved node with ``m`` tracked inputs.
     """
-    local = sum(n.meta["val"].numel() * _tracked_inputs(n, tracked) ** 2 for n in curved
-                if not _linear_elementwise(n, tracked))
+    local = sum(n.meta["val"].numel() * (seeds if n.target in COUPLED
+                                         else _tracked_inputs(n, tracked) ** 2)
+                for n in curved if not _linear_elementwise(n, tracked))
     work = 0
     for node in tracked:
         val = node.meta.get("val")
@@ -167,10 +184,11 @@ def _tracked_inputs(node: fx.Node, tracked: set[fx.Node]) -> int:
                if a in tracked and a.meta["val"].dtype.is_floating_point)
 
 
-#: Elementwise ops linear in their tracked inputs (``mul``, ``div``: in one of them).
+#: Elementwise ops linear in their tracked inputs (``mul``, ``div``: in one of them), or
+#: piecewise linear (``relu``: no second derivative off its kink).
 _LINEAR_ELEMENTWISE = frozenset({
     aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.where.self, aten.add.Scalar,
-    aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar,
+    aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.relu.default,
 })
 
 
@@ -190,10 +208,16 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node)]
 
 
-def _trace_adjoints(state: BuildState, curved: list[fx.Node]) -> fx.GraphModule:
+def _trace_adjoints(state: BuildState, curved: list[fx.Node],
+                    reverse: list[bool] | None = None) -> fx.GraphModule:
     """``f``'s graph returning ``[y, gradients (with values), vbar per curved node, each
-    curved node's tensor arguments and output, aux...]``: the adjoints (and the gradient
-    w.r.t. the differentiated leaves) from one reverse sweep of the value."""
+    curved node's tensor arguments and output, (Jacobians), aux...]``: the adjoints (and
+    the gradient w.r.t. the differentiated leaves) from one reverse sweep of the value.
+
+    With ``reverse`` (per curved node's tensor argument, in order: whether it is tracked)
+    the tracked arguments' Jacobian w.r.t. each differentiated leaf follows, ``(M,) +
+    leaf.shape`` for their ``M`` entries (flattened, concatenated), from ``M`` reverse
+    sweeps."""
     gm, forward = state.forward.gm, state.forward
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     leaves = [placeholders[i] for i in state.flat.diff] if state.request.with_values else []
@@ -209,9 +233,38 @@ def _trace_adjoints(state: BuildState, curved: list[fx.Node]) -> fx.GraphModule:
         zeros = [torch.zeros(n.meta["val"].shape, dtype=n.meta["val"].dtype,
                              device=n.meta["val"].device) for n in points]
         y, vjp_fn, (seen, aux) = torch.func.vjp(perturbed, *zeros, has_aux=True)
-        return [y, *vjp_fn(torch.ones_like(y)), *seen, *aux]
+        jacobians = [] if reverse is None else _entry_jacobians(tensors, reverse)
+        return [y, *vjp_fn(torch.ones_like(y)), *seen, *jacobians, *aux]
+
+    def _entry_jacobians(tensors: tuple, flags: list[bool]) -> list[torch.Tensor]:
+        diff = state.flat.diff
+
+        def entries(*leaves: torch.Tensor) -> torch.Tensor:
+            values = list(tensors)
+            for pos, leaf in zip(diff, leaves, strict=True):
+                values[pos] = leaf
+            seen: list[torch.Tensor] = []
+            _Perturbed(gm, {}, set(curved), seen).run(*values)
+            args = [v for v, keep in zip(_arguments(seen, curved), flags, strict=True) if keep]
+            return torch.cat([a.reshape(-1) for a in args])
+
+        flat_entries, pull = torch.func.vjp(entries, *[tensors[pos] for pos in diff])
+        basis = torch.eye(flat_entries.numel(), dtype=flat_entries.dtype,
+                          device=flat_entries.device)
+        return list(torch.func.vmap(pull)(basis))
 
     return trace(adjoints, state.flat.tensors, state.request.call, state.request.allow_random)
+
+
+def _arguments(seen: list, curved: list[fx.Node]) -> list:
+    """The curved nodes' tensor arguments from what :class:`_Perturbed` saw (their
+    arguments and output, node after node)."""
+    out, at = [], 0
+    for node in curved:
+        count = len(_tensor_args(node))
+        out += seen[at:at + count]
+        at += count + 1
+    return out
 
 
 class _Perturbed(fx.Interpreter):
@@ -231,8 +284,10 @@ class _Perturbed(fx.Interpreter):
         return out
 
 
-def _generate(state: BuildState, graph: fx.GraphModule, curved: list[fx.Node],
-              seeds: SeedPlan) -> tuple[Emitter, TreeSpec, int]:
+def _generate(
+    state: BuildState, graph: fx.GraphModule, curved: list[fx.Node], seeds: SeedPlan, *,
+    reverse: bool, tracked: set[fx.Node],
+) -> tuple[Emitter, TreeSpec, int]:
     request, flat = state.request, state.flat
     example = flat.tensors[flat.diff[0]]
     em = Emitter(example.device, example.dtype, request.memory_limit, request.call,
@@ -243,9 +298,14 @@ def _generate(state: BuildState, graph: fx.GraphModule, curved: list[fx.Node],
     n_seen = sum(counts)
     n_grads = len(flat.diff) if request.with_values else 0
     first_seen = 1 + n_grads + len(curved)
-    needs = [None] * first_seen + [(0, size)] * n_seen
-    jets = derive(graph, ctx, seeded_inputs(em, flat, seeds, 1), call=request.call,
-                  call_site=op_call_site(request, flat), needs=needs)
+    needs = [None] * first_seen + [None if reverse else (0, size)] * n_seen
+    jets = derive(graph, ctx, seeded_inputs(em, flat, seeds, 0 if reverse else 1),
+                  call=request.call, call_site=op_call_site(request, flat), needs=needs)
+    after = first_seen + n_seen
+    if reverse:  # the tracked arguments' D^1 from their Jacobians
+        jacobians = [j.primal for j in jets[after:after + len(flat.diff)]]
+        _seed_from_jacobians(em, ctx, jets[first_seen:after], curved, tracked, jacobians)
+        after += len(flat.diff)
     total: Operand = None
     at = first_seen
     for k, node in enumerate(curved):
@@ -258,11 +318,33 @@ def _generate(state: BuildState, graph: fx.GraphModule, curved: list[fx.Node],
             total = term if total is None else em.add(total, term)
     gradients = [j.primal for j in jets[1:1 + n_grads]]
     blocks = _blocks(em, state, seeds, jets[0].primal, gradients, total)
-    aux = [j.primal for j in jets[first_seen + n_seen:]]
+    aux = [j.primal for j in jets[after:]]
     em.output(blocks + aux)
     specs = structure(state.forward.out_spec, 1, request.argnums, flat.layouts,
                       request.orders)[1]
     return em, result_spec(specs, request, state.forward.aux_spec), size
+
+
+def _seed_from_jacobians(em: Emitter, ctx: DeriveContext, seen: list[Jet],
+                         curved: list[fx.Node], tracked: set[fx.Node],
+                         jacobians: list[fx.Node]) -> None:
+    """Give each tracked argument in ``seen`` (the curved nodes' arguments and outputs,
+    node after node) its ``D^1``, ``(S,) + shape``: the rows of the Jacobians ``(M,) +
+    leaf.shape`` (one per leaf, in seed order) that hold its entries, transposed."""
+    whole = em.call(aten.cat.default, [em.reshape(j, [em.shape(j)[0], -1]) for j in jacobians], 1)
+    at, row = 0, 0
+    for node in curved:
+        for argument in _tensor_args(node):
+            jet = seen[at]
+            at += 1
+            if argument not in tracked:
+                continue
+            count = math.prod(em.shape(jet.primal))
+            rows = em.call(aten.slice.Tensor, whole, 0, row, row + count)
+            row += count
+            d1 = em.reshape(em.call(aten.t.default, rows), [ctx.full_size, *em.shape(jet.primal)])
+            jet.derivs[0] = d1
+        at += 1  # the node's output
 
 
 def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
@@ -273,6 +355,8 @@ def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
     m = len(tracked)
     if m == 0:
         return None
+    if node.target in COUPLED:
+        return _coupled_term(em, ctx, node, args, out, vbar, rows)
     local = DeriveContext(em, 2, m)
     eye = em.eye(m, out.primal)
     unit_args = []
@@ -303,6 +387,30 @@ def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
             term = _contract(em, em.mul(da, w), db, rows)
             total = term if total is None else em.add(total, term)
     return total
+
+
+def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
+                  vbar: fx.Node, rows: int | None) -> Operand:
+    """The local term of a :data:`COUPLED` node: its rule's ``D^2`` over every seed pair
+    (the inputs' ``D^1`` given, their ``D^2`` zero), weighted by ``vbar`` and summed over
+    the node's entries (but its rows, per example)."""
+    pairs = DeriveContext(em, 2, ctx.full_size)
+    jets = [Jet(a.primal, [None if a.is_constant else ctx.fit(a, (0, ctx.full_size)).d(1),
+                           None]) for a in args]
+    env = dict(zip(_tensor_args(node), jets, strict=True))
+    rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
+    derivs = RULES[node.target](pairs, rule_args, dict(node.kwargs), out.primal)
+    if derivs[1] is None:
+        return None
+    shape = list(em.shape(out.primal))
+    size = ctx.full_size
+    second = em.expand(pairs.align(pairs.symmetrized(derivs[1], 2), 2, len(shape)),
+                       [size, size, *shape])
+    weighted = em.mul(second, vbar)
+    if rows is None:
+        return em.call(aten.sum.dim_IntList, weighted, list(range(2, 2 + len(shape))))
+    per_row = em.reshape(weighted, [size, size, rows, -1])
+    return em.permute(em.call(aten.sum.dim_IntList, per_row, [3]), [2, 0, 1])
 
 
 def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.Node:
