@@ -101,7 +101,7 @@ def adjoint_hessian(
                   if a in tracked)
     # Few entries where f bends: their D^1 by reverse mode, one sweep per entry.
     reverse = (flat.rows is None and not seeds.rows
-               and REVERSE_COST * entries <= seeds.size)
+               and 0 < REVERSE_COST * entries <= seeds.size)
     if not reverse and not _pays(gm, tracked, curved, seeds.size):
         return None
     curved = bending if reverse else curved

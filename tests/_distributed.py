@@ -36,5 +36,6 @@ def _rank_main(rank: int, world: int, worker: Callable[..., Any], args: tuple,
     try:
         result = worker(rank, world, *args)
         torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()

@@ -149,6 +149,7 @@ def main() -> None:
         report[name] = {"error": error, "tolerance": tolerance, "fraction": fraction,
                         "most": most}
     Path(os.environ["HOD_CHECKS_OUT"], f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
