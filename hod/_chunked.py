@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
@@ -65,7 +66,7 @@ class Leaf:
     @property
     def seeds(self) -> range:
         """This rank's seeds of the leaf: the entries of its rows, in order."""
-        inner = _numel(self.shape[1:])
+        inner = math.prod(self.shape[1:])
         return range(self.offset + self.rows.start * inner, self.offset + self.rows.stop * inner)
 
 
@@ -114,7 +115,7 @@ class Gathered:
     def add(self, piece: torch.Tensor) -> None:
         if self.buffer is None and not self.parts and not is_functorch_wrapped_tensor(piece):
             block = tuple(piece.shape[1:])
-            seeds, entries = _numel(self.lead), _numel(block)
+            seeds, entries = math.prod(self.lead), math.prod(block)
             self.buffer = piece.new_empty(block + self.lead if self.last else self.lead + block)
             self.rows = (self.buffer.view(entries, seeds).T if self.last
                          else self.buffer.view(seeds, entries))
@@ -233,7 +234,7 @@ class ChunkedFunction:
             if placement is not None and shape:
                 rows = rank_rows(shape[0], placement.rank, placement.world)
             leaves.append(Leaf(offset, shape, rows))
-            offset += _numel(shape)
+            offset += math.prod(shape)
         seeds = tuple(s for leaf in leaves for s in leaf.seeds)
         plan = ChunkPlan(tuple(leaves), seeds, self._width(seeds), offset)
         reverse = self._reverse_output(plan, flat)
@@ -247,7 +248,7 @@ class ChunkedFunction:
                 rows = rank_rows(shape[0], placement.rank, placement.world)
             output = Leaf(0, shape, rows)
             plan = replace(plan, seeds=tuple(output.seeds), width=self._width(output.seeds),
-                           size=_numel(shape), output=output, output_spec=spec)
+                           size=math.prod(shape), output=output, output_spec=spec)
         # One chunk holding every seed is the unchunked code.
         if placement is None and len(plan.seeds) <= plan.width:
             plan = replace(plan, whole=True)
@@ -403,9 +404,3 @@ def _scalar_outputs(plan: ChunkPlan, shapes: list, order: list[int], k: int) -> 
             return False
     return True
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n

@@ -20,6 +20,7 @@ from ._build import Lowered
 from ._directions import biharmonic_directions, operator_directions
 from ._records import Request, TaylorPlan
 from ._series import random_directions
+from ._taylor import with_zero_row
 from ._taylor_api import Chunks, TaylorFunction, differentiated_leaves, taylor_request
 from .errors import InputError
 
@@ -287,7 +288,7 @@ def operator(
         for k, coefficients in zip(lower_orders, lower, strict=True):
             weights = directions(size)[1][k]
             if rows is not None:
-                weights = torch.cat([weights, weights.new_zeros(1)])[rows.cpu()]
+                weights = with_zero_row(weights)[rows.cpu()]
             top = tree_map(functools.partial(_add_weighted, weights), top, coefficients)
         return top
 

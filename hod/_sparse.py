@@ -20,6 +20,7 @@ whole sparse result: DTensor has no sparse layouts).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -288,21 +289,21 @@ class SparseFunction:
                 outputs: list[torch.Tensor]) -> tuple[tuple[BlockEntries, ...], Any]:
         """Each result block's nonzeros, in the result's flatten order, and its spec."""
         leaves = [tuple(flat.tensors[pos].shape) for pos in flat.diff]
-        starts = _starts([_numel(s) for s in leaves])
+        starts = _starts([math.prod(s) for s in leaves])
         if self._request.order == 1:
             row_shapes, out_spec = [tuple(v.shape) for v in outputs], traced.out_spec
         else:
             row_shapes, out_spec = leaves, None
-        row_starts = _starts([_numel(s) for s in row_shapes])
+        row_starts = _starts([math.prod(s) for s in row_shapes])
         order = [i for a in argnum_order(self._request) for i in flat.layouts[a].leaves]
         row_order = order if out_spec is None else list(range(len(row_shapes)))
         rows, cols = sparsity.pattern
         blocks, trees = [], []
         for r in row_order:
-            in_rows = (rows >= row_starts[r]) & (rows < row_starts[r] + _numel(row_shapes[r]))
+            in_rows = (rows >= row_starts[r]) & (rows < row_starts[r] + math.prod(row_shapes[r]))
             per_leaf = []
             for leaf in order:
-                end = starts[leaf] + _numel(leaves[leaf])
+                end = starts[leaf] + math.prod(leaves[leaf])
                 positions = (in_rows & (cols >= starts[leaf]) & (cols < end)).nonzero().flatten()
                 indices = torch.cat([_unravel(rows[positions] - row_starts[r], row_shapes[r]),
                                      _unravel(cols[positions] - starts[leaf], leaves[leaf])])
@@ -330,9 +331,3 @@ def _unravel(flat_index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return flat_index.new_zeros((0, flat_index.numel()))
     return torch.stack(torch.unravel_index(flat_index, shape))
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n

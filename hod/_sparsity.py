@@ -50,6 +50,7 @@ them) and ``where`` with a variable condition depend on every candidate (a super
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -544,14 +545,8 @@ def _groups(shape: torch.Size, dims: object) -> Tensor:
         dims = [dims]
     reduced = set(range(rank)) if not dims else {d % max(rank, 1) for d in dims}
     kept = [1 if d in reduced else size for d, size in enumerate(shape)]
-    return torch.arange(max(1, _numel(kept))).view(kept).expand(shape).reshape(-1)
+    return torch.arange(max(1, math.prod(kept))).view(kept).expand(shape).reshape(-1)
 
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
 
 
 def _reduction(node: fx.Node, state: _State) -> object:
@@ -716,7 +711,8 @@ def _sliding(index: Tensor, kernel: Sequence[int], stride: Sequence[int],
         windows = windows.unfold(2 + d, span, stride[d])[..., :: dilation[d]]
     order = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]
     windows = windows.permute(order)
-    return windows.reshape(index.shape[0], -1, windows[0, 0].numel() // _numel(kernel)).long() - 1
+    per_window = windows[0, 0].numel() // math.prod(kernel)
+    return windows.reshape(index.shape[0], -1, per_window).long() - 1
 
 
 def _meet(state: _State, a: Pattern, b: Pattern, index_a: Tensor, index_b: Tensor) -> None:

@@ -197,15 +197,15 @@ def _directions(
         basis = em.call(aten._to_copy.default, hits, dtype=_like(flat).dtype)
     else:
         basis = em.call(aten.index_select.default,
-                        em.constant("directions", _with_zero_row(full)), 0, rows)
+                        em.constant("directions", with_zero_row(full)), 0, rows)
     weights = None if plan.collapse is None else plan.collapse(seeds.size)
     if weights is not None:
-        padded = _with_zero_row(weights.to(_like(flat)))
+        padded = with_zero_row(weights.to(_like(flat)))
         weights = em.call(aten.index_select.default, em.constant("weights", padded), 0, rows)
     return basis, weights, total
 
 
-def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+def with_zero_row(t: torch.Tensor) -> torch.Tensor:
     """``t`` with one more row of zeros: what a chunk's padding index selects."""
     return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
 
