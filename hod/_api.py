@@ -10,7 +10,13 @@ import torch
 
 from ._chunked import ChunkedFunction
 from ._compiled import compile_options
-from ._function import DEFAULT_MEMORY_LIMIT, DerivativeFunction, describe, validate_arguments
+from ._function import (
+    DEFAULT_MEMORY_LIMIT,
+    DerivativeFunction,
+    check_memory_limit,
+    describe,
+    validate_arguments,
+)
 from ._records import Request
 from ._shard import check_chunk_size, check_group
 from ._sparse import LAYOUTS, SparseFunction
@@ -35,13 +41,7 @@ def _transform(
     check_chunk_size(call, chunk_size)
     check_group(call, group)
     _check_sparse(call, order, sparse, layout)
-    if memory_limit is not None and (
-        isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
-    ):
-        raise InputError(
-            f"{call}: memory_limit must be a positive number of bytes or None, "
-            f"got {memory_limit!r}.\n  Fix: e.g. memory_limit=16 * 2**30 for 16 GiB."
-        )
+    check_memory_limit(call, memory_limit)
     request = Request(
         f=f, order=order, argnums=argnums, has_aux=has_aux, with_values=with_values, call=call,
         memory_limit=memory_limit, allow_random=allow_random,

@@ -269,3 +269,14 @@ def validate_arguments(call: str, f: Any, order: Any, argnums: Any) -> tuple[int
             f"  Fix: list each argument once."
         )
     return nums
+
+
+def check_memory_limit(call: str, memory_limit: Any) -> None:
+    """Refuse a ``memory_limit`` that is not None or a positive number of bytes."""
+    if memory_limit is not None and (
+        isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
+    ):
+        raise InputError(
+            f"{call}: memory_limit must be a positive number of bytes or None, "
+            f"got {memory_limit!r}.\n  Fix: e.g. memory_limit=16 * 2**30 for 16 GiB."
+        )

@@ -18,7 +18,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._build import Lowered
 from ._compiled import compile_options
-from ._function import DEFAULT_MEMORY_LIMIT, DerivativeFunction, describe, validate_arguments
+from ._function import (
+    DEFAULT_MEMORY_LIMIT,
+    DerivativeFunction,
+    check_memory_limit,
+    describe,
+    validate_arguments,
+)
 from ._records import FlatCall, Request, TaylorPlan
 from ._series import leaf_series
 from ._shard import (
@@ -61,13 +67,7 @@ def taylor_request(call: str, f: Callable, order: int, argnums: Any, memory_limi
                    compile: Any) -> Request:
     """The build request (:class:`TaylorFunction` hides the plan's own arguments from
     ``f``)."""
-    if memory_limit is not None and (
-        isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
-    ):
-        raise InputError(
-            f"{call}: memory_limit must be a positive number of bytes or None, "
-            f"got {memory_limit!r}.\n  Fix: e.g. memory_limit=16 * 2**30 for 16 GiB."
-        )
+    check_memory_limit(call, memory_limit)
     return Request(f=f, order=order, argnums=argnums, has_aux=False, with_values=False,
                    call=call, memory_limit=memory_limit,
                    compile=compile_options(call, compile))
