@@ -105,9 +105,7 @@ def adjoint_hessian(
     if not reverse and not _pays(gm, tracked, curved, seeds.size):
         return None
     curved = bending if reverse else curved
-    adjoint_graph = _trace_adjoints(state, curved, [a in tracked for n in curved
-                                                    for a in _tensor_args(n)] if reverse
-                                    else None)
+    adjoint_graph = _trace_adjoints(state, curved, tracked if reverse else None)
     return _generate(state, adjoint_graph, curved, seeds, reverse=reverse,
                      tracked=tracked)
 
@@ -214,15 +212,14 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 def _trace_adjoints(state: BuildState, curved: list[fx.Node],
-                    reverse: list[bool] | None = None) -> fx.GraphModule:
+                    reverse: set[fx.Node] | None = None) -> fx.GraphModule:
     """``f``'s graph returning ``[y, gradients (with values), vbar per curved node, each
     curved node's tensor arguments and output, (Jacobians), aux...]``: the adjoints (and
     the gradient w.r.t. the differentiated leaves) from one reverse sweep of the value.
 
-    With ``reverse`` (per curved node's tensor argument, in order: whether it is tracked)
-    the tracked arguments' Jacobian w.r.t. each differentiated leaf follows, ``(M,) +
-    leaf.shape`` for their ``M`` entries (flattened, concatenated), from ``M`` reverse
-    sweeps."""
+    With ``reverse`` (the tracked nodes) the Jacobian of the curved nodes' tracked
+    arguments w.r.t. each differentiated leaf follows, ``(M,) + leaf.shape`` for their
+    ``M`` entries (flattened, concatenated), from ``M`` reverse sweeps."""
     gm, forward = state.forward.gm, state.forward
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     leaves = [placeholders[i] for i in state.flat.diff] if state.request.with_values else []
@@ -241,8 +238,9 @@ def _trace_adjoints(state: BuildState, curved: list[fx.Node],
         jacobians = [] if reverse is None else _entry_jacobians(tensors, reverse)
         return [y, *vjp_fn(torch.ones_like(y)), *seen, *jacobians, *aux]
 
-    def _entry_jacobians(tensors: tuple, flags: list[bool]) -> list[torch.Tensor]:
+    def _entry_jacobians(tensors: tuple, tracked: set[fx.Node]) -> list[torch.Tensor]:
         diff = state.flat.diff
+        flags = [a in tracked for n in curved for a in _tensor_args(n)]
 
         def entries(*leaves: torch.Tensor) -> torch.Tensor:
             values = list(tensors)
