@@ -164,8 +164,8 @@ class SparseFunction:
         return f"<hod {self._request.call}>"
 
     def _flatten(self, args: tuple, kwargs: dict) -> FlatCall:
-        if any(torch._C._functorch.is_batchedtensor(t) for t in tree_flatten((args, kwargs))[0]
-               if isinstance(t, torch.Tensor)):
+        flat = flatten_call(args, kwargs, self._nums, self._request.call)
+        if any(torch._C._functorch.is_batchedtensor(t) for t in flat.tensors):
             raise InputError(
                 f"{self._request.call}: sparse=True returns torch sparse tensors, which "
                 f"torch.func.vmap cannot batch.\n"
@@ -173,7 +173,7 @@ class SparseFunction:
                 f"hod.jacobian(torch.func.vmap(g), sparse=True)(xs) (its pattern is block "
                 f"diagonal), or use sparse=False under vmap."
             )
-        return flatten_call(args, kwargs, self._nums, self._request.call)
+        return flat
 
     # -- the compressed derivative -------------------------------------------------------------
     def _directions(self, plan: SparsePlan, colours: Any, flat: FlatCall) -> torch.Tensor:
