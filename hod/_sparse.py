@@ -15,6 +15,11 @@ result is allocated: the directions are ``(colours, seeds)``, ``B`` is
 ``chunk_size`` runs the colours that many at a time; under ``group=`` each rank runs its
 slice of the colours and the nonzeros are summed over the ranks (every rank gets the
 whole sparse result: DTensor has no sparse layouts).
+
+Under ``torch.func.vmap`` (COO only: functorch batches no CSR tensor) the examples are
+differentiated at once (:mod:`hod._vmap`): the Jacobian of the examples' batched function,
+or the Hessian of the sum of its per-example values, is block diagonal over the examples
+and coloured like one example's; its diagonal blocks, ``(N,) + block``, are each example's.
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ._build import Lowered
 from ._coloring import column_coloring, hessian_recovery, jacobian_recovery, star_coloring
 from ._directional import Directional, argnum_order, nest
-from ._function import CACHE_SIZE
+from ._function import CACHE_SIZE, DerivativeFunction
 from ._records import FlatCall, Request
 from ._shard import Placement, chunked, rank_rows
 from ._signature import flatten_call
 from ._sparsity import constants_fingerprint, hessian_pattern, jacobian_pattern
 from ._tracing import trace_forward
+from ._vmap import Examples, examples_of
 from .errors import InputError, OutputError
 
 LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
@@ -121,16 +127,28 @@ class SparseLowered:
 class SparseFunction:
     """What ``jacobian``, ``hessian`` and ``derivative`` (orders 1 and 2) return given
     ``sparse=True``: call it like ``f``; the result has the dense result's structure,
-    each block a torch sparse tensor (``to_dense()`` equals the dense block)."""
+    each block a torch sparse tensor (``to_dense()`` equals the dense block).
+
+    ``per_example``: ``f`` is a function batched over examples (a leading dim of every
+    differentiated leaf and output) and each block keeps the examples' diagonal,
+    ``(N,) + per-example block``.
+    """
 
     def __init__(self, request: Request, argnums: tuple[int, ...], inner: Callable,
-                 layout: torch.layout, chunk_size: int | None, group: Any) -> None:
+                 layout: torch.layout, chunk_size: int | None, group: Any, *,
+                 per_example: bool = False) -> None:
         self._request, self._nums, self._layout = request, argnums, layout
         self._chunk_size, self._group = chunk_size, group
+        self._per_example = per_example
         self._along = Directional(request, argnums, inner)
         self._plans: OrderedDict[Hashable, SparsePlan] = OrderedDict()
+        self._batched: OrderedDict[Hashable, SparseFunction] = OrderedDict()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._per_example:
+            examples = examples_of(args, kwargs, lambda a: a in self._nums)
+            if examples is not None:
+                return self._over_examples(examples)
         flat = self._flatten(args, kwargs)
         plan = self._plan(flat)
         compressed = [self._compressed(args, kwargs, flat, plan, directions)[:len(chunk)]
@@ -158,6 +176,7 @@ class SparseFunction:
     def clear_cache(self) -> None:
         """Forget all generated code and patterns."""
         self._plans.clear()
+        self._batched.clear()
         self._along.function.clear_cache()
 
     def __repr__(self) -> str:
@@ -167,13 +186,42 @@ class SparseFunction:
         flat = flatten_call(args, kwargs, self._nums, self._request.call)
         if any(torch._C._functorch.is_batchedtensor(t) for t in flat.tensors):
             raise InputError(
-                f"{self._request.call}: sparse=True returns torch sparse tensors, which "
-                f"torch.func.vmap cannot batch.\n"
-                f"  Fix: differentiate the vmapped function instead, e.g. "
-                f"hod.jacobian(torch.func.vmap(g), sparse=True)(xs) (its pattern is block "
-                f"diagonal), or use sparse=False under vmap."
+                f"{self._request.call}: sparse=True runs under torch.func.vmap only with "
+                f"vmap directly around it, but a vmap-batched argument came under another "
+                f"transform (or a vmap drawing random numbers differently).\n"
+                f"  Fix: apply the vmap directly to the sparse transform, or differentiate "
+                f"the vmapped function, e.g. hod.jacobian(torch.func.vmap(g), sparse=True)."
             )
         return flat
+
+    def _over_examples(self, examples: Examples) -> Any:
+        """Every example's sparse blocks, batched at the vmap levels the call came from:
+        the diagonal blocks of the derivative of the examples' batched function."""
+        if self._layout is not torch.sparse_coo:
+            raise InputError(
+                f"{self._request.call}: layout=torch.sparse_csr cannot come out of "
+                f"torch.func.vmap (functorch batches no CSR tensor).\n"
+                f"  Fix: keep the default layout=torch.sparse_coo under vmap and convert the "
+                f"batched result with .to_sparse_csr()."
+            )
+        batched = self._batched.get(examples.key)
+        if batched is None:
+            request = self._request
+            f = examples.vmapped(request.f)
+            if request.order == 2:
+                f = _summed_over_examples(f, request)
+            request = replace(request, f=f)
+            inner = f if request.order == 1 else DerivativeFunction(
+                replace(request, order=1), self._nums)
+            batched = SparseFunction(request, self._nums, inner, self._layout,
+                                     self._chunk_size, self._group, per_example=True)
+            self._batched[examples.key] = batched
+            while len(self._batched) > CACHE_SIZE:
+                self._batched.popitem(last=False)
+        self._batched.move_to_end(examples.key)
+        with examples.below():
+            result = batched(*examples.args, **examples.kwargs)
+        return examples.wrap(result)
 
     # -- the compressed derivative -------------------------------------------------------------
     def _directions(self, plan: SparsePlan, colours: Any, flat: FlatCall) -> torch.Tensor:
@@ -305,16 +353,42 @@ class SparseFunction:
             for leaf in order:
                 end = starts[leaf] + math.prod(leaves[leaf])
                 positions = (in_rows & (cols >= starts[leaf]) & (cols < end)).nonzero().flatten()
-                indices = torch.cat([_unravel(rows[positions] - row_starts[r], row_shapes[r]),
-                                     _unravel(cols[positions] - starts[leaf], leaves[leaf])])
+                row = _unravel(rows[positions] - row_starts[r], row_shapes[r])
+                column = _unravel(cols[positions] - starts[leaf], leaves[leaf])
+                shape = row_shapes[r] + leaves[leaf]
+                if self._per_example:  # each example's own block: one example index
+                    diagonal = row[0] == column[0]
+                    positions, row = positions[diagonal], row[:, diagonal]
+                    column = column[1:, diagonal]
+                    shape = row_shapes[r] + leaves[leaf][1:]
                 if positions.numel() == sparsity.nnz:
                     positions = None  # the one block: every nonzero, in order
-                per_leaf.append(BlockEntries(positions, indices, row_shapes[r] + leaves[leaf]))
+                per_leaf.append(BlockEntries(positions, torch.cat([row, column]), shape))
                 blocks.append(per_leaf[-1])
             trees.append(nest(self._request, flat, [None] * len(per_leaf)))
         tree = (tree_unflatten(trees, out_spec) if out_spec is not None
                 else nest(self._request, flat, trees))
         return tuple(blocks), tree_flatten(tree, is_leaf=lambda x: x is None)[1]
+
+
+def _summed_over_examples(batched: Callable, request: Request) -> Callable:
+    """The sum of the examples' values of ``batched`` (outputs ``(N,) + ...``), whose
+    Hessian is block diagonal with each example's Hessian on the diagonal."""
+
+    def summed(*args: Any, **kwargs: Any) -> Any:
+        result = batched(*args, **kwargs)
+        value = result[0] if request.has_aux else result
+        if not isinstance(value, torch.Tensor) or value.numel() != value.shape[0]:
+            shape = tuple(value.shape[1:]) if isinstance(value, torch.Tensor) else type(value)
+            raise OutputError(
+                f"{request.call}: sparse=True Hessians need f to return one number, got "
+                f"{shape} per example under torch.func.vmap.\n"
+                f"  Fix: reduce each example's output (a loss), or take sparse Jacobians of "
+                f"its gradient."
+            )
+        return (value.sum(), result[1]) if request.has_aux else value.sum()
+
+    return summed
 
 
 def _starts(sizes: list[int]) -> list[int]:

@@ -115,10 +115,22 @@ class Examples:
         if not isinstance(t, torch.Tensor):
             return t
         if len(self.sizes) > 1:
-            t = t.reshape(*self.sizes, *t.shape[1:])
+            t = _split_examples(t, self.sizes)
         for level in reversed(self.levels):  # the bottom level's dim is first
             t = _add_batch_dim(t, 0, level.level())
         return t
+
+
+def _split_examples(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``(N,) + shape`` as ``sizes + shape``; a sparse COO tensor by its indices (torch
+    reshapes no sparse tensor)."""
+    if t.layout is not torch.sparse_coo:
+        return t.reshape(*sizes, *t.shape[1:])
+    indices = t.indices()
+    split = torch.stack(torch.unravel_index(indices[0], sizes))
+    return torch.sparse_coo_tensor(torch.cat([split, indices[1:]]), t.values(),
+                                   (*sizes, *t.shape[1:]), is_coalesced=t.is_coalesced(),
+                                   check_invariants=False)
 
 
 def examples_of(args: tuple, kwargs: dict, expand: Callable[[int], bool],

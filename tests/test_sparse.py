@@ -171,13 +171,68 @@ def test_errors_at_call():
         hod.hessian(poisson, sparse=True)(torch.randn(4, 4, dtype=D))
     with pytest.raises(hod.InputError, match="2-D blocks"):
         hod.jacobian(poisson, sparse=True, layout=torch.sparse_csr)(torch.randn(4, 4, dtype=D))
-    with pytest.raises(hod.InputError, match="vmap cannot batch"):
-        vmap(hod.hessian(banded, sparse=True))(torch.randn(3, 8, dtype=D))
+    with pytest.raises(hod.OutputError, match=r"one number, got \(8,\) per example"):
+        vmap(hod.hessian(torch.sin, sparse=True))(torch.randn(3, 8, dtype=D))
+    with pytest.raises(hod.InputError, match="cannot come out of torch.func.vmap"):
+        vmap(hod.jacobian(conv_residual, sparse=True, layout=torch.sparse_csr))(
+            torch.randn(3, 8, dtype=D))
+
+
+@pytest.mark.parametrize("f,args,order", [*[(*case, 1) for case in JACOBIANS],
+                                          *[(*case, 2) for case in HESSIANS]],
+                         ids=lambda v: getattr(v, "__name__", ""))
+def test_under_vmap_every_example_gets_its_sparse_blocks(f, args, order):
+    """``vmap`` over a sparse transform: one batched COO tensor per block, ``(B,) + block``,
+    equal to vmapped torch.func, storing each example's nonzeros only."""
+    argnums = tuple(range(len(args))) if len(args) > 1 else 0
+    batch = tuple(torch.stack([a, 2 * a.flip(0), a.cos()]) for a in args)
+    result = vmap(hod.derivative(f, order, argnums, sparse=True))(*batch)
+    leaves = torch.utils._pytree.tree_leaves(result)
+    assert all(t.layout is torch.sparse_coo and t.shape[0] == 3 for t in leaves)
+    expected = vmap(reference(f, order, argnums))(*batch)
+    assert_same_tree(dense(result), expected)
+    single = hod.derivative(f, order, argnums, sparse=True)(*args)
+    assert sum(t._nnz() for t in leaves) == 3 * sum(
+        t._nnz() for t in torch.utils._pytree.tree_leaves(single))
+
+
+def test_under_nested_vmap_unbatched_arguments_and_float32():
+    w = torch.randn(3, 30, dtype=D)
+    xs = torch.randn(2, 3, 30, dtype=D)
+    hessian = vmap(vmap(hod.hessian(energy, sparse=True)))
+    assert_same_tree(dense(hessian(xs)), vmap(vmap(reference(energy, 2)))(xs))
+    rtol, atol = TOLERANCES[torch.float32]
+    assert_same_tree(dense(hessian(xs.float())),
+                     vmap(vmap(reference(energy, 2)))(xs).float(), rtol=rtol, atol=atol)
+
+    def scaled(x, a):  # x unbatched: every example differentiates its own copy
+        return banded(x * a)
+
+    x = torch.randn(30, dtype=D)
+    result = vmap(hod.hessian(scaled, sparse=True), in_dims=(None, 0))(x, w)
+    assert_same_tree(result.to_dense(), vmap(reference(scaled, 2), in_dims=(None, 0))(x, w))
+
+
+def test_under_vmap_with_aux_and_chunks():
+    us = torch.randn(4, 12, dtype=D)
+
+    def with_aux(u):
+        return conv_residual(u), u.sum()
+
+    jacobian = hod.jacobian(with_aux, has_aux=True, sparse=True, chunk_size=2)
+    result, aux = vmap(jacobian)(us)
+    assert_same_tree(result.to_dense(), vmap(reference(conv_residual, 1))(us))
+    assert torch.equal(aux, us.sum(1))
+    hessian = hod.hessian(lambda x: (energy(x), x.max()), has_aux=True, sparse=True)
+    xs = torch.randn(3, 30, dtype=D)
+    result, aux = vmap(hessian)(xs)
+    assert_same_tree(result.to_dense(), vmap(reference(energy, 2))(xs))
+    assert torch.equal(aux, xs.max(1).values)
 
 
 def test_a_function_vmapped_over_examples_gives_block_diagonal_derivatives():
-    """vmap cannot batch sparse results, but a function vmapped over independent examples
-    can be differentiated whole: its pattern is block diagonal and coloured like one
+    """A function vmapped over independent examples differentiated whole (what a sparse
+    transform under vmap runs): its pattern is block diagonal and coloured like one
     example's (4 colours for 50 examples of 4 entries)."""
     w = torch.randn(4, 4, dtype=D)
 
