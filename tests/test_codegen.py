@@ -217,6 +217,37 @@ def test_a_product_read_once_by_a_sum_is_one_addcmul():
         assert_same_tree(got, expected)
 
 
+def _outer_products(a, b, c, stacked, w):
+    """Products meeting over one index: ``mm``, ``bmm`` and ``matmul``, one read through a
+    view splitting its rows and a transpose (placed in that layout), one read twice, one
+    whose row view is read again, and a product over two indices (kept)."""
+    placed = (a @ b).view(3, 4, 5).transpose(-1, -2)
+    kept = a @ b
+    viewed = (c @ b).view(2, 2, 5)
+    return [placed + 1, kept.sum(), kept * 2, viewed.transpose(1, 2), viewed.sum(),
+            torch.bmm(stacked, stacked.transpose(1, 2)), torch.matmul(stacked, b), a @ w]
+
+
+def test_products_over_one_index_are_broadcast_multiplications():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = (torch.rand(12, 1, dtype=D), torch.rand(1, 5, dtype=D), torch.rand(4, 1, dtype=D),
+            torch.rand(3, 4, 1, dtype=D), torch.rand(1, 2, dtype=D))
+    graph = make_fx(_outer_products)(*args).graph
+    hod.passes.fuse.outer_products_as_mul(graph)
+    graph.eliminate_dead_code()
+    graph.lint()
+    aten = torch.ops.aten
+    ops = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert not {aten.mm.default, aten.bmm.default, aten.matmul.default} & set(ops)
+    placed = next(n for n in graph.nodes if n.target is aten.add.Tensor).args[0]
+    assert placed.target is aten.mul.Tensor and placed.meta["val"].is_contiguous()
+    assert ops.count(aten.transpose.int) == 2  # the stacked bmm's operand, viewed's reader
+    actual = torch.fx.GraphModule(torch.nn.Module(), graph)(*args)
+    for got, expected in zip(actual, _outer_products(*args), strict=True):
+        assert_same_tree(got, expected)
+
+
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_softmax_derives_with_one_sum_per_order(order):
     """Each order of softmax sums its derivatives along the softmax dim once, and nothing

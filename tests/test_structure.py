@@ -437,3 +437,21 @@ def test_products_are_made_once_and_like_terms_added_as_one(order):
         if _op(n) == "add" and all(isinstance(a, torch.fx.Node) for a in n.args):
             assert base(n.args[0]) is not base(n.args[1])
     assert_same_tree(fn(*args), reference(tanh_mlp, order, (0, 1))(*args))
+
+
+@pytest.mark.parametrize("stack,einsum", [((300, 48, 16), False), ((300, 8, 16), True),
+                                          ((300, 16, 48), True)])
+def test_a_matrix_times_a_contiguous_stack_of_large_matrices_is_one_matmul(stack, einsum):
+    """``a (1, k) @ b (B, k, n)``: einsum would copy a contiguous ``b`` into a layout it can
+    fold, so stacks of at least ``STACKED_MIN_ENTRIES``-entry matrices stay with matmul;
+    smaller ones (and a transposed stack, third case) are folded by einsum."""
+    from hod._emitter import Emitter
+    from hod.rules.linalg import _needs_einsum
+
+    em = Emitter(torch.device("cpu"), D)
+    b = torch.rand(stack, dtype=D)
+    if stack[-1] > stack[-2]:
+        b = torch.rand(stack[0], stack[2], stack[1], dtype=D).transpose(1, 2)
+    a_node = em.placeholder("a", torch.rand(1, b.shape[1], dtype=D))
+    b_node = em.placeholder("b", b)
+    assert _needs_einsum(em, a_node, b_node) is einsum

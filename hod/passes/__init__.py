@@ -3,8 +3,8 @@
 :func:`rewrite` is the one entry point. It rewrites the emitted graph in place, each pass
 in its own module:
 
-* :mod:`~hod.passes.fuse`: ``mm`` of a transpose as ``linear``; ``a + b * c`` as
-  ``addcmul``;
+* :mod:`~hod.passes.fuse`: outer products as broadcast ``mul``; ``mm`` of a transpose as
+  ``linear``; ``a + b * c`` as ``addcmul``;
 * :mod:`~hod.passes.fold`: numbers multiplying large tensors moved onto small ones;
 * :mod:`~hod.passes.pairs`: the top order's symmetrization moved before matrix products,
   and narrow products computed in their cheaper layout;
@@ -28,7 +28,7 @@ from torch import fx
 
 from .._emitter import graph_module
 from .fold import fold_scalar_factors
-from .fuse import fuse_multiply_add, fuse_transposed_mm
+from .fuse import fuse_multiply_add, fuse_transposed_mm, outer_products_as_mul
 from .memory import Memory, copy_graph, plan
 from .pairs import permuted_narrow_products, symmetrize_before_products
 from .views import collapse_view_chains
@@ -51,6 +51,7 @@ def rewrite(
     """Rewrite ``graph`` (dead code removed), which reads ``constants`` by name, and make
     its planned variant: on the CPU with ``plan_memory`` it writes its large tensors into
     reused memory; with ``probe``, the call's tensors, its view chains are single calls."""
+    outer_products_as_mul(graph)
     fuse_transposed_mm(graph)
     graph.eliminate_dead_code()  # the passes below look at who reads what
     fold_scalar_factors(graph)

@@ -27,6 +27,10 @@ EINSUM_MIN_PRODUCTS = 256
 #: CPU: 4x slower at 1000, even at 4000-8000, 1.6x faster at 25000), copy nothing, and
 #: have an ``out=`` form, so planned memory takes their results (``einsum`` allocates).
 EINSUM_MAX_PRODUCT_MACS = 4096
+#: A plain matrix times contiguous stacked matrices of at least this many entries each:
+#: ``einsum`` would copy the stack into a layout it can fold, ``matmul`` multiplies them
+#: where they lie (measured on CPU, 1000 stacked 48 x 16 matrices: 3-5x faster).
+STACKED_MIN_ENTRIES = 512
 #: Products with a plain matrix this narrow, over this many rows, take the block-diagonal
 #: forms (:func:`_narrow_product`, :func:`_narrow_left`) on the CPU, where they were
 #: measured; other devices keep the plain forms.
@@ -195,7 +199,8 @@ def _needs_einsum(em: Emitter, a: fx.Node, b: fx.Node) -> bool:
     if m * k * em.shape(b)[-1] >= EINSUM_MAX_PRODUCT_MACS:
         return False  # matmul's products keep pace, and it writes into planned memory
     if lead_b:  # a plain matrix times stacked ones: matmul runs one product per matrix
-        return True
+        k, n = em.shape(b)[-2:]
+        return k * n < STACKED_MIN_ENTRIES or not b.meta["val"].is_contiguous()
     return not a.meta["val"].is_contiguous()  # matmul would copy a to fold its axes
 
 
