@@ -19,7 +19,7 @@ from ._function import (
 )
 from ._records import Request
 from ._shard import check_chunk_size, check_group
-from ._sparse import LAYOUTS, SparseFunction
+from ._sparse import LAYOUTS, ColouredDense, SparseFunction
 from .errors import InputError, MemoryLimitError
 
 if TYPE_CHECKING:
@@ -58,7 +58,10 @@ def _transform(
             return False
         return True
 
-    whole = DerivativeFunction(request, nums, chunk_fits=chunk_fits)
+    coloured = None
+    if order <= 2 and not with_values and request.compile is None:
+        coloured = ColouredDense(request, nums, inner).runner
+    whole = DerivativeFunction(request, nums, chunk_fits=chunk_fits, coloured=coloured)
     if chunk_size is None and group is None and not sparse:
         return whole
     if sparse:

@@ -75,7 +75,10 @@ class Lowered:
     linear layer that was split off reads its inputs (see :mod:`hod._split`): the code
     then takes ``h = X @ W`` before ``f``'s flat tensors. ``examples``, when set, says the
     code is the batched code for a call under ``torch.func.vmap`` (see :mod:`hod._vmap`):
-    it takes and returns the ``examples`` examples along dim 0.
+    it takes and returns the ``examples`` examples along dim 0. ``coloured``, when set,
+    computes the same result from the call's arguments with one tangent per colour of the
+    derivative's sparsity pattern (see :class:`hod._sparse.ColouredDense`); it runs instead
+    on tensors that no transform watches.
     """
 
     graph_module: fx.GraphModule
@@ -88,6 +91,7 @@ class Lowered:
     captured: list[torch.Tensor] = field(default_factory=list)
     first_layer: Split | None = None
     examples: int | None = None
+    coloured: Callable[[tuple, dict], object] | None = None
     _unflatten: Callable[[Sequence[object]], object] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from ._shard import chunk_estimate, with_chunk_hint
 from ._signature import call_signature, flatten_call
 from ._vmap import Examples, examples_of
 from .errors import HodError, InputError, MemoryLimitError
+from .passes.memory import unwatched
 
 #: Default ``memory_limit``: no single tensor the generated code allocates may exceed it.
 DEFAULT_MEMORY_LIMIT = 8 * 2**30
@@ -31,6 +32,10 @@ CACHE_SIZE = 64
 #: ``fits(args, kwargs, chunk)``: whether the transform's code, chunked so, builds within
 #: its memory limit for this call.
 ChunkFits = Callable[[tuple, dict, int], bool]
+
+#: ``runner(args, kwargs, seeds)``: what computes this call's result from the colours of its
+#: sparsity pattern, when that beats code pushing ``seeds`` tangents; else None.
+Coloured = Callable[[tuple, dict, int], Callable[[tuple, dict], object] | None]
 
 #: Where ``f`` reads a tensor by name (a globals dict or a closure cell), and the tensor.
 _Binding = tuple[dict | CellType, str, torch.Tensor]
@@ -63,9 +68,10 @@ class DerivativeFunction:
     """
 
     def __init__(self, request: Request, argnums: tuple[int, ...], *,
-                 chunk_fits: ChunkFits | None = None) -> None:
+                 chunk_fits: ChunkFits | None = None, coloured: Coloured | None = None) -> None:
         self._request = request
         self._chunk_fits = chunk_fits  # set: a MemoryLimitError suggests a chunk_size
+        self._coloured = coloured  # set: a sparse pattern may be computed by colours
         self._argnums = argnums
         self._cache: OrderedDict[Any, Lowered] = OrderedDict()
         self._lock = threading.Lock()
@@ -85,6 +91,8 @@ class DerivativeFunction:
                 return examples.wrap(results)
         tensors, key = call_signature(args, kwargs)
         lowered = self._cached(key) or self._lowered(args, kwargs)
+        if lowered.coloured is not None and unwatched(tensors):
+            return lowered.coloured(args, kwargs)
         return lowered.results(tensors)
 
     def lower(self, *args: Any, **kwargs: Any) -> Lowered:
@@ -147,7 +155,7 @@ class DerivativeFunction:
         self, request: Request, flat: FlatCall, examples: Examples | None
     ) -> Any:
         try:
-            return self._build(request, flat)
+            lowered = self._build(request, flat)
         except MemoryLimitError as error:
             # (the unbatched code under vmap would need as much memory)
             raise self._hinted(error, flat) from None
@@ -157,6 +165,11 @@ class DerivativeFunction:
             # functorch batches the unbatched code instead; a genuine error of f is
             # raised there again, in terms of one example.
             return UNBATCHED
+        if examples is None and self._coloured is not None:
+            runner = self._coloured(*flat.rebuild(list(flat.tensors)), lowered.seed_size)
+            if runner is not None:
+                lowered = replace(lowered, coloured=runner)
+        return lowered
 
     def _build(self, request: Request, flat: FlatCall) -> Lowered:
         return build(request, flat)

@@ -33,7 +33,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._build import Lowered
 from ._coloring import column_coloring, hessian_recovery, jacobian_recovery, star_coloring
@@ -42,12 +43,19 @@ from ._function import CACHE_SIZE, DerivativeFunction
 from ._records import FlatCall, Request
 from ._shard import Placement, chunked, rank_rows
 from ._signature import flatten_call
-from ._sparsity import constants_fingerprint, hessian_pattern, jacobian_pattern
+from ._sparsity import TooDense, constants_fingerprint, hessian_pattern, jacobian_pattern
 from ._tracing import trace_forward
 from ._vmap import Examples, examples_of
 from .errors import InputError, OutputError
 
 LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
+
+#: A dense Jacobian or Hessian is read from a coloured sweep when its generated code would
+#: push at least this many times as many seeds as the pattern has colours.
+COLOURED_MIN_RATIO = 8
+#: Looking for that pattern stops once a node's pattern (or a Hessian's interactions) holds
+#: more than this many nonzeros per seed: such a pattern needs many colours anyway.
+COLOURED_PATTERN_PER_SEED = 64
 
 
 @dataclass(frozen=True)
@@ -136,10 +144,10 @@ class SparseFunction:
 
     def __init__(self, request: Request, argnums: tuple[int, ...], inner: Callable,
                  layout: torch.layout, chunk_size: int | None, group: Any, *,
-                 per_example: bool = False) -> None:
+                 per_example: bool = False, budget_per_seed: int | None = None) -> None:
         self._request, self._nums, self._layout = request, argnums, layout
         self._chunk_size, self._group = chunk_size, group
-        self._per_example = per_example
+        self._per_example, self._budget_per_seed = per_example, budget_per_seed
         self._along = Directional(request, argnums, inner)
         self._plans: OrderedDict[Hashable, SparsePlan] = OrderedDict()
         self._batched: OrderedDict[Hashable, SparseFunction] = OrderedDict()
@@ -315,8 +323,9 @@ class SparseFunction:
 
     def _sparsity(self, traced: Any, flat: FlatCall, seeds: int,
                   outputs: list[torch.Tensor]) -> Sparsity:
+        budget = None if self._budget_per_seed is None else self._budget_per_seed * seeds
         if self._request.order == 1:
-            pattern = jacobian_pattern(traced.gm, flat.diff, traced.n_out)
+            pattern = jacobian_pattern(traced.gm, flat.diff, traced.n_out, budget)
             shape = (sum(v.numel() for v in outputs), seeds)
             colors = column_coloring(pattern, shape)
             read = (jacobian_recovery(pattern, colors), pattern[0])
@@ -328,7 +337,7 @@ class SparseFunction:
                 f"got outputs of shapes {shapes}.\n"
                 f"  Fix: reduce the output (a loss), or take sparse Jacobians of its gradient."
             )
-        pattern = hessian_pattern(traced.gm, flat.diff, traced.n_out)
+        pattern = hessian_pattern(traced.gm, flat.diff, traced.n_out, budget)
         colors = star_coloring(pattern, seeds)
         rows, colours = hessian_recovery(pattern, colors)  # H[i, j] = (H S)[rows, colours]
         return Sparsity(pattern, (seeds, seeds), colors, (colours, rows))
@@ -369,6 +378,43 @@ class SparseFunction:
         tree = (tree_unflatten(trees, out_spec) if out_spec is not None
                 else nest(self._request, flat, trees))
         return tuple(blocks), tree_flatten(tree, is_leaf=lambda x: x is None)[1]
+
+
+class ColouredDense:
+    """Dense Jacobians and Hessians read from a coloured sweep.
+
+    A derivative whose pattern needs few colours (a chained function's banded Hessian: 3
+    colours for any ``n``) costs its dense code one tangent per seed through every op; the
+    sparse code pushes one per colour, and the dense result is its nonzeros scattered into
+    zeros. :meth:`runner` decides per signature, once, by the pattern found with a budget.
+    """
+
+    def __init__(self, request: Request, argnums: tuple[int, ...], inner: Callable) -> None:
+        self._request = request
+        self._sparse = SparseFunction(request, argnums, inner, torch.sparse_coo, None, None,
+                                      budget_per_seed=COLOURED_PATTERN_PER_SEED)
+
+    def runner(self, args: tuple, kwargs: dict, seeds: int) -> Callable | None:
+        """What computes the dense result of calls like this one from colours, or None
+        when the dense code, pushing ``seeds`` tangents, is not ``COLOURED_MIN_RATIO``
+        times as wide as the colours (or the pattern is not found within its budget)."""
+        flat = flatten_call(args, kwargs, self._sparse._nums, self._request.call)
+        if any(t.device.type == "meta" or is_functorch_wrapped_tensor(t) for t in flat.tensors):
+            return None  # no values to read constants' zeros from; a transform's own code
+        try:
+            plan = self._sparse._plan(flat)
+        except (TooDense, OutputError):
+            return None
+        if plan.sparsity.colours * COLOURED_MIN_RATIO > seeds:
+            return None
+        return self._dense
+
+    def _dense(self, args: tuple, kwargs: dict) -> Any:
+        result = self._sparse(*args, **kwargs)
+        if self._request.has_aux:
+            result, aux = result
+            return tree_map(torch.Tensor.to_dense, result), aux
+        return tree_map(torch.Tensor.to_dense, result)
 
 
 def _summed_over_examples(batched: Callable, request: Request) -> Callable:

@@ -172,29 +172,39 @@ def cross(a: Pattern, b: Pattern) -> tuple[Tensor, Tensor]:
     return first, b.cols[where + _segment_arange(times)]
 
 
-def jacobian_pattern(gm: fx.GraphModule, diff: Sequence[int], n_out: int) -> Tensor:
+class TooDense(Exception):
+    """A pattern passed the ``budget`` it was looked for with."""
+
+
+def jacobian_pattern(gm: fx.GraphModule, diff: Sequence[int], n_out: int,
+                     budget: int | None = None) -> Tensor:
     """The nonzeros of the Jacobian of ``gm``'s first ``n_out`` outputs with respect to its
     placeholders at positions ``diff``, as int64 COO indices ``(2, nnz)``, coalesced.
 
     Row ``i`` is entry ``i`` of the outputs (each flattened, concatenated in order); column
     ``j`` is entry ``j`` of the differentiated inputs (each flattened, in ``diff`` order).
+    With a ``budget``, :class:`TooDense` is raised as soon as a node's pattern holds more
+    nonzeros than that.
     """
-    state = _propagate(gm, diff)
+    state = _propagate(gm, diff, budget=budget)
     outputs = _outputs(gm)[:n_out]
     stacked_outputs = stacked([state.patterns[node] for node in outputs], state.width)
     return torch.stack([stacked_outputs.rows, stacked_outputs.cols])
 
 
-def hessian_pattern(gm: fx.GraphModule, diff: Sequence[int], n_out: int = 1) -> Tensor:
+def hessian_pattern(gm: fx.GraphModule, diff: Sequence[int], n_out: int = 1,
+                    budget: int | None = None) -> Tensor:
     """The nonzeros of the Hessian of ``gm``'s first output, which holds one entry, with
     respect to its placeholders at positions ``diff`` (flattened, in ``diff`` order), as
     int64 COO indices ``(2, nnz)``, coalesced and symmetric: the interactions of every
-    nonlinear op among the output's ancestors (see the module's docstring)."""
+    nonlinear op among the output's ancestors (see the module's docstring). With a
+    ``budget``, :class:`TooDense` is raised as soon as a node's pattern, or the
+    interactions recorded, hold more than that."""
     root = _outputs(gm)[0]
     value = root.meta.get("val")
     if n_out != 1 or not isinstance(value, Tensor) or value.numel() != 1:
         raise ValueError("hessian_pattern: the differentiated output must be one entry")
-    state = _propagate(gm, diff, _ancestors(root))
+    state = _propagate(gm, diff, _ancestors(root), budget)
     rows = torch.cat([torch.zeros(0, dtype=torch.long)] + [r for r, _ in state.pairs])
     cols = torch.cat([torch.zeros(0, dtype=torch.long)] + [c for _, c in state.pairs])
     upper = coalesced(torch.minimum(rows, cols), torch.maximum(rows, cols), state.width,
@@ -252,6 +262,7 @@ class _State:
         self.values: dict[fx.Node, object] = {}
         self.curved = curved
         self.pairs: list[tuple[Tensor, Tensor]] = []
+        self.interactions = 0  # pairs recorded, repeats counted
         self.node: fx.Node | None = None  # the node being analysed
 
     def pattern(self, arg: object) -> Pattern:
@@ -271,9 +282,11 @@ class _State:
         """Record that ``deps(a_e) x deps(b_e)`` meet in a second derivative, every ``e``."""
         if self.curved is not None and self.node in self.curved:
             self.pairs.append(cross(a, b))
+            self.interactions += self.pairs[-1][0].numel()
 
 
-def _propagate(gm: fx.GraphModule, diff: Sequence[int], curved: set | None = None) -> _State:
+def _propagate(gm: fx.GraphModule, diff: Sequence[int], curved: set | None = None,
+               budget: int | None = None) -> _State:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sizes = [placeholders[pos].meta["val"].numel() for pos in diff]
     state = _State(sum(sizes), curved)
@@ -293,7 +306,15 @@ def _propagate(gm: fx.GraphModule, diff: Sequence[int], curved: set | None = Non
             state.patterns[node] = _blank(value, state.width)
         elif node.op == "call_function":
             state.patterns[node] = _visit(node, state)
+            if budget is not None and _held(state, node) > budget:
+                raise TooDense(node.name)
     return state
+
+
+def _held(state: _State, node: fx.Node) -> int:
+    """The nonzeros of ``node``'s pattern, or of the interactions so far if more."""
+    pattern = sum(p.rows.numel() for p in _flat_patterns([state.patterns[node]]))
+    return max(pattern, state.interactions)
 
 
 def _blank(value: object, width: int) -> object:

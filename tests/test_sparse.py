@@ -265,3 +265,52 @@ def test_a_captured_tensor_changed_in_place_is_seen():
     a.add_(0.5)
     assert fn(x)._nnz() == 25
     assert_same_tree(fn(x).to_dense(), reference(f, 1)(x))
+
+
+@pytest.mark.parametrize("f,args,order", [(*JACOBIANS[0], 1), (*JACOBIANS[2], 1),
+                                          (*HESSIANS[0], 2), (*HESSIANS[1], 2)],
+                         ids=lambda v: getattr(v, "__name__", ""))
+def test_dense_results_of_few_colours_come_from_the_coloured_sweep(f, args, order):
+    """A dense transform whose pattern needs few colours against the seeds its code pushes
+    computes the dense result from them: equal to torch.func (float64 and float32), an
+    ordinary strided tensor."""
+    argnums = tuple(range(len(args))) if len(args) > 1 else 0
+    big = tuple(torch.randn(a.shape[0] * 4, *a.shape[1:], dtype=D) for a in args)
+    if f is poisson:
+        big = (torch.randn(16, 16, dtype=D),)
+    fn = hod.derivative(f, order, argnums)
+    assert fn.lower(*big).coloured is not None
+    result = fn(*big)
+    assert all(t.layout is torch.strided for t in torch.utils._pytree.tree_leaves(result))
+    assert_same_tree(result, reference(f, order, argnums)(*big))
+    rtol, atol = TOLERANCES[torch.float32]
+    expected = torch.utils._pytree.tree_map(torch.Tensor.float, reference(f, order, argnums)(*big))
+    assert_same_tree(fn(*(a.float() for a in big)), expected, rtol=rtol, atol=atol)
+
+
+def test_dense_patterns_and_watched_tensors_keep_the_dense_code():
+    x = torch.randn(40, dtype=D)
+    w = torch.randn(40, 40, dtype=D)
+
+    def dense_loss(x):
+        return torch.tanh(w @ x).pow(2).sum()
+
+    assert hod.hessian(dense_loss).lower(x).coloured is None
+    fn = hod.hessian(chained_rosenbrock)
+    watched = x.clone().requires_grad_()
+    result = fn(watched)  # autograd reaches the input through the dense code
+    assert result.grad_fn is not None
+    assert_same_tree(result.detach(), reference(chained_rosenbrock, 2)(x))
+
+
+def test_the_coloured_sweep_returns_aux():
+    u = torch.randn(40, dtype=D)
+
+    def with_aux(u):
+        return conv_residual(u), u.sum()
+
+    fn = hod.jacobian(with_aux, has_aux=True)
+    assert fn.lower(u).coloured is not None
+    result, aux = fn(u)
+    assert_same_tree(result, reference(conv_residual, 1)(u))
+    assert torch.equal(aux, u.sum())
