@@ -275,9 +275,9 @@ def test_dense_results_of_few_colours_come_from_the_coloured_sweep(f, args, orde
     computes the dense result from them: equal to torch.func (float64 and float32), an
     ordinary strided tensor."""
     argnums = tuple(range(len(args))) if len(args) > 1 else 0
-    big = tuple(torch.randn(a.shape[0] * 4, *a.shape[1:], dtype=D) for a in args)
+    big = tuple(torch.randn(a.shape[0] * 40, *a.shape[1:], dtype=D) for a in args)
     if f is poisson:
-        big = (torch.randn(16, 16, dtype=D),)
+        big = (torch.randn(20, 20, dtype=D),)
     fn = hod.derivative(f, order, argnums)
     assert fn.lower(*big).coloured is not None
     result = fn(*big)
@@ -296,7 +296,10 @@ def test_dense_patterns_and_watched_tensors_keep_the_dense_code():
         return torch.tanh(w @ x).pow(2).sum()
 
     assert hod.hessian(dense_loss).lower(x).coloured is None
+    assert hod.hessian(chained_rosenbrock).lower(x).coloured is None  # too small to pay
+    x = torch.randn(400, dtype=D)
     fn = hod.hessian(chained_rosenbrock)
+    assert fn.lower(x).coloured is not None
     watched = x.clone().requires_grad_()
     result = fn(watched)  # autograd reaches the input through the dense code
     assert result.grad_fn is not None
@@ -304,7 +307,7 @@ def test_dense_patterns_and_watched_tensors_keep_the_dense_code():
 
 
 def test_the_coloured_sweep_returns_aux():
-    u = torch.randn(40, dtype=D)
+    u = torch.randn(400, dtype=D)
 
     def with_aux(u):
         return conv_residual(u), u.sum()
