@@ -390,3 +390,16 @@ def test_clones_are_written_into_planned_memory(everything_planned):
     module = torch.fx.GraphModule(torch.nn.Module(), planned)
     for got, expected in zip(module(*args, *memory.tensors()), _spread_twice(*args), strict=True):
         assert_same_tree(got, expected)
+
+
+def test_a_seed_identity_is_written_into_planned_memory(everything_planned):
+    """The identity a Hessian's seeds are made of is written into reused memory, called
+    twice (the second call finds the memory holding the first call's identity and its
+    products: it must zero it again)."""
+    x = torch.rand(5, 4, dtype=torch.float64)
+    fn = hod.hessian(lambda x: torch.tanh(x).pow(3).sum())
+    planned = fn.lower(x).planned_module
+    eyes = [n for n in planned.graph.nodes if "eye" in getattr(n.target, "__name__", "")]
+    assert eyes and all("out" in n.kwargs for n in eyes)
+    for _ in range(2):
+        assert_same_tree(fn(x), torch.func.hessian(lambda x: torch.tanh(x).pow(3).sum())(x))
