@@ -102,12 +102,14 @@ def adjoint_hessian(
     # Few entries where f bends: their D^1 by reverse mode, one sweep per entry.
     reverse = (flat.rows is None and not seeds.rows
                and 0 < REVERSE_COST * entries <= seeds.size)
-    if not reverse and not _pays(gm, tracked, curved, seeds.size):
+    roots = {} if reverse else _separable_roots(gm, tracked, curved)
+    curved = [n for n in curved if not any(n in below for below in roots.values())]
+    if not reverse and not _pays(gm, tracked, curved, seeds.size, list(roots)):
         return None
     curved = bending if reverse else curved
-    adjoint_graph = _trace_adjoints(state, curved, tracked if reverse else None)
+    adjoint_graph = _trace_adjoints(state, curved, tracked if reverse else None, list(roots))
     return _generate(state, adjoint_graph, curved, seeds, reverse=reverse,
-                     tracked=tracked)
+                     tracked=tracked, roots=list(roots))
 
 
 def _batch_seeds(gm: fx.GraphModule, diff: Sequence[int], shapes: Sequence[tuple[int, ...]],
@@ -156,8 +158,73 @@ def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | 
     return curved
 
 
+def _separable_roots(gm: fx.GraphModule, tracked: set[fx.Node],
+                     curved: list[fx.Node]) -> dict[fx.Node, set[fx.Node]]:
+    """Tracked nodes ``r`` (products, inputs: where elementwise chains start) below which
+    ``f`` is separable in ``r``'s entries, with the curved nodes they absorb.
+
+    Below such an ``r``, every node that bends is *aligned* (elementwise, ``r``'s shape,
+    its tracked inputs ``r`` or aligned nodes) and every other tracked node linear, so the
+    Hessian of ``y`` w.r.t. ``r`` is diagonal and the curved nodes' local terms sum to
+    ``D r^T diag(d) D r``, ``d`` that diagonal: one contraction instead of one per node (a
+    GLM's loss: its link and log-likelihood are a chain of elementwise ops of ``X w``).
+    """
+    is_curved = set(curved)
+    roots: dict[fx.Node, set[fx.Node]] = {}
+    for r in gm.graph.nodes:
+        val = r.meta.get("val")
+        if (r not in tracked or not isinstance(val, torch.Tensor)
+                or not val.dtype.is_floating_point or _pointwise(r)
+                or not any(_pointwise(u) and u in is_curved for u in r.users)
+                or any(r in below for below in roots.values())):
+            continue
+        below = _descendants(r, tracked)
+        aligned = _aligned(r, below, tracked)
+        bends = {n for n in below if n in is_curved and not _linear_elementwise(n, tracked)}
+        if len(bends) > 1 and bends <= aligned and all(
+                n in aligned or n.target in LINEAR or _linear_elementwise(n, tracked)
+                or not _carries_derivative(n) for n in below if n.op == "call_function"):
+            roots[r] = {n for n in below if n in is_curved}
+    return roots
+
+
+def _pointwise(node: fx.Node) -> bool:
+    op = node.target
+    return isinstance(op, torch._ops.OpOverload) and torch.Tag.pointwise in op.tags
+
+
+def _carries_derivative(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def _descendants(root: fx.Node, tracked: set[fx.Node]) -> list[fx.Node]:
+    """The tracked nodes reading ``root``, directly or not, in graph order."""
+    seen, todo = set(), [root]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen and user in tracked:
+                seen.add(user)
+                todo.append(user)
+    return [n for n in root.graph.nodes if n in seen]
+
+
+def _aligned(root: fx.Node, below: list[fx.Node], tracked: set[fx.Node]) -> set[fx.Node]:
+    """The nodes of ``below`` whose entry ``i`` depends on entry ``i`` of ``root`` alone:
+    elementwise, ``root``'s shape, their derivative-carrying tracked inputs ``root`` or
+    aligned."""
+    aligned: set[fx.Node] = set()
+    shape = root.meta["val"].shape
+    for node in below:
+        inputs = [a for a in _tensor_args(node) if a in tracked and _carries_derivative(a)]
+        if (_pointwise(node) and _carries_derivative(node) and node.meta["val"].shape == shape
+                and all(a is root or a in aligned for a in inputs)):
+            aligned.add(node)
+    return aligned
+
+
 def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
-          seeds: int) -> bool:
+          seeds: int, roots: Sequence[fx.Node] = ()) -> bool:
     """Whether the local terms cost less than what they save.
 
     Per seed, reverse-last mode pushes tangents through the forward and the backward pass,
@@ -168,6 +235,7 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
     local = sum(n.meta["val"].numel() * (seeds if n.target in COUPLED
                                          else _tracked_inputs(n, tracked) ** 2)
                 for n in curved if not _linear_elementwise(n, tracked))
+    local += sum(r.meta["val"].numel() for r in roots)
     work = 0
     for node in tracked:
         val = node.meta.get("val")
@@ -212,10 +280,13 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 def _trace_adjoints(state: BuildState, curved: list[fx.Node],
-                    reverse: set[fx.Node] | None = None) -> fx.GraphModule:
+                    reverse: set[fx.Node] | None = None,
+                    roots: Sequence[fx.Node] = ()) -> fx.GraphModule:
     """``f``'s graph returning ``[y, gradients (with values), vbar per curved node, each
-    curved node's tensor arguments and output, (Jacobians), aux...]``: the adjoints (and
-    the gradient w.r.t. the differentiated leaves) from one reverse sweep of the value.
+    curved node's tensor arguments and output, per separable root the diagonal of the
+    Hessian w.r.t. it, per root its value, (Jacobians), aux...]``: the adjoints (and the
+    gradient w.r.t. the differentiated leaves) from one reverse sweep of the value, the
+    diagonals from one more, pushed forward along ones.
 
     With ``reverse`` (the tracked nodes) the Jacobian of the curved nodes' tracked
     arguments w.r.t. each differentiated leaf follows, ``(M,) + leaf.shape`` for their
@@ -228,15 +299,16 @@ def _trace_adjoints(state: BuildState, curved: list[fx.Node],
     def adjoints(*tensors: torch.Tensor) -> list[torch.Tensor]:
         def perturbed(*eps: torch.Tensor):
             seen: list[torch.Tensor] = []
-            run = _Perturbed(gm, dict(zip(points, eps, strict=True)), set(curved), seen)
+            run = _Perturbed(gm, dict(zip(points, eps, strict=True)), set(curved), seen,
+                             roots)
             outs = run.run(*tensors)
-            return outs[0], (seen, outs[forward.n_out:])
+            return outs[0], (seen, run.kept, outs[forward.n_out:])
 
-        zeros = [torch.zeros(n.meta["val"].shape, dtype=n.meta["val"].dtype,
-                             device=n.meta["val"].device) for n in points]
-        y, vjp_fn, (seen, aux) = torch.func.vjp(perturbed, *zeros, has_aux=True)
+        y, vjp_fn, (seen, kept, aux) = torch.func.vjp(perturbed, *_filled(points, 0),
+                                                       has_aux=True)
+        diagonals = _root_diagonals(gm, tensors, roots) if roots else []
         jacobians = [] if reverse is None else _entry_jacobians(tensors, reverse)
-        return [y, *vjp_fn(torch.ones_like(y)), *seen, *jacobians, *aux]
+        return [y, *vjp_fn(torch.ones_like(y)), *seen, *diagonals, *kept, *jacobians, *aux]
 
     def _entry_jacobians(tensors: tuple, tracked: set[fx.Node]) -> list[torch.Tensor]:
         diff = state.flat.diff
@@ -259,6 +331,31 @@ def _trace_adjoints(state: BuildState, curved: list[fx.Node],
     return trace(adjoints, state.flat.tensors, state.request.call, state.request.allow_random)
 
 
+def _filled(nodes: Sequence[fx.Node], value: float) -> list[torch.Tensor]:
+    """Tensors like each node's value, filled with ``value``."""
+    return [torch.full(n.meta["val"].shape, value, dtype=n.meta["val"].dtype,
+                       device=n.meta["val"].device) for n in nodes]
+
+
+def _root_diagonals(gm: fx.GraphModule, tensors: tuple,
+                    roots: Sequence[fx.Node]) -> list[torch.Tensor]:
+    """Per root, the diagonal of the Hessian of ``y`` (summed over its entries) w.r.t. it:
+    the Hessian is diagonal there (:func:`_separable_roots`), so it is the Hessian times
+    ones, the gradient of the gradient's sum w.r.t. perturbations of the roots (two
+    reverse sweeps: the forward-mode trace would hold ops hod does not derive)."""
+
+    def value(*shifts: torch.Tensor) -> torch.Tensor:
+        return _Perturbed(gm, dict(zip(roots, shifts, strict=True)), set(), []).run(
+            *tensors)[0].sum()
+
+    def summed_gradients(*eps: torch.Tensor) -> torch.Tensor:
+        grads = torch.func.grad(value, argnums=tuple(range(len(roots))))(*eps)
+        return sum(g.sum() for g in grads)
+
+    zeros = _filled(roots, 0)
+    return list(torch.func.grad(summed_gradients, argnums=tuple(range(len(roots))))(*zeros))
+
+
 def _arguments(seen: list, curved: list[fx.Node]) -> list:
     """The curved nodes' tensor arguments from what :class:`_Perturbed` saw (their
     arguments and output, node after node)."""
@@ -272,16 +369,21 @@ def _arguments(seen: list, curved: list[fx.Node]) -> list:
 
 class _Perturbed(fx.Interpreter):
     """Runs the forward graph adding ``eps[v]`` to each node ``v`` of ``eps``, recording
-    each curved node's tensor arguments and (unperturbed) output in ``seen``."""
+    each curved node's tensor arguments and (unperturbed) output in ``seen``, and the
+    values of the ``kept`` nodes in ``kept``."""
 
-    def __init__(self, gm: fx.GraphModule, eps: dict, curved: set, seen: list) -> None:
+    def __init__(self, gm: fx.GraphModule, eps: dict, curved: set, seen: list,
+                 kept: Sequence[fx.Node] = ()) -> None:
         super().__init__(gm)
         self.eps, self.curved, self.seen = eps, curved, seen
+        self.keep, self.kept = set(kept), []
 
     def run_node(self, node: fx.Node):
         out = super().run_node(node)
         if node in self.curved:
             self.seen += [self.env[a] for a in _tensor_args(node)] + [out]
+        if node in self.keep:
+            self.kept.append(out)
         if node in self.eps:
             return out + self.eps[node]
         return out
@@ -289,7 +391,7 @@ class _Perturbed(fx.Interpreter):
 
 def _generate(
     state: BuildState, graph: fx.GraphModule, curved: list[fx.Node], seeds: SeedPlan, *,
-    reverse: bool, tracked: set[fx.Node],
+    reverse: bool, tracked: set[fx.Node], roots: Sequence[fx.Node] = (),
 ) -> tuple[Emitter, TreeSpec, int]:
     request, flat = state.request, state.flat
     example = flat.tensors[flat.diff[0]]
@@ -301,10 +403,11 @@ def _generate(
     n_seen = sum(counts)
     n_grads = len(flat.diff) if request.with_values else 0
     first_seen = 1 + n_grads + len(curved)
-    needs = [None] * first_seen + [None if reverse else (0, size)] * n_seen
+    needs = ([None] * first_seen + [None if reverse else (0, size)] * n_seen
+             + [None] * len(roots) + [(0, size)] * len(roots))
     jets = derive(graph, ctx, seeded_inputs(em, flat, seeds, 0 if reverse else 1),
                   call=request.call, call_site=op_call_site(request, flat), needs=needs)
-    after = first_seen + n_seen
+    after = first_seen + n_seen + 2 * len(roots)
     if reverse:  # the tracked arguments' D^1 from their Jacobians
         jacobians = [j.primal for j in jets[after:after + len(flat.diff)]]
         _seed_from_jacobians(em, ctx, jets[first_seen:after], curved, tracked, jacobians)
@@ -319,6 +422,14 @@ def _generate(
         term = _local_term(em, ctx, node, args, out, jets[1 + n_grads + k].primal, rows)
         if term is not None:
             total = term if total is None else em.add(total, term)
+    roots_at = first_seen + n_seen
+    for k in range(len(roots)):  # D r^T diag(d) D r
+        diagonal, root = jets[roots_at + k].primal, jets[roots_at + len(roots) + k]
+        shape = list(em.shape(root.primal))
+        spread = _spread(em, ctx, root, shape)
+        term = _contract(em, em.mul(spread, diagonal), spread,
+                         shape[0] if seeds.rows else None)
+        total = term if total is None else em.add(total, term)
     gradients = [j.primal for j in jets[1:1 + n_grads]]
     blocks = _blocks(em, state, seeds, jets[0].primal, gradients, total)
     aux = [j.primal for j in jets[after:]]

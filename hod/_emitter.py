@@ -65,8 +65,7 @@ def graph_call(graph: fx.Graph, op: object, *args: object) -> fx.Node:
     """``op(*args)`` added to a graph built elsewhere (where it inserts), with its meta
     value: for the passes that rewrite a finished graph."""
     node = graph.call_function(op, args)
-    node.meta["val"] = op(*[meta_like(a.meta["val"]) if isinstance(a, fx.Node) else a
-                            for a in args])
+    node.meta["val"] = op(*fx.map_arg(args, lambda a: meta_like(a.meta["val"])))
     return node
 
 

@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves
 
+from ._product_sums import gather_product_sums
 from ._records import FlatCall, Request, Traced
 from .decompositions import DECOMPOSITIONS
 from .errors import InputError, OutputError, TracingError, UnsupportedOperatorError
@@ -68,6 +69,7 @@ def trace(
         _reject_random(gm, call, lambda: find_call_site(fn, examples, _is_random))
     _functional_views(gm)
     _cancel_reshape_round_trips(gm)
+    gather_product_sums(gm)
     return gm
 
 

@@ -70,7 +70,27 @@ def small_classifier(x):
     return torch.nn.functional.cross_entropy(logits, LABEL)
 
 
+torch.manual_seed(7)
+DATA, DATA_2 = torch.randn(60, 8, dtype=D), torch.randn(40, 8, dtype=D)
+LABELS = (torch.rand(60, dtype=D) < 0.5).to(D)
+
+
+def logistic(w):
+    """A GLM's loss: a chain of elementwise ops of ``X w`` (separable in its 60 entries),
+    whose local terms sum to one contraction with the chain's Hessian diagonal."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(_layer(DATA, w.unsqueeze(1))
+                                                                .squeeze(1), LABELS)
+
+
+def two_roots(w):
+    """Two separable chains of two products of ``w``: no term between them."""
+    return (torch.nn.functional.softplus(_layer(DATA, w.unsqueeze(1))).sum()
+            + torch.tanh(_layer(DATA_2, w.unsqueeze(1))).pow(2).mean())
+
+
 CASES = {
+    "logistic": (logistic, 0, lambda: (0.3 * torch.randn(8, dtype=D),)),
+    "two_roots": (two_roots, 0, lambda: (0.3 * torch.randn(8, dtype=D),)),
     "classifier": (classifier, 0, lambda: (torch.randn(64, dtype=D),)),
     "small_classifier": (small_classifier, 0, lambda: (torch.randn(3, dtype=D),)),
     "two_bends": (two_bends, 0, lambda: (torch.randn(200, dtype=D),)),
@@ -92,7 +112,24 @@ def test_hessian_by_local_terms(case, dtype):
                      *TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("f", [tanh_net, small_classifier], ids=lambda f: f.__name__)
+def coupled_tail(w):
+    """Entries of ``X w`` meeting again after their chain (``tanh(z) * sum(tanh(z))``): not
+    separable, so each curved node keeps its own term."""
+    t = torch.tanh(_layer(DATA, w.unsqueeze(1)))
+    return (torch.exp(t) * t.sum()).sum()
+
+
+def test_a_tail_that_is_not_separable_keeps_its_terms():
+    w = 0.3 * torch.randn(8, dtype=D)
+    assert_same_tree(hod.hessian(coupled_tail)(w), hessian(coupled_tail)(w))
+
+
+def per_example_logistic(x):
+    return torch.nn.functional.binary_cross_entropy_with_logits(DATA[:, :3] @ x, LABELS)
+
+
+@pytest.mark.parametrize("f", [tanh_net, small_classifier, per_example_logistic],
+                         ids=lambda f: f.__name__)
 def test_per_example_hessians_under_vmap(f):
     X = torch.randn(5, 3, dtype=D)
     fn = hod.hessian(f)

@@ -248,6 +248,32 @@ def test_products_over_one_index_are_broadcast_multiplications():
         assert_same_tree(got, expected)
 
 
+def _step_sums(hs, ds, extra):
+    """A weight's gradient summed over steps (``h_t^T d_t``, transposed through two
+    permutes as torch's backward writes it), a transposed sum, a short sum and another term."""
+    grad = hs[0].T @ ds[0]
+    for h, d in zip(hs[1:], ds[1:], strict=True):
+        grad = grad + (h.T @ d).T.T
+    flipped = (ds[0].T @ hs[0]).T + (ds[1].T @ hs[1]).T + (ds[2].T @ hs[2]).T + extra
+    return [grad, flipped, hs[0].T @ ds[0] + hs[1].T @ ds[1]]
+
+
+def test_a_sum_of_products_is_one_product_of_concatenated_operands():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hod._product_sums import gather_product_sums
+
+    hs, ds = torch.rand(5, 2, 4, dtype=D), torch.rand(5, 2, 3, dtype=D)
+    extra = torch.rand(4, 3, dtype=D)
+    gm = make_fx(lambda hs, ds, extra: _step_sums(list(hs), list(ds), extra))(hs, ds, extra)
+    gather_product_sums(gm)
+    gm.graph.lint()
+    products = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mm.default]
+    assert len(products) == 4  # grad, flipped: one each; the two-term sum: left alone
+    assert sorted(n.args[0].meta["val"].shape[1] for n in products) == [2, 2, 6, 10]
+    assert_same_tree(gm(hs, ds, extra), _step_sums(list(hs), list(ds), extra))
+
+
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_softmax_derives_with_one_sum_per_order(order):
     """Each order of softmax sums its derivatives along the softmax dim once, and nothing

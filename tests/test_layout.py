@@ -19,7 +19,7 @@ HOD = Path(__file__).resolve().parent.parent / "hod"
 #: must be placed here: its layer says what it may import.
 LAYERS: dict[str, tuple[str, ...]] = {
     "shared": ("_records", "_emitter", "_combinatorics", "_op_table", "errors"),
-    "trace": ("_tracing", "decompositions"),
+    "trace": ("_tracing", "_product_sums", "decompositions"),
     "split": ("_split",),
     "analyze": ("_analysis", "_sparsity"),
     "plan": ("_plan", "_cost", "_per_example", "_directions", "_coloring"),

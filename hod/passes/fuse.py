@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .._emitter import graph_call
 from .concat import sum_operands
 
 aten = torch.ops.aten
@@ -49,9 +50,9 @@ def _transposed_outer_product(graph: fx.Graph, product: fx.Node) -> None:
         return
     a, b = product.args
     with graph.inserting_before(transpose):
-        left = _call(graph, aten.view.default, a, [*shape[:-2], 1, shape[-2]])
-        right = _call(graph, aten.view.default, b, [*[1] * (rank - 2), n, 1])
-        placed = _call(graph, aten.mul.Tensor, left, right)
+        left = graph_call(graph, aten.view.default, a, [*shape[:-2], 1, shape[-2]])
+        right = graph_call(graph, aten.view.default, b, [*[1] * (rank - 2), n, 1])
+        placed = graph_call(graph, aten.mul.Tensor, left, right)
     transpose.replace_all_uses_with(placed)
     for dead in (transpose, view, product):
         graph.erase_node(dead)
@@ -60,18 +61,6 @@ def _transposed_outer_product(graph: fx.Graph, product: fx.Node) -> None:
 def _only_user(node: fx.Node, target: object) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 and users[0].target is target else None
-
-
-def _call(graph: fx.Graph, target: object, *args: object) -> fx.Node:
-    """A new node, its ``val`` computed on the meta device from its arguments' layouts."""
-    node = graph.call_function(target, args)
-    node.meta["val"] = target(*(_on_meta(a.meta["val"]) if isinstance(a, fx.Node) else a
-                                for a in args))
-    return node
-
-
-def _on_meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
 def fuse_transposed_mm(graph: fx.Graph) -> None:

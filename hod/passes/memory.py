@@ -141,12 +141,31 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     return copy
 
 
+def _placeholders_first(graph: fx.Graph) -> None:
+    """Move the calls made between placeholders (a seed identity emitted before the next
+    leaf's placeholder) after the last one, where the memory placeholders will follow."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return
+    anchor = placeholders[-1]
+    early = []
+    for node in graph.nodes:
+        if node is anchor:
+            break
+        if node.op != "placeholder":
+            early.append(node)
+    for node in early:
+        anchor.append(node)
+        anchor = node
+
+
 def plan(graph: fx.Graph) -> tuple[fx.Graph, Memory] | None:
     """A copy of ``graph`` that writes its large tensors into reused memory (taken as
     extra trailing inputs), and that memory; None when nothing is worth planning."""
     copy = copy_graph(graph)
     concatenate_in_place(copy, out_form)
     add_padded_in_place(copy)
+    _placeholders_first(copy)
     nodes = list(copy.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     end, escaped = _lifetimes(nodes, index)
