@@ -50,6 +50,23 @@ FAST_TWINS: dict[object, Callable] = {
     aten.diag_embed.default: torch.diag_embed,
     aten.movedim.int: torch.movedim,
     aten.eye.default: torch.eye,
+    aten.addcmul.default: torch.addcmul,
+    aten.addmm.default: torch.addmm,
+    aten.clone.default: torch.clone,
+    aten.split_with_sizes.default: torch.split_with_sizes,
+    aten.squeeze.dims: torch.squeeze,
+    aten.squeeze.dim: torch.squeeze,
+    aten.unsqueeze.default: torch.unsqueeze,
+    aten.select.int: torch.select,
+    aten.transpose.int: torch.transpose,
+    aten.t.default: torch.t,
+    aten.mul.Scalar: torch.mul,
+    aten.pow.Tensor_Scalar: torch.pow,
+    aten.sqrt.default: torch.sqrt,
+    aten.rsqrt.default: torch.rsqrt,
+    aten.abs.default: torch.abs,
+    aten.ge.Scalar: torch.ge,
+    aten.lt.Scalar: torch.lt,
 }
 
 
