@@ -54,8 +54,9 @@ LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
 #: push at least this many times as many seeds as the pattern has colours.
 COLOURED_MIN_RATIO = 8
 #: ... and the dense result has at least this many entries (below it, the dense code is
-#: as fast as the sparse call's fixed costs: Rosenbrock at n = 200, 0.25 against 0.29 ms).
-COLOURED_MIN_ENTRIES = 2**17
+#: as fast as the sparse call's fixed costs: Rosenbrock at n = 200, 0.16 against 0.18 ms;
+#: at n = 300, 0.41 against 0.20).
+COLOURED_MIN_ENTRIES = 2**16
 #: Looking for that pattern stops once a node's pattern (or a Hessian's interactions) holds
 #: more than this many nonzeros per seed: such a pattern needs many colours anyway.
 COLOURED_PATTERN_PER_SEED = 64
