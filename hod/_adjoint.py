@@ -470,6 +470,9 @@ def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
     if m == 0:
         return None
     if node.target in COUPLED:
+        if rows is None and m == 1 and math.prod(em.shape(args[tracked[0]].primal)) < \
+                ctx.full_size:
+            return _coupled_in_own_entries(em, ctx, node, args, out, vbar, tracked[0])
         return _coupled_term(em, ctx, node, args, out, vbar, rows)
     local = DeriveContext(em, 2, m)
     eye = em.eye(m, out.primal)
@@ -525,6 +528,35 @@ def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet
         return em.call(aten.sum.dim_IntList, weighted, list(range(2, 2 + len(shape))))
     per_row = em.reshape(weighted, [size, size, rows, -1])
     return em.permute(em.call(aten.sum.dim_IntList, per_row, [3]), [2, 0, 1])
+
+
+def _coupled_in_own_entries(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
+                            out: Jet, vbar: fx.Node, index: int) -> fx.Node:
+    """A :data:`COUPLED` node's local term when its one tracked input has fewer entries
+    ``M`` than there are seeds: its rule's ``D^2`` over unit seeds of those entries,
+    weighted by ``vbar`` and summed over its entries, is the ``(M, M)`` Hessian ``A``, and
+    the term ``Du A Du^T``. A classifier's 10 logits under 256 seeds: ``(10, 10, 10)``
+    numbers to reduce instead of ``(256, 256, 10)``."""
+    primal = args[index].primal
+    shape = list(em.shape(primal))
+    entries = math.prod(shape)
+    local = DeriveContext(em, 2, entries)
+    unit = em.reshape(em.eye(entries, primal), [entries, *shape])
+    jets = [Jet(a.primal, [unit, None] if i == index else [None, None])
+            for i, a in enumerate(args)]
+    env = dict(zip(_tensor_args(node), jets, strict=True))
+    rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
+    derivs = RULES[node.target](local, rule_args, dict(node.kwargs), out.primal)
+    if derivs[1] is None:
+        return None
+    out_shape = list(em.shape(out.primal))
+    second = em.expand(local.align(local.symmetrized(derivs[1], 2), 2, len(out_shape)),
+                       [entries, entries, *out_shape])
+    hessian = em.call(aten.sum.dim_IntList, em.mul(second, vbar),
+                      list(range(2, 2 + len(out_shape))))  # (M, M)
+    d = em.reshape(ctx.fit(args[index], (0, ctx.full_size)).d(1), [ctx.full_size, entries])
+    return em.call(aten.mm.default, em.call(aten.mm.default, d, hessian),
+                   em.call(aten.t.default, d))
 
 
 def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.Node:
