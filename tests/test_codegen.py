@@ -251,9 +251,9 @@ def test_products_over_one_index_are_broadcast_multiplications():
 def _step_sums(hs, ds, extra):
     """A weight's gradient summed over steps (``h_t^T d_t``, transposed through two
     permutes as torch's backward writes it), a transposed sum, a short sum and another term."""
-    grad = hs[0].T @ ds[0]
+    grad = hs[0].permute(1, 0) @ ds[0]
     for h, d in zip(hs[1:], ds[1:], strict=True):
-        grad = grad + (h.T @ d).T.T
+        grad = grad + (h.permute(1, 0) @ d).T.T
     flipped = (ds[0].T @ hs[0]).T + (ds[1].T @ hs[1]).T + (ds[2].T @ hs[2]).T + extra
     return [grad, flipped, hs[0].T @ ds[0] + hs[1].T @ ds[1]]
 
@@ -271,6 +271,9 @@ def test_a_sum_of_products_is_one_product_of_concatenated_operands():
     products = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mm.default]
     assert len(products) == 4  # grad, flipped: one each; the two-term sum: left alone
     assert sorted(n.args[0].meta["val"].shape[1] for n in products) == [2, 2, 6, 10]
+    stacked = [n for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default
+               and n.args[1] == 0 and n.meta["val"].shape == (10, 4)]
+    assert stacked  # the transposed step blocks, stacked as rows
     assert_same_tree(gm(hs, ds, extra), _step_sums(list(hs), list(ds), extra))
 
 
