@@ -511,52 +511,55 @@ def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet
     """The local term of a :data:`COUPLED` node: its rule's ``D^2`` over every seed pair
     (the inputs' ``D^1`` given, their ``D^2`` zero), weighted by ``vbar`` and summed over
     the node's entries (but its rows, per example)."""
-    pairs = DeriveContext(em, 2, ctx.full_size)
     jets = [Jet(a.primal, [None if a.is_constant else ctx.fit(a, (0, ctx.full_size)).d(1),
                            None]) for a in args]
-    env = dict(zip(_tensor_args(node), jets, strict=True))
-    rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
-    derivs = RULES[node.target](pairs, rule_args, dict(node.kwargs), out.primal)
-    if derivs[1] is None:
+    weighted = _weighted_second(em, node, jets, out, vbar, ctx.full_size)
+    if weighted is None:
         return None
-    shape = list(em.shape(out.primal))
-    size = ctx.full_size
-    second = em.expand(pairs.align(pairs.symmetrized(derivs[1], 2), 2, len(shape)),
-                       [size, size, *shape])
-    weighted = em.mul(second, vbar)
+    rank, size = em.rank(out.primal), ctx.full_size
     if rows is None:
-        return em.call(aten.sum.dim_IntList, weighted, list(range(2, 2 + len(shape))))
+        return em.call(aten.sum.dim_IntList, weighted, list(range(2, 2 + rank)))
     per_row = em.reshape(weighted, [size, size, rows, -1])
     return em.permute(em.call(aten.sum.dim_IntList, per_row, [3]), [2, 0, 1])
 
 
 def _coupled_in_own_entries(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
-                            out: Jet, vbar: fx.Node, index: int) -> fx.Node:
+                            out: Jet, vbar: fx.Node, index: int) -> Operand:
     """A :data:`COUPLED` node's local term when its one tracked input has fewer entries
     ``M`` than there are seeds: its rule's ``D^2`` over unit seeds of those entries,
     weighted by ``vbar`` and summed over its entries, is the ``(M, M)`` Hessian ``A``, and
     the term ``Du A Du^T``. A classifier's 10 logits under 256 seeds: ``(10, 10, 10)``
     numbers to reduce instead of ``(256, 256, 10)``."""
     primal = args[index].primal
-    shape = list(em.shape(primal))
-    entries = math.prod(shape)
-    local = DeriveContext(em, 2, entries)
-    unit = em.reshape(em.eye(entries, primal), [entries, *shape])
+    entries = math.prod(em.shape(primal))
+    unit = em.reshape(em.eye(entries, primal), [entries, *em.shape(primal)])
     jets = [Jet(a.primal, [unit, None] if i == index else [None, None])
             for i, a in enumerate(args)]
-    env = dict(zip(_tensor_args(node), jets, strict=True))
-    rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
-    derivs = RULES[node.target](local, rule_args, dict(node.kwargs), out.primal)
-    if derivs[1] is None:
+    weighted = _weighted_second(em, node, jets, out, vbar, entries)
+    if weighted is None:
         return None
-    out_shape = list(em.shape(out.primal))
-    second = em.expand(local.align(local.symmetrized(derivs[1], 2), 2, len(out_shape)),
-                       [entries, entries, *out_shape])
-    hessian = em.call(aten.sum.dim_IntList, em.mul(second, vbar),
-                      list(range(2, 2 + len(out_shape))))  # (M, M)
+    hessian = em.call(aten.sum.dim_IntList, weighted,
+                      list(range(2, 2 + em.rank(out.primal))))  # (M, M)
     d = em.reshape(ctx.fit(args[index], (0, ctx.full_size)).d(1), [ctx.full_size, entries])
     return em.call(aten.mm.default, em.call(aten.mm.default, d, hessian),
                    em.call(aten.t.default, d))
+
+
+def _weighted_second(em: Emitter, node: fx.Node, jets: list[Jet], out: Jet, vbar: fx.Node,
+                     size: int) -> fx.Node | None:
+    """``vbar`` times ``node``'s rule's ``D^2`` along the ``size`` directions its input
+    ``jets`` carry (their ``D^2`` zero): ``(size, size) + out.shape``, or None when the
+    rule gives no second derivative."""
+    pairs = DeriveContext(em, 2, size)
+    env = dict(zip(_tensor_args(node), jets, strict=True))
+    rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
+    derivs = RULES[node.target](pairs, rule_args, dict(node.kwargs), out.primal)
+    if derivs[1] is None:
+        return None
+    shape = list(em.shape(out.primal))
+    second = em.expand(pairs.align(pairs.symmetrized(derivs[1], 2), 2, len(shape)),
+                       [size, size, *shape])
+    return em.mul(second, vbar)
 
 
 def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.Node:
