@@ -213,6 +213,20 @@ def test_under_nested_vmap_unbatched_arguments_and_float32():
     assert_same_tree(result.to_dense(), vmap(reference(scaled, 2), in_dims=(None, 0))(x, w))
 
 
+def test_under_vmap_a_conservative_pattern_keeps_each_examples_block():
+    """An op the analysis takes as dense (``slogdet``) gives the batched function a pattern
+    that is not block diagonal (144 of 144 entries): each example still gets its own block
+    only."""
+    xs = torch.randn(3, 4, dtype=D)
+
+    def f(x):
+        return x * torch.linalg.slogdet(x.reshape(2, 2))[1]
+
+    result = vmap(hod.jacobian(f, sparse=True))(xs)
+    assert_same_tree(result.to_dense(), vmap(reference(f, 1))(xs))
+    assert result._nnz() == 3 * 16
+
+
 def test_under_vmap_with_aux_and_chunks():
     us = torch.randn(4, 12, dtype=D)
 
