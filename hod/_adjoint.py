@@ -148,10 +148,9 @@ def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | 
             return None
         if op in LINEAR or getattr(op, "__name__", "") == "getitem":
             continue
-        if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point:
+        if isinstance(val, torch.Tensor) and not _carries_derivative(node):
             continue  # a comparison or an index: no derivative flows through it
-        if (isinstance(op, torch._ops.OpOverload) and op in RULES and isinstance(val, torch.Tensor)
-                and (torch.Tag.pointwise in op.tags or op in COUPLED)):
+        if op in RULES and isinstance(val, torch.Tensor) and (_pointwise(node) or op in COUPLED):
             curved.append(node)
             continue
         return None
@@ -216,7 +215,7 @@ def _aligned(root: fx.Node, below: list[fx.Node], tracked: set[fx.Node]) -> set[
     aligned: set[fx.Node] = set()
     shape = root.meta["val"].shape
     for node in below:
-        inputs = [a for a in _tensor_args(node) if a in tracked and _carries_derivative(a)]
+        inputs = _tracked_args(node, tracked)
         if (_pointwise(node) and _carries_derivative(node) and node.meta["val"].shape == shape
                 and all(a is root or a in aligned for a in inputs)):
             aligned.add(node)
@@ -251,8 +250,12 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
 
 def _tracked_inputs(node: fx.Node, tracked: set[fx.Node]) -> int:
     """How many floating tensor arguments of ``node`` are tracked."""
-    return sum(1 for a in _tensor_args(node)
-               if a in tracked and a.meta["val"].dtype.is_floating_point)
+    return len(_tracked_args(node, tracked))
+
+
+def _tracked_args(node: fx.Node, tracked: set[fx.Node]) -> list[fx.Node]:
+    """``node``'s tracked tensor arguments that carry a derivative (floating)."""
+    return [a for a in _tensor_args(node) if a in tracked and _carries_derivative(a)]
 
 
 #: Elementwise ops linear in their tracked inputs (``mul``, ``div``: in one of them), or
@@ -286,7 +289,7 @@ def _trace_adjoints(state: BuildState, curved: list[fx.Node],
     curved node's tensor arguments and output, per separable root the diagonal of the
     Hessian w.r.t. it, per root its value, (Jacobians), aux...]``: the adjoints (and the
     gradient w.r.t. the differentiated leaves) from one reverse sweep of the value, the
-    diagonals from one more, pushed forward along ones.
+    diagonals from two more (:func:`_root_diagonals`).
 
     With ``reverse`` (the tracked nodes) the Jacobian of the curved nodes' tracked
     arguments w.r.t. each differentiated leaf follows, ``(M,) + leaf.shape`` for their

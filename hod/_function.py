@@ -33,9 +33,9 @@ CACHE_SIZE = 64
 #: its memory limit for this call.
 ChunkFits = Callable[[tuple, dict, int], bool]
 
-#: ``runner(args, kwargs, seeds)``: what computes this call's result from the colours of its
-#: sparsity pattern, when that beats code pushing ``seeds`` tangents; else None.
-Coloured = Callable[[tuple, dict, int], Callable[[tuple, dict], object] | None]
+#: ``runner(flat, seeds)``: what computes the result of the call ``flat`` from the colours of
+#: its sparsity pattern, when that beats code pushing ``seeds`` tangents; else None.
+Coloured = Callable[[FlatCall, int], Callable[[tuple, dict], object] | None]
 
 #: Where ``f`` reads a tensor by name (a globals dict or a closure cell), and the tensor.
 _Binding = tuple[dict | CellType, str, torch.Tensor]
@@ -166,7 +166,7 @@ class DerivativeFunction:
             # raised there again, in terms of one example.
             return UNBATCHED
         if examples is None and self._coloured is not None:
-            runner = self._coloured(*flat.rebuild(list(flat.tensors)), lowered.seed_size)
+            runner = self._coloured(flat, lowered.seed_size)
             if runner is not None:
                 lowered = replace(lowered, coloured=runner)
         return lowered

@@ -33,24 +33,23 @@ def gather_product_sums(gm: fx.GraphModule) -> None:
     for root in list(graph.nodes):
         if not _is_sum(root) or _feeds_a_sum(root):
             continue
-        terms = _terms(root)
-        groups: dict[bool, list[fx.Node]] = {False: [], True: []}
+        groups: dict[bool, list[tuple[fx.Node, fx.Node]]] = {False: [], True: []}
         rest = []
-        for term in terms:
+        for term in _terms(root):
             found = _product(term)
             if found is None:
                 rest.append(term)
             else:
-                groups[found[0]].append(term)
+                groups[found[0]].append((term, found[1]))
         if all(len(g) < MIN_TERMS for g in groups.values()):
             continue
         with graph.inserting_before(root):
             parts = list(rest)
             for transposed, group in groups.items():
                 if len(group) < MIN_TERMS:
-                    parts += group
+                    parts += [term for term, _ in group]
                     continue
-                products = [_product(term)[1] for term in group]
+                products = [product for _, product in group]
                 left = _side_by_side(graph, [p.args[0] for p in products])
                 right = graph_call(graph, aten.cat.default, [p.args[1] for p in products], 0)
                 product = graph_call(graph, aten.mm.default, left, right)
@@ -70,7 +69,7 @@ def _side_by_side(graph: fx.Graph, matrices: list[fx.Node]) -> fx.Node:
     """``[A_1 .. A_T]``; when every ``A_t`` is a transposed row block, the transpose of
     the rows stacked (each block's derivatives then land contiguously, not strided: 2 ms
     a call for the GRU's ``(1073, 48, 10)`` tangent)."""
-    if all(m.target is aten.permute.default and list(m.args[1]) == [1, 0] for m in matrices):
+    if all(_transposed(m) for m in matrices):
         rows = graph_call(graph, aten.cat.default, [m.args[0] for m in matrices], 0)
         return graph_call(graph, aten.permute.default, rows, [1, 0])
     return graph_call(graph, aten.cat.default, matrices, 1)
@@ -105,10 +104,15 @@ def _product(term: fx.Node) -> tuple[bool, fx.Node] | None:
     """``(transposed, mm node)`` for a term that is an ``mm`` seen through transposes
     (``permute(., [1, 0])``, any number), each read only by the next, else None."""
     transposed, node = False, term
-    while node.target is aten.permute.default and list(node.args[1]) == [1, 0]:
+    while _transposed(node):
         if len(node.users) != 1:
             return None
         transposed, node = not transposed, node.args[0]
     if node.target is not aten.mm.default or len(node.users) != 1:
         return None
     return transposed, node
+
+
+def _transposed(node: fx.Node) -> bool:
+    """Whether ``node`` is ``permute(., [1, 0])``."""
+    return node.target is aten.permute.default and list(node.args[1]) == [1, 0]

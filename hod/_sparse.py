@@ -398,12 +398,11 @@ class ColouredDense:
         self._sparse = SparseFunction(request, argnums, inner, torch.sparse_coo, None, None,
                                       budget_per_seed=COLOURED_PATTERN_PER_SEED)
 
-    def runner(self, args: tuple, kwargs: dict, seeds: int) -> Callable | None:
-        """What computes the dense result of calls like this one from colours, or None
-        when the dense code, pushing ``seeds`` tangents, is not ``COLOURED_MIN_RATIO``
-        times as wide as the colours, the result is small, or the pattern is not found
-        within its budget."""
-        flat = flatten_call(args, kwargs, self._sparse._nums, self._request.call)
+    def runner(self, flat: FlatCall, seeds: int) -> Callable | None:
+        """What computes the dense result of calls like ``flat`` (flattened as the dense
+        transform does) from colours, or None when the dense code, pushing ``seeds``
+        tangents, is not ``COLOURED_MIN_RATIO`` times as wide as the colours, the result is
+        small, or the pattern is not found within its budget."""
         if any(t.device.type == "meta" or is_functorch_wrapped_tensor(t) for t in flat.tensors):
             return None  # no values to read constants' zeros from; a transform's own code
         try:

@@ -28,11 +28,10 @@ def outer_products_as_mul(graph: fx.Graph) -> None:
 
 def _outer(a: object, b: object) -> bool:
     """Matrices (or stacks of them, same float dtype) that meet over one index."""
-    values = [x.meta.get("val") if isinstance(x, fx.Node) else None for x in (a, b)]
     return (
-        all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in values)
-        and values[0].shape[-1] == 1 and values[0].dtype == values[1].dtype
-        and values[0].dtype.is_floating_point
+        isinstance(a, fx.Node) and isinstance(b, fx.Node) and _same_float(a, b)
+        and a.meta["val"].dim() >= 2 and b.meta["val"].dim() >= 2
+        and a.meta["val"].shape[-1] == 1
     )
 
 
