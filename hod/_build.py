@@ -91,7 +91,7 @@ class Lowered:
     captured: list[torch.Tensor] = field(default_factory=list)
     first_layer: Split | None = None
     examples: int | None = None
-    coloured: Callable[[tuple, dict], object] | None = None
+    coloured: Callable[[tuple, dict, tuple], object] | None = None
     _unflatten: Callable[[Sequence[object]], object] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -252,7 +252,7 @@ def _build_split(state: BuildState, split: Split) -> Lowered:
                       for pos in flat.diff),
         inner_keys=tuple(inner_keys),
         h_leaf=inner_flat.diff.index(0),
-        leaf_ranks=tuple(flat.tensors[pos].dim() for pos in flat.diff),
+        leaf_shapes=tuple(tuple(flat.tensors[pos].shape) for pos in flat.diff),
         out_ranks=tuple(v.dim() for v in state.out_vals),
     )
     inner = build(inner_request, inner_flat, composition)

@@ -35,7 +35,7 @@ ChunkFits = Callable[[tuple, dict, int], bool]
 
 #: ``runner(flat, seeds)``: what computes the result of the call ``flat`` from the colours of
 #: its sparsity pattern, when that beats code pushing ``seeds`` tangents; else None.
-Coloured = Callable[[FlatCall, int], Callable[[tuple, dict], object] | None]
+Coloured = Callable[[FlatCall, int], Callable[[tuple, dict, tuple], object] | None]
 
 #: Where ``f`` reads a tensor by name (a globals dict or a closure cell), and the tensor.
 _Binding = tuple[dict | CellType, str, torch.Tensor]
@@ -92,7 +92,7 @@ class DerivativeFunction:
         tensors, key = call_signature(args, kwargs)
         lowered = self._cached(key) or self._lowered(args, kwargs)
         if lowered.coloured is not None and unwatched(tensors):
-            return lowered.coloured(args, kwargs)
+            return lowered.coloured(args, kwargs, tensors)
         return lowered.results(tensors)
 
     def lower(self, *args: Any, **kwargs: Any) -> Lowered:

@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 from torch._C._functorch import is_functorch_wrapped_tensor
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._build import Lowered
 from ._coloring import column_coloring, hessian_recovery, jacobian_recovery, star_coloring
-from ._directional import Directional, argnum_order, nest
+from ._directional import Directional, argnum_order, nest, series
 from ._function import CACHE_SIZE, DerivativeFunction
 from ._records import FlatCall, Request
 from ._shard import Placement, chunked, rank_rows
@@ -54,9 +54,9 @@ LAYOUTS = (torch.sparse_coo, torch.sparse_csr)
 #: push at least this many times as many seeds as the pattern has colours.
 COLOURED_MIN_RATIO = 8
 #: ... and the dense result has at least this many entries (below it, the dense code is
-#: as fast as the sparse call's fixed costs: Rosenbrock at n = 200, 0.16 against 0.18 ms;
-#: at n = 300, 0.41 against 0.20).
-COLOURED_MIN_ENTRIES = 2**16
+#: as fast as the coloured call's fixed costs: Rosenbrock at n = 100, 0.099 ms either way;
+#: at n = 200, 0.155 ms dense against 0.102 coloured).
+COLOURED_MIN_ENTRIES = 2**14
 #: Looking for that pattern stops once a node's pattern (or a Hessian's interactions) holds
 #: more than this many nonzeros per seed: such a pattern needs many colours anyway.
 COLOURED_PATTERN_PER_SEED = 64
@@ -255,6 +255,11 @@ class SparseFunction:
         columns in the pattern's row order (the outputs' entries, or the seeds for a
         Hessian)."""
         coefficients = tree_flatten(self._along(args, kwargs, directions, flat))[0]
+        return self._stacked(coefficients, flat, plan)
+
+    def _stacked(self, coefficients: list[torch.Tensor], flat: FlatCall,
+                 plan: SparsePlan) -> torch.Tensor:
+        """The flat coefficients of the body as ``B^T`` (see :meth:`_compressed`)."""
         if self._request.order == 2:  # the gradient's blocks, in argnums order: to seeds
             order = [i for a in argnum_order(self._request) for i in flat.layouts[a].leaves]
             coefficients = [coefficients[order.index(i)] for i in range(len(order))]
@@ -413,14 +418,59 @@ class ColouredDense:
         if plan.sparsity.colours * COLOURED_MIN_RATIO > seeds or rows * columns < \
                 COLOURED_MIN_ENTRIES:
             return None
-        return self._dense
+        return _ColouredRun(self._sparse, flat)
 
-    def _dense(self, args: tuple, kwargs: dict) -> Any:
-        result = self._sparse(*args, **kwargs)
-        if self._request.has_aux:
-            result, aux = result
-            return tree_map(torch.Tensor.to_dense, result), aux
-        return tree_map(torch.Tensor.to_dense, result)
+
+class _ColouredRun:
+    """One signature's dense results from its colours, called with the call's arguments
+    and its flat tensors (``call_signature``'s): the coloured body runs on them and on the
+    plan's directions, and each block's nonzeros are copied from the body's coefficients
+    into zeros, with index lists made once per plan."""
+
+    def __init__(self, sparse: SparseFunction, flat: FlatCall) -> None:
+        self._sparse, self._flat = sparse, flat
+        self._plan: SparsePlan | None = None
+        self._body: Lowered | None = None
+        self._arg_leaves = 0
+        self._directions: list[torch.Tensor] = []
+        self._writes: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = []
+
+    def __call__(self, args: tuple, kwargs: dict, tensors: tuple[torch.Tensor, ...]) -> Any:
+        sparse = self._sparse
+        flat = replace(self._flat, tensors=tensors)
+        plan = sparse._plan(flat)
+        if plan is not self._plan:
+            self._prepare(plan, args, kwargs, flat)
+        a = self._arg_leaves
+        coefficients = self._body.run([*tensors[:a], *self._directions, *tensors[a:]])
+        b = sparse._stacked(coefficients, flat, plan).reshape(-1)
+        blocks = []
+        for read, write, shape in self._writes:
+            block = b.new_zeros(shape)
+            block.view(-1).index_copy_(0, write, b.index_select(0, read))
+            blocks.append(block)
+        result = tree_unflatten(blocks, plan.spec)
+        if sparse._request.has_aux:
+            return result, sparse._along.inner(*args, **kwargs)[1]
+        return result
+
+    def _prepare(self, plan: SparsePlan, args: tuple, kwargs: dict, flat: FlatCall) -> None:
+        """The body and the index lists of ``plan`` (one chunk: no ``chunk_size``)."""
+        (directions,) = plan.directions
+        self._body = self._sparse._along.lower(args, kwargs, directions, flat)
+        self._arg_leaves = sum(isinstance(leaf, torch.Tensor) for leaf in tree_flatten(args)[0])
+        self._directions = [d.contiguous() for d in tree_flatten(series(directions, flat))[0]]
+        device = flat.tensors[flat.diff[0]].device
+        read_all = plan.sparsity.flat_read.to(device)
+        self._writes = []
+        for entries in plan.blocks:
+            read = read_all if entries.positions is None else \
+                read_all[entries.positions.to(device)]
+            strides = torch.tensor([math.prod(entries.shape[d + 1:])
+                                    for d in range(len(entries.shape))], dtype=torch.int64)
+            write = (entries.indices * strides.unsqueeze(1)).sum(0).to(device)
+            self._writes.append((read, write, entries.shape))
+        self._plan = plan
 
 
 def _summed_over_examples(batched: Callable, request: Request) -> Callable:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -47,36 +47,54 @@ class Split:
     """Where the first linear layer reads its inputs: flat tensors ``x`` and ``w``, whose
     indices in ``flat.diff`` are ``x_diff`` (None when ``X`` is not differentiated) and
     ``w_diff``; ``transposed`` when the layer reads ``W`` as ``(N, K)`` (``X @ W.T``, as
-    ``torch.nn.Linear`` does)."""
+    ``torch.nn.Linear`` does). ``x`` is None when ``X`` is a tensor ``f`` captures,
+    ``constant``. ``w_shape`` is the matrix shape the layer views the flat tensor ``w`` as,
+    when ``w`` is not that matrix itself (a flat vector of weights, say)."""
 
-    x: int
+    x: int | None
     w: int
     x_diff: int | None
     w_diff: int
     transposed: bool = False
+    constant: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    w_shape: tuple[int, int] | None = None
+
+    def x_of(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``X`` among ``f``'s flat tensors, or the captured one."""
+        return self.constant if self.x is None else tensors[self.x]
+
+    def w_of(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``W`` as the layer reads it from ``f``'s flat tensors: ``(K, N)``, or ``(N, K)``
+        when transposed."""
+        w = tensors[self.w]
+        return w if self.w_shape is None else w.reshape(self.w_shape)
 
 
 def find_split(gm: fx.GraphModule, diff: Sequence[int]) -> Split | None:
     """The first linear layer of a traced flat function whose weight can be split off.
 
     ``W`` must be differentiated and read only by one 2-D product ``X @ W`` or
-    ``X @ W.T`` (``mm``, or ``addmm`` with a bias), whose ``X`` is an input too, read
-    only there when it is differentiated.
+    ``X @ W.T`` (``mm``, or ``addmm`` with a bias), directly or through one view as a
+    matrix; its ``X`` is an input too, read only there when it is differentiated, or a
+    tensor ``f`` captures.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for w_diff, w in enumerate(diff):
         found = _layer(placeholders[w])
         if found is None:
             continue
-        product, transposed = found
+        product, transposed, w_shape = found
         x_node = _operands(product)[1]
+        if x_node.op == "get_attr":
+            constant = getattr(gm, x_node.target)
+            return Split(None, w, None, w_diff, transposed, constant, w_shape)
         if x_node.op != "placeholder" or x_node is placeholders[w]:
             continue
         x = placeholders.index(x_node)
         x_diff = diff.index(x) if x in diff else None
         if x_diff is not None and len(x_node.users) != 1:
             continue
-        return Split(x, w, x_diff, w_diff, transposed)
+        return Split(x, w, x_diff, w_diff, transposed, w_shape=w_shape)
     return None
 
 
@@ -97,11 +115,11 @@ def first_layer(state: BuildState) -> Split | None:
     # calls: below these sizes of those tensors (seeds^(order-1) * numel) the calls cost
     # more (measured on the benchmark's MLPs: orders 3 of width 4 lost 10-20% up to
     # 41K entries and gained from 60K; Hessians gained from 4K).
-    x, w = flat.tensors[split.x], flat.tensors[split.w]
+    x, w = split.x_of(flat.tensors), split.w_of(flat.tensors)
     seeds = w.numel() + sum(
         flat.tensors[pos].numel() for pos in flat.diff if pos not in (split.x, split.w)
     ) + (x.shape[1] if split.x_diff is not None else 0)
-    entries = seeds ** (request.order - 1) * x.shape[0] * w.shape[1]
+    entries = seeds ** (request.order - 1) * x.shape[0] * w.shape[0 if split.transposed else 1]
     return split if entries >= (SPLIT_MIN_ENTRIES_HESSIAN if request.order == 2
                                 else SPLIT_MIN_ENTRIES) else None
 
@@ -113,11 +131,14 @@ def _operands(product: fx.Node) -> tuple[object, fx.Node, fx.Node]:
     return tuple(product.args)
 
 
-def _layer(w: fx.Node) -> tuple[fx.Node, bool] | None:
-    """The product that is ``w``'s one reader (directly, or through one transpose), and
-    whether it reads ``w`` transposed."""
-    transposed = False
+def _layer(w: fx.Node) -> tuple[fx.Node, bool, tuple[int, int] | None] | None:
+    """The product that is ``w``'s one reader (directly, or through a view as a matrix,
+    then one transpose), whether it reads ``w`` transposed, and the shape of that view
+    (None without one)."""
+    transposed, w_shape = False, None
     reader = _only_user(w)
+    if reader is not None and _is_matrix_view(reader, w):
+        w_shape, w, reader = tuple(reader.meta["val"].shape), reader, _only_user(reader)
     if reader is not None and _is_transpose(reader, w):
         transposed, w, reader = True, reader, _only_user(reader)
     is_product = reader is not None and not reader.kwargs and (
@@ -126,7 +147,14 @@ def _layer(w: fx.Node) -> tuple[fx.Node, bool] | None:
     )
     if not is_product or _operands(reader)[2] is not w:
         return None
-    return reader, transposed
+    return reader, transposed, w_shape
+
+
+def _is_matrix_view(node: fx.Node, w: fx.Node) -> bool:
+    """Whether ``node`` views a tensor ``w`` as a matrix."""
+    views = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+    return (node.op == "call_function" and node.target in views and node.args[0] is w
+            and node.meta["val"].dim() == 2)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -179,8 +207,8 @@ def graph_after(gm: fx.GraphModule, split: Split) -> fx.GraphModule:
 def inner_tensors(tensors: Sequence[torch.Tensor], split: Split) -> list[torch.Tensor]:
     """``g``'s flat inputs: ``h = X @ W``, then ``f``'s (``h`` first: the seed planner
     lays ``g``'s leaves out in this order, and the compressed one first costs less)."""
-    w = tensors[split.w]
-    return [torch.mm(tensors[split.x], w.t() if split.transposed else w), *tensors]
+    w = split.w_of(tensors)
+    return [torch.mm(split.x_of(tensors), w.t() if split.transposed else w), *tensors]
 
 
 @dataclass(frozen=True)
@@ -210,8 +238,8 @@ class Composition:
     ``keys`` are ``f``'s blocks, in result order; ``mapping[i]`` is the index in ``g`` of
     ``f``'s differentiated leaf ``i`` (None for ``X`` and ``W``); ``inner_keys`` are
     ``g``'s blocks in the order its results list them (orders ``0..n``); ``h_leaf`` is
-    ``h``'s index in ``g``; ``leaf_ranks`` the ranks of ``f``'s leaves, ``out_ranks``
-    those of its outputs.
+    ``h``'s index in ``g``; ``leaf_shapes`` the shapes of ``f``'s leaves, ``out_ranks``
+    the ranks of its outputs.
     """
 
     split: Split
@@ -219,8 +247,18 @@ class Composition:
     mapping: tuple[int | None, ...]
     inner_keys: tuple[BlockKey, ...]
     h_leaf: int
-    leaf_ranks: tuple[int, ...]
+    leaf_shapes: tuple[tuple[int, ...], ...]
     out_ranks: tuple[int, ...]
+
+    @property
+    def leaf_ranks(self) -> tuple[int, ...]:
+        return tuple(len(shape) for shape in self.leaf_shapes)
+
+    def slot_rank(self, leaf: int) -> int:
+        """The rank of leaf ``leaf``'s dims in a composed block: ``W``'s are the matrix's."""
+        if leaf == self.split.w_diff and self.split.w_shape is not None:
+            return 2
+        return self.leaf_ranks[leaf]
 
     def __call__(
         self, em: Emitter, inputs: Sequence[fx.Node], results: Sequence[fx.Node], *,
@@ -231,15 +269,24 @@ class Composition:
         examples (its blocks vanish off the diagonal of their ``h`` slots' rows);
         ``compact`` that its blocks hold that diagonal only (``h``'s first slot keeps its
         rows, the others drop them)."""
-        composer = _Composer(em, self, inputs[1 + self.split.x], inputs[1 + self.split.w],
-                             dict(zip(self.inner_keys, results, strict=True)),
+        split = self.split
+        x = (em.constant("x", split.constant) if split.x is None else inputs[1 + split.x])
+        w = inputs[1 + split.w]
+        if split.w_shape is not None:
+            w = em.reshape(w, list(split.w_shape))
+        composer = _Composer(em, self, x, w, dict(zip(self.inner_keys, results, strict=True)),
                              per_example=per_example, compact=compact)
         done: dict[BlockKey, fx.Node] = {}
         blocks = []
         for key in self.keys:
             canonical = BlockKey(key.out, tuple(sorted(key.leaves)))
             if canonical not in done:
-                done[canonical] = composer.block(canonical)
+                block = composer.block(canonical)
+                if split.w_shape is not None:  # W's matrix dims back to its leaf's shape
+                    out_shape = em.shape(block)[: self.out_ranks[key.out]]
+                    leaves = [self.leaf_shapes[leaf] for leaf in canonical.leaves]
+                    block = em.reshape(block, [*out_shape, *itertools.chain(*leaves)])
+                done[canonical] = block
             dims = _from_canonical(key.leaves, self.leaf_ranks, self.out_ranks[key.out])
             blocks.append(em.permute(done[canonical], dims))
         return blocks
@@ -292,7 +339,7 @@ class _Composer:
         slots = []
         for leaf in key.leaves:
             kind = "x" if leaf == plan.split.x_diff else "w" if leaf == plan.split.w_diff else "o"
-            slots.append(_Slot(kind, plan.mapping[leaf], names.take(plan.leaf_ranks[leaf])))
+            slots.append(_Slot(kind, plan.mapping[leaf], names.take(plan.slot_rank(leaf))))
         labels = out_labels + tuple(c for slot in slots for c in slot.labels)
         xs = [s for s, slot in enumerate(slots) if slot.kind == "x"]
         ws = [s for s, slot in enumerate(slots) if slot.kind == "w"]

@@ -331,3 +331,22 @@ def test_the_coloured_sweep_returns_aux():
     result, aux = fn(u)
     assert_same_tree(result, reference(conv_residual, 1)(u))
     assert torch.equal(aux, u.sum())
+
+
+def test_the_coloured_sweep_takes_keyword_tensors_and_sees_captured_changes():
+    """The coloured runner puts the directions between the positional and the keyword
+    tensors, reuses its index lists across calls, and makes them again when a captured
+    matrix's zeros move (an in-place change)."""
+    a = torch.diag(torch.rand(300, dtype=D) + 0.5)
+
+    def f(x, *, scale):
+        return (scale * torch.tanh(a @ x)).pow(2).sum() + x.pow(4).sum()
+
+    fn = hod.hessian(f)
+    scale = torch.rand(300, dtype=D)
+    for _ in range(2):
+        x = torch.randn(300, dtype=D)
+        assert fn.lower(x, scale=scale).coloured is not None
+        assert_same_tree(fn(x, scale=scale), reference(lambda x: f(x, scale=scale), 2)(x))
+    a[torch.arange(299), torch.arange(1, 300)] = 0.5  # a second band
+    assert_same_tree(fn(x, scale=scale), reference(lambda x: f(x, scale=scale), 2)(x))

@@ -181,3 +181,50 @@ def test_other_spellings_of_a_layer(always_split):
     for f in spellings:
         for order in (2, 3):
             _check(f, order, (0, 1, 2), (x, w, b))
+
+
+DATA = torch.randn(6, 4, dtype=D, generator=torch.Generator().manual_seed(3))
+LABELS = torch.tensor([0, 2, 1, 2, 0, 1])
+
+
+def softmax_regression(w, b):
+    """Captured data times a flat weight vector viewed as (features, classes)."""
+    return torch.nn.functional.cross_entropy(DATA.to(w) @ w.view(4, 3) + b, LABELS)
+
+
+def linear_regression(w, b):
+    """torch.nn.Linear's layout on captured data: a (2, 6) weight viewed as (3, 4)."""
+    return torch.nn.functional.linear(DATA.to(w), w.reshape(3, 4), b).tanh().pow(2).sum()
+
+
+@pytest.mark.parametrize("f,w_shape", [(softmax_regression, (12,)),
+                                       (linear_regression, (2, 6))])
+@pytest.mark.parametrize("argnums", [0, (0, 1), (1, 0)])
+@pytest.mark.parametrize("order", [2, 3])
+def test_captured_data_and_viewed_weights(always_split, f, w_shape, argnums, order):
+    """X captured by f (a constant of the trace) and W a view of a leaf of another shape:
+    the blocks come back in the leaf's shape."""
+    w, b = torch.randn(w_shape, dtype=D) / 2, torch.randn(3, dtype=D)
+    _check(f, order, argnums, (w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_regression_splits_at_its_own_size(dtype):
+    """A Newton Hessian of softmax regression (500 samples, 20 features, 10 classes) takes
+    the split without lowered thresholds, in float32 too."""
+    data = torch.randn(500, 20, dtype=dtype)
+    labels = torch.randint(0, 10, (500,))
+
+    def loss(w):
+        return torch.nn.functional.cross_entropy(data @ w.view(20, 10), labels)
+
+    w = 0.1 * torch.randn(200, dtype=dtype)
+    fn = hod.hessian(loss)
+    assert fn.lower(w).first_layer is not None
+    torch.testing.assert_close(fn(w), torch.func.hessian(loss)(w))
+
+
+def test_a_viewed_weight_read_twice_is_not_split(always_split):
+    w, b = torch.randn(12, dtype=D), torch.randn(3, dtype=D)
+    _check(lambda w, b: softmax_regression(w, b) + w.pow(3).sum(), 2, (0, 1), (w, b),
+           split=False)
