@@ -46,6 +46,7 @@ from ._plan import (
     row_seeds,
     rows_apart,
 )
+from ._recompute import Recomputed, recomputable
 from ._records import BuildState, Derived, FlatCall, Mode, Request, SeedPlan, Traced
 from ._signature import flatten_call
 from ._split import Composition, Split, first_layer, graph_after, inner_tensors
@@ -112,15 +113,27 @@ class Lowered:
         # ``forward`` directly: the generated module has no hooks, so skip Module.__call__.
         if self.compiled is not None and self.compiled.usable(tensors):
             return self.compiled(tensors)
+        if self.planned_module is not None and unwatched(tensors) and unwatched(self.captured):
+            return self._planned(tensors)
+        if recomputable(tensors, self.captured):
+            watched = [t for t in self.captured if t.requires_grad]
+            return list(Recomputed.apply(self._planned, self.graph_module.forward,
+                                         len(tensors), *tensors, *watched))
+        return self.graph_module.forward(*tensors)
+
+    def _planned(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The planned code's results on tensors nothing watches (the plain code's without
+        a planned variant, or while another thread runs it)."""
         fast, memory = self.planned_module, self.memory
-        if fast is not None and unwatched(tensors) and unwatched(self.captured):
-            if memory is None:
-                return fast.forward(*tensors)
-            if memory.lock.acquire(blocking=False):
-                try:
-                    return fast.forward(*tensors, *memory.tensors())
-                finally:
-                    memory.lock.release()
+        if fast is None:
+            return self.graph_module.forward(*tensors)
+        if memory is None:
+            return fast.forward(*tensors)
+        if memory.lock.acquire(blocking=False):
+            try:
+                return fast.forward(*tensors, *memory.tensors())
+            finally:
+                memory.lock.release()
         return self.graph_module.forward(*tensors)
 
 
