@@ -217,6 +217,35 @@ def test_a_product_read_once_by_a_sum_is_one_addcmul():
         assert_same_tree(got, expected)
 
 
+def _expanded_products(d, t):
+    """Products of tangents expanded over a batch: a chain of three (made once and expanded
+    again), one whose product fills the batch anyway (kept), and one read by a view (kept:
+    an expanded result has no view)."""
+    e1, e2 = d.view(2, 1, 1, 6).expand(2, 1, 5, 6), d.view(1, 2, 1, 6).expand(1, 2, 5, 6)
+    e3 = d.view(2, 1, 1, 1, 6).expand(2, 1, 1, 5, 6)
+    chain = t * (e1 * e2 * e3)
+    full = d.view(2, 1, 6).expand(2, 5, 6) * t.expand(2, 5, 6)
+    viewed = (e1 * e2).view(2, 2, 30)
+    return [chain, full + 1, viewed]
+
+
+def test_products_of_expanded_tangents_run_before_the_expansion():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = (torch.rand(2, 6, dtype=D), torch.rand(5, 6, dtype=D))
+    graph = make_fx(_expanded_products)(*args).graph
+    hod.passes.fuse.products_before_expands(graph)
+    graph.eliminate_dead_code()
+    graph.lint()
+    aten = torch.ops.aten
+    sizes = [n.meta["val"].numel() for n in graph.nodes if n.target is aten.mul.Tensor]
+    # (2, 2, 1, 6) and (2, 2, 2, 1, 6) made once; t * chain, full and viewed in full
+    assert sorted(sizes) == [24, 48, 60, 120, 240]
+    actual = torch.fx.GraphModule(torch.nn.Module(), graph)(*args)
+    for got, expected in zip(actual, _expanded_products(*args), strict=True):
+        assert_same_tree(got, expected)
+
+
 def _outer_products(a, b, c, stacked, w):
     """Products meeting over one index: ``mm``, ``bmm`` and ``matmul``, one read through a
     view splitting its rows and a transpose (placed in that layout), one read twice, one

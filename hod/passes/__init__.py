@@ -4,7 +4,8 @@
 in its own module:
 
 * :mod:`~hod.passes.fuse`: outer products as broadcast ``mul``; ``mm`` of a transpose as
-  ``linear``; ``a + b * c`` as ``addcmul``;
+  ``linear``; products of expanded tensors before the expansion; ``a + b * c`` as
+  ``addcmul``;
 * :mod:`~hod.passes.fold`: numbers multiplying large tensors moved onto small ones;
 * :mod:`~hod.passes.pairs`: the top order's symmetrization moved before matrix products,
   and narrow products computed in their cheaper layout;
@@ -28,7 +29,12 @@ from torch import fx
 
 from .._emitter import graph_module
 from .fold import fold_scalar_factors
-from .fuse import fuse_multiply_add, fuse_transposed_mm, outer_products_as_mul
+from .fuse import (
+    fuse_multiply_add,
+    fuse_transposed_mm,
+    outer_products_as_mul,
+    products_before_expands,
+)
 from .memory import Memory, copy_graph, plan
 from .pairs import permuted_narrow_products, symmetrize_before_products
 from .views import collapse_view_chains
@@ -55,6 +61,7 @@ def rewrite(
     fuse_transposed_mm(graph)
     graph.eliminate_dead_code()  # the passes below look at who reads what
     fold_scalar_factors(graph)
+    products_before_expands(graph)
     symmetrize_before_products(graph)
     permuted_narrow_products(graph)
     fuse_multiply_add(graph)

@@ -1,7 +1,10 @@
 """Products in cheaper forms: an outer product as a broadcast ``mul``, ``mm`` of a
-transpose as ``linear``, and a sum with a product as ``addcmul``."""
+transpose as ``linear``, a product of expanded tensors before its expansion, and a sum
+with a product as ``addcmul``."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import fx
@@ -73,6 +76,40 @@ def fuse_transposed_mm(graph: fx.Graph) -> None:
             ):
                 node.target = torch.nn.functional.linear
                 node.args = (x, other.args[0])
+
+
+#: Elementwise ops that read a broadcast view as well as a tensor of their result's shape.
+BROADCASTING = frozenset({aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor,
+                          aten.addcmul.default})
+
+
+def products_before_expands(graph: fx.Graph) -> None:
+    """``expand(a, S) * expand(b, S)`` as ``expand(a * b, S)`` when ``a * b`` is smaller
+    than ``S`` and only broadcasting elementwise ops read the product. A tangent that does
+    not vary along a batch (a linear first layer's, per point of a PINN) is expanded to the
+    batch before the products of a high-order rule; their product then runs once, not once
+    per point."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.mul.Tensor or node.kwargs:
+            continue
+        a, b = node.args
+        if not (_expanded(a) and _expanded(b) and _same_float(a, b)) or not node.users or \
+                any(user.target not in BROADCASTING for user in node.users):
+            continue
+        full = list(node.meta["val"].shape)
+        small = torch.broadcast_shapes(a.args[0].meta["val"].shape, b.args[0].meta["val"].shape)
+        if math.prod(small) == math.prod(full):
+            continue
+        with graph.inserting_before(node):
+            product = graph_call(graph, aten.mul.Tensor, a.args[0], b.args[0])
+            wide = graph_call(graph, aten.expand.default, product, full)
+        node.replace_all_uses_with(wide)
+        graph.erase_node(node)
+
+
+def _expanded(node: object) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target is aten.expand.default and isinstance(node.args[0], fx.Node))
 
 
 def fuse_multiply_add(graph: fx.Graph) -> None:
