@@ -4,8 +4,8 @@
 in its own module:
 
 * :mod:`~hod.passes.fuse`: outer products as broadcast ``mul``; ``mm`` of a transpose as
-  ``linear``; products of expanded tensors before the expansion; ``a + b * c`` as
-  ``addcmul``;
+  ``linear``; products of expanded tensors before the expansion; integer powers as
+  products (CPU); ``a + b * c`` as ``addcmul``;
 * :mod:`~hod.passes.fold`: numbers multiplying large tensors moved onto small ones;
 * :mod:`~hod.passes.pairs`: the top order's symmetrization moved before matrix products,
   and narrow products computed in their cheaper layout;
@@ -32,6 +32,7 @@ from .fold import fold_scalar_factors
 from .fuse import (
     fuse_multiply_add,
     fuse_transposed_mm,
+    integer_powers_as_products,
     outer_products_as_mul,
     products_before_expands,
 )
@@ -62,6 +63,8 @@ def rewrite(
     graph.eliminate_dead_code()  # the passes below look at who reads what
     fold_scalar_factors(graph)
     products_before_expands(graph)
+    if device.type == "cpu":
+        integer_powers_as_products(graph)
     symmetrize_before_products(graph)
     permuted_narrow_products(graph)
     fuse_multiply_add(graph)
