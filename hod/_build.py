@@ -113,7 +113,7 @@ class Lowered:
         # ``forward`` directly: the generated module has no hooks, so skip Module.__call__.
         if self.compiled is not None and self.compiled.usable(tensors):
             return self.compiled(tensors)
-        if self.planned_module is not None and unwatched(tensors) and unwatched(self.captured):
+        if unwatched(tensors) and unwatched(self.captured):
             return self._planned(tensors)
         if recomputable(tensors, self.captured):
             watched = [t for t in self.captured if t.requires_grad]

@@ -42,7 +42,7 @@ class Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, run: Callable, plain: Callable, count: int,
                 *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.plain, ctx.count, ctx.watched = plain, count, tensors[count:]
+        ctx.plain, ctx.count = plain, count
         ctx.save_for_backward(*tensors)
         inputs = tensors[:count]
         # an output that is an input as it came must not be the same tensor
@@ -52,10 +52,10 @@ class Recomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         create = torch.is_grad_enabled()  # backward(create_graph=True)
-        saved = ctx.saved_tensors
+        saved = ctx.saved_tensors  # the inputs, then the watched captured tensors
         inputs = saved[: ctx.count]
         wanted = ctx.needs_input_grad[3:]
-        targets = [t for t, need in zip([*inputs, *ctx.watched], wanted, strict=True) if need]
+        targets = [t for t, need in zip(saved, wanted, strict=True) if need]
         with torch.enable_grad():
             outs = ctx.plain(*inputs)
             pairs = [(o, g) for o, g in zip(outs, grads, strict=True)
