@@ -421,19 +421,34 @@ def _delta_of_permute(op: Any, args: tuple) -> tuple[int, ...] | None:
 
 
 def _delta_of_view(op: Any, args: tuple) -> tuple[int, ...] | None:
-    """An identity seed's coefficients after a view that only adds or drops leading axes
-    of size 1."""
+    """An identity seed's coefficients after a view that adds or drops leading axes of size
+    1, or (when the seeds number the value's entries row-major) one that also reshapes the
+    value dims: the seeds then number the new value's entries row-major."""
     if op not in (aten.view.default, aten.reshape.default) or not isinstance(args[0], fx.Node):
         return None
     strides = args[0].meta.get(_DELTA)
     if strides is None:
         return None
     old, new, value = list(Emitter.shape(args[0])), list(args[1]), len(strides)
-    if len(new) < value or new[len(new) - value:] != old[len(old) - value:]:
-        return None
+    if -1 in new:
+        known = math.prod(d for d in new if d != -1)
+        new[new.index(-1)] = math.prod(old) // known if known else 0
     lead_old = [d for d in old[: len(old) - value] if d != 1]
-    lead_new = [d for d in new[: len(new) - value] if d != 1]
-    return strides if lead_old == lead_new else None
+    if len(new) >= value and new[len(new) - value:] == old[len(old) - value:]:
+        return strides if [d for d in new[: len(new) - value] if d != 1] == lead_old else None
+    old_value = old[len(old) - value:]
+    if strides != _row_major(old_value):
+        return None
+    for cut in range(len(new), -1, -1):  # the shortest value suffix holding every entry
+        if math.prod(new[cut:]) == math.prod(old_value):
+            lead_new = [d for d in new[:cut] if d != 1]
+            return _row_major(new[cut:]) if lead_new == lead_old and cut < len(new) else None
+    return None
+
+
+def _row_major(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
+    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
 _FILLS = {aten.full_like.default: 1, aten.full.default: 1, aten.scalar_tensor.default: 0}

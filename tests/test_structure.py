@@ -175,6 +175,37 @@ def test_cross_terms_with_weight_seeds_are_placements(order):
     assert_same_tree(fn(x, W, V), reference(weights_both_sides, order, (0, 1, 2))(x, W, V))
 
 
+def logistic_loss(w, data, labels):
+    """A vector leaf on the right of a matrix-vector product (traced as a row on the left)."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(data @ w, labels)
+
+
+def flat_parameter_net(theta, x):
+    """A flat parameter vector split into a layer's weights, viewed as matrices."""
+    w1, b1, w2 = theta.split([12, 4, 8])
+    h = torch.tanh(torch.nn.functional.linear(x, w1.view(4, 3), b1))
+    return torch.nn.functional.linear(h, w2.view(2, 4)).pow(2).sum()
+
+
+@pytest.mark.parametrize(("f", "make_args", "seeds"), [
+    (logistic_loss, lambda: (torch.randn(6), torch.randn(9, 6), torch.rand(9).round()), {6}),
+    (flat_parameter_net, lambda: (torch.randn(24), torch.randn(5, 3)), {12, 8}),
+], ids=["vector-leaf", "viewed-pieces"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_seeds_of_vectors_and_viewed_pieces_are_placed(f, make_args, seeds, dtype):
+    """A vector leaf's seeds read as rows of a product, and a flat vector's pieces viewed as
+    weight matrices, keep their identity structure: no matrix product reads their identity
+    seeds, and the values are torch.func's."""
+    args = cast(make_args(), dtype)
+    fn = hod.hessian(f)
+    graph = fn.lower(*args).graph_module.graph
+    products = [n for n in graph.nodes if _op(n) in _PRODUCTS]
+    assert products and not [n.name for n in products if _reads_an_identity(n, seeds)]
+    rtol, atol = TOLERANCES[dtype]
+    expected = cast(reference(f, 2, 0)(*cast(args, D)), dtype)
+    assert_same_tree(fn(*args), expected, rtol=rtol, atol=atol)
+
+
 def _node_count(fn, *args) -> int:
     return sum(1 for n in fn.lower(*args).graph_module.graph.nodes if n.op == "call_function")
 

@@ -106,8 +106,8 @@ def _identity_product(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
     Returns None when neither case applies.
     """
     for seed, other, seed_is_left in ((b, a, False), (a, b, True)):
-        strides = delta_strides(seed)
-        if strides is None or len(strides) != 2 or em.rank(other) > em.rank(seed):
+        strides = _matrix_delta(em, seed, seed_is_left)
+        if strides is None or em.rank(other) > em.rank(seed):
             continue
         lead_shape = em.shape(seed)[:-2]
         shape = (1,) * (em.rank(seed) - em.rank(other)) + em.shape(other)  # right-aligned
@@ -120,7 +120,9 @@ def _identity_product(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
         rows_first = strides[0] > strides[1]  # seeds run over (row, col) or (col, row)
         lead = [d for i, d in enumerate(shape[:-2]) if i != axis]
         q = len(lead)
-        if seed_is_left:  # (seed rows, k) @ b (k, n): b[k, n] placed at (row, row')
+        if seed_is_left and rows == 1:  # a vector's seeds as a row: (a @ b)[s(k), 0] = b[k]
+            placed = em.reshape(other, [*lead, cols, 1, shape[-1]])
+        elif seed_is_left:  # (seed rows, k) @ b (k, n): b[k, n] placed at (row, row')
             k, n = shape[-2:]
             spread = em.expand(em.reshape(other, [*lead, k, n, 1]), [*lead, k, n, rows])
             dims = (q, q + 2) if rows_first else (q + 1, q + 2)
@@ -135,6 +137,17 @@ def _identity_product(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
             placed = em.reshape(placed, [*lead, rows * cols, m, cols])
         return em.permute(placed, [*range(axis), q, *range(axis, q), q + 1, q + 2])
     return None
+
+
+def _matrix_delta(em: Emitter, seed: fx.Node, seed_is_left: bool) -> tuple[int, int] | None:
+    """The identity seed's coefficients over its last two dims, or None: a matrix leaf's
+    seeds, or (on the left of a product) a vector leaf's seeds viewed as rows ``(..., 1, k)``,
+    whose row coefficient is then immaterial and taken row-major."""
+    strides = delta_strides(seed)
+    if strides is not None and len(strides) == 1 and strides[0] == 1 and seed_is_left:
+        rows, cols = em.shape(seed)[-2:] if em.rank(seed) >= 2 else (0, 0)
+        return (cols, 1) if rows == 1 else None
+    return strides if strides is not None and len(strides) == 2 else None
 
 
 def _narrow_product(em: Emitter, a: fx.Node, b: fx.Node) -> fx.Node | None:
