@@ -107,7 +107,8 @@ def block(em: Emitter, key: BlockKey, derived: Derived, *, compact: int | None =
         value_groups = [list(y.shape)]
     else:
         m = y.numel() // y.shape[0] if seeds.rows else y.numel()
-        lead, source, seeded, value_groups, order = _reverse_layout(key, segments, m)
+        lead, source, seeded, value_groups, order = _reverse_layout(
+            key, segments, m, seeds.lead_last)
     seeded_segments = [segments[s] for s in seeded]
     if mode is not Mode.FORWARD and compact is not None and compact in seeded:
         # Compact: the lead's rows stand for the compressed leaf's other slots too.
@@ -131,7 +132,7 @@ def block(em: Emitter, key: BlockKey, derived: Derived, *, compact: int | None =
 
 
 def _reverse_layout(
-    key: BlockKey, segments: Sequence[Segment], m: int
+    key: BlockKey, segments: Sequence[Segment], m: int, lead_last: bool
 ) -> tuple[int, int, list[int], list[list[int]], list[int]]:
     """Where a reverse-last block is read: its lead leaf's index in ``key.leaves``, the
     output holding that leaf's gradient, the leaves seeding it, the groups of the
@@ -141,7 +142,7 @@ def _reverse_layout(
     ``(m,) + x_l.shape`` for an output of ``m > 1`` elements (per example, when the call
     holds examples); by symmetry any leaf of the block can lead, seeded by the others.
     """
-    lead = _lead(key, segments)
+    lead = _lead(key, segments, lead_last)
     source = 1 + key.leaves[lead]
     seeded = [leaf for i, leaf in enumerate(key.leaves) if i != lead]
     value_groups = [list(segments[key.leaves[lead]].shape)]
@@ -154,13 +155,15 @@ def _reverse_layout(
     return lead, source, seeded, value_groups, order
 
 
-def _lead(key: BlockKey, segments: Sequence[Segment]) -> int:
+def _lead(key: BlockKey, segments: Sequence[Segment], lead_last: bool) -> int:
     """Which leaf of a reverse-last block to read the block from: a compressed one (its
-    gradient is tracked), else the one whose segment comes first."""
+    gradient is tracked), else the one whose segment comes first (last with
+    ``lead_last``, see :mod:`hod._row_blocks`)."""
+    sign = -1 if lead_last else 1
     return min(
         range(len(key.leaves)),
         key=lambda i: (segments[key.leaves[i]].batch_dim is None,
-                       segments[key.leaves[i]].offset),
+                       sign * segments[key.leaves[i]].offset),
     )
 
 

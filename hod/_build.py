@@ -48,6 +48,7 @@ from ._plan import (
 )
 from ._recompute import Recomputed, recomputable
 from ._records import BuildState, Derived, FlatCall, Mode, Request, SeedPlan, Traced
+from ._row_blocks import completed
 from ._signature import flatten_call
 from ._split import Composition, Split, first_layer, graph_after, inner_tensors
 from ._tracing import check_outputs, op_call_site, trace_forward
@@ -202,6 +203,9 @@ def _generate(
     if ctx.grouped:  # see DeriveContext: the top order is exact once symmetrized
         for jet in {id(j): j for j in out_jets[:n_diff]}.values():
             jet.derivs[-1] = ctx.symmetrized(jet.derivs[-1], fwd_order)
+    if seeds.pieces:
+        out_jets = completed(em, out_jets, seeds)
+        n_diff -= sum(len(p.sizes) for p in seeds.pieces)
     keys, specs = structure(
         forward.out_spec, forward.n_out, request.argnums, flat.layouts, request.orders
     )

@@ -12,6 +12,7 @@ also sees how far back each gradient needs each seed.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -21,6 +22,7 @@ from ._analysis import track_batch
 from ._cost import derivative_work
 from ._per_example import with_per_example_terms
 from ._records import MIXED, BuildState, Mode, SeedPlan, Segment, Span, Traced
+from ._row_blocks import with_row_blocks
 from ._tracing import trace_reverse
 
 #: One reverse sweep costs about this many forward sweeps.
@@ -132,7 +134,9 @@ def plan_reverse(state: BuildState, shapes: list[tuple[int, ...]]) -> tuple[Trac
         return with_per_example_terms(reverse.gm, flat.diff, plan)
 
     def work(plan: SeedPlan) -> float:
-        gm, plan = prepared(plan)
+        return price(*prepared(plan))
+
+    def price(gm: fx.GraphModule, plan: SeedPlan) -> float:
         spans = {pos: (s.offset, s.offset + s.size)
                  for pos, s in zip(flat.diff, plan.segments, strict=True)}
         identities = frozenset(
@@ -146,6 +150,9 @@ def plan_reverse(state: BuildState, shapes: list[tuple[int, ...]]) -> tuple[Trac
         reverse.gm, flat.diff, shapes, gradients_of, work
     )
     gm, seeds = prepared(seeds)
+    last_leads = with_row_blocks(gm, seeds, request.order)
+    if last_leads is not None and price(*last_leads) < price(gm, seeds):
+        gm, seeds = last_leads
     return replace(reverse, gm=gm), seeds
 
 
@@ -167,6 +174,14 @@ def needs(mode: Mode, n_diff: int, seeds: SeedPlan) -> list[Span | None]:
     full = (0, seeds.size)
     if mode is Mode.FORWARD:
         return [full] * n_diff
+    if seeds.lead_last:  # see hod._row_blocks: pieced gradients are read from their pieces
+        pieced = {p.leaf for p in seeds.pieces}
+        ends = [None if leaf in pieced else (0, s.offset + s.size)
+                for leaf, s in enumerate(seeds.segments)]
+        for pieces in seeds.pieces:
+            start = seeds.segments[pieces.leaf].offset
+            ends += [(0, start + end) for end in itertools.accumulate(pieces.sizes)]
+        return [None, *ends]
     compressed = [s for s in seeds.segments if s.batch_dim is not None]
     # With per-example terms, the blocks pairing a compressed leaf with an uncompressed
     # one come from those terms, seeded by the compressed leaves only.

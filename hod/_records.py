@@ -197,6 +197,15 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Pieces:
+    """A leaf whose gradient is a concatenation along dim 0 (a flat parameter vector split
+    into a model's weights): the entries of each piece, in order."""
+
+    leaf: int
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SeedPlan:
     """The seed space: a segment per differentiated leaf and the states of the outputs.
 
@@ -204,12 +213,18 @@ class SeedPlan:
     gradients among the outputs, in that order (see :mod:`hod._per_example`). ``rows``:
     the call holds independent examples (:attr:`FlatCall.rows`), every leaf compressed
     along dim 0, and blocks are read per example instead of spread over the batch.
+    ``lead_last``: a reverse-last block is read from the gradient of its leaf whose segment
+    comes last, and each gradient needs the seeds up to its segment's end (else the first
+    leads, needing the seeds from its segment on); ``pieces``: the leaves whose gradient
+    the graph also returns in row blocks, after the gradients (see :mod:`hod._row_blocks`).
     """
 
     segments: tuple[Segment, ...]
     out_states: tuple[State, ...]
     per_example: tuple[int, ...] = ()
     rows: bool = False
+    lead_last: bool = False
+    pieces: tuple[Pieces, ...] = ()
 
     @property
     def size(self) -> int:

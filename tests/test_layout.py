@@ -22,7 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "trace": ("_tracing", "_product_sums", "decompositions"),
     "split": ("_split",),
     "analyze": ("_analysis", "_sparsity"),
-    "plan": ("_plan", "_cost", "_per_example", "_directions", "_coloring"),
+    "plan": ("_plan", "_cost", "_per_example", "_row_blocks", "_directions", "_coloring"),
     "derive": ("_derive", "_jet", "_collapse", "rules"),
     "assemble": ("_assemble",),
     "passes": ("passes",),
