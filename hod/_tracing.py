@@ -11,6 +11,7 @@ Python control flow into an error instead of a silently baked-in branch.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import re
 import traceback
@@ -68,6 +69,7 @@ def trace(
     if not allow_random:
         _reject_random(gm, call, lambda: find_call_site(fn, examples, _is_random))
     _functional_views(gm)
+    _functional_pointwise(gm)
     _cancel_reshape_round_trips(gm)
     gather_product_sums(gm)
     return gm
@@ -262,6 +264,54 @@ def _functional_views(gm: fx.GraphModule) -> None:
         if node.op == "call_function" and _is_inplace_view(node.target):
             node.target = _out_of_place(node.target)
     gm.recompile()
+
+
+def _functional_pointwise(gm: fx.GraphModule) -> None:
+    """Replace in-place pointwise ops that write a tensor nothing else reads by their
+    out-of-place overloads.
+
+    Decompositions run below functionalization and keep their in-place ops: torch's
+    ``gru_cell`` writes ``chunk.add_(x).sigmoid_()`` into chunks of a fresh product. As for
+    views (see :func:`_functional_views`), every later use of the written tensor reads the
+    in-place node already; the write is unseen only if no other tensor shares its memory:
+    a fresh result, or a piece of a fresh result that only its split reads (pieces of one
+    split do not overlap). Then the out-of-place op computes the same values, and the
+    graph is one that derivative rules (and the adjoint driver) read.
+    """
+    for node in gm.graph.nodes:
+        op = node.target
+        if (node.op == "call_function" and isinstance(op, torch._ops.OpOverload)
+                and torch.Tag.pointwise in op.tags and op._schema.name.endswith("_")
+                and op._schema.arguments[0].is_write and _unshared(node.args[0])):
+            node.target = _out_of_place(op)
+    gm.recompile()
+
+
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int)
+
+
+def _unshared(node: object) -> bool:
+    """Whether ``node``'s tensor shares its memory with no other node's, but for the other
+    pieces of a split of a fresh tensor that only the split reads."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        split = node.args[0]
+        return (isinstance(split, fx.Node) and split.target in _SPLITS
+                and _fresh(split.args[0]) and len(split.args[0].users) == 1)
+    return _fresh(node)
+
+
+def _fresh(node: object) -> bool:
+    """Whether ``node`` is an op's result in memory of its own (not a view, nor written in
+    place into an argument)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload):
+        return False
+    returns = op._schema.returns
+    return len(returns) == 1 and returns[0].alias_info is None
 
 
 def _out_of_place(op: torch._ops.OpOverload) -> torch._ops.OpOverload:

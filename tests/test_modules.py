@@ -13,17 +13,21 @@ Hessian reaches).
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
 from conftest import TOLERANCES, assert_same_tree, cast, reference
-from torch import nn
+from torch import fx, nn
 from torch.func import functional_call
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
 
 import hod
+from hod._tracing import _functional_pointwise
+
+aten = torch.ops.aten
 
 
 def _conv_norm_pool():
@@ -125,3 +129,39 @@ def test_hessian_wrt_the_parameters(name, dtype):
     actual = hod.hessian(_loss(name, module)[1])(params, x.to(dtype))
     expected = _reference(reference(_loss(name, double)[1], 2), params64, x)
     assert_same_tree(actual, cast(expected, dtype), *_tolerances(dtype, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", MODULES)
+def test_output_derivatives_in_forward_mode(name, dtype):
+    """The module's whole output (through tanh, not a scalar of it) to order 2, which hod
+    takes in forward mode when the output is not much smaller than the input: the recurrent
+    cells' decompositions write their gates in place (``chunk.add_(x).sigmoid_()``), which
+    the trace reads as plain ops."""
+    module, double, x = _setup(name, dtype)
+    call = MODULES[name][2] or (lambda m, x: m(x))
+    fn = hod.derivative(lambda x: torch.tanh(call(module, x)), 2)
+    expected = _reference(reference(lambda x: torch.tanh(call(double, x)), 2), x)
+    assert_same_tree(fn(x.to(dtype)), cast(expected, dtype), *_tolerances(dtype, expected))
+    if name in ("lstm", "gru", "rnn"):
+        assert fn.lower(x.to(dtype)).mode == "forward"
+
+
+@pytest.mark.parametrize("base_read_later", [False, True])
+def test_in_place_gates_become_plain_ops_unless_shared(base_read_later):
+    """An in-place write into a piece of a fresh tensor that only its split reads is the
+    plain op; where the split tensor is read after the write (it sees the write), the write
+    stays in place."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    base = graph.call_function(aten.mul.Tensor, (x, 2.0))
+    first = graph.call_function(operator.getitem, (
+        graph.call_function(aten.split.Tensor, (base, 2)), 0))
+    written = graph.call_function(aten.add_.Tensor, (first, 1.0))
+    gated = graph.call_function(aten.sigmoid_.default, (written,))
+    graph.output([gated, base] if base_read_later else [gated])
+    gm = fx.GraphModule(nn.Module(), graph)
+    _functional_pointwise(gm)
+    expected = (aten.add_.Tensor, aten.sigmoid_.default) if base_read_later else (
+        aten.add.Tensor, aten.sigmoid.default)
+    assert (written.target, gated.target) == expected

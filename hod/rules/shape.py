@@ -37,7 +37,24 @@ def _reshape(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> lis
 def _permute(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
     x, dims = args
     rank = ctx.em.rank(x.primal)
-    dims = [d % rank for d in dims] if rank else []
+    return _permuted(ctx, x, [d % rank for d in dims] if rank else [])
+
+
+@register(aten.transpose.int, aten.t.default)
+def _transpose(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
+    """Two dims swapped (``t``: the two of a matrix; a vector stays as it is). Core
+    decompositions make them permutes; hod meets them as the out-of-place forms of
+    in-place views (``transpose_``) that functionalization leaves."""
+    x = args[0]
+    rank = ctx.em.rank(x.primal)
+    dims = list(range(rank))
+    if rank > 1:
+        a, b = (args[1] % rank, args[2] % rank) if len(args) > 1 else (0, 1)
+        dims[a], dims[b] = dims[b], dims[a]
+    return _permuted(ctx, x, dims)
+
+
+def _permuted(ctx: DeriveContext, x: Jet, dims: list[int]) -> list[Operand]:
     return ctx.linear(
         x, lambda t, k: ctx.em.permute(t, list(range(k)) + [k + d for d in dims])
     )
