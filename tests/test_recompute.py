@@ -110,3 +110,30 @@ def test_what_is_not_recomputed():
     assert _recomputed(hod.hessian(f)(x))
     through = torch.func.grad(lambda v: hod.hessian(f)(v).trace())(x.detach())
     assert_same_tree(through, torch.func.grad(lambda v: hessian(f)(v).trace())(x.detach()))
+
+
+def test_under_no_grad_captured_parameters_take_the_planned_code(monkeypatch):
+    """With grad mode off nothing records, so a call closing over a module's parameters
+    (which require grad) runs the planned code, as one without them does."""
+    import hod._build
+
+    planned = []
+    original = hod._build.Lowered._planned
+
+    def spied(self, tensors):
+        planned.append(self)
+        return original(self, tensors)
+
+    monkeypatch.setattr(hod._build.Lowered, "_planned", spied)
+    model = _model(D)
+
+    def f(x):
+        return model(x).tanh().sum()
+
+    x = torch.randn(6, dtype=D)
+    fn = hod.hessian(f)
+    assert fn.lower(x).planned_module is not None
+    with torch.no_grad():
+        actual = fn(x)
+    assert planned and actual.grad_fn is None
+    assert_same_tree(actual, hessian(f)(x))

@@ -73,13 +73,13 @@ def out_form(node: fx.Node) -> tuple[Callable, str] | None:
 
 
 def unwatched(tensors: Sequence[object]) -> bool:
-    """Whether every tensor is an ordinary tensor that no transform watches (autograd,
-    vmap/grad, an enclosing torch.compile)."""
+    """Whether every tensor is an ordinary tensor (a module's ``Parameter`` is one) that no
+    transform watches (autograd, vmap/grad, an enclosing torch.compile)."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:
         if isinstance(t, torch.Tensor) and (
-            type(t) is not torch.Tensor
+            type(t) not in (torch.Tensor, torch.nn.Parameter)
             or (t.requires_grad and torch.is_grad_enabled())
             or torch._C._functorch.is_functorch_wrapped_tensor(t)
         ):
