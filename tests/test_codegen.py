@@ -470,3 +470,27 @@ def test_fast_twins_compute_what_their_overloads_do():
         for e, a in zip(*(torch.utils._pytree.tree_leaves(t) for t in (expected, actual)),
                         strict=True):
             assert torch.equal(e, a) and e.stride() == a.stride(), op
+
+
+def _logistic_loss(w, data, labels):
+    return torch.nn.functional.binary_cross_entropy_with_logits(data @ w, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_a_value_read_for_its_shape_alone_is_not_computed(dtype):
+    """The backward pass's ``ones_like(loss)`` is a fill of the loss's shape: a Hessian's
+    code computes no ``log`` (the loss's alone; its gradient has none), ``derivatives``'
+    code does, and both equal torch.func's."""
+    torch.manual_seed(0)
+    args = (torch.randn(5, dtype=dtype), torch.randn(8, 5, dtype=dtype),
+            torch.rand(8, dtype=dtype).round())
+    hessian = hod.hessian(_logistic_loss)
+    code = hessian.lower(*args).code
+    assert "full_like" not in code and "torch.log(" not in code
+    assert "torch.log(" in hod.derivatives(_logistic_loss, 2).lower(*args).code
+    tolerance = {} if dtype == D else {"rtol": 1e-4, "atol": 1e-6}
+    expected = reference(_logistic_loss, 2)(*[a.double() for a in args])
+    assert_same_tree(hessian(*args), expected.to(dtype), **tolerance)
+    value, gradient, second = hod.derivatives(_logistic_loss, 2)(*args)
+    assert_same_tree(value, _logistic_loss(*args), **tolerance)
+    assert_same_tree(second, expected.to(dtype), **tolerance)

@@ -165,3 +165,19 @@ def test_in_place_gates_become_plain_ops_unless_shared(base_read_later):
     expected = (aten.add_.Tensor, aten.sigmoid_.default) if base_read_later else (
         aten.add.Tensor, aten.sigmoid.default)
     assert (written.target, gated.target) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_a_cell_whose_backward_torch_cannot_trace_goes_forward(dtype):
+    """``GRUCell``'s float64 CPU kernel decomposes into in-place ops on views: torch's
+    functionalization asserts while tracing its backward, so hod takes the Hessian in
+    forward mode, through the cell's gates traced as plain ops (float32 takes another
+    kernel, whose backward traces)."""
+    torch.manual_seed(0)
+    cell = nn.GRUCell(3, 4).double()
+    h0, x = torch.rand(2, 4, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)
+    expected = reference(lambda x: cell(x, h0).tanh().sum(), 2)(x)
+    low = cell.to(dtype)
+    fn = hod.hessian(lambda x: low(x, h0.to(dtype)).tanh().sum())
+    assert (fn.lower(x.to(dtype)).mode == "forward") is (dtype == torch.float64)
+    assert_same_tree(fn(x.to(dtype)), cast(expected, dtype), *TOLERANCES[dtype])

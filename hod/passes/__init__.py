@@ -7,6 +7,8 @@ in its own module:
   ``linear``; products of expanded tensors before the expansion; integer powers as
   products (CPU); ``a + b * c`` as ``addcmul``;
 * :mod:`~hod.passes.fold`: numbers multiplying large tensors moved onto small ones;
+* :mod:`~hod.passes.fills`: fills made from a tensor's shape alone, so that the tensor
+  (a loss value no result needs) is not computed;
 * :mod:`~hod.passes.pairs`: the top order's symmetrization moved before matrix products,
   and narrow products computed in their cheaper layout;
 
@@ -28,6 +30,7 @@ import torch
 from torch import fx
 
 from .._emitter import graph_module
+from .fills import fills_from_shapes
 from .fold import fold_scalar_factors
 from .fuse import (
     fuse_multiply_add,
@@ -58,6 +61,7 @@ def rewrite(
     """Rewrite ``graph`` (dead code removed), which reads ``constants`` by name, and make
     its planned variant: on the CPU with ``plan_memory`` it writes its large tensors into
     reused memory; with ``probe``, the call's tensors, its view chains are single calls."""
+    fills_from_shapes(graph, device)
     outer_products_as_mul(graph)
     fuse_transposed_mm(graph)
     graph.eliminate_dead_code()  # the passes below look at who reads what

@@ -40,17 +40,15 @@ def _permute(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> lis
     return _permuted(ctx, x, [d % rank for d in dims] if rank else [])
 
 
-@register(aten.transpose.int, aten.t.default)
+@register(aten.transpose.int)
 def _transpose(ctx: DeriveContext, args: tuple, kwargs: dict, out: fx.Node) -> list[Operand]:
-    """Two dims swapped (``t``: the two of a matrix; a vector stays as it is). Core
-    decompositions make them permutes; hod meets them as the out-of-place forms of
-    in-place views (``transpose_``) that functionalization leaves."""
-    x = args[0]
+    """Two dims swapped. Core decompositions make transposes permutes; hod meets them as
+    the out-of-place form of ``transpose_``, which torch's recurrent layers' decompositions
+    call below functionalization."""
+    x, a, b = args
     rank = ctx.em.rank(x.primal)
     dims = list(range(rank))
-    if rank > 1:
-        a, b = (args[1] % rank, args[2] % rank) if len(args) > 1 else (0, 1)
-        dims[a], dims[b] = dims[b], dims[a]
+    dims[a % rank], dims[b % rank] = dims[b % rank], dims[a % rank]
     return _permuted(ctx, x, dims)
 
 

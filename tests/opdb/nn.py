@@ -94,6 +94,19 @@ _layer("attention_causal",
        lambda: [(rand(1, 3, 2), rand(1, 3, 2), rand(1, 3, 2))], (aten.bmm.default,),
        (0, 1, 2), ref=lambda q, k, v: _attention_ref(q, k, v, _CAUSAL), slow_from=3)
 
+
+
+def _gru(x, w_ih, w_hh, b_ih, b_hh):
+    """One GRU layer over a batch-first sequence: torch's decomposition of its cell writes
+    the gates in place and transposes in place, below functionalization."""
+    h0 = torch.zeros(1, x.shape[0], w_hh.shape[1], dtype=x.dtype)
+    return torch.gru(x, h0, [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, False, False, True)[0]
+
+
+_layer("gru", _gru,
+       lambda: [(rand(1, 3, 2), rand(6, 2), rand(6, 2), rand(6), rand(6))],
+       (aten.transpose.int,), (0, 1, 2), slow_from=3)
+
 _loss("cross_entropy", lambda x: F.cross_entropy(x, _TARGET), lambda: [(rand(3, 4),)],
       (aten.gather.default, aten.scatter.value))
 _loss("cross_entropy_sum_smoothing",
