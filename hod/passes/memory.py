@@ -72,6 +72,10 @@ def out_form(node: fx.Node) -> tuple[Callable, str] | None:
     return None
 
 
+#: Tensor types whose ops are plain ATen calls (a module's parameters are ``Parameter``).
+_ORDINARY = (torch.Tensor, torch.nn.Parameter)
+
+
 def unwatched(tensors: Sequence[object]) -> bool:
     """Whether every tensor is an ordinary tensor (a module's ``Parameter`` is one) that no
     transform watches (autograd, vmap/grad, an enclosing torch.compile)."""
@@ -79,7 +83,7 @@ def unwatched(tensors: Sequence[object]) -> bool:
         return False
     for t in tensors:
         if isinstance(t, torch.Tensor) and (
-            type(t) not in (torch.Tensor, torch.nn.Parameter)
+            type(t) not in _ORDINARY
             or (t.requires_grad and torch.is_grad_enabled())
             or torch._C._functorch.is_functorch_wrapped_tensor(t)
         ):
