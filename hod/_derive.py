@@ -16,7 +16,7 @@ from torch import fx
 
 from ._analysis import covered_span, needed_spans
 from ._collapse import Collapse
-from ._emitter import Emitter, Operand, delta_strides
+from ._emitter import Emitter, Operand, delta_strides, row_major
 from ._jet import DeriveContext
 from ._records import FlatCall, Jet, SeedPlan, Segment, Span
 from .errors import UnsupportedOperatorError
@@ -212,7 +212,7 @@ def _identity_seeded(ctx: DeriveContext, x: object) -> tuple[int, list[int]] | N
         return None
     shape = list(ctx.em.shape(x.primal))
     strides = delta_strides(x.derivs[0])
-    if not shape or strides != tuple(torch.empty(shape, device="meta").stride()):
+    if not shape or strides != row_major(shape):
         return None
     return ctx.span_of(x)[0], shape
 

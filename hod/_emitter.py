@@ -364,7 +364,7 @@ class Emitter:
         it can be emitted as placements instead of dense products.
         """
         node = self.reshape(self.eye(size, like), [size, *shape])
-        node.meta[_DELTA] = tuple(torch.empty(shape, device="meta").stride())
+        node.meta[_DELTA] = row_major(shape)
         return node
 
     def zeros(self, shape: Sequence[int], dtype: torch.dtype | None = None) -> fx.Node:
@@ -437,16 +437,16 @@ def _delta_of_view(op: Any, args: tuple) -> tuple[int, ...] | None:
     if len(new) >= value and new[len(new) - value:] == old[len(old) - value:]:
         return strides if [d for d in new[: len(new) - value] if d != 1] == lead_old else None
     old_value = old[len(old) - value:]
-    if strides != _row_major(old_value):
+    if strides != row_major(old_value):
         return None
     for cut in range(len(new), -1, -1):  # the shortest value suffix holding every entry
         if math.prod(new[cut:]) == math.prod(old_value):
             lead_new = [d for d in new[:cut] if d != 1]
-            return _row_major(new[cut:]) if lead_new == lead_old and cut < len(new) else None
+            return row_major(new[cut:]) if lead_new == lead_old and cut < len(new) else None
     return None
 
 
-def _row_major(shape: Sequence[int]) -> tuple[int, ...]:
+def row_major(shape: Sequence[int]) -> tuple[int, ...]:
     """The strides of a contiguous tensor of ``shape``."""
     return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 

@@ -133,6 +133,7 @@ def plan_reverse(state: BuildState, shapes: list[tuple[int, ...]]) -> tuple[Trac
             return reverse.gm, plan
         return with_per_example_terms(reverse.gm, flat.diff, plan)
 
+    @functools.cache  # priced as a candidate, then against its last-leads twin
     def work(plan: SeedPlan) -> float:
         return price(*prepared(plan))
 
@@ -146,12 +147,12 @@ def plan_reverse(state: BuildState, shapes: list[tuple[int, ...]]) -> tuple[Trac
             gm, spans, needs(Mode.REVERSE_LAST, 0, plan), request.order - 1, identities
         )
 
-    seeds = plan_seeds(
+    chosen = plan_seeds(
         reverse.gm, flat.diff, shapes, gradients_of, work
     )
-    gm, seeds = prepared(seeds)
+    gm, seeds = prepared(chosen)
     last_leads = with_row_blocks(gm, seeds, request.order)
-    if last_leads is not None and price(*last_leads) < price(gm, seeds):
+    if last_leads is not None and price(*last_leads) < work(chosen):
         gm, seeds = last_leads
     return replace(reverse, gm=gm), seeds
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .passes.memory import ordinary
+
 
 def recomputable(tensors: Sequence[torch.Tensor], captured: Sequence[torch.Tensor]) -> bool:
     """Whether autograd, and nothing else, watches a call on ``tensors`` of code that reads
@@ -27,7 +29,7 @@ def recomputable(tensors: Sequence[torch.Tensor], captured: Sequence[torch.Tenso
             torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     every = [*tensors, *captured]
-    return all(type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter) for t in every) \
+    return all(ordinary(t) for t in every) \
         and any(t.requires_grad for t in every)
 
 

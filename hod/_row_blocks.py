@@ -90,36 +90,39 @@ def completed(em: Emitter, out_jets: Sequence[Jet], seeds: SeedPlan) -> list[Jet
         parts = jets[first: first + len(pieces.sizes)]
         first += len(pieces.sizes)
         end = segment.offset + segment.size
-        whole = _assembled(em, parts, pieces.sizes, segment.offset)
+        whole = _assembled(em, parts, pieces.sizes, segment.offset, seeds.size)
         derivative = em.reshape(whole, [end, *segment.shape])
         jets[1 + pieces.leaf] = Jet(jets[1 + pieces.leaf].primal, [derivative], (0, end))
     return jets[: 1 + n_grads] + jets[first:]
 
 
-def _assembled(em: Emitter, parts: Sequence[Jet], sizes: Sequence[int], offset: int) -> fx.Node:
+def _assembled(
+    em: Emitter, parts: Sequence[Jet], sizes: Sequence[int], offset: int, total: int
+) -> fx.Node:
     """The completed ``(offset + n, n)`` derivative of a leaf at seeds ``[offset, offset + n)``
-    from its pieces' jets, one ``cat`` of row bands (see :func:`completed`)."""
+    of ``total`` from its pieces' jets, one ``cat`` of row bands (see :func:`completed`)."""
     ends = [offset + e for e in itertools.accumulate(sizes)]
     starts = [offset, *ends[:-1]]
 
     def block(r: int, c: int) -> fx.Node:
         if c >= r:
-            return _rows(em, parts[c], sizes[c], starts[r], ends[r])
-        return em.permute(_rows(em, parts[r], sizes[r], starts[c], ends[c]), [1, 0])
+            return _rows(em, parts[c], sizes[c], (starts[r], ends[r]), total)
+        return em.permute(_rows(em, parts[r], sizes[r], (starts[c], ends[c]), total), [1, 0])
 
     bands = [em.call(aten.cat.default, [block(r, c) for c in range(len(sizes))], 1)
              for r in range(len(sizes))]
     if offset:
-        bands.insert(0, em.call(aten.cat.default, [
-            _rows(em, part, size, 0, offset) for part, size in zip(parts, sizes, strict=True)
-        ], 1))
+        before = [_rows(em, part, size, (0, offset), total)
+                  for part, size in zip(parts, sizes, strict=True)]
+        bands.insert(0, em.call(aten.cat.default, before, 1))
     return em.call(aten.cat.default, bands, 0)
 
 
-def _rows(em: Emitter, jet: Jet, size: int, lo: int, hi: int) -> fx.Node:
+def _rows(em: Emitter, jet: Jet, size: int, rows: tuple[int, int], total: int) -> fx.Node:
     """Rows ``[lo, hi)`` of a piece's first derivative, flat: ``(hi - lo, size)``, zero
-    where its span does not reach."""
-    own = jet.span or (0, hi)
+    where its span (without one: all ``total`` seeds) does not reach."""
+    lo, hi = rows
+    own = jet.span or (0, total)
     d = jet.d(1)
     inner = (max(own[0], lo), min(own[1], hi))
     if d is None or inner[0] >= inner[1]:

@@ -18,8 +18,8 @@ aten = torch.ops.aten
 
 def fills_from_shapes(graph: fx.Graph, device: torch.device) -> None:
     """Rewrite every ``full_like(x, v)`` (no memory format asked) as ``full(x.shape, v)``
-    with ``x``'s dtype on ``device`` (the code's), then remove what no longer has a
-    reader."""
+    with ``x``'s dtype on ``device`` (the code's); what no longer has a reader goes with
+    :func:`~hod.passes.rewrite`'s dead-code removal."""
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.full_like.default:
             continue
@@ -36,4 +36,3 @@ def fills_from_shapes(graph: fx.Graph, device: torch.device) -> None:
         fill.meta = dict(node.meta)
         node.replace_all_uses_with(fill)
         graph.erase_node(node)
-    graph.eliminate_dead_code()

@@ -72,8 +72,9 @@ def out_form(node: fx.Node) -> tuple[Callable, str] | None:
     return None
 
 
-#: Tensor types whose ops are plain ATen calls (a module's parameters are ``Parameter``).
-_ORDINARY = (torch.Tensor, torch.nn.Parameter)
+def ordinary(t: torch.Tensor) -> bool:
+    """Whether ``t``'s ops are plain ATen calls: a tensor, or a module's ``Parameter``."""
+    return type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
 
 
 def unwatched(tensors: Sequence[object]) -> bool:
@@ -83,7 +84,7 @@ def unwatched(tensors: Sequence[object]) -> bool:
         return False
     for t in tensors:
         if isinstance(t, torch.Tensor) and (
-            type(t) not in _ORDINARY
+            not ordinary(t)
             or (t.requires_grad and torch.is_grad_enabled())
             or torch._C._functorch.is_functorch_wrapped_tensor(t)
         ):
