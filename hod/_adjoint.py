@@ -235,6 +235,12 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
                                          else _tracked_inputs(n, tracked) ** 2)
                 for n in curved if not _linear_elementwise(n, tracked))
     local += sum(r.meta["val"].numel() for r in roots)
+    return seeds * local < _tracked_work(tracked)
+
+
+def _tracked_work(tracked: set[fx.Node]) -> int:
+    """The tracked entries plus the multiply-adds of the tracked products: what one seed
+    costs to push through ``f``'s forward pass."""
     work = 0
     for node in tracked:
         val = node.meta.get("val")
@@ -245,7 +251,7 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
             operand = node.args[0] if node.target is not aten.addmm.default else node.args[1]
             inner = operand.meta["val"].shape[-1] if operand.meta["val"].dim() else 1
             work += val.numel() * inner
-    return seeds * local < work
+    return work
 
 
 def _tracked_inputs(node: fx.Node, tracked: set[fx.Node]) -> int:
@@ -572,15 +578,16 @@ def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.N
 
 
 def _contract(em: Emitter, a: fx.Node, b: fx.Node, rows: int | None) -> fx.Node:
-    """``sum_i a[s, i] b[t, i]``: ``(S, S)``; per example (``rows``), ``(N, S, S)``."""
-    size = em.shape(a)[0]
+    """``sum_i a[s, i] b[t, i]`` for ``a`` ``(S,) + shape`` and ``b`` ``(T,) + shape``:
+    ``(S, T)``; per example (``rows``), ``(N, S, T)``."""
+    size_a, size_b = em.shape(a)[0], em.shape(b)[0]
     if rows is None:
-        flat_a = em.reshape(a, [size, -1 if em.rank(a) > 1 else 1])
-        flat_b = em.reshape(b, [size, -1 if em.rank(b) > 1 else 1])
+        flat_a = em.reshape(a, [size_a, -1 if em.rank(a) > 1 else 1])
+        flat_b = em.reshape(b, [size_b, -1 if em.rank(b) > 1 else 1])
         return em.call(aten.mm.default, flat_a, em.call(aten.t.default, flat_b))
     per = math.prod(em.shape(a)[2:])
-    flat_a = em.permute(em.reshape(a, [size, rows, per]), [1, 0, 2])
-    flat_b = em.permute(em.reshape(b, [size, rows, per]), [1, 2, 0])
+    flat_a = em.permute(em.reshape(a, [size_a, rows, per]), [1, 0, 2])
+    flat_b = em.permute(em.reshape(b, [size_b, rows, per]), [1, 2, 0])
     return em.call(aten.bmm.default, flat_a, flat_b)
 
 
