@@ -32,6 +32,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten
 
 from ._adjoint import adjoint_hessian
 from ._assemble import block, result_spec, structure, unflattener
+from ._below_autograd import apart, results_own
 from ._codegen import generate
 from ._compiled import CompiledCode
 from ._derive import derive, seeded_inputs
@@ -94,6 +95,9 @@ class Lowered:
     first_layer: Split | None = None
     examples: int | None = None
     coloured: Callable[[tuple, dict, tuple], object] | None = None
+    #: Whether the planned code runs below autograd's dispatch keys (see
+    #: :mod:`hod._below_autograd`); None until its first results say.
+    below_autograd: bool | None = field(default=False, repr=False)
     _unflatten: Callable[[Sequence[object]], object] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -129,13 +133,22 @@ class Lowered:
         if fast is None:
             return self.graph_module.forward(*tensors)
         if memory is None:
-            return fast.forward(*tensors)
+            return self._fast(tensors)
         if memory.lock.acquire(blocking=False):
             try:
-                return fast.forward(*tensors, *memory.tensors())
+                return self._fast([*tensors, *memory.tensors()])
             finally:
                 memory.lock.release()
         return self.graph_module.forward(*tensors)
+
+    def _fast(self, args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.below_autograd:
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                return self.planned_module.forward(*args)
+        results = self.planned_module.forward(*args)
+        if self.below_autograd is None:
+            self.below_autograd = apart(results)
+        return results
 
 
 def build(request: Request, flat: FlatCall, compose: Composition | None = None) -> Lowered:
@@ -238,9 +251,12 @@ def lower(state: BuildState, em: Emitter, mode: Mode, seed_size: int, spec: Tree
     captured = list(em.constants.values())
     probe = None if request.allow_random or not unwatched(flat.tensors) else flat.tensors
     rewritten = rewrite(em.graph, em.constants, em.device, probe=probe)
+    own = rewritten.planned is not None and results_own(rewritten.planned, len(flat.tensors))
     gm, planned = generate(rewritten, em.constants, em.device)
-    return Lowered(gm, spec, mode, seed_size, planned, rewritten.memory, captured=captured,
-                   examples=flat.rows)
+    lowered = Lowered(gm, spec, mode, seed_size, planned, rewritten.memory, captured=captured,
+                      examples=flat.rows)
+    lowered.below_autograd = None if own else False
+    return lowered
 
 
 def _build_split(state: BuildState, split: Split) -> Lowered:
