@@ -25,43 +25,15 @@ from itertools import pairwise
 import torch
 from torch import fx
 
-from .passes.concat import allocates
-
-#: The root of tensors that may view a caller's tensor (an input or a captured one).
-_CALLER = "caller"
+from .passes.views import caller_memory
 
 
 def results_own(graph: fx.Graph, n_inputs: int) -> bool:
-    """Whether every result of ``graph`` views memory of the code's own: none an input,
-    a captured tensor or a view of one. Placeholders after the first ``n_inputs`` are the
-    code's own memory (see :mod:`hod.passes.memory`)."""
-    roots: dict[fx.Node, set] = {}
-    placeholders = 0
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            roots[node] = {_CALLER} if placeholders < n_inputs else {node}
-            placeholders += 1
-        elif node.op == "get_attr":
-            roots[node] = {_CALLER}
-        elif node.op == "call_function" and allocates(node):
-            roots[node] = {node}
-        elif node.op == "call_function" and _written(node) is not None:
-            roots[node] = roots[_written(node)]  # an out= form returns what it wrote
-        elif node.op == "output":
-            return not any(_CALLER in roots[a] for a in node.all_input_nodes)
-        else:  # may alias any of its inputs
-            roots[node] = set().union(*(roots[a] for a in node.all_input_nodes))
-    return False
-
-
-def _written(node: fx.Node) -> fx.Node | None:
-    """The tensor an ``out=`` form writes into (the one out argument of its schema)."""
-    op = node.target
-    if not isinstance(op, torch._ops.OpOverload):
-        return None
-    outs = [a.name for a in op._schema.arguments if a.is_out]
-    written = node.kwargs.get(outs[0]) if len(outs) == 1 else None
-    return written if isinstance(written, fx.Node) else None
+    """Whether no result of ``graph`` may be memory of the caller's: an input, a captured
+    tensor or a view of one. Placeholders after the first ``n_inputs`` are the code's own
+    memory (see :mod:`hod.passes.memory`)."""
+    external = caller_memory(graph, n_inputs)
+    return not any(a in external for a in graph.output_node().all_input_nodes)
 
 
 def apart(results: Sequence[object]) -> bool:

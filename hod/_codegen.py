@@ -67,7 +67,57 @@ FAST_TWINS: dict[object, Callable] = {
     aten.abs.default: torch.abs,
     aten.ge.Scalar: torch.ge,
     aten.lt.Scalar: torch.lt,
+    aten.ne.Scalar: torch.ne,
+    aten.eq.Scalar: torch.eq,
+    aten.eq.Tensor: torch.eq,
+    aten.div.Scalar: torch.div,
+    aten.logical_not.default: torch.logical_not,
+    aten.any.dim: torch.any,
+    aten.where.ScalarSelf: torch.where,
+    aten.mean.dim: torch.mean,
+    aten.clamp.default: torch.clamp,
+    aten.argmax.default: torch.argmax,
+    aten.reshape.default: torch.reshape,
+    aten.convolution.default: torch.convolution,
+    aten.full.default: torch.full,
+    aten.zeros.default: torch.zeros,
+    aten.scalar_tensor.default: torch.scalar_tensor,
+    aten.arange.start_step: torch.arange,
+    # out= forms (see hod.passes.memory): the public function with the same out= argument
+    aten.mm.out: torch.mm,
+    aten.bmm.out: torch.bmm,
+    aten.mv.out: torch.mv,
+    aten.matmul.out: torch.matmul,
+    aten.mul.out: torch.mul,
+    aten.add.out: torch.add,
+    aten.sub.out: torch.sub,
+    aten.div.out: torch.div,
+    aten.addcmul.out: torch.addcmul,
+    aten.cat.out: torch.cat,
+    aten.where.self_out: torch.where,
+    aten.neg.out: torch.neg,
+    aten.exp.out: torch.exp,
+    aten.log.out: torch.log,
+    aten.tanh.out: torch.tanh,
+    aten.sigmoid.out: torch.sigmoid,
+    aten.sin.out: torch.sin,
+    aten.cos.out: torch.cos,
+    aten.reciprocal.out: torch.reciprocal,
+    aten.sqrt.out: torch.sqrt,
+    aten.rsqrt.out: torch.rsqrt,
+    aten.pow.Tensor_Scalar_out: torch.pow,
+    aten._softmax.out: torch._softmax,
+    aten._log_softmax.out: torch._log_softmax,
 }
+
+
+def einsum(
+    equation: str, tensors: list[torch.Tensor], *, path: list[int] | None = None
+) -> torch.Tensor:
+    """``aten.einsum.default`` through torch's binding: :func:`torch.einsum` is a Python
+    wrapper that may choose another contraction order (with opt_einsum), and the binding
+    would be printed as ``torch.einsum`` in generated code."""
+    return torch._C._VariableFunctions.einsum(equation, tensors, path=path)
 
 
 def generate(
@@ -129,6 +179,29 @@ def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModu
             continue
         if node.target in FAST_TWINS:
             node.target = FAST_TWINS[node.target]
-        elif node.target is aten.sum.dim_IntList and node.args[1]:
+        elif node.target is aten.einsum.default:
+            node.target = einsum
+        elif node.target in (aten.sum.dim_IntList, aten.sum.IntList_out) and node.args[1]:
             node.target = torch.sum  # an empty dim list is left to aten, which sums all
+        elif node.target is aten.slice.Tensor:
+            _narrow(node)
     return graph_module(graph, constants)
+
+
+def _narrow(node: fx.Node) -> None:
+    """A ``slice.Tensor`` call with step 1 as ``torch.narrow`` (0.6 us less a call), its
+    bounds resolved from the input's size as ``slice`` resolves them: negative ones count
+    from the end, then both are clamped to ``[0, size]`` and the end to at least the start."""
+    x, dim, start, end, step = (*node.args, *(0, None, None, 1)[len(node.args) - 1:])
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if node.kwargs or step != 1 or not isinstance(val, torch.Tensor) or not all(
+        b is None or type(b) is int for b in (start, end)
+    ):
+        return
+    size = val.shape[dim]
+    start = 0 if start is None else start + size if start < 0 else start
+    end = size if end is None else end + size if end < 0 else end
+    start = min(max(start, 0), size)
+    end = min(max(end, start), size)
+    node.target = torch.narrow
+    node.args = (x, dim, start, end - start)
