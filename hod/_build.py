@@ -245,7 +245,7 @@ def lower(state: BuildState, em: Emitter, mode: Mode, seed_size: int, spec: Tree
     request, flat = state.request, state.flat
     if request.compile is not None:  # the compiler plans memory itself
         rewritten = rewrite(em.graph, em.constants, em.device, plan_memory=False)
-        gm = generate(rewritten, em.constants, em.device)[0]
+        gm = generate(rewritten, em.constants, em.device, compiling=True)[0]
         compiled = CompiledCode(gm, request.compile, request.call, list(em.constants.values()))
         return Lowered(gm, spec, mode, seed_size, compiled=compiled, examples=flat.rows)
     captured = list(em.constants.values())

@@ -122,16 +122,21 @@ def einsum(
 
 
 def generate(
-    rewritten: Rewritten, constants: dict[str, torch.Tensor], device: torch.device
+    rewritten: Rewritten, constants: dict[str, torch.Tensor], device: torch.device, *,
+    compiling: bool = False,
 ) -> tuple[fx.GraphModule, fx.GraphModule | None]:
     """The GraphModule running the rewritten graph (fast callables substituted), holding
     ``constants`` as attributes; and the one running its planned variant, or None (see
-    :func:`hod.passes.rewrite`), whose numbers are read from 0-dim tensors."""
+    :func:`hod.passes.rewrite`), whose numbers are read from 0-dim tensors. Unless the
+    module is ``compiling`` (for torch.compile, which looks for its tensors among its
+    parameters and buffers), the constants are plain attributes: ``self.c`` then finds a
+    registered tensor only in ``Module.__getattr__``, about a microsecond a read."""
     planned = rewritten.planned
+    gm = _finish(rewritten.graph, constants, plain=not compiling)
     if planned is None:
-        return _finish(rewritten.graph, constants), None
+        return gm, None
     planned_constants = _scalars_as_tensors(planned, constants, device)
-    return _finish(rewritten.graph, constants), _finish(planned, planned_constants)
+    return gm, _finish(planned, planned_constants, plain=not compiling)
 
 
 #: Binary ops whose number operand may be a 0-dim tensor of the other operand's dtype.
@@ -174,7 +179,7 @@ def _scalars_as_tensors(
     return constants
 
 
-def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
+def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor], plain: bool) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -189,7 +194,14 @@ def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModu
         if isinstance(node.target, _BUILTINS):
             node.args = tuple(_constant(a) for a in node.args)
             node.kwargs = {k: _constant(v) for k, v in node.kwargs.items()}
-    return graph_module(graph, constants)
+    module = graph_module(graph, constants)
+    if plain:
+        for name in constants:
+            if hasattr(module, name):  # the graph reads it
+                value = getattr(module, name)
+                delattr(module, name)  # from the module's parameters or buffers
+                module.__dict__[name] = value
+    return module
 
 
 #: Functions implemented in C++ (torch's bindings, ATen overloads, tensor methods), which

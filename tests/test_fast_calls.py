@@ -198,7 +198,7 @@ def test_slices_become_narrows_with_the_same_view(bounds):
         return aten.slice.Tensor(t, dim, start, end), aten.slice.Tensor(t, dim, 0, None, 2)
 
     graph = make_fx(f)(x).graph
-    module = _codegen._finish(graph, {})
+    module = _codegen._finish(graph, {}, plain=True)
     targets = [n.target for n in module.graph.nodes if n.op == "call_function"]
     assert targets == [torch.narrow, aten.slice.Tensor]
     for got, expected in zip(module(x), f(x), strict=True):
@@ -210,7 +210,8 @@ def test_slices_become_narrows_with_the_same_view(bounds):
 @pytest.mark.parametrize(("index", "twin"), [(4, "torch.narrow("), (6, "torch.mean(")])
 def test_rows_call_no_twinned_overload_through_torch_ops(index, twin):
     """The GRU input row sliced its gate products with ``slice.Tensor``, the transformer
-    input row ``mean.dim``, ``eq.Scalar`` and others through ``torch.ops``."""
+    input row ``mean.dim``, ``eq.Scalar`` and others through ``torch.ops``; shapes are
+    tuples, constants of the code."""
     row = ZOO_ROWS[index].quick()
     problem = make_problem(row, 0, torch.float64)
     fn = hod.hessian(problem.f)
@@ -219,4 +220,34 @@ def test_rows_call_no_twinned_overload_through_torch_ops(index, twin):
     twinned = {op.__name__ for op in FAST_TWINS} | {"slice.Tensor", "einsum.default"}
     assert not called & twinned, called & twinned
     assert twin in code
+    assert not re.search(r"[(,] ?\[-?\d", code), "a list of ints built on every call"
     assert_same_tree(fn(problem.x), reference(problem.f, 2)(problem.x))
+
+
+def test_code_reads_its_constants_without_module_getattr(monkeypatch):
+    """Captured parameters and the planned code's numbers are plain attributes of the
+    generated modules: reading a registered one goes through ``Module.__getattr__``."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = model.double()
+    x = torch.randn(4, dtype=torch.float64)
+    fn = hod.hessian(lambda v: model(v).sum())
+    expected = torch.func.hessian(lambda v: model(v).sum())(x)
+    fn(x)
+    reads = []
+    getattr_ = torch.nn.Module.__getattr__
+
+    def counted(self, name):
+        reads.append(name)
+        return getattr_(self, name)
+
+    monkeypatch.setattr(torch.nn.Module, "__getattr__", counted)
+    with torch.no_grad():
+        plain = fn(x)
+    watched = fn(x)  # parameters require grad: recomputed, and differentiable
+    assert reads == [] and "self._const_" in fn.lower(x).code
+    assert_same_tree([plain, watched], [expected, expected])
+    grads = torch.autograd.grad(watched.sum(), list(model[0].parameters()))
+    expected_grads = torch.func.grad(lambda p: torch.func.hessian(
+        lambda v: torch.func.functional_call(model, p, (v,)).sum())(x).sum()
+    )(dict(model.named_parameters()))
+    assert_same_tree(grads, (expected_grads["0.weight"], expected_grads["0.bias"]))
