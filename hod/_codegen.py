@@ -3,7 +3,11 @@
 The graph and its planned variant come from :func:`hod.passes.rewrite`. ATen overloads
 are called through ``torch.ops``, which costs about a microsecond more per call than the
 matching public ``torch`` function; at the sizes where hod is fastest that overhead is
-most of the time, so ops with an exact public twin are called through it.
+most of the time, so ops with an exact public twin are called through it (``slice`` as
+``narrow``, whose bounds are resolved here from the input's shape). For the same reason
+lists of ints are passed as tuples, which the code holds as constants, and the module's
+tensors are plain attributes. The planned code then runs below autograd's dispatch keys
+where that is safe (see :mod:`hod._below_autograd`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 for ``slice``, torch's ``einsum`` binding): every twin computes bit for bit what its
 overload computes (values, dtype, shape, strides, out= buffers), the code calls the twin
 by a name that resolves to it, and zoo rows whose code called ``torch.ops`` no longer do
-and still match torch.func in float64."""
+and still match torch.func in float64; shapes are tuples and constants plain attributes."""
 
 from __future__ import annotations
 
