@@ -1,4 +1,4 @@
-"""Running planned code below autograd's dispatch keys.
+"""Codegen stage: the planned code run below autograd's dispatch keys.
 
 The planned code runs only where autograd records nothing: on tensors no transform
 watches, or inside :class:`~hod._recompute.Recomputed`'s forward, where grad mode is off.

@@ -253,10 +253,8 @@ def lower(state: BuildState, em: Emitter, mode: Mode, seed_size: int, spec: Tree
     rewritten = rewrite(em.graph, em.constants, em.device, probe=probe)
     own = rewritten.planned is not None and results_own(rewritten.planned, len(flat.tensors))
     gm, planned = generate(rewritten, em.constants, em.device)
-    lowered = Lowered(gm, spec, mode, seed_size, planned, rewritten.memory, captured=captured,
-                      examples=flat.rows)
-    lowered.below_autograd = None if own else False
-    return lowered
+    return Lowered(gm, spec, mode, seed_size, planned, rewritten.memory, captured=captured,
+                   examples=flat.rows, below_autograd=None if own else False)
 
 
 def _build_split(state: BuildState, split: Split) -> Lowered:

@@ -136,11 +136,11 @@ def generate(
     parameters and buffers), the constants are plain attributes: ``self.c`` then finds a
     registered tensor only in ``Module.__getattr__``, about a microsecond a read."""
     planned = rewritten.planned
-    gm = _finish(rewritten.graph, constants, plain=not compiling)
+    gm = _finish(rewritten.graph, constants, compiling)
     if planned is None:
         return gm, None
     planned_constants = _scalars_as_tensors(planned, constants, device)
-    return gm, _finish(planned, planned_constants, plain=not compiling)
+    return gm, _finish(planned, planned_constants, compiling)
 
 
 #: Binary ops whose number operand may be a 0-dim tensor of the other operand's dtype.
@@ -183,13 +183,15 @@ def _scalars_as_tensors(
     return constants
 
 
-def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor], plain: bool) -> fx.GraphModule:
+def _finish(
+    graph: fx.Graph, constants: dict[str, torch.Tensor], compiling: bool
+) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in FAST_TWINS:
             node.target = FAST_TWINS[node.target]
-        elif node.target is aten.einsum.default:
+        elif node.target is aten.einsum.default and not compiling:  # dynamo skips the binding
             node.target = einsum
         elif node.target in (aten.sum.dim_IntList, aten.sum.IntList_out) and node.args[1]:
             node.target = torch.sum  # an empty dim list is left to aten, which sums all
@@ -199,7 +201,7 @@ def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor], plain: bool) ->
             node.args = tuple(_constant(a) for a in node.args)
             node.kwargs = {k: _constant(v) for k, v in node.kwargs.items()}
     module = graph_module(graph, constants)
-    if plain:
+    if not compiling:
         for name in constants:
             if hasattr(module, name):  # the graph reads it
                 value = getattr(module, name)

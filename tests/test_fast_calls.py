@@ -200,7 +200,7 @@ def test_slices_become_narrows_with_the_same_view(bounds):
         return aten.slice.Tensor(t, dim, start, end), aten.slice.Tensor(t, dim, 0, None, 2)
 
     graph = make_fx(f)(x).graph
-    module = _codegen._finish(graph, {}, plain=True)
+    module = _codegen._finish(graph, {}, compiling=False)
     targets = [n.target for n in module.graph.nodes if n.op == "call_function"]
     assert targets == [torch.narrow, aten.slice.Tensor]
     for got, expected in zip(module(x), f(x), strict=True):
