@@ -33,6 +33,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten
 from ._adjoint import adjoint_hessian
 from ._adjoint_top import adjoint_top_order
 from ._assemble import block, result_spec, structure, unflattener
+from ._below_autograd import apart, results_own
 from ._codegen import generate
 from ._compiled import CompiledCode
 from ._derive import derive, seeded_inputs
@@ -95,6 +96,9 @@ class Lowered:
     first_layer: Split | None = None
     examples: int | None = None
     coloured: Callable[[tuple, dict, tuple], object] | None = None
+    #: Whether the planned code runs below autograd's dispatch keys (see
+    #: :mod:`hod._below_autograd`); None until its first results say.
+    below_autograd: bool | None = field(default=False, repr=False)
     _unflatten: Callable[[Sequence[object]], object] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -130,13 +134,22 @@ class Lowered:
         if fast is None:
             return self.graph_module.forward(*tensors)
         if memory is None:
-            return fast.forward(*tensors)
+            return self._fast(tensors)
         if memory.lock.acquire(blocking=False):
             try:
-                return fast.forward(*tensors, *memory.tensors())
+                return self._fast([*tensors, *memory.tensors()])
             finally:
                 memory.lock.release()
         return self.graph_module.forward(*tensors)
+
+    def _fast(self, args: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.below_autograd:
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                return self.planned_module.forward(*args)
+        results = self.planned_module.forward(*args)
+        if self.below_autograd is None:
+            self.below_autograd = apart(results)
+        return results
 
 
 def build(request: Request, flat: FlatCall, compose: Composition | None = None) -> Lowered:
@@ -240,15 +253,16 @@ def lower(state: BuildState, em: Emitter, mode: Mode, seed_size: int, spec: Tree
     request, flat = state.request, state.flat
     if request.compile is not None:  # the compiler plans memory itself
         rewritten = rewrite(em.graph, em.constants, em.device, plan_memory=False)
-        gm = generate(rewritten, em.constants, em.device)[0]
+        gm = generate(rewritten, em.constants, em.device, compiling=True)[0]
         compiled = CompiledCode(gm, request.compile, request.call, list(em.constants.values()))
         return Lowered(gm, spec, mode, seed_size, compiled=compiled, examples=flat.rows)
     captured = list(em.constants.values())
     probe = None if request.allow_random or not unwatched(flat.tensors) else flat.tensors
     rewritten = rewrite(em.graph, em.constants, em.device, probe=probe)
+    own = rewritten.planned is not None and results_own(rewritten.planned, len(flat.tensors))
     gm, planned = generate(rewritten, em.constants, em.device)
     return Lowered(gm, spec, mode, seed_size, planned, rewritten.memory, captured=captured,
-                   examples=flat.rows)
+                   examples=flat.rows, below_autograd=None if own else False)
 
 
 def _build_split(state: BuildState, split: Split) -> Lowered:

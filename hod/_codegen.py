@@ -3,11 +3,16 @@
 The graph and its planned variant come from :func:`hod.passes.rewrite`. ATen overloads
 are called through ``torch.ops``, which costs about a microsecond more per call than the
 matching public ``torch`` function; at the sizes where hod is fastest that overhead is
-most of the time, so ops with an exact public twin are called through it.
+most of the time, so ops with an exact public twin are called through it (``slice`` as
+``narrow``, whose bounds are resolved here from the input's shape). For the same reason
+lists of ints are passed as tuples, which the code holds as constants, and the module's
+tensors are plain attributes. The planned code then runs below autograd's dispatch keys
+where that is safe (see :mod:`hod._below_autograd`).
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import torch
@@ -67,20 +72,75 @@ FAST_TWINS: dict[object, Callable] = {
     aten.abs.default: torch.abs,
     aten.ge.Scalar: torch.ge,
     aten.lt.Scalar: torch.lt,
+    aten.ne.Scalar: torch.ne,
+    aten.eq.Scalar: torch.eq,
+    aten.eq.Tensor: torch.eq,
+    aten.div.Scalar: torch.div,
+    aten.logical_not.default: torch.logical_not,
+    aten.any.dim: torch.any,
+    aten.where.ScalarSelf: torch.where,
+    aten.mean.dim: torch.mean,
+    aten.clamp.default: torch.clamp,
+    aten.argmax.default: torch.argmax,
+    aten.reshape.default: torch.reshape,
+    aten.convolution.default: torch.convolution,
+    aten.full.default: torch.full,
+    aten.zeros.default: torch.zeros,
+    aten.scalar_tensor.default: torch.scalar_tensor,
+    aten.arange.start_step: torch.arange,
+    # out= forms (see hod.passes.memory): the public function with the same out= argument
+    aten.mm.out: torch.mm,
+    aten.bmm.out: torch.bmm,
+    aten.mv.out: torch.mv,
+    aten.matmul.out: torch.matmul,
+    aten.mul.out: torch.mul,
+    aten.add.out: torch.add,
+    aten.sub.out: torch.sub,
+    aten.div.out: torch.div,
+    aten.addcmul.out: torch.addcmul,
+    aten.cat.out: torch.cat,
+    aten.where.self_out: torch.where,
+    aten.neg.out: torch.neg,
+    aten.exp.out: torch.exp,
+    aten.log.out: torch.log,
+    aten.tanh.out: torch.tanh,
+    aten.sigmoid.out: torch.sigmoid,
+    aten.sin.out: torch.sin,
+    aten.cos.out: torch.cos,
+    aten.reciprocal.out: torch.reciprocal,
+    aten.sqrt.out: torch.sqrt,
+    aten.rsqrt.out: torch.rsqrt,
+    aten.pow.Tensor_Scalar_out: torch.pow,
+    aten._softmax.out: torch._softmax,
+    aten._log_softmax.out: torch._log_softmax,
 }
 
 
+def einsum(
+    equation: str, tensors: list[torch.Tensor], *, path: list[int] | None = None
+) -> torch.Tensor:
+    """``aten.einsum.default`` through torch's binding: :func:`torch.einsum` is a Python
+    wrapper that may choose another contraction order (with opt_einsum), and the binding
+    would be printed as ``torch.einsum`` in generated code."""
+    return torch._C._VariableFunctions.einsum(equation, tensors, path=path)
+
+
 def generate(
-    rewritten: Rewritten, constants: dict[str, torch.Tensor], device: torch.device
+    rewritten: Rewritten, constants: dict[str, torch.Tensor], device: torch.device, *,
+    compiling: bool = False,
 ) -> tuple[fx.GraphModule, fx.GraphModule | None]:
     """The GraphModule running the rewritten graph (fast callables substituted), holding
     ``constants`` as attributes; and the one running its planned variant, or None (see
-    :func:`hod.passes.rewrite`), whose numbers are read from 0-dim tensors."""
+    :func:`hod.passes.rewrite`), whose numbers are read from 0-dim tensors. Unless the
+    module is ``compiling`` (for torch.compile, which looks for its tensors among its
+    parameters and buffers), the constants are plain attributes: ``self.c`` then finds a
+    registered tensor only in ``Module.__getattr__``, about a microsecond a read."""
     planned = rewritten.planned
+    gm = _finish(rewritten.graph, constants, compiling)
     if planned is None:
-        return _finish(rewritten.graph, constants), None
+        return gm, None
     planned_constants = _scalars_as_tensors(planned, constants, device)
-    return _finish(rewritten.graph, constants), _finish(planned, planned_constants)
+    return gm, _finish(planned, planned_constants, compiling)
 
 
 #: Binary ops whose number operand may be a 0-dim tensor of the other operand's dtype.
@@ -123,12 +183,60 @@ def _scalars_as_tensors(
     return constants
 
 
-def _finish(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.GraphModule:
+def _finish(
+    graph: fx.Graph, constants: dict[str, torch.Tensor], compiling: bool
+) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in FAST_TWINS:
             node.target = FAST_TWINS[node.target]
-        elif node.target is aten.sum.dim_IntList and node.args[1]:
+        elif node.target is aten.einsum.default and not compiling:  # dynamo skips the binding
+            node.target = einsum
+        elif node.target in (aten.sum.dim_IntList, aten.sum.IntList_out) and node.args[1]:
             node.target = torch.sum  # an empty dim list is left to aten, which sums all
-    return graph_module(graph, constants)
+        elif node.target is aten.slice.Tensor:
+            _narrow(node)
+        if isinstance(node.target, _BUILTINS):
+            node.args = tuple(_constant(a) for a in node.args)
+            node.kwargs = {k: _constant(v) for k, v in node.kwargs.items()}
+    module = graph_module(graph, constants)
+    if not compiling:
+        for name in constants:
+            if hasattr(module, name):  # the graph reads it
+                value = getattr(module, name)
+                delattr(module, name)  # from the module's parameters or buffers
+                module.__dict__[name] = value
+    return module
+
+
+#: Functions implemented in C++ (torch's bindings, ATen overloads, tensor methods), which
+#: take a tuple wherever they take a list of ints.
+_BUILTINS = (types.BuiltinFunctionType, types.MethodDescriptorType, torch._ops.OpOverload)
+
+
+def _constant(arg: object) -> object:
+    """A list of ints as a tuple: code builds a list literal on every call (about 50 ns),
+    a tuple of constants once."""
+    if isinstance(arg, list) and arg and all(type(i) is int for i in arg):
+        return tuple(arg)
+    return arg
+
+
+def _narrow(node: fx.Node) -> None:
+    """A ``slice.Tensor`` call with step 1 as ``torch.narrow`` (0.6 us less a call), its
+    bounds resolved from the input's size as ``slice`` resolves them: negative ones count
+    from the end, then both are clamped to ``[0, size]`` and the end to at least the start."""
+    x, dim, start, end, step = (*node.args, *(0, None, None, 1)[len(node.args) - 1:])
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if node.kwargs or step != 1 or not isinstance(val, torch.Tensor) or not all(
+        b is None or type(b) is int for b in (start, end)
+    ):
+        return
+    size = val.shape[dim]
+    start = 0 if start is None else start + size if start < 0 else start
+    end = size if end is None else end + size if end < 0 else end
+    start = min(max(start, 0), size)
+    end = min(max(end, start), size)
+    node.target = torch.narrow
+    node.args = (x, dim, start, end - start)

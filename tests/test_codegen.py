@@ -445,52 +445,6 @@ def test_results_are_nested_as_tree_unflatten_nests_them(tree):
     assert all(a is b for a, b in zip(tree_flatten(built)[0], leaves, strict=True))
 
 
-def _twin_calls():
-    """One call of each ATen overload in ``FAST_TWINS``: ``(args, kwargs)``."""
-    g = torch.Generator().manual_seed(0)
-    x, y, z = (torch.rand(2, 3, generator=g, dtype=D) + 0.5 for _ in range(3))
-    m, s = torch.rand(3, 3, generator=g, dtype=D), torch.rand(2, 3, 3, generator=g, dtype=D)
-    u = torch.rand(1, 3, 1, generator=g, dtype=D)
-    a = torch.ops.aten
-    return {
-        a.mm.default: ((m, m), {}), a.bmm.default: ((s, s), {}), a.matmul.default: ((x, m), {}),
-        a.mul.Tensor: ((x, y), {}), a.add.Tensor: ((x, y), {}), a.sub.Tensor: ((x, y), {}),
-        a.div.Tensor: ((x, y), {}), a.neg.default: ((x,), {}), a.exp.default: ((x,), {}),
-        a.log.default: ((x,), {}), a.tanh.default: ((x,), {}), a.sigmoid.default: ((x,), {}),
-        a.relu.default: ((x - 1,), {}), a.sin.default: ((x,), {}), a.cos.default: ((x,), {}),
-        a.reciprocal.default: ((x,), {}), a.where.self: ((x > 1, x, y), {}),
-        a.permute.default: ((s, [2, 0, 1]), {}), a.view.default: ((x, [3, 2]), {}),
-        a.expand.default: ((u, [2, 3, 4]), {}), a.as_strided.default: ((m, [2, 2], [1, 3], 1), {}),
-        a._softmax.default: ((x, 1, False), {}), a._log_softmax.default: ((x, 1, False), {}),
-        a.gt.Scalar: ((x, 1.0), {}), a.le.Scalar: ((x, 1.0), {}), a.cat.default: (([x, y], 1), {}),
-        a.constant_pad_nd.default: ((x, [1, 2], 0.5), {}), a.diag_embed.default: ((x, 1, 0, 2), {}),
-        a.movedim.int: ((s, 0, 2), {}), a.eye.default: ((3,), {"dtype": D}),
-        a.addcmul.default: ((x, y, z), {"value": 0.5}),
-        a.addmm.default: ((m, m, m), {"beta": 2, "alpha": 0.5}),
-        a.clone.default: ((m.T,), {"memory_format": torch.contiguous_format}),
-        a.split_with_sizes.default: ((m, [1, 2], 1), {}), a.squeeze.dims: ((u, [0, 2]), {}),
-        a.squeeze.dim: ((u, 0), {}), a.unsqueeze.default: ((x, 1), {}),
-        a.select.int: ((m, 1, 2), {}), a.transpose.int: ((s, 0, 2), {}), a.t.default: ((m,), {}),
-        a.mul.Scalar: ((x, 3.0), {}), a.pow.Tensor_Scalar: ((x, 3), {}),
-        a.sqrt.default: ((x,), {}), a.rsqrt.default: ((x,), {}), a.abs.default: ((x - 1,), {}),
-        a.ge.Scalar: ((x, 1.0), {}), a.lt.Scalar: ((x, 1.0), {}),
-    }
-
-
-def test_fast_twins_compute_what_their_overloads_do():
-    """Each public function the generated code calls instead of an ATen overload returns
-    the same tensors (values, shapes, strides) for the same arguments."""
-    from hod._codegen import FAST_TWINS
-
-    calls = _twin_calls()
-    assert set(FAST_TWINS) == set(calls)
-    for op, (args, kwargs) in calls.items():
-        expected, actual = op(*args, **kwargs), FAST_TWINS[op](*args, **kwargs)
-        for e, a in zip(*(torch.utils._pytree.tree_leaves(t) for t in (expected, actual)),
-                        strict=True):
-            assert torch.equal(e, a) and e.stride() == a.stride(), op
-
-
 def _logistic_loss(w, data, labels):
     return torch.nn.functional.binary_cross_entropy_with_logits(data @ w, labels)
 

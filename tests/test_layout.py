@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "derive": ("_derive", "_jet", "_collapse", "rules"),
     "assemble": ("_assemble",),
     "passes": ("passes",),
-    "codegen": ("_codegen",),
+    "codegen": ("_codegen", "_below_autograd"),
     "compile": ("_compiled",),
     "driver": ("_build", "_taylor", "_adjoint", "_adjoint_top", "_recompute"),
     "api": ("_signature", "_series", "_vmap", "_shard", "_function", "_taylor_api",

@@ -75,7 +75,7 @@ def collapse_view_chains(
 def _chain_ends(graph: fx.Graph, n_inputs: int) -> dict[fx.Node, fx.Node]:
     """Views read by something other than a view, two or more views from a root that is
     not caller memory, and that root."""
-    external = _caller_memory(graph, n_inputs)
+    external = caller_memory(graph, n_inputs)
     ends: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
         if not _is_view(node) or all(_is_view(user) for user in node.users):
@@ -88,7 +88,7 @@ def _chain_ends(graph: fx.Graph, n_inputs: int) -> dict[fx.Node, fx.Node]:
     return ends
 
 
-def _caller_memory(graph: fx.Graph, n_inputs: int) -> set[fx.Node]:
+def caller_memory(graph: fx.Graph, n_inputs: int) -> set[fx.Node]:
     """Nodes whose result may be memory of the caller's: the first ``n_inputs``
     placeholders, captured tensors, and what may alias them."""
     external: set[fx.Node] = set()
