@@ -43,6 +43,8 @@ from ._plan import REVERSE_COST, plain_segments, row_seeds
 from ._records import BuildState, Jet, SeedPlan
 from ._tracing import op_call_site, trace
 from .rules import RULES
+from .rules.linalg import _matmul
+from .rules.shape import from_end
 
 aten = torch.ops.aten
 
@@ -51,6 +53,15 @@ PRODUCTS = frozenset({
     aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
     aten.convolution.default, aten.linear.default, aten.dot.default, aten.mv.default,
 })
+
+#: Products whose two factors may both be tracked (attention's ``Q K^T`` and ``P V``): the
+#: positions of the factors among the node's tensor arguments (:func:`_tensor_args`).
+#: Their local term is :func:`_bilinear_term`; the other products with both factors tracked
+#: (a convolution of a tracked image by a tracked kernel) leave the Hessian to reverse-last.
+BILINEAR = {
+    aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.addmm.default: (1, 2),
+    aten.dot.default: (0, 1), aten.mv.default: (0, 1),
+}
 
 #: Ops linear in their tracked inputs (their rules give no second-order term).
 LINEAR = PRODUCTS | frozenset({
@@ -143,9 +154,11 @@ def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | 
         if node.op != "call_function" or node not in tracked:
             continue
         op, val = node.target, node.meta.get("val")
-        inputs = [a for a in node.all_input_nodes if a in tracked]
-        if op in PRODUCTS and len(inputs) > 1:
-            return None
+        if op in PRODUCTS and _both_factors_tracked(node, tracked):
+            if op not in BILINEAR:
+                return None
+            curved.append(node)
+            continue
         if op in LINEAR or getattr(op, "__name__", "") == "getitem":
             continue
         if isinstance(val, torch.Tensor) and not _carries_derivative(node):
@@ -155,6 +168,19 @@ def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | 
             continue
         return None
     return curved
+
+
+def _factors(node: fx.Node) -> list[fx.Node]:
+    """The two factors of a :data:`PRODUCTS` node (an addmm's or a convolution's bias is
+    not one)."""
+    left, right = BILINEAR.get(node.target, (0, 1))
+    args = _tensor_args(node)
+    return [args[left], args[right]] if len(args) > right else args
+
+
+def _both_factors_tracked(node: fx.Node, tracked: set[fx.Node]) -> bool:
+    factors = _factors(node)
+    return len(factors) == 2 and all(a in tracked for a in factors)
 
 
 def _separable_roots(gm: fx.GraphModule, tracked: set[fx.Node],
@@ -472,97 +498,144 @@ def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
     m = len(tracked)
     if m == 0:
         return None
+    if node.target in BILINEAR:
+        return _bilinear_term(em, ctx, node, args, vbar, rows)
     if node.target in COUPLED:
-        if rows is None and m == 1 and math.prod(em.shape(args[tracked[0]].primal)) < \
-                ctx.full_size:
-            return _coupled_in_own_entries(em, ctx, node, args, out, vbar, tracked[0])
         return _coupled_term(em, ctx, node, args, out, vbar, rows)
+    nodes = _tensor_args(node)
+    sources = list(dict.fromkeys(nodes[i] for i in tracked))  # one seed per tracked node
+    jets = {n: args[nodes.index(n)] for n in sources}
+    shape = list(em.shape(out.primal))
+    total: Operand = None
+    for (a, b), w in _second_weights(em, node, sources, args, out, vbar).items():
+        term = _weighted_contract(em, ctx, jets[sources[a]], jets[sources[b]], w, shape, rows)
+        if a != b:
+            term = em.add(term, em.call(aten.transpose.int, term, -1, -2))
+        total = em.add(total, term)
+    return total
+
+
+def _second_weights(em: Emitter, node: fx.Node, sources: list[fx.Node], args: list[Jet],
+                    out: Jet, vbar: fx.Node) -> dict[tuple[int, int], fx.Node]:
+    """``vbar * d2 phi / du_a du_b`` of an elementwise ``node`` for its distinct tracked
+    arguments ``sources`` (``a <= b``; the pairs it is linear in left out), each of
+    ``out``'s shape. A product's come without its rule (``vbar`` on the cross pair, or
+    ``2 vbar`` for a square); the others' from the rule run over one unit seed per source,
+    ``(m, m) + out.shape``."""
+    m = len(sources)
+    nodes = _tensor_args(node)
+    if node.target is aten.mul.Tensor:
+        if m == 2:
+            return {(0, 1): vbar}
+        return {(0, 0): em.mul(vbar, 2)} if nodes.count(sources[0]) == 2 else {}
     local = DeriveContext(em, 2, m)
     eye = em.eye(m, out.primal)
-    unit_args = []
-    for i, a in enumerate(args):
-        if i not in tracked:
-            unit_args.append(Jet(a.primal, [None, None]))
+    env = {}
+    for n, a in zip(nodes, args, strict=True):
+        if n not in sources:
+            env[n] = Jet(a.primal, [None, None])
             continue
-        rank = em.rank(a.primal)
-        unit = em.call(aten.select.int, eye, 0, tracked.index(i))
-        unit = em.reshape(unit, [m] + [1] * rank)
-        unit_args.append(Jet(a.primal, [em.expand(unit, [m, *em.shape(a.primal)]), None]))
-    env = dict(zip(_tensor_args(node), unit_args, strict=True))
+        unit = em.reshape(em.call(aten.select.int, eye, 0, sources.index(n)),
+                          [m] + [1] * em.rank(a.primal))
+        env[n] = Jet(a.primal, [em.expand(unit, [m, *em.shape(a.primal)]), None])
     rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
     rule_kwargs = fx.node.map_aggregate(node.kwargs,
                                         lambda v: env[v] if isinstance(v, fx.Node) else v)
-    derivs = RULES[node.target](local, rule_args, dict(rule_kwargs), out.primal)
-    second = local.symmetrized(derivs[1], 2) if derivs[1] is not None else None
+    second = RULES[node.target](local, rule_args, dict(rule_kwargs), out.primal)[1]
     if second is None:
-        return None
+        return {}
+    if m > 1:  # one seed pair is its own symmetrization
+        second = local.symmetrized(second, 2)
     shape = list(em.shape(out.primal))
-    second = em.expand(local.align(second, 2, len(shape)), [m, m, *shape])
-    weighted = em.mul(second, vbar)  # (m, m) + out.shape
-    spread = [_spread(em, ctx, args[i], shape) for i in tracked]
-    total: Operand = None
-    for a, da in enumerate(spread):
-        for b, db in enumerate(spread):
-            w = em.call(aten.select.int, em.call(aten.select.int, weighted, 0, a), 0, b)
-            term = _contract(em, em.mul(da, w), db, rows)
-            total = term if total is None else em.add(total, term)
-    return total
+    weighted = em.mul(em.expand(local.align(second, 2, len(shape)), [m, m, *shape]), vbar)
+    return {(a, b): em.call(aten.select.int, em.call(aten.select.int, weighted, 0, a), 0, b)
+            for a in range(m) for b in range(a, m)
+            if a != b or not _linear_in(node, sources[a])}
+
+
+def _linear_in(node: fx.Node, source: fx.Node) -> bool:
+    """Whether an elementwise ``node`` is linear in its argument ``source`` (its second
+    derivative in ``source`` alone is zero): a factor of a product, a dividend."""
+    nodes = _tensor_args(node)
+    if nodes.count(source) != 1:
+        return False
+    return node.target is aten.mul.Tensor or (node.target is aten.div.Tensor
+                                              and nodes.index(source) == 0)
+
+
+def _weighted_contract(em: Emitter, ctx: DeriveContext, first: Jet, second: Jet,
+                       weight: fx.Node, shape: list[int], rows: int | None) -> fx.Node:
+    """``sum_i weight[i] D first[s, i] D second[t, i]`` over the entries ``i`` of a node of
+    ``shape`` (``weight``'s shape), its arguments broadcast to it: ``(S, S)``, or
+    ``(N, S, S)`` per example. The product with ``weight`` is summed over the dims where
+    the other side is broadcast before the contraction (a layer norm's ``x * rsqrt(v)``
+    contracts over its rows, not over every entry)."""
+    da, db = (ctx.align(ctx.fit(j, (0, ctx.full_size)).d(1), 1, len(shape))
+              for j in (first, second))
+    swap = math.prod(em.shape(da)) < math.prod(em.shape(db))
+    if swap:  # contract over the side with fewer entries
+        da, db = db, da
+    weighted = em.mul(da, weight)
+    dims = [d + 1 for d, size in enumerate(em.shape(db)[1:])
+            if size == 1 and shape[d] != 1 and not (rows is not None and d == 0)]
+    if dims:
+        weighted = em.sum_dims(weighted, dims, True)
+    term = _contract(em, weighted, em.expand(db, em.shape(weighted)), rows)
+    return em.call(aten.transpose.int, term, -1, -2) if swap else term
+
+
+def _bilinear_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
+                   vbar: fx.Node, rows: int | None) -> Operand:
+    """The local term of a :data:`BILINEAR` product ``C = A @ B`` (stacked matrices, or a
+    matrix and a vector): ``sum_i vbar[i] (DA_s @ DB_t + DA_t @ DB_s)[i]``, ``T + T^T`` for
+    ``T[s, t] = <DA_s, vbar @ DB_t^T>``, or ``<DA_s^T @ vbar, DB_t>`` when that side is
+    smaller: ``(S, S)``, ``(N, S, S)`` per example, without the ``(S, S) + C.shape`` of
+    every seed pair's product. Zero when a factor is not tracked (the product is linear)."""
+    left, right = (args[i] for i in BILINEAR[node.target])
+    if left.is_constant or right.is_constant:
+        return None
+    weight = vbar
+    if node.target is aten.addmm.default and node.kwargs.get("alpha", 1) != 1:
+        weight = em.mul(vbar, node.kwargs["alpha"])
+    da, db = (ctx.fit(j, (0, ctx.full_size)).d(1) for j in (left, right))
+    if em.rank(left.primal) == 1:  # dot: a row times a column
+        da, weight = em.reshape(da, [ctx.full_size, 1, -1]), em.reshape(weight, [1, 1])
+    if em.rank(right.primal) == 1:  # dot, mv: times a column
+        db = em.reshape(db, [ctx.full_size, -1, 1])
+        weight = em.reshape(weight, [*em.shape(weight), 1]) if em.rank(weight) < 2 else weight
+    matmul = _matmul(ctx)
+    n, k = em.shape(weight)[-2:]
+    if n <= k:
+        gathered = matmul(weight, em.call(aten.transpose.int, db, -1, -2))  # (S, .., n, m)
+        term = _contract(em, da, gathered, rows)
+    else:
+        gathered = matmul(em.call(aten.transpose.int, da, -1, -2), weight)  # (S, .., m, k)
+        term = _contract(em, gathered, db, rows)
+    return em.add(term, em.call(aten.transpose.int, term, -1, -2))
 
 
 def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
                   vbar: fx.Node, rows: int | None) -> Operand:
-    """The local term of a :data:`COUPLED` node: its rule's ``D^2`` over every seed pair
-    (the inputs' ``D^1`` given, their ``D^2`` zero), weighted by ``vbar`` and summed over
-    the node's entries (but its rows, per example)."""
-    jets = [Jet(a.primal, [None if a.is_constant else ctx.fit(a, (0, ctx.full_size)).d(1),
-                           None]) for a in args]
-    weighted = _weighted_second(em, node, jets, out, vbar, ctx.full_size)
-    if weighted is None:
-        return None
-    rank, size = em.rank(out.primal), ctx.full_size
-    if rows is None:
-        return em.call(aten.sum.dim_IntList, weighted, list(range(2, 2 + rank)))
-    per_row = em.reshape(weighted, [size, size, rows, -1])
-    return em.permute(em.call(aten.sum.dim_IntList, per_row, [3]), [2, 0, 1])
+    """The local term of a :data:`COUPLED` node, a softmax ``p`` or a log-softmax along
+    ``dim``: a weighted contraction of its input's centered derivatives, ``(S, S)`` (or
+    ``(N, S, S)`` per example), never the ``(S, S) + out.shape`` of its rule's ``D^2``.
 
-
-def _coupled_in_own_entries(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
-                            out: Jet, vbar: fx.Node, index: int) -> Operand:
-    """A :data:`COUPLED` node's local term when its one tracked input has fewer entries
-    ``M`` than there are seeds: its rule's ``D^2`` over unit seeds of those entries,
-    weighted by ``vbar`` and summed over its entries, is the ``(M, M)`` Hessian ``A``, and
-    the term ``Du A Du^T``. A classifier's 10 logits under 256 seeds: ``(10, 10, 10)``
-    numbers to reduce instead of ``(256, 256, 10)``."""
-    primal = args[index].primal
-    entries = math.prod(em.shape(primal))
-    unit = em.reshape(em.eye(entries, primal), [entries, *em.shape(primal)])
-    jets = [Jet(a.primal, [unit, None] if i == index else [None, None])
-            for i, a in enumerate(args)]
-    weighted = _weighted_second(em, node, jets, out, vbar, entries)
-    if weighted is None:
-        return None
-    hessian = em.call(aten.sum.dim_IntList, weighted,
-                      list(range(2, 2 + em.rank(out.primal))))  # (M, M)
-    d = em.reshape(ctx.fit(args[index], (0, ctx.full_size)).d(1), [ctx.full_size, entries])
-    return em.call(aten.mm.default, em.call(aten.mm.default, d, hessian),
-                   em.call(aten.t.default, d))
-
-
-def _weighted_second(em: Emitter, node: fx.Node, jets: list[Jet], out: Jet, vbar: fx.Node,
-                     size: int) -> fx.Node | None:
-    """``vbar`` times ``node``'s rule's ``D^2`` along the ``size`` directions its input
-    ``jets`` carry (their ``D^2`` zero): ``(size, size) + out.shape``, or None when the
-    rule gives no second derivative."""
-    pairs = DeriveContext(em, 2, size)
-    env = dict(zip(_tensor_args(node), jets, strict=True))
-    rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
-    derivs = RULES[node.target](pairs, rule_args, dict(node.kwargs), out.primal)
-    if derivs[1] is None:
-        return None
+    With ``a = Dx_s - <p, Dx_s>`` and ``b`` likewise for ``t`` (centered along ``dim``),
+    softmax's second derivative is ``p a b - p <p, a b>``, so the term is
+    ``sum_i p (vbar - <p, vbar>) a b``; log-softmax's is minus logsumexp's,
+    ``-<p, a b>``, and its term ``sum_i -p sum(vbar) a b``."""
+    x = args[0]
     shape = list(em.shape(out.primal))
-    second = em.expand(pairs.align(pairs.symmetrized(derivs[1], 2), 2, len(shape)),
-                       [size, size, *shape])
-    return em.mul(second, vbar)
+    dim = from_end(node.args[1], len(shape))
+    softmax = node.target is aten._softmax.default
+    p = out.primal if softmax else em.call(aten.exp.default, out.primal)
+    d = _spread(em, ctx, x, shape)  # (S,) + shape
+    centered = em.sub(d, em.sum_dims(em.mul(d, p), [dim], True))
+    if softmax:
+        weight = em.mul(p, em.sub(vbar, em.sum_dims(em.mul(vbar, p), [dim], True)))
+    else:
+        weight = em.neg(em.mul(p, em.sum_dims(vbar, [dim], True)))
+    return _contract(em, em.mul(centered, weight), centered, rows)
 
 
 def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.Node:
