@@ -441,24 +441,20 @@ def _generate(
         jacobians = [j.primal for j in jets[after:after + len(flat.diff)]]
         _seed_from_jacobians(em, ctx, jets[first_seen:after], curved, tracked, jacobians)
         after += len(flat.diff)
-    total: Operand = None
+    rows = example.shape[0] if seeds.rows else None
+    pairs: list[tuple[fx.Node, fx.Node]] = []
     at = first_seen
     for k, node in enumerate(curved):
         args = jets[at:at + counts[k] - 1]
         out = jets[at + counts[k] - 1]
         at += counts[k]
-        rows = em.shape(out.primal)[0] if seeds.rows else None
-        term = _local_term(em, ctx, node, args, out, jets[1 + n_grads + k].primal, rows)
-        if term is not None:
-            total = term if total is None else em.add(total, term)
+        pairs += _local_term(em, ctx, node, args, out, jets[1 + n_grads + k].primal)
     roots_at = first_seen + n_seen
     for k in range(len(roots)):  # D r^T diag(d) D r
         diagonal, root = jets[roots_at + k].primal, jets[roots_at + len(roots) + k]
-        shape = list(em.shape(root.primal))
-        spread = _spread(em, ctx, root, shape)
-        term = _contract(em, em.mul(spread, diagonal), spread,
-                         shape[0] if seeds.rows else None)
-        total = term if total is None else em.add(total, term)
+        spread = _spread(em, ctx, root, list(em.shape(root.primal)))
+        pairs.append((em.mul(spread, em.mul(diagonal, 0.5)), spread))
+    total = _symmetric_sum(em, pairs, size, rows) if pairs else None
     gradients = [j.primal for j in jets[1:1 + n_grads]]
     blocks = _blocks(em, state, seeds, jets[0].primal, gradients, total)
     aux = [j.primal for j in jets[after:]]
@@ -491,28 +487,25 @@ def _seed_from_jacobians(em: Emitter, ctx: DeriveContext, seen: list[Jet],
 
 
 def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
-                vbar: fx.Node, rows: int | None) -> Operand:
-    """``sum_ab sum_i vbar[i] phi_ab[i] D u_a[s, i] D u_b[t, i]`` for one curved node:
-    ``(S, S)``, or ``(N, S, S)`` per example."""
+                vbar: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+    """``sum_ab sum_i vbar[i] phi_ab[i] D u_a[s, i] D u_b[t, i]`` for one curved node, as
+    factor pairs ``(L, R)``, each ``(S,) + dims`` (alike within a pair): the term is
+    ``X + X^T`` for ``X[s, t] = sum_pairs sum_j L[s, j] R[t, j]`` (:func:`_symmetric_sum`;
+    per example, the sum over ``j`` runs within each row)."""
     tracked = [i for i, a in enumerate(args) if not a.is_constant]
-    m = len(tracked)
-    if m == 0:
-        return None
+    if not tracked:
+        return []
     if node.target in BILINEAR:
-        return _bilinear_term(em, ctx, node, args, vbar, rows)
+        return _bilinear_term(em, ctx, node, args, vbar)
     if node.target in COUPLED:
-        return _coupled_term(em, ctx, node, args, out, vbar, rows)
+        return _coupled_term(em, ctx, node, args, out, vbar)
     nodes = _tensor_args(node)
     sources = list(dict.fromkeys(nodes[i] for i in tracked))  # one seed per tracked node
     jets = {n: args[nodes.index(n)] for n in sources}
     shape = list(em.shape(out.primal))
-    total: Operand = None
-    for (a, b), w in _second_weights(em, node, sources, args, out, vbar).items():
-        term = _weighted_contract(em, ctx, jets[sources[a]], jets[sources[b]], w, shape, rows)
-        if a != b:
-            term = em.add(term, em.call(aten.transpose.int, term, -1, -2))
-        total = em.add(total, term)
-    return total
+    return [_weighted_pair(em, ctx, jets[sources[a]], jets[sources[b]],
+                           w if a != b else em.mul(w, 0.5), shape)
+            for (a, b), w in _second_weights(em, node, sources, args, out, vbar).items()]
 
 
 def _second_weights(em: Emitter, node: fx.Node, sources: list[fx.Node], args: list[Jet],
@@ -563,29 +556,26 @@ def _linear_in(node: fx.Node, source: fx.Node) -> bool:
                                               and nodes.index(source) == 0)
 
 
-def _weighted_contract(em: Emitter, ctx: DeriveContext, first: Jet, second: Jet,
-                       weight: fx.Node, shape: list[int], rows: int | None) -> fx.Node:
-    """``sum_i weight[i] D first[s, i] D second[t, i]`` over the entries ``i`` of a node of
-    ``shape`` (``weight``'s shape), its arguments broadcast to it: ``(S, S)``, or
-    ``(N, S, S)`` per example. The product with ``weight`` is summed over the dims where
-    the other side is broadcast before the contraction (a layer norm's ``x * rsqrt(v)``
-    contracts over its rows, not over every entry)."""
+def _weighted_pair(em: Emitter, ctx: DeriveContext, first: Jet, second: Jet,
+                   weight: fx.Node, shape: list[int]) -> tuple[fx.Node, fx.Node]:
+    """Factors of ``sum_i weight[i] D first[s, i] D second[t, i]`` (or of its transpose)
+    over the entries ``i`` of a node of ``shape`` (``weight``'s shape), its arguments
+    broadcast to it. The side times ``weight`` is summed over the dims where the other side
+    is broadcast (a layer norm's ``x * rsqrt(v)`` contracts over its rows, not over every
+    entry); the side with more entries takes the weight."""
     da, db = (ctx.align(ctx.fit(j, (0, ctx.full_size)).d(1), 1, len(shape))
               for j in (first, second))
-    swap = math.prod(em.shape(da)) < math.prod(em.shape(db))
-    if swap:  # contract over the side with fewer entries
+    if math.prod(em.shape(da)) < math.prod(em.shape(db)):
         da, db = db, da
     weighted = em.mul(da, weight)
-    dims = [d + 1 for d, size in enumerate(em.shape(db)[1:])
-            if size == 1 and shape[d] != 1 and not (rows is not None and d == 0)]
+    dims = [d + 1 for d, size in enumerate(em.shape(db)[1:]) if size == 1 and shape[d] != 1]
     if dims:
         weighted = em.sum_dims(weighted, dims, True)
-    term = _contract(em, weighted, em.expand(db, em.shape(weighted)), rows)
-    return em.call(aten.transpose.int, term, -1, -2) if swap else term
+    return weighted, em.expand(db, em.shape(weighted))
 
 
 def _bilinear_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
-                   vbar: fx.Node, rows: int | None) -> Operand:
+                   vbar: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     """The local term of a :data:`BILINEAR` product ``C = A @ B`` (stacked matrices, or a
     matrix and a vector): ``sum_i vbar[i] (DA_s @ DB_t + DA_t @ DB_s)[i]``, ``T + T^T`` for
     ``T[s, t] = <DA_s, vbar @ DB_t^T>``, or ``<DA_s^T @ vbar, DB_t>`` when that side is
@@ -593,7 +583,7 @@ def _bilinear_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Je
     every seed pair's product. Zero when a factor is not tracked (the product is linear)."""
     left, right = (args[i] for i in BILINEAR[node.target])
     if left.is_constant or right.is_constant:
-        return None
+        return []
     weight = vbar
     if node.target is aten.addmm.default and node.kwargs.get("alpha", 1) != 1:
         weight = em.mul(vbar, node.kwargs["alpha"])
@@ -606,16 +596,12 @@ def _bilinear_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Je
     matmul = _matmul(ctx)
     n, k = em.shape(weight)[-2:]
     if n <= k:
-        gathered = matmul(weight, em.call(aten.transpose.int, db, -1, -2))  # (S, .., n, m)
-        term = _contract(em, da, gathered, rows)
-    else:
-        gathered = matmul(em.call(aten.transpose.int, da, -1, -2), weight)  # (S, .., m, k)
-        term = _contract(em, gathered, db, rows)
-    return em.add(term, em.call(aten.transpose.int, term, -1, -2))
+        return [(da, matmul(weight, em.call(aten.transpose.int, db, -1, -2)))]  # (S, .., n, m)
+    return [(matmul(em.call(aten.transpose.int, da, -1, -2), weight), db)]  # (S, .., m, k)
 
 
 def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
-                  vbar: fx.Node, rows: int | None) -> Operand:
+                  vbar: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     """The local term of a :data:`COUPLED` node, a softmax ``p`` or a log-softmax along
     ``dim``: a weighted contraction of its input's centered derivatives, ``(S, S)`` (or
     ``(N, S, S)`` per example), never the ``(S, S) + out.shape`` of its rule's ``D^2``.
@@ -635,7 +621,7 @@ def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet
         weight = em.mul(p, em.sub(vbar, em.sum_dims(em.mul(vbar, p), [dim], True)))
     else:
         weight = em.neg(em.mul(p, em.sum_dims(vbar, [dim], True)))
-    return _contract(em, em.mul(centered, weight), centered, rows)
+    return [(em.mul(centered, em.mul(weight, 0.5)), centered)]
 
 
 def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.Node:
@@ -644,17 +630,21 @@ def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.N
     return em.expand(ctx.align(d, 1, len(shape)), [ctx.full_size, *shape])
 
 
-def _contract(em: Emitter, a: fx.Node, b: fx.Node, rows: int | None) -> fx.Node:
-    """``sum_i a[s, i] b[t, i]``: ``(S, S)``; per example (``rows``), ``(N, S, S)``."""
-    size = em.shape(a)[0]
+def _symmetric_sum(em: Emitter, pairs: list[tuple[fx.Node, fx.Node]], size: int,
+                   rows: int | None) -> fx.Node:
+    """``X + X^T`` for ``X[s, t] = sum_pairs sum_j L[s, j] R[t, j]`` over the factor pairs
+    ``(L, R)`` (``(S,) + dims``): ``(S, S)``, one product of the factors concatenated;
+    per example (``rows``: the dims after ``S`` start with the rows), ``(N, S, S)``."""
+    lead = [size] if rows is None else [size, rows]
+    lefts = [em.reshape(left, [*lead, -1]) for left, _ in pairs]
+    rights = [em.reshape(right, [*lead, -1]) for _, right in pairs]
+    left, right = (em.call(aten.cat.default, side, -1) if len(side) > 1 else side[0]
+                   for side in (lefts, rights))
     if rows is None:
-        flat_a = em.reshape(a, [size, -1 if em.rank(a) > 1 else 1])
-        flat_b = em.reshape(b, [size, -1 if em.rank(b) > 1 else 1])
-        return em.call(aten.mm.default, flat_a, em.call(aten.t.default, flat_b))
-    per = math.prod(em.shape(a)[2:])
-    flat_a = em.permute(em.reshape(a, [size, rows, per]), [1, 0, 2])
-    flat_b = em.permute(em.reshape(b, [size, rows, per]), [1, 2, 0])
-    return em.call(aten.bmm.default, flat_a, flat_b)
+        x = em.call(aten.mm.default, left, em.call(aten.t.default, right))
+    else:
+        x = em.call(aten.bmm.default, em.permute(left, [1, 0, 2]), em.permute(right, [1, 2, 0]))
+    return em.add(x, em.call(aten.transpose.int, x, -1, -2))
 
 
 def _blocks(em: Emitter, state: BuildState, seeds: SeedPlan, value: fx.Node,
