@@ -103,6 +103,8 @@ def adjoint_hessian(
     if curved is None:
         return None
     if flat.rows is not None:
+        if not _products_keep_rows(curved, flat.rows):
+            return None
         seeds = row_seeds(shapes, [])
     else:
         seeds = _batch_seeds(gm, flat.diff, shapes, curved) or SeedPlan(
@@ -132,9 +134,18 @@ def _batch_seeds(gm: fx.GraphModule, diff: Sequence[int], shapes: Sequence[tuple
     if len(sizes) != 1 or sizes.pop() < 2:
         return None
     states = node_states(gm, {pos: 0 for pos in diff})
-    if any(states.get(node) != 0 for node in curved):
+    if any(states.get(node) != 0 for node in curved) or any(
+            states.get(a) != 0 for n in curved if n.target in BILINEAR for a in _factors(n)):
         return None
     return row_seeds(shapes, [])
+
+
+def _products_keep_rows(curved: list[fx.Node], rows: int) -> bool:
+    """Whether every :data:`BILINEAR` node among ``curved`` multiplies stacked matrices
+    whose leading dim holds the ``rows`` examples (vmap's ``bmm``), so that its local term
+    is summed per example like the others."""
+    return all(a.meta["val"].dim() == 3 and a.meta["val"].shape[0] % rows == 0
+               for n in curved if n.target in BILINEAR for a in [n, *_factors(n)])
 
 
 def _tracked(gm: fx.GraphModule, diff: Sequence[int]) -> set[fx.Node]:
@@ -254,12 +265,10 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
 
     Per seed, reverse-last mode pushes tangents through the forward and the backward pass,
     about ``2 (P + E)`` for products of ``P`` multiply-adds and ``E`` tracked entries; this
-    mode pushes them through the forward pass only, ``P + E``, and adds ``S m^2`` per entry
-    of a curved node with ``m`` tracked inputs.
+    mode pushes them through the forward pass only, ``P + E``, and adds ``S W`` for local
+    terms whose factors are ``W`` wide (:func:`_local_width`).
     """
-    local = sum(n.meta["val"].numel() * (seeds if n.target in COUPLED
-                                         else _tracked_inputs(n, tracked) ** 2)
-                for n in curved if not _linear_elementwise(n, tracked))
+    local = sum(_local_width(n, tracked, seeds) for n in curved)
     local += sum(r.meta["val"].numel() for r in roots)
     work = 0
     for node in tracked:
@@ -268,10 +277,34 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
             continue
         work += val.numel()
         if node.target in PRODUCTS:
-            operand = node.args[0] if node.target is not aten.addmm.default else node.args[1]
-            inner = operand.meta["val"].shape[-1] if operand.meta["val"].dim() else 1
-            work += val.numel() * inner
+            # a product of two tracked factors has two tangent products
+            work += val.numel() * _inner(node) * (2 if node in curved else 1)
     return seeds * local < work
+
+
+def _inner(node: fx.Node) -> int:
+    """How many multiply-adds a :data:`PRODUCTS` node spends on each entry of its result."""
+    operand = node.args[0] if node.target is not aten.addmm.default else node.args[1]
+    return operand.meta["val"].shape[-1] if operand.meta["val"].dim() else 1
+
+
+def _local_width(node: fx.Node, tracked: set[fx.Node], seeds: int) -> float:
+    """The width of a curved node's local-term factors (:func:`_local_term`), the entries
+    each seed pair sums over, plus the per-seed cost of forming them over ``seeds``: a
+    product's ``vbar @ DB^T`` (``C.numel * inner`` each), an elementwise node's pairs of
+    tracked arguments (the pairs it is linear in left out)."""
+    if _linear_elementwise(node, tracked):
+        return 0
+    if node.target in BILINEAR:
+        factors = [a.meta["val"].numel() for a in _factors(node)]
+        return min(factors) + node.meta["val"].numel() * _inner(node) / seeds
+    numel = node.meta["val"].numel()
+    if node.target in COUPLED:
+        return numel
+    sources = list(dict.fromkeys(_tracked_args(node, tracked)))
+    m = len(sources)
+    pairs = m * (m + 1) // 2 - sum(_linear_in(node, s) for s in sources)
+    return pairs * numel
 
 
 def _tracked_inputs(node: fx.Node, tracked: set[fx.Node]) -> int:
