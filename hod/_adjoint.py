@@ -14,11 +14,14 @@ its backward product). Here it is paid once, plus one ``(S, M) @ (M, S)`` per cu
 Hessian of a network w.r.t. its input).
 
 It applies when every node with a tracked input is elementwise (its second derivatives
-come from its own rule, run over one seed per tracked input), a small coupled node
-(:data:`COUPLED`: a classifier's log-softmax, whose rule runs over every seed pair), or
-linear in its tracked inputs (:data:`LINEAR`: views, reductions, products and
-convolutions with one tracked operand); otherwise :func:`adjoint_hessian` returns None
-and reverse-last mode runs. When the entries where ``f`` bends (the tracked arguments of
+come from its own rule, run over one seed per distinct tracked input), a softmax or
+log-softmax (:data:`COUPLED`: a weighted contraction of the input's derivatives centered
+along its dim), a product of two tracked factors (:data:`BILINEAR`: attention's ``Q K^T``
+and ``P V``, ``T[s, t] = <D A_s, vbar @ D B_t^T>``), or linear in its tracked inputs
+(:data:`LINEAR`: views, reductions, products and convolutions with one tracked operand);
+otherwise :func:`adjoint_hessian` returns None and reverse-last mode runs. Every local
+term is a pair of factors ``(S, W)``; the Hessian is ``X + X^T`` for ``X`` one product of
+them all, concatenated (:func:`_symmetric_sum`). When the entries where ``f`` bends (the tracked arguments of
 its curved nodes, relu's not counted) are few, ``3 M <= S``, their ``D^1`` comes from ``M``
 reverse sweeps (a Jacobian traced with the adjoints) instead of ``S`` forward tangents: a
 classifier's input Hessian bends only at its logits. The driver (:mod:`hod._build`)
