@@ -21,11 +21,11 @@ and ``P V``, ``T[s, t] = <D A_s, vbar @ D B_t^T>``), or linear in its tracked in
 (:data:`LINEAR`: views, reductions, products and convolutions with one tracked operand);
 otherwise :func:`adjoint_hessian` returns None and reverse-last mode runs. Every local
 term is a pair of factors ``(S, W)``; the Hessian is ``X + X^T`` for ``X`` one product of
-them all, concatenated (:func:`_symmetric_sum`). When the entries where ``f`` bends (the tracked arguments of
-its curved nodes, relu's not counted) are few, ``3 M <= S``, their ``D^1`` comes from ``M``
-reverse sweeps (a Jacobian traced with the adjoints) instead of ``S`` forward tangents: a
-classifier's input Hessian bends only at its logits. The driver (:mod:`hod._build`)
-lowers what it emits.
+them all, concatenated (:func:`_symmetric_sum`). When the entries where ``f`` bends (the
+tracked arguments of its curved nodes, relu's not counted) are few, ``3 M <= S``, their
+``D^1`` comes from ``M`` reverse sweeps (a Jacobian traced with the adjoints) instead of
+``S`` forward tangents: a classifier's input Hessian bends only at its logits. The
+driver (:mod:`hod._build`) lowers what it emits.
 """
 
 from __future__ import annotations
