@@ -613,10 +613,10 @@ def _weighted_pair(em: Emitter, ctx: DeriveContext, first: Jet, second: Jet,
 def _bilinear_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
                    vbar: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     """The local term of a :data:`BILINEAR` product ``C = A @ B`` (stacked matrices, or a
-    matrix and a vector): ``sum_i vbar[i] (DA_s @ DB_t + DA_t @ DB_s)[i]``, ``T + T^T`` for
-    ``T[s, t] = <DA_s, vbar @ DB_t^T>``, or ``<DA_s^T @ vbar, DB_t>`` when that side is
-    smaller: ``(S, S)``, ``(N, S, S)`` per example, without the ``(S, S) + C.shape`` of
-    every seed pair's product. Zero when a factor is not tracked (the product is linear)."""
+    matrix and a vector): ``sum_i vbar[i] (DA_s @ DB_t + DA_t @ DB_s)[i]`` is ``T + T^T``
+    for ``T[s, t] = <DA_s, vbar @ DB_t^T>``, the pair ``(DA, vbar @ DB^T)``, or
+    ``(DA^T @ vbar, DB)`` when that side is smaller; never the ``(S, S) + C.shape`` of
+    every seed pair's product. No pairs when a factor is not tracked (it is linear)."""
     left, right = (args[i] for i in BILINEAR[node.target])
     if left.is_constant or right.is_constant:
         return []
@@ -639,13 +639,13 @@ def _bilinear_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Je
 def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
                   vbar: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
     """The local term of a :data:`COUPLED` node, a softmax ``p`` or a log-softmax along
-    ``dim``: a weighted contraction of its input's centered derivatives, ``(S, S)`` (or
-    ``(N, S, S)`` per example), never the ``(S, S) + out.shape`` of its rule's ``D^2``.
+    ``dim``: a weighted contraction of its input's centered derivatives, the pair
+    ``(a w / 2, a)``, never the ``(S, S) + out.shape`` of its rule's ``D^2``.
 
     With ``a = Dx_s - <p, Dx_s>`` and ``b`` likewise for ``t`` (centered along ``dim``),
     softmax's second derivative is ``p a b - p <p, a b>``, so the term is
-    ``sum_i p (vbar - <p, vbar>) a b``; log-softmax's is minus logsumexp's,
-    ``-<p, a b>``, and its term ``sum_i -p sum(vbar) a b``."""
+    ``sum_i w a b`` for ``w = p (vbar - <p, vbar>)``; log-softmax's is minus logsumexp's,
+    ``-<p, a b>``, and ``w = -p sum(vbar)``."""
     x = args[0]
     shape = list(em.shape(out.primal))
     dim = from_end(node.args[1], len(shape))
