@@ -20,8 +20,8 @@ along its dim), a product of two tracked factors (:data:`BILINEAR`: attention's 
 and ``P V``, ``T[s, t] = <D A_s, vbar @ D B_t^T>``), or linear in its tracked inputs
 (:data:`LINEAR`: views, reductions, products and convolutions with one tracked operand);
 otherwise :func:`adjoint_hessian` returns None and reverse-last mode runs. Every local
-term is a pair of factors ``(S, W)``; the Hessian is ``X + X^T`` for ``X`` one product of
-them all, concatenated (:func:`_symmetric_sum`). When the entries where ``f`` bends (the
+term is made of pairs of factors ``(S, W)``, all summed by two products of them
+concatenated (:func:`_symmetric_sum`). When the entries where ``f`` bends (the
 tracked arguments of its curved nodes, relu's not counted) are few, ``3 M <= S``, their
 ``D^1`` comes from ``M`` reverse sweeps (a Jacobian traced with the adjoints) instead of
 ``S`` forward tangents: a classifier's input Hessian bends only at its logits. The
@@ -102,7 +102,7 @@ def adjoint_hessian(
     if state.out_vals[0].numel() != per_example:
         return None
     tracked = _tracked(gm, flat.diff)
-    curved = _curved_nodes(gm, tracked)
+    curved = _curved_nodes(gm, tracked, products=True)
     if curved is None:
         return None
     if flat.rows is not None:
@@ -160,16 +160,18 @@ def _tracked(gm: fx.GraphModule, diff: Sequence[int]) -> set[fx.Node]:
     return tracked
 
 
-def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | None:
-    """The elementwise nodes with a tracked input, or None when a node with a tracked
-    input is neither elementwise nor linear in it."""
+def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node], *,
+                  products: bool = False) -> list[fx.Node] | None:
+    """The elementwise nodes with a tracked input, and with ``products`` the
+    :data:`BILINEAR` products of two tracked factors; or None when a node with a tracked
+    input is none of these nor linear in it."""
     curved = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in tracked:
             continue
         op, val = node.target, node.meta.get("val")
         if op in PRODUCTS and _both_factors_tracked(node, tracked):
-            if op not in BILINEAR:
+            if not products or op not in BILINEAR:
                 return None
             curved.append(node)
             continue
@@ -273,6 +275,14 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
     """
     local = sum(_local_width(n, tracked, seeds) for n in curved)
     local += sum(r.meta["val"].numel() for r in roots)
+    # a product of two tracked factors pushes two tangent products per seed, not one
+    second = sum(n.meta["val"].numel() * _inner(n) for n in curved if n.target in BILINEAR)
+    return seeds * local < _tracked_work(tracked) + second
+
+
+def _tracked_work(tracked: set[fx.Node]) -> int:
+    """The tracked entries plus the multiply-adds of the tracked products: what one seed
+    costs to push through ``f``'s forward pass."""
     work = 0
     for node in tracked:
         val = node.meta.get("val")
@@ -280,9 +290,8 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
             continue
         work += val.numel()
         if node.target in PRODUCTS:
-            # a product of two tracked factors has two tangent products
-            work += val.numel() * _inner(node) * (2 if node in curved else 1)
-    return seeds * local < work
+            work += val.numel() * _inner(node)
+    return work
 
 
 def _inner(node: fx.Node) -> int:
@@ -478,7 +487,7 @@ def _generate(
         _seed_from_jacobians(em, ctx, jets[first_seen:after], curved, tracked, jacobians)
         after += len(flat.diff)
     rows = example.shape[0] if seeds.rows else None
-    pairs: list[tuple[fx.Node, fx.Node]] = []
+    pairs: list[tuple[fx.Node, fx.Node, bool]] = []
     at = first_seen
     for k, node in enumerate(curved):
         args = jets[at:at + counts[k] - 1]
@@ -489,7 +498,7 @@ def _generate(
     for k in range(len(roots)):  # D r^T diag(d) D r
         diagonal, root = jets[roots_at + k].primal, jets[roots_at + len(roots) + k]
         spread = _spread(em, ctx, root, list(em.shape(root.primal)))
-        pairs.append((em.mul(spread, em.mul(diagonal, 0.5)), spread))
+        pairs.append((em.mul(spread, diagonal), spread, True))
     total = _symmetric_sum(em, pairs, size, rows) if pairs else None
     gradients = [j.primal for j in jets[1:1 + n_grads]]
     blocks = _blocks(em, state, seeds, jets[0].primal, gradients, total)
@@ -523,11 +532,12 @@ def _seed_from_jacobians(em: Emitter, ctx: DeriveContext, seen: list[Jet],
 
 
 def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
-                vbar: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+                vbar: fx.Node) -> list[tuple[fx.Node, fx.Node, bool]]:
     """``sum_ab sum_i vbar[i] phi_ab[i] D u_a[s, i] D u_b[t, i]`` for one curved node, as
-    factor pairs ``(L, R)``, each ``(S,) + dims`` (alike within a pair): the term is
-    ``X + X^T`` for ``X[s, t] = sum_pairs sum_j L[s, j] R[t, j]`` (:func:`_symmetric_sum`;
-    per example, the sum over ``j`` runs within each row)."""
+    factor pairs ``(L, R, symmetric)``, ``L`` and ``R`` ``(S,) + dims`` alike: the term is
+    the sum of ``L R^T`` over the pairs, plus ``R L^T`` for those not symmetric (a pair of
+    distinct arguments), the sums over the dims (per example, within each row) taken by
+    :func:`_symmetric_sum`."""
     tracked = [i for i, a in enumerate(args) if not a.is_constant]
     if not tracked:
         return []
@@ -539,8 +549,7 @@ def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
     sources = list(dict.fromkeys(nodes[i] for i in tracked))  # one seed per tracked node
     jets = {n: args[nodes.index(n)] for n in sources}
     shape = list(em.shape(out.primal))
-    return [_weighted_pair(em, ctx, jets[sources[a]], jets[sources[b]],
-                           w if a != b else em.mul(w, 0.5), shape)
+    return [(*_weighted_pair(em, ctx, jets[sources[a]], jets[sources[b]], w, shape), a == b)
             for (a, b), w in _second_weights(em, node, sources, args, out, vbar).items()]
 
 
@@ -611,7 +620,7 @@ def _weighted_pair(em: Emitter, ctx: DeriveContext, first: Jet, second: Jet,
 
 
 def _bilinear_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
-                   vbar: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+                   vbar: fx.Node) -> list[tuple[fx.Node, fx.Node, bool]]:
     """The local term of a :data:`BILINEAR` product ``C = A @ B`` (stacked matrices, or a
     matrix and a vector): ``sum_i vbar[i] (DA_s @ DB_t + DA_t @ DB_s)[i]`` is ``T + T^T``
     for ``T[s, t] = <DA_s, vbar @ DB_t^T>``, the pair ``(DA, vbar @ DB^T)``, or
@@ -632,15 +641,15 @@ def _bilinear_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Je
     matmul = _matmul(ctx)
     n, k = em.shape(weight)[-2:]
     if n <= k:
-        return [(da, matmul(weight, em.call(aten.transpose.int, db, -1, -2)))]  # (S, .., n, m)
-    return [(matmul(em.call(aten.transpose.int, da, -1, -2), weight), db)]  # (S, .., m, k)
+        return [(da, matmul(weight, em.call(aten.transpose.int, db, -1, -2)), False)]
+    return [(matmul(em.call(aten.transpose.int, da, -1, -2), weight), db, False)]
 
 
 def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
-                  vbar: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+                  vbar: fx.Node) -> list[tuple[fx.Node, fx.Node, bool]]:
     """The local term of a :data:`COUPLED` node, a softmax ``p`` or a log-softmax along
-    ``dim``: a weighted contraction of its input's centered derivatives, the pair
-    ``(a w / 2, a)``, never the ``(S, S) + out.shape`` of its rule's ``D^2``.
+    ``dim``: a weighted contraction of its input's centered derivatives, the symmetric
+    pair ``(a w, a)``, never the ``(S, S) + out.shape`` of its rule's ``D^2``.
 
     With ``a = Dx_s - <p, Dx_s>`` and ``b`` likewise for ``t`` (centered along ``dim``),
     softmax's second derivative is ``p a b - p <p, a b>``, so the term is
@@ -657,7 +666,7 @@ def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet
         weight = em.mul(p, em.sub(vbar, em.sum_dims(em.mul(vbar, p), [dim], True)))
     else:
         weight = em.neg(em.mul(p, em.sum_dims(vbar, [dim], True)))
-    return [(em.mul(centered, em.mul(weight, 0.5)), centered)]
+    return [(em.mul(centered, weight), centered, True)]
 
 
 def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.Node:
@@ -666,21 +675,40 @@ def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.N
     return em.expand(ctx.align(d, 1, len(shape)), [ctx.full_size, *shape])
 
 
-def _symmetric_sum(em: Emitter, pairs: list[tuple[fx.Node, fx.Node]], size: int,
+def _symmetric_sum(em: Emitter, pairs: list[tuple[fx.Node, fx.Node, bool]], size: int,
                    rows: int | None) -> fx.Node:
-    """``X + X^T`` for ``X[s, t] = sum_pairs sum_j L[s, j] R[t, j]`` over the factor pairs
-    ``(L, R)`` (``(S,) + dims``): ``(S, S)``, one product of the factors concatenated;
-    per example (``rows``: the dims after ``S`` start with the rows), ``(N, S, S)``."""
+    """``sum_pairs L R^T``, ``L R^T + R L^T`` for a pair not marked symmetric, over the
+    factor pairs ``(L, R, symmetric)`` (``(S,) + dims`` alike within a pair): ``(S, S)``,
+    one product for the symmetric pairs concatenated and one for the others; per example
+    (``rows``: the dims after ``S`` start with the rows), ``(N, S, S)``."""
     lead = [size] if rows is None else [size, rows]
-    lefts = [em.reshape(left, [*lead, -1]) for left, _ in pairs]
-    rights = [em.reshape(right, [*lead, -1]) for _, right in pairs]
-    left, right = (em.call(aten.cat.default, side, -1) if len(side) > 1 else side[0]
-                   for side in (lefts, rights))
+    total: Operand = None
+    for symmetric in (False, True):
+        chosen = [(left, right) for left, right, sym in pairs if sym is symmetric]
+        if not chosen:
+            continue
+        left, right = (em.call(aten.cat.default, side, -1) if len(side) > 1 else side[0]
+                       for side in ([em.reshape(t, [*lead, -1]) for t in side]
+                                    for side in zip(*chosen, strict=True)))
+        x = _contract(em, left, right, rows)
+        if not symmetric:
+            x = em.add(x, em.call(aten.transpose.int, x, -1, -2))
+        total = em.add(total, x)
+    return total
+
+
+def _contract(em: Emitter, a: fx.Node, b: fx.Node, rows: int | None) -> fx.Node:
+    """``sum_i a[s, i] b[t, i]`` for ``a`` ``(S,) + shape`` and ``b`` ``(T,) + shape``:
+    ``(S, T)``; per example (``rows``), ``(N, S, T)``."""
+    size_a, size_b = em.shape(a)[0], em.shape(b)[0]
     if rows is None:
-        x = em.call(aten.mm.default, left, em.call(aten.t.default, right))
-    else:
-        x = em.call(aten.bmm.default, em.permute(left, [1, 0, 2]), em.permute(right, [1, 2, 0]))
-    return em.add(x, em.call(aten.transpose.int, x, -1, -2))
+        flat_a = em.reshape(a, [size_a, -1 if em.rank(a) > 1 else 1])
+        flat_b = em.reshape(b, [size_b, -1 if em.rank(b) > 1 else 1])
+        return em.call(aten.mm.default, flat_a, em.call(aten.t.default, flat_b))
+    per = math.prod(em.shape(a)[2:])
+    flat_a = em.permute(em.reshape(a, [size_a, rows, per]), [1, 0, 2])
+    flat_b = em.permute(em.reshape(b, [size_b, rows, per]), [1, 2, 0])
+    return em.call(aten.bmm.default, flat_a, flat_b)
 
 
 def _blocks(em: Emitter, state: BuildState, seeds: SeedPlan, value: fx.Node,

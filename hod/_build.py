@@ -31,6 +31,7 @@ from torch import fx
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from ._adjoint import adjoint_hessian
+from ._adjoint_top import adjoint_top_order
 from ._assemble import block, result_spec, structure, unflattener
 from ._codegen import generate
 from ._compiled import CompiledCode
@@ -165,6 +166,13 @@ def build(request: Request, flat: FlatCall, compose: Composition | None = None) 
     else:
         seeds = row_seeds(shapes, [0] * len(forward.outputs()))
         out_sizes = [v.numel() // flat.rows for v in out_vals]
+    try:
+        top = adjoint_top_order(state, shapes, seeds) if compose is None else None
+    except UnsupportedOperatorError:  # a rule without the derivatives it needs here
+        top = None
+    if top is not None:
+        em, spec, size = top
+        return lower(state, em, Mode.ADJOINT, size, spec)
     if choose_mode(request.order, out_sizes, seeds.size) is Mode.FORWARD:
         return _generate(state, Mode.FORWARD, forward, seeds, compose)
     try:

@@ -217,6 +217,25 @@ def test_a_product_read_once_by_a_sum_is_one_addcmul():
         assert_same_tree(got, expected)
 
 
+def test_a_product_added_to_itself_stays_a_sum():
+    """``p + p`` reads the product twice: no ``addcmul`` (it would erase ``p`` while the
+    sum still reads it, as the adjoint driver's terms summed with themselves did)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def doubled(x, y):
+        p = x * y.sin()
+        return [p + p]
+
+    args = (torch.rand(4, 5, dtype=D), torch.rand(4, 5, dtype=D))
+    graph = make_fx(doubled)(*args).graph
+    hod.passes.fuse.fuse_multiply_add(graph)
+    graph.lint()
+    ops = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.addcmul.default not in ops
+    actual = torch.fx.GraphModule(torch.nn.Module(), graph)(*args)
+    assert_same_tree(actual, doubled(*args))
+
+
 def _expanded_products(d, t):
     """Products of tangents expanded over a batch: a chain of three (made once and expanded
     again), one whose product fills the batch anyway (kept), and one read by a view (kept:

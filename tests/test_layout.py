@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "passes": ("passes",),
     "codegen": ("_codegen",),
     "compile": ("_compiled",),
-    "driver": ("_build", "_taylor", "_adjoint", "_recompute"),
+    "driver": ("_build", "_taylor", "_adjoint", "_adjoint_top", "_recompute"),
     "api": ("_signature", "_series", "_vmap", "_shard", "_function", "_taylor_api",
             "_directional", "_chunked", "_sparse", "_api", "_operators", "__init__"),
 }

@@ -153,7 +153,8 @@ def fuse_multiply_add(graph: fx.Graph) -> None:
             continue
         candidates, value = found
         for a, product in candidates:
-            if _fusable_product(product, node) and isinstance(a, fx.Node) and _same_float(a, node):
+            if _fusable_product(product, node) and isinstance(a, fx.Node) and a is not product \
+                    and _same_float(a, node):
                 node.target = aten.addcmul.default
                 node.args = (a, *product.args)
                 node.kwargs = {"value": value}
