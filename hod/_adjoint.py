@@ -687,14 +687,18 @@ def _symmetric_sum(em: Emitter, pairs: list[tuple[fx.Node, fx.Node, bool]], size
         chosen = [(left, right) for left, right, sym in pairs if sym is symmetric]
         if not chosen:
             continue
-        left, right = (em.call(aten.cat.default, side, -1) if len(side) > 1 else side[0]
-                       for side in ([em.reshape(t, [*lead, -1]) for t in side]
-                                    for side in zip(*chosen, strict=True)))
+        left, right = (_concatenated(em, [em.reshape(t, [*lead, -1]) for t in side])
+                       for side in zip(*chosen, strict=True))
         x = _contract(em, left, right, rows)
         if not symmetric:
             x = em.add(x, em.call(aten.transpose.int, x, -1, -2))
         total = em.add(total, x)
     return total
+
+
+def _concatenated(em: Emitter, parts: list[fx.Node]) -> fx.Node:
+    """``parts`` joined along their last dim."""
+    return em.call(aten.cat.default, parts, -1) if len(parts) > 1 else parts[0]
 
 
 def _contract(em: Emitter, a: fx.Node, b: fx.Node, rows: int | None) -> fx.Node:
