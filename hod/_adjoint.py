@@ -14,15 +14,18 @@ its backward product). Here it is paid once, plus one ``(S, M) @ (M, S)`` per cu
 Hessian of a network w.r.t. its input).
 
 It applies when every node with a tracked input is elementwise (its second derivatives
-come from its own rule, run over one seed per tracked input), a small coupled node
-(:data:`COUPLED`: a classifier's log-softmax, whose rule runs over every seed pair), or
-linear in its tracked inputs (:data:`LINEAR`: views, reductions, products and
-convolutions with one tracked operand); otherwise :func:`adjoint_hessian` returns None
-and reverse-last mode runs. When the entries where ``f`` bends (the tracked arguments of
-its curved nodes, relu's not counted) are few, ``3 M <= S``, their ``D^1`` comes from ``M``
-reverse sweeps (a Jacobian traced with the adjoints) instead of ``S`` forward tangents: a
-classifier's input Hessian bends only at its logits. The driver (:mod:`hod._build`)
-lowers what it emits.
+come from its own rule, run over one seed per distinct tracked input), a softmax or
+log-softmax (:data:`COUPLED`: a weighted contraction of the input's derivatives centered
+along its dim), a product of two tracked factors (:data:`BILINEAR`: attention's ``Q K^T``
+and ``P V``, ``T[s, t] = <D A_s, vbar @ D B_t^T>``), or linear in its tracked inputs
+(:data:`LINEAR`: views, reductions, products and convolutions with one tracked operand);
+otherwise :func:`adjoint_hessian` returns None and reverse-last mode runs. Every local
+term is made of pairs of factors ``(S, W)``, all summed by two products of them
+concatenated (:func:`_symmetric_sum`). When the entries where ``f`` bends (the
+tracked arguments of its curved nodes, relu's not counted) are few, ``3 M <= S``, their
+``D^1`` comes from ``M`` reverse sweeps (a Jacobian traced with the adjoints) instead of
+``S`` forward tangents: a classifier's input Hessian bends only at its logits. The
+driver (:mod:`hod._build`) lowers what it emits.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from ._plan import REVERSE_COST, plain_segments, row_seeds
 from ._records import BuildState, Jet, SeedPlan
 from ._tracing import op_call_site, trace
 from .rules import RULES
+from .rules.linalg import _matmul
+from .rules.shape import from_end
 
 aten = torch.ops.aten
 
@@ -51,6 +56,15 @@ PRODUCTS = frozenset({
     aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
     aten.convolution.default, aten.linear.default, aten.dot.default, aten.mv.default,
 })
+
+#: Products whose two factors may both be tracked (attention's ``Q K^T`` and ``P V``): the
+#: positions of the factors among the node's tensor arguments (:func:`_tensor_args`).
+#: Their local term is :func:`_bilinear_term`; the other products with both factors tracked
+#: (a convolution of a tracked image by a tracked kernel) leave the Hessian to reverse-last.
+BILINEAR = {
+    aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.addmm.default: (1, 2),
+    aten.dot.default: (0, 1), aten.mv.default: (0, 1),
+}
 
 #: Ops linear in their tracked inputs (their rules give no second-order term).
 LINEAR = PRODUCTS | frozenset({
@@ -88,10 +102,12 @@ def adjoint_hessian(
     if state.out_vals[0].numel() != per_example:
         return None
     tracked = _tracked(gm, flat.diff)
-    curved = _curved_nodes(gm, tracked)
+    curved = _curved_nodes(gm, tracked, products=True)
     if curved is None:
         return None
     if flat.rows is not None:
+        if not _products_keep_rows(curved, flat.rows):
+            return None
         seeds = row_seeds(shapes, [])
     else:
         seeds = _batch_seeds(gm, flat.diff, shapes, curved) or SeedPlan(
@@ -121,9 +137,18 @@ def _batch_seeds(gm: fx.GraphModule, diff: Sequence[int], shapes: Sequence[tuple
     if len(sizes) != 1 or sizes.pop() < 2:
         return None
     states = node_states(gm, {pos: 0 for pos in diff})
-    if any(states.get(node) != 0 for node in curved):
+    if any(states.get(node) != 0 for node in curved) or any(
+            states.get(a) != 0 for n in curved if n.target in BILINEAR for a in _factors(n)):
         return None
     return row_seeds(shapes, [])
+
+
+def _products_keep_rows(curved: list[fx.Node], rows: int) -> bool:
+    """Whether every :data:`BILINEAR` node among ``curved`` multiplies stacked matrices
+    whose leading dim holds the ``rows`` examples (vmap's ``bmm``), so that its local term
+    is summed per example like the others."""
+    return all(a.meta["val"].dim() == 3 and a.meta["val"].shape[0] % rows == 0
+               for n in curved if n.target in BILINEAR for a in [n, *_factors(n)])
 
 
 def _tracked(gm: fx.GraphModule, diff: Sequence[int]) -> set[fx.Node]:
@@ -135,17 +160,21 @@ def _tracked(gm: fx.GraphModule, diff: Sequence[int]) -> set[fx.Node]:
     return tracked
 
 
-def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | None:
-    """The elementwise nodes with a tracked input, or None when a node with a tracked
-    input is neither elementwise nor linear in it."""
+def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node], *,
+                  products: bool = False) -> list[fx.Node] | None:
+    """The elementwise nodes with a tracked input, and with ``products`` the
+    :data:`BILINEAR` products of two tracked factors; or None when a node with a tracked
+    input is none of these nor linear in it."""
     curved = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in tracked:
             continue
         op, val = node.target, node.meta.get("val")
-        inputs = [a for a in node.all_input_nodes if a in tracked]
-        if op in PRODUCTS and len(inputs) > 1:
-            return None
+        if op in PRODUCTS and _both_factors_tracked(node, tracked):
+            if not products or op not in BILINEAR:
+                return None
+            curved.append(node)
+            continue
         if op in LINEAR or getattr(op, "__name__", "") == "getitem":
             continue
         if isinstance(val, torch.Tensor) and not _carries_derivative(node):
@@ -155,6 +184,19 @@ def _curved_nodes(gm: fx.GraphModule, tracked: set[fx.Node]) -> list[fx.Node] | 
             continue
         return None
     return curved
+
+
+def _factors(node: fx.Node) -> list[fx.Node]:
+    """The two factors of a :data:`PRODUCTS` node (an addmm's or a convolution's bias is
+    not one)."""
+    left, right = BILINEAR.get(node.target, (0, 1))
+    args = _tensor_args(node)
+    return [args[left], args[right]] if len(args) > right else args
+
+
+def _both_factors_tracked(node: fx.Node, tracked: set[fx.Node]) -> bool:
+    factors = _factors(node)
+    return len(factors) == 2 and all(a in tracked for a in factors)
 
 
 def _separable_roots(gm: fx.GraphModule, tracked: set[fx.Node],
@@ -228,14 +270,14 @@ def _pays(gm: fx.GraphModule, tracked: set[fx.Node], curved: list[fx.Node],
 
     Per seed, reverse-last mode pushes tangents through the forward and the backward pass,
     about ``2 (P + E)`` for products of ``P`` multiply-adds and ``E`` tracked entries; this
-    mode pushes them through the forward pass only, ``P + E``, and adds ``S m^2`` per entry
-    of a curved node with ``m`` tracked inputs.
+    mode pushes them through the forward pass only, ``P + E``, and adds ``S W`` for local
+    terms whose factors are ``W`` wide (:func:`_local_width`).
     """
-    local = sum(n.meta["val"].numel() * (seeds if n.target in COUPLED
-                                         else _tracked_inputs(n, tracked) ** 2)
-                for n in curved if not _linear_elementwise(n, tracked))
+    local = sum(_local_width(n, tracked, seeds) for n in curved)
     local += sum(r.meta["val"].numel() for r in roots)
-    return seeds * local < _tracked_work(tracked)
+    # a product of two tracked factors pushes two tangent products per seed, not one
+    second = sum(n.meta["val"].numel() * _inner(n) for n in curved if n.target in BILINEAR)
+    return seeds * local < _tracked_work(tracked) + second
 
 
 def _tracked_work(tracked: set[fx.Node]) -> int:
@@ -248,10 +290,33 @@ def _tracked_work(tracked: set[fx.Node]) -> int:
             continue
         work += val.numel()
         if node.target in PRODUCTS:
-            operand = node.args[0] if node.target is not aten.addmm.default else node.args[1]
-            inner = operand.meta["val"].shape[-1] if operand.meta["val"].dim() else 1
-            work += val.numel() * inner
+            work += val.numel() * _inner(node)
     return work
+
+
+def _inner(node: fx.Node) -> int:
+    """How many multiply-adds a :data:`PRODUCTS` node spends on each entry of its result."""
+    operand = node.args[0] if node.target is not aten.addmm.default else node.args[1]
+    return operand.meta["val"].shape[-1] if operand.meta["val"].dim() else 1
+
+
+def _local_width(node: fx.Node, tracked: set[fx.Node], seeds: int) -> float:
+    """The width of a curved node's local-term factors (:func:`_local_term`), the entries
+    each seed pair sums over, plus the per-seed cost of forming them over ``seeds``: a
+    product's ``vbar @ DB^T`` (``C.numel * inner`` each), an elementwise node's pairs of
+    tracked arguments (the pairs it is linear in left out)."""
+    if _linear_elementwise(node, tracked):
+        return 0
+    if node.target in BILINEAR:
+        factors = [a.meta["val"].numel() for a in _factors(node)]
+        return min(factors) + node.meta["val"].numel() * _inner(node) / seeds
+    numel = node.meta["val"].numel()
+    if node.target in COUPLED:
+        return numel
+    sources = list(dict.fromkeys(_tracked_args(node, tracked)))
+    m = len(sources)
+    pairs = m * (m + 1) // 2 - sum(_linear_in(node, s) for s in sources)
+    return pairs * numel
 
 
 def _tracked_inputs(node: fx.Node, tracked: set[fx.Node]) -> int:
@@ -421,24 +486,20 @@ def _generate(
         jacobians = [j.primal for j in jets[after:after + len(flat.diff)]]
         _seed_from_jacobians(em, ctx, jets[first_seen:after], curved, tracked, jacobians)
         after += len(flat.diff)
-    total: Operand = None
+    rows = example.shape[0] if seeds.rows else None
+    pairs: list[tuple[fx.Node, fx.Node, bool]] = []
     at = first_seen
     for k, node in enumerate(curved):
         args = jets[at:at + counts[k] - 1]
         out = jets[at + counts[k] - 1]
         at += counts[k]
-        rows = em.shape(out.primal)[0] if seeds.rows else None
-        term = _local_term(em, ctx, node, args, out, jets[1 + n_grads + k].primal, rows)
-        if term is not None:
-            total = term if total is None else em.add(total, term)
+        pairs += _local_term(em, ctx, node, args, out, jets[1 + n_grads + k].primal)
     roots_at = first_seen + n_seen
     for k in range(len(roots)):  # D r^T diag(d) D r
         diagonal, root = jets[roots_at + k].primal, jets[roots_at + len(roots) + k]
-        shape = list(em.shape(root.primal))
-        spread = _spread(em, ctx, root, shape)
-        term = _contract(em, em.mul(spread, diagonal), spread,
-                         shape[0] if seeds.rows else None)
-        total = term if total is None else em.add(total, term)
+        spread = _spread(em, ctx, root, list(em.shape(root.primal)))
+        pairs.append((em.mul(spread, diagonal), spread, True))
+    total = _symmetric_sum(em, pairs, size, rows) if pairs else None
     gradients = [j.primal for j in jets[1:1 + n_grads]]
     blocks = _blocks(em, state, seeds, jets[0].primal, gradients, total)
     aux = [j.primal for j in jets[after:]]
@@ -471,110 +532,173 @@ def _seed_from_jacobians(em: Emitter, ctx: DeriveContext, seen: list[Jet],
 
 
 def _local_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
-                vbar: fx.Node, rows: int | None) -> Operand:
-    """``sum_ab sum_i vbar[i] phi_ab[i] D u_a[s, i] D u_b[t, i]`` for one curved node:
-    ``(S, S)``, or ``(N, S, S)`` per example."""
+                vbar: fx.Node) -> list[tuple[fx.Node, fx.Node, bool]]:
+    """``sum_ab sum_i vbar[i] phi_ab[i] D u_a[s, i] D u_b[t, i]`` for one curved node, as
+    factor pairs ``(L, R, symmetric)``, ``L`` and ``R`` ``(S,) + dims`` alike: the term is
+    the sum of ``L R^T`` over the pairs, plus ``R L^T`` for those not symmetric (a pair of
+    distinct arguments), the sums over the dims (per example, within each row) taken by
+    :func:`_symmetric_sum`."""
     tracked = [i for i, a in enumerate(args) if not a.is_constant]
-    m = len(tracked)
-    if m == 0:
-        return None
+    if not tracked:
+        return []
+    if node.target in BILINEAR:
+        return _bilinear_term(em, ctx, node, args, vbar)
     if node.target in COUPLED:
-        if rows is None and m == 1 and math.prod(em.shape(args[tracked[0]].primal)) < \
-                ctx.full_size:
-            return _coupled_in_own_entries(em, ctx, node, args, out, vbar, tracked[0])
-        return _coupled_term(em, ctx, node, args, out, vbar, rows)
+        return _coupled_term(em, ctx, node, args, out, vbar)
+    nodes = _tensor_args(node)
+    sources = list(dict.fromkeys(nodes[i] for i in tracked))  # one seed per tracked node
+    jets = {n: args[nodes.index(n)] for n in sources}
+    shape = list(em.shape(out.primal))
+    return [(*_weighted_pair(em, ctx, jets[sources[a]], jets[sources[b]], w, shape), a == b)
+            for (a, b), w in _second_weights(em, node, sources, args, out, vbar).items()]
+
+
+def _second_weights(em: Emitter, node: fx.Node, sources: list[fx.Node], args: list[Jet],
+                    out: Jet, vbar: fx.Node) -> dict[tuple[int, int], fx.Node]:
+    """``vbar * d2 phi / du_a du_b`` of an elementwise ``node`` for its distinct tracked
+    arguments ``sources`` (``a <= b``; the pairs it is linear in left out), each of
+    ``out``'s shape. A product's come without its rule (``vbar`` on the cross pair, or
+    ``2 vbar`` for a square); the others' from the rule run over one unit seed per source,
+    ``(m, m) + out.shape``."""
+    m = len(sources)
+    nodes = _tensor_args(node)
+    if node.target is aten.mul.Tensor:
+        if m == 2:
+            return {(0, 1): vbar}
+        return {(0, 0): em.mul(vbar, 2)} if nodes.count(sources[0]) == 2 else {}
     local = DeriveContext(em, 2, m)
     eye = em.eye(m, out.primal)
-    unit_args = []
-    for i, a in enumerate(args):
-        if i not in tracked:
-            unit_args.append(Jet(a.primal, [None, None]))
+    env = {}
+    for n, a in zip(nodes, args, strict=True):
+        if n not in sources:
+            env[n] = Jet(a.primal, [None, None])
             continue
-        rank = em.rank(a.primal)
-        unit = em.call(aten.select.int, eye, 0, tracked.index(i))
-        unit = em.reshape(unit, [m] + [1] * rank)
-        unit_args.append(Jet(a.primal, [em.expand(unit, [m, *em.shape(a.primal)]), None]))
-    env = dict(zip(_tensor_args(node), unit_args, strict=True))
+        unit = em.reshape(em.call(aten.select.int, eye, 0, sources.index(n)),
+                          [m] + [1] * em.rank(a.primal))
+        env[n] = Jet(a.primal, [em.expand(unit, [m, *em.shape(a.primal)]), None])
     rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
     rule_kwargs = fx.node.map_aggregate(node.kwargs,
                                         lambda v: env[v] if isinstance(v, fx.Node) else v)
-    derivs = RULES[node.target](local, rule_args, dict(rule_kwargs), out.primal)
-    second = local.symmetrized(derivs[1], 2) if derivs[1] is not None else None
+    second = RULES[node.target](local, rule_args, dict(rule_kwargs), out.primal)[1]
     if second is None:
-        return None
+        return {}
+    if m > 1:  # one seed pair is its own symmetrization
+        second = local.symmetrized(second, 2)
     shape = list(em.shape(out.primal))
-    second = em.expand(local.align(second, 2, len(shape)), [m, m, *shape])
-    weighted = em.mul(second, vbar)  # (m, m) + out.shape
-    spread = [_spread(em, ctx, args[i], shape) for i in tracked]
-    total: Operand = None
-    for a, da in enumerate(spread):
-        for b, db in enumerate(spread):
-            w = em.call(aten.select.int, em.call(aten.select.int, weighted, 0, a), 0, b)
-            term = _contract(em, em.mul(da, w), db, rows)
-            total = term if total is None else em.add(total, term)
-    return total
+    weighted = em.mul(em.expand(local.align(second, 2, len(shape)), [m, m, *shape]), vbar)
+    return {(a, b): em.call(aten.select.int, em.call(aten.select.int, weighted, 0, a), 0, b)
+            for a in range(m) for b in range(a, m)
+            if a != b or not _linear_in(node, sources[a])}
+
+
+def _linear_in(node: fx.Node, source: fx.Node) -> bool:
+    """Whether an elementwise ``node`` is linear in its argument ``source`` (its second
+    derivative in ``source`` alone is zero): a factor of a product, a dividend."""
+    nodes = _tensor_args(node)
+    if nodes.count(source) != 1:
+        return False
+    return node.target is aten.mul.Tensor or (node.target is aten.div.Tensor
+                                              and nodes.index(source) == 0)
+
+
+def _weighted_pair(em: Emitter, ctx: DeriveContext, first: Jet, second: Jet,
+                   weight: fx.Node, shape: list[int]) -> tuple[fx.Node, fx.Node]:
+    """Factors of ``sum_i weight[i] D first[s, i] D second[t, i]`` (or of its transpose)
+    over the entries ``i`` of a node of ``shape`` (``weight``'s shape), its arguments
+    broadcast to it. The side times ``weight`` is summed over the dims where the other side
+    is broadcast (a layer norm's ``x * rsqrt(v)`` contracts over its rows, not over every
+    entry); the side with more entries takes the weight."""
+    da, db = (ctx.align(ctx.fit(j, (0, ctx.full_size)).d(1), 1, len(shape))
+              for j in (first, second))
+    if math.prod(em.shape(da)) < math.prod(em.shape(db)):
+        da, db = db, da
+    weighted = em.mul(da, weight)
+    dims = [d + 1 for d, size in enumerate(em.shape(db)[1:]) if size == 1 and shape[d] != 1]
+    if dims:
+        weighted = em.sum_dims(weighted, dims, True)
+    return weighted, em.expand(db, em.shape(weighted))
+
+
+def _bilinear_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
+                   vbar: fx.Node) -> list[tuple[fx.Node, fx.Node, bool]]:
+    """The local term of a :data:`BILINEAR` product ``C = A @ B`` (stacked matrices, or a
+    matrix and a vector): ``sum_i vbar[i] (DA_s @ DB_t + DA_t @ DB_s)[i]`` is ``T + T^T``
+    for ``T[s, t] = <DA_s, vbar @ DB_t^T>``, the pair ``(DA, vbar @ DB^T)``, or
+    ``(DA^T @ vbar, DB)`` when that side is smaller; never the ``(S, S) + C.shape`` of
+    every seed pair's product. No pairs when a factor is not tracked (it is linear)."""
+    left, right = (args[i] for i in BILINEAR[node.target])
+    if left.is_constant or right.is_constant:
+        return []
+    weight = vbar
+    if node.target is aten.addmm.default and node.kwargs.get("alpha", 1) != 1:
+        weight = em.mul(vbar, node.kwargs["alpha"])
+    da, db = (ctx.fit(j, (0, ctx.full_size)).d(1) for j in (left, right))
+    if em.rank(left.primal) == 1:  # dot: a row times a column
+        da, weight = em.reshape(da, [ctx.full_size, 1, -1]), em.reshape(weight, [1, 1])
+    if em.rank(right.primal) == 1:  # dot, mv: times a column
+        db = em.reshape(db, [ctx.full_size, -1, 1])
+        weight = em.reshape(weight, [*em.shape(weight), 1]) if em.rank(weight) < 2 else weight
+    matmul = _matmul(ctx)
+    n, k = em.shape(weight)[-2:]
+    if n <= k:
+        return [(da, matmul(weight, em.call(aten.transpose.int, db, -1, -2)), False)]
+    return [(matmul(em.call(aten.transpose.int, da, -1, -2), weight), db, False)]
 
 
 def _coupled_term(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet], out: Jet,
-                  vbar: fx.Node, rows: int | None) -> Operand:
-    """The local term of a :data:`COUPLED` node: its rule's ``D^2`` over every seed pair
-    (the inputs' ``D^1`` given, their ``D^2`` zero), weighted by ``vbar`` and summed over
-    the node's entries (but its rows, per example)."""
-    jets = [Jet(a.primal, [None if a.is_constant else ctx.fit(a, (0, ctx.full_size)).d(1),
-                           None]) for a in args]
-    weighted = _weighted_second(em, node, jets, out, vbar, ctx.full_size)
-    if weighted is None:
-        return None
-    rank, size = em.rank(out.primal), ctx.full_size
-    if rows is None:
-        return em.call(aten.sum.dim_IntList, weighted, list(range(2, 2 + rank)))
-    per_row = em.reshape(weighted, [size, size, rows, -1])
-    return em.permute(em.call(aten.sum.dim_IntList, per_row, [3]), [2, 0, 1])
+                  vbar: fx.Node) -> list[tuple[fx.Node, fx.Node, bool]]:
+    """The local term of a :data:`COUPLED` node, a softmax ``p`` or a log-softmax along
+    ``dim``: a weighted contraction of its input's centered derivatives, the symmetric
+    pair ``(a w, a)``, never the ``(S, S) + out.shape`` of its rule's ``D^2``.
 
-
-def _coupled_in_own_entries(em: Emitter, ctx: DeriveContext, node: fx.Node, args: list[Jet],
-                            out: Jet, vbar: fx.Node, index: int) -> Operand:
-    """A :data:`COUPLED` node's local term when its one tracked input has fewer entries
-    ``M`` than there are seeds: its rule's ``D^2`` over unit seeds of those entries,
-    weighted by ``vbar`` and summed over its entries, is the ``(M, M)`` Hessian ``A``, and
-    the term ``Du A Du^T``. A classifier's 10 logits under 256 seeds: ``(10, 10, 10)``
-    numbers to reduce instead of ``(256, 256, 10)``."""
-    primal = args[index].primal
-    entries = math.prod(em.shape(primal))
-    unit = em.reshape(em.eye(entries, primal), [entries, *em.shape(primal)])
-    jets = [Jet(a.primal, [unit, None] if i == index else [None, None])
-            for i, a in enumerate(args)]
-    weighted = _weighted_second(em, node, jets, out, vbar, entries)
-    if weighted is None:
-        return None
-    hessian = em.call(aten.sum.dim_IntList, weighted,
-                      list(range(2, 2 + em.rank(out.primal))))  # (M, M)
-    d = em.reshape(ctx.fit(args[index], (0, ctx.full_size)).d(1), [ctx.full_size, entries])
-    return em.call(aten.mm.default, em.call(aten.mm.default, d, hessian),
-                   em.call(aten.t.default, d))
-
-
-def _weighted_second(em: Emitter, node: fx.Node, jets: list[Jet], out: Jet, vbar: fx.Node,
-                     size: int) -> fx.Node | None:
-    """``vbar`` times ``node``'s rule's ``D^2`` along the ``size`` directions its input
-    ``jets`` carry (their ``D^2`` zero): ``(size, size) + out.shape``, or None when the
-    rule gives no second derivative."""
-    pairs = DeriveContext(em, 2, size)
-    env = dict(zip(_tensor_args(node), jets, strict=True))
-    rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
-    derivs = RULES[node.target](pairs, rule_args, dict(node.kwargs), out.primal)
-    if derivs[1] is None:
-        return None
+    With ``a = Dx_s - <p, Dx_s>`` and ``b`` likewise for ``t`` (centered along ``dim``),
+    softmax's second derivative is ``p a b - p <p, a b>``, so the term is
+    ``sum_i w a b`` for ``w = p (vbar - <p, vbar>)``; log-softmax's is minus logsumexp's,
+    ``-<p, a b>``, and ``w = -p sum(vbar)``."""
+    x = args[0]
     shape = list(em.shape(out.primal))
-    second = em.expand(pairs.align(pairs.symmetrized(derivs[1], 2), 2, len(shape)),
-                       [size, size, *shape])
-    return em.mul(second, vbar)
+    dim = from_end(node.args[1], len(shape))
+    softmax = node.target is aten._softmax.default
+    p = out.primal if softmax else em.call(aten.exp.default, out.primal)
+    d = _spread(em, ctx, x, shape)  # (S,) + shape
+    centered = em.sub(d, em.sum_dims(em.mul(d, p), [dim], True))
+    if softmax:
+        weight = em.mul(p, em.sub(vbar, em.sum_dims(em.mul(vbar, p), [dim], True)))
+    else:
+        weight = em.neg(em.mul(p, em.sum_dims(vbar, [dim], True)))
+    return [(em.mul(centered, weight), centered, True)]
 
 
 def _spread(em: Emitter, ctx: DeriveContext, jet: Jet, shape: list[int]) -> fx.Node:
     """``D^1`` of an argument over every seed, broadcast to the node's output ``shape``."""
     d = ctx.fit(jet, (0, ctx.full_size)).d(1)
     return em.expand(ctx.align(d, 1, len(shape)), [ctx.full_size, *shape])
+
+
+def _symmetric_sum(em: Emitter, pairs: list[tuple[fx.Node, fx.Node, bool]], size: int,
+                   rows: int | None) -> fx.Node:
+    """``sum_pairs L R^T``, ``L R^T + R L^T`` for a pair not marked symmetric, over the
+    factor pairs ``(L, R, symmetric)`` (``(S,) + dims`` alike within a pair): ``(S, S)``,
+    one product for the symmetric pairs concatenated and one for the others; per example
+    (``rows``: the dims after ``S`` start with the rows), ``(N, S, S)``."""
+    lead = [size] if rows is None else [size, rows]
+    total: Operand = None
+    for symmetric in (False, True):
+        chosen = [(left, right) for left, right, sym in pairs if sym is symmetric]
+        if not chosen:
+            continue
+        left, right = (_concatenated(em, [em.reshape(t, [*lead, -1]) for t in side])
+                       for side in zip(*chosen, strict=True))
+        x = _contract(em, left, right, rows)
+        if not symmetric:
+            x = em.add(x, em.call(aten.transpose.int, x, -1, -2))
+        total = em.add(total, x)
+    return total
+
+
+def _concatenated(em: Emitter, parts: list[fx.Node]) -> fx.Node:
+    """``parts`` joined along their last dim."""
+    return em.call(aten.cat.default, parts, -1) if len(parts) > 1 else parts[0]
 
 
 def _contract(em: Emitter, a: fx.Node, b: fx.Node, rows: int | None) -> fx.Node:

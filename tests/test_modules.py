@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_leaves
 
 import hod
+import hod._adjoint
 from hod._tracing import _functional_pointwise
 
 aten = torch.ops.aten
@@ -168,11 +169,13 @@ def test_in_place_gates_become_plain_ops_unless_shared(base_read_later):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_a_cell_whose_backward_torch_cannot_trace_goes_forward(dtype):
+def test_a_cell_whose_backward_torch_cannot_trace_goes_forward(dtype, monkeypatch):
     """``GRUCell``'s float64 CPU kernel decomposes into in-place ops on views: torch's
-    functionalization asserts while tracing its backward, so hod takes the Hessian in
-    forward mode, through the cell's gates traced as plain ops (float32 takes another
-    kernel, whose backward traces)."""
+    functionalization asserts while tracing its backward, so reverse-last mode gives way
+    to forward mode, through the cell's gates traced as plain ops (float32 takes another
+    kernel, whose backward traces). The adjoint driver, which differentiates hod's own
+    trace and takes this Hessian otherwise, is turned off to reach reverse-last."""
+    monkeypatch.setattr(hod._adjoint, "_pays", lambda *args: False)
     torch.manual_seed(0)
     cell = nn.GRUCell(3, 4).double()
     h0, x = torch.rand(2, 4, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64)
