@@ -47,6 +47,19 @@ def cast(tree, dtype: torch.dtype):
     )
 
 
+def scaled_weights(*sizes: int) -> list[torch.Tensor]:
+    """Float64 matrices ``(a, b)`` for consecutive ``sizes``, entries of variance ``1 / a``,
+    drawn from a seed of the sizes (the same weights on every import)."""
+    torch.manual_seed(sum(sizes))
+    return [torch.randn(a, b, dtype=torch.float64) / a**0.5
+            for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+
+def layer(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``x @ W`` with ``W`` cast to ``x``'s dtype (a float32 case reuses float64 weights)."""
+    return x @ W.to(x.dtype)
+
+
 def reference(f, order: int, argnums=0, has_aux: bool = False):
     """``jacrev(f, argnums)`` wrapped in ``order - 1`` ``jacfwd``: the contract."""
     g = jacrev(f, argnums, has_aux=has_aux)

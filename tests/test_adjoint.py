@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_same_tree, cast, reference
+from conftest import TOLERANCES, assert_same_tree, cast, layer, reference, scaled_weights
 from torch.func import functional_call, hessian, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -18,59 +18,52 @@ import hod._adjoint
 D = torch.float64
 
 
-def _weights(*sizes):
-    torch.manual_seed(sum(sizes))
-    return [torch.randn(a, b, dtype=D) / a**0.5 for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
 
+W1, W2, W3 = scaled_weights(3, 96, 96, 1)
 
-W1, W2, W3 = _weights(3, 96, 96, 1)
-
-
-def _layer(x, W):
-    return x @ W.to(x.dtype)
 
 
 def tanh_net(x):
-    return _layer(torch.tanh(_layer(torch.tanh(_layer(x, W1)), W2)), W3).sum()
+    return layer(torch.tanh(layer(torch.tanh(layer(x, W1)), W2)), W3).sum()
 
 
 def products(x):
     """Elementwise products of two tracked tensors, a quotient, a power and a select,
     between wide products."""
-    h = torch.sigmoid(_layer(torch.tanh(_layer(x, W1)), W2))
-    g = torch.sin(_layer(x, W1))
+    h = torch.sigmoid(layer(torch.tanh(layer(x, W1)), W2))
+    g = torch.sin(layer(x, W1))
     return (h * g / (1.5 + g * g)).pow(3).sum() + torch.where(h > 0.5, h, g).sum()
 
 
 def scaled(x, s):
     """Two differentiated arguments, multiplied together."""
-    return torch.nn.functional.softplus(_layer(torch.tanh(_layer(x, W1) * s), W2)).sum()
+    return torch.nn.functional.softplus(layer(torch.tanh(layer(x, W1) * s), W2)).sum()
 
 
-W_IN, W_OUT = _weights(64, 32, 10)
-(W_LOGITS,) = _weights(96, 10)
+W_IN, W_OUT = scaled_weights(64, 32, 10)
+(W_LOGITS,) = scaled_weights(96, 10)
 LABEL = torch.tensor([3])
 
 
 def classifier(x):
     """relu layers and a cross-entropy: f bends only at the log-softmax of 10 logits, so
     with 64 seeds its logits' derivatives come from 10 reverse sweeps."""
-    logits = _layer(torch.relu(_layer(x, W_IN)), W_OUT).reshape(1, 10)
+    logits = layer(torch.relu(layer(x, W_IN)), W_OUT).reshape(1, 10)
     return torch.nn.functional.cross_entropy(logits, LABEL)
 
 
-W_WIDE, W_HIDDEN = _weights(200, 16, 10)
+W_WIDE, W_HIDDEN = scaled_weights(200, 16, 10)
 
 
 def two_bends(x):
     """Bends at 16 tanh entries and 10 logits: 26 reverse sweeps for 200 seeds."""
-    logits = _layer(torch.tanh(_layer(x, W_WIDE)), W_HIDDEN).reshape(1, 10)
+    logits = layer(torch.tanh(layer(x, W_WIDE)), W_HIDDEN).reshape(1, 10)
     return torch.nn.functional.cross_entropy(logits, LABEL)
 
 
 def small_classifier(x):
     """Three seeds, ten logits: the log-softmax's local term over seed pairs."""
-    logits = _layer(torch.tanh(_layer(x, W1)), W_LOGITS).reshape(1, 10)
+    logits = layer(torch.tanh(layer(x, W1)), W_LOGITS).reshape(1, 10)
     return torch.nn.functional.cross_entropy(logits, LABEL)
 
 
@@ -82,44 +75,44 @@ LABELS = (torch.rand(60, dtype=D) < 0.5).to(D)
 def logistic(w):
     """A GLM's loss: a chain of elementwise ops of ``X w`` (separable in its 60 entries),
     whose local terms sum to one contraction with the chain's Hessian diagonal."""
-    return torch.nn.functional.binary_cross_entropy_with_logits(_layer(DATA, w.unsqueeze(1))
+    return torch.nn.functional.binary_cross_entropy_with_logits(layer(DATA, w.unsqueeze(1))
                                                                 .squeeze(1), LABELS)
 
 
 def two_roots(w):
     """Two separable chains of two products of ``w``: no term between them."""
-    return (torch.nn.functional.softplus(_layer(DATA, w.unsqueeze(1))).sum()
-            + torch.tanh(_layer(DATA_2, w.unsqueeze(1))).pow(2).mean())
+    return (torch.nn.functional.softplus(layer(DATA, w.unsqueeze(1))).sum()
+            + torch.tanh(layer(DATA_2, w.unsqueeze(1))).pow(2).mean())
 
 
-WQ, WK, WV = _weights(12, 12, 12, 12)
+WQ, WK, WV = scaled_weights(12, 12, 12, 12)
 
 
 def self_attention(x):
     """Softmax attention over 8 tokens of a 96-entry layer: ``Q K^T`` and ``P V`` are
     products of two tracked matrices (``mm``), each with its bilinear local term."""
-    h = torch.tanh(_layer(x, W1)).reshape(8, 12)
-    q, k, v = _layer(h, WQ), _layer(h, WK), _layer(h, WV)
+    h = torch.tanh(layer(x, W1)).reshape(8, 12)
+    q, k, v = layer(h, WQ), layer(h, WK), layer(h, WV)
     p = torch.softmax(q @ k.T / 12**0.5, dim=-1)
     return torch.tanh(p @ v).sum()
 
 
 def heads(x):
     """Two heads as stacked matrices (``bmm``), a log-softmax between them."""
-    h = torch.tanh(_layer(x, W1)).reshape(2, 8, 6)
+    h = torch.tanh(layer(x, W1)).reshape(2, 8, 6)
     scores = torch.bmm(h, torch.sin(h).transpose(1, 2))
     return torch.bmm(torch.log_softmax(scores, -1), h).pow(2).sum()
 
 
 def broadcast_matmul(x):
     """``matmul`` broadcasting batch dims, ``(2, 1, 4, 6) @ (1, 2, 6, 4)``."""
-    h = torch.tanh(_layer(x, W1))
+    h = torch.tanh(layer(x, W1))
     return torch.sin(h[:48].reshape(2, 1, 4, 6) @ h[48:].reshape(1, 2, 6, 4)).sum()
 
 
 def vectors(x):
     """``dot`` and ``mv`` of tracked vectors, and an ``addmm`` scaled by ``alpha``."""
-    h = torch.tanh(_layer(x, W1))
+    h = torch.tanh(layer(x, W1))
     a = h[:48].reshape(8, 6)
     return (torch.dot(h[:48], h[48:]).sin() + torch.mv(a, h[90:]).exp().sum()
             + torch.addmm(h[:6], a, a.T[:, :6], alpha=0.5).cos().sum())
@@ -128,7 +121,7 @@ def vectors(x):
 def products_along_rows(x):
     """``cumprod`` and ``prod`` along rows of a layer (traced as chains of products of
     tracked factors, one local term each)."""
-    h = torch.tanh(_layer(x, W1)).reshape(8, 12)
+    h = torch.tanh(layer(x, W1)).reshape(8, 12)
     return torch.cumprod(h, 1).pow(2).sum() + torch.prod(h[:, :6] + 1.5, 1).sum()
 
 
@@ -164,7 +157,7 @@ def test_hessian_by_local_terms(case, dtype):
 def coupled_tail(w):
     """Entries of ``X w`` meeting again after their chain (``tanh(z) * sum(tanh(z))``): not
     separable, so each curved node keeps its own term."""
-    t = torch.tanh(_layer(DATA, w.unsqueeze(1)))
+    t = torch.tanh(layer(DATA, w.unsqueeze(1)))
     return (torch.exp(t) * t.sum()).sum()
 
 
@@ -190,7 +183,7 @@ def test_per_example_hessians_under_vmap(f):
 
 def test_has_aux_and_pytree_argument():
     def f(p):
-        y = (torch.tanh(_layer(torch.tanh(p["x"] @ W1), W2)) * p["s"]).sum()
+        y = (torch.tanh(layer(torch.tanh(p["x"] @ W1), W2)) * p["s"]).sum()
         return y, {"y": y}
 
     p = {"x": torch.randn(3, dtype=D), "s": torch.randn(1, dtype=D)}
@@ -242,7 +235,7 @@ def test_value_gradient_and_hessian_per_example():
 
 def rows_net(X):
     """Independent rows, summed: the Hessian is block diagonal over the batch."""
-    return _layer(torch.tanh(_layer(torch.tanh(_layer(X, W1)), W2)), W3).sum()
+    return layer(torch.tanh(layer(torch.tanh(layer(X, W1)), W2)), W3).sum()
 
 
 @pytest.mark.parametrize("transform", ["hessian", "derivatives"])
@@ -258,14 +251,14 @@ def test_a_batch_of_independent_rows_is_seeded_per_row(transform):
     assert_same_tree(fn(X), expected)
 
 
-W_BEND, W_GRAM = _weights(200, 4, 4)
+W_BEND, W_GRAM = scaled_weights(200, 4, 4)
 
 
 def bends_at_a_product(x):
     """200 seeds, bending at 4 tanh entries and a product of two tracked 2 x 2 matrices:
     their 12 entries' derivatives come from reverse sweeps."""
-    h = torch.tanh(_layer(x, W_BEND)).reshape(2, 2)
-    return torch.sin(h @ _layer(h.reshape(4), W_GRAM).reshape(2, 2).T).sum()
+    h = torch.tanh(layer(x, W_BEND)).reshape(2, 2)
+    return torch.sin(h @ layer(h.reshape(4), W_GRAM).reshape(2, 2).T).sum()
 
 
 def test_a_product_of_tracked_matrices_where_few_entries_bend():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_same_tree, cast, reference
+from conftest import TOLERANCES, assert_same_tree, cast, layer, reference, scaled_weights
 from torch.func import vmap
 
 import hod
@@ -15,42 +15,35 @@ import hod
 D = torch.float64
 
 
-def _weights(*sizes):
-    torch.manual_seed(sum(sizes))
-    return [torch.randn(a, b, dtype=D) / a**0.5 for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
 
+W1, W2, W3 = scaled_weights(3, 48, 48, 1)
+(W1_B,) = scaled_weights(3, 48)
+(W2_B,) = scaled_weights(48, 48)
+(W_HEAD,) = scaled_weights(48, 6)
 
-W1, W2, W3 = _weights(3, 48, 48, 1)
-(W1_B,) = _weights(3, 48)
-(W2_B,) = _weights(48, 48)
-(W_HEAD,) = _weights(48, 6)
-
-
-def _layer(x, W):
-    return x @ W.to(x.dtype)
 
 
 def tanh_net(x):
     """A PINN's network: the third derivative never crosses the 48 x 48 product."""
-    return _layer(torch.tanh(_layer(torch.tanh(_layer(x, W1)), W2)), W3).sum()
+    return layer(torch.tanh(layer(torch.tanh(layer(x, W1)), W2)), W3).sum()
 
 
 def products(x):
     """Products and a quotient of two tracked tensors (mixed partials of two inputs),
     then wide layers."""
-    h, g = torch.tanh(_layer(x, W1)), torch.sin(_layer(x, W1_B))
-    hidden = torch.sigmoid(_layer(torch.sigmoid(_layer(h * g / (1.5 + g * g), W2)), W2_B))
-    return _layer(hidden, W3).sum()
+    h, g = torch.tanh(layer(x, W1)), torch.sin(layer(x, W1_B))
+    hidden = torch.sigmoid(layer(torch.sigmoid(layer(h * g / (1.5 + g * g), W2)), W2_B))
+    return layer(hidden, W3).sum()
 
 
 def log_softmax_head(x):
     """A coupled node: the log-softmax of 6 logits, its rule run over every seed."""
-    return torch.log_softmax(_layer(torch.tanh(_layer(x, W1)), W_HEAD), -1)[..., 0].sum()
+    return torch.log_softmax(layer(torch.tanh(layer(x, W1)), W_HEAD), -1)[..., 0].sum()
 
 
 def scaled(x, s):
     """Two differentiated arguments, multiplied together."""
-    return _layer(torch.nn.functional.softplus(_layer(torch.tanh(_layer(x, W1) * s), W2)),
+    return layer(torch.nn.functional.softplus(layer(torch.tanh(layer(x, W1) * s), W2)),
                   W3).sum()
 
 
@@ -130,8 +123,8 @@ def test_outside_its_reach_another_mode_runs(name):
     """Not a scalar, a node neither elementwise nor linear in its tracked input (cumprod),
     or local terms that cost more than the propagation they replace (no wide product)."""
     f = {
-        "vector_output": lambda x: torch.tanh(_layer(torch.tanh(_layer(x, W1)), W2)),
-        "cumprod": lambda x: torch.cumprod(_layer(x, W1), 0).pow(2).sum(),
+        "vector_output": lambda x: torch.tanh(layer(torch.tanh(layer(x, W1)), W2)),
+        "cumprod": lambda x: torch.cumprod(layer(x, W1), 0).pow(2).sum(),
         "narrow_products": lambda x: (torch.sin(x) * torch.cos(x).exp()).sum(),
     }[name]
     x = torch.randn(3, dtype=D)
