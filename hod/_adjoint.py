@@ -566,20 +566,8 @@ def _second_weights(em: Emitter, node: fx.Node, sources: list[fx.Node], args: li
         if m == 2:
             return {(0, 1): vbar}
         return {(0, 0): em.mul(vbar, 2)} if nodes.count(sources[0]) == 2 else {}
-    local = DeriveContext(em, 2, m)
-    eye = em.eye(m, out.primal)
-    env = {}
-    for n, a in zip(nodes, args, strict=True):
-        if n not in sources:
-            env[n] = Jet(a.primal, [None, None])
-            continue
-        unit = em.reshape(em.call(aten.select.int, eye, 0, sources.index(n)),
-                          [m] + [1] * em.rank(a.primal))
-        env[n] = Jet(a.primal, [em.expand(unit, [m, *em.shape(a.primal)]), None])
-    rule_args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
-    rule_kwargs = fx.node.map_aggregate(node.kwargs,
-                                        lambda v: env[v] if isinstance(v, fx.Node) else v)
-    second = RULES[node.target](local, rule_args, dict(rule_kwargs), out.primal)[1]
+    local, derivs = _unit_partials(em, node, sources, args, out.primal, 2)
+    second = derivs[1]
     if second is None:
         return {}
     if m > 1:  # one seed pair is its own symmetrization
@@ -589,6 +577,35 @@ def _second_weights(em: Emitter, node: fx.Node, sources: list[fx.Node], args: li
     return {(a, b): em.call(aten.select.int, em.call(aten.select.int, weighted, 0, a), 0, b)
             for a in range(m) for b in range(a, m)
             if a != b or not _linear_in(node, sources[a])}
+
+
+def _unit_partials(em: Emitter, node: fx.Node, sources: list[fx.Node], args: list[Jet],
+                  out: fx.Node, order: int) -> tuple[DeriveContext, list[Operand]]:
+    """``node``'s rule run to ``order`` over one unit seed per distinct tracked argument in
+    ``sources`` (the other arguments constant): its context and its ``D^k``, the node's
+    ``k``-th partial derivatives in ``sources``, ``(m,) * k`` seed axes (up to symmetry at
+    the top order)."""
+    m = len(sources)
+    local = DeriveContext(em, order, m)
+    eye = em.eye(m, out)
+    jets = []
+    for n, a in zip(_tensor_args(node), args, strict=True):
+        derivs: list[Operand] = [None] * order
+        if n in sources:
+            unit = em.reshape(em.call(aten.select.int, eye, 0, sources.index(n)),
+                              [m] + [1] * em.rank(a.primal))
+            derivs[0] = em.expand(unit, [m, *em.shape(a.primal)])
+        jets.append(Jet(a.primal, derivs))
+    return local, _apply_rule(local, node, jets, out)
+
+
+def _apply_rule(ctx: DeriveContext, node: fx.Node, jets: list[Jet],
+               out: fx.Node) -> list[Operand]:
+    """``node``'s rule run on ``jets`` (one per tensor argument, in order)."""
+    env = dict(zip(_tensor_args(node), jets, strict=True))
+    args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
+    kwargs = fx.node.map_aggregate(node.kwargs, lambda v: env[v] if isinstance(v, fx.Node) else v)
+    return RULES[node.target](ctx, args, dict(kwargs), out)
 
 
 def _linear_in(node: fx.Node, source: fx.Node) -> bool:

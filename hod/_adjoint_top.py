@@ -34,6 +34,7 @@ from torch.utils._pytree import TreeSpec
 
 from ._adjoint import (
     COUPLED,
+    _apply_rule,
     _batch_seeds,
     _contract,
     _curved_nodes,
@@ -43,6 +44,7 @@ from ._adjoint import (
     _tracked,
     _tracked_inputs,
     _tracked_work,
+    _unit_partials,
 )
 from ._assemble import block, result_spec, structure
 from ._combinatorics import partition_kinds
@@ -52,7 +54,6 @@ from ._jet import DeriveContext
 from ._plan import choose_mode, plain_segments, row_seeds
 from ._records import BuildState, Derived, Jet, Mode, SeedPlan
 from ._tracing import op_call_site
-from .rules import RULES
 
 aten = torch.ops.aten
 
@@ -124,7 +125,7 @@ def _generate(state: BuildState, graph: fx.GraphModule, curved: list[fx.Node],
         out = jets[at + counts[k] - 1]
         at += counts[k]
         term = _local_term(top, node, args, out.primal, jets[1 + n_grads + k].primal,
-                           rows=em.shape(out.primal)[0] if seeds.rows else None)
+                           rows=flat.rows)
         if term is not None:
             total = term if total is None else em.add(total, term)
     value = jets[0]
@@ -164,21 +165,23 @@ def _local_term(ctx: DeriveContext, node: fx.Node, args: list[Jet], out: fx.Node
     if node.target in COUPLED:
         return _coupled_term(ctx, node, args, out, vbar, rows)
     em, order = ctx.em, ctx.order
-    tracked = [i for i, a in enumerate(args) if not a.is_constant]
+    nodes = _tensor_args(node)
+    sources = list(dict.fromkeys(n for n, a in zip(nodes, args, strict=True)
+                                 if not a.is_constant))  # one seed per tracked node
     rank = em.rank(out)
-    weights = _weighted_coefficients(em, node, args, out, vbar, tracked, order)
-    seeded: dict[tuple[int, int], fx.Node | None] = {}  # (argument, k) -> its D^k
+    weights = _weighted_coefficients(em, node, sources, args, out, vbar, order)
+    seeded: dict[tuple[int, int], fx.Node | None] = {}  # (source, k) -> its D^k
     groups: dict[tuple[tuple[int, int], ...], fx.Node] = {}
     for blocks, kinds in partition_kinds(order):
         if len(blocks) < 2 or weights[len(blocks)] is None:
             continue
         sizes = [len(b) for b in blocks]
-        for inputs, count in _assignments(sizes, len(tracked)).items():
+        for inputs, count in _assignments(sizes, len(sources)).items():
             count *= kinds
-            factors = [(tracked[a], k) for a, k in zip(inputs, sizes, strict=True)]
+            factors = list(zip(inputs, sizes, strict=True))
             for f in factors:
                 if f not in seeded:
-                    seeded[f] = _seeded(ctx, args[f[0]], f[1], rank)
+                    seeded[f] = _seeded(ctx, args[nodes.index(sources[f[0]])], f[1], rank)
             if any(seeded[f] is None for f in factors):
                 continue
             constant = [i for i, f in enumerate(factors)
@@ -198,7 +201,7 @@ def _local_term(ctx: DeriveContext, node: fx.Node, args: list[Jet], out: fx.Node
         right = seeded[contracted[0]]
         for f in contracted[1:]:
             right = _outer(em, right, seeded[f])
-        term = _contracted(em, left, right, rows, order)
+        term = _contracted(em, left, right, rows, [ctx.full_size] * order)
         total = term if total is None else em.add(total, term)
     return total
 
@@ -218,14 +221,12 @@ def _assignments(sizes: list[int], m: int) -> dict[tuple[int, ...], int]:
 
 
 def _contracted(em: Emitter, left: fx.Node, right: fx.Node, rows: int | None,
-                order: int) -> fx.Node:
+                lead: list[int]) -> fx.Node:
     """``sum_i left[p, i] right[q, i]`` over the value dims (but the examples' dim 0 with
-    ``rows``) as ``(S,) * order`` (``+ (N,)``, contiguous): ``left`` is ``(S^a,) + shape``,
-    ``right`` ``(S^b,) + shape`` or, with ``rows``, constant over the examples (dim 1 of
-    size 1): then one matrix product over all examples."""
-    size = round((em.shape(left)[0] * em.shape(right)[0]) ** (1 / order))
+    ``rows``) as ``lead`` seed axes (``+ (N,)``, contiguous): ``left`` is
+    ``(S^a,) + shape``, ``right`` ``(S^b,) + shape`` or, with ``rows``, constant over the
+    examples (dim 1 of size 1): then one matrix product over all examples."""
     shape = list(em.shape(left)[1:])
-    lead = [size] * order
     if rows is None:
         return em.reshape(_contract(em, left, em.expand(right, [em.shape(right)[0], *shape]),
                                     None), lead)
@@ -243,24 +244,14 @@ def _contracted(em: Emitter, left: fx.Node, right: fx.Node, rows: int | None,
                    memory_format=torch.contiguous_format)
 
 
-def _weighted_coefficients(em: Emitter, node: fx.Node, args: list[Jet], out: fx.Node,
-                           vbar: fx.Node, tracked: list[int], order: int) -> list[Operand]:
+def _weighted_coefficients(em: Emitter, node: fx.Node, sources: list[fx.Node],
+                           args: list[Jet], out: fx.Node, vbar: fx.Node,
+                           order: int) -> list[Operand]:
     """Per ``k <= order``, ``vbar`` times the node's ``k``-th partial derivatives in its
-    ``m`` tracked inputs, ``(m,) * k + out.shape`` (None where they vanish): its rule run
-    over one unit seed per tracked input."""
-    m = len(tracked)
-    units = DeriveContext(em, order, m)
-    eye = em.eye(m, out)
-    jets = []
-    for i, a in enumerate(args):
-        if i not in tracked:
-            jets.append(Jet(a.primal, [None] * order))
-            continue
-        unit = em.reshape(em.call(aten.select.int, eye, 0, tracked.index(i)),
-                          [m] + [1] * em.rank(a.primal))
-        jets.append(Jet(a.primal, [em.expand(unit, [m, *em.shape(a.primal)])]
-                        + [None] * (order - 1)))
-    derivs = _apply_rule(units, node, jets, out)
+    ``m`` distinct tracked arguments ``sources``, ``(m,) * k + out.shape`` (None where they
+    vanish)."""
+    m = len(sources)
+    units, derivs = _unit_partials(em, node, sources, args, out, order)
     shape = list(em.shape(out))
     weights: list[Operand] = [None, None]
     for k, d in enumerate(derivs[1:], 2):
@@ -309,12 +300,3 @@ def _coupled_term(ctx: DeriveContext, node: fx.Node, args: list[Jet], out: fx.No
     weighted = em.mul(ctx.align(remainder, order, len(shape)), vbar)
     dims = list(range(order + (0 if rows is None else 1), order + len(shape)))
     return em.call(aten.sum.dim_IntList, weighted, dims) if dims else weighted
-
-
-def _apply_rule(ctx: DeriveContext, node: fx.Node, jets: list[Jet],
-                out: fx.Node) -> list[Operand]:
-    """``node``'s rule run on ``jets`` (one per tensor argument, in order)."""
-    env = dict(zip(_tensor_args(node), jets, strict=True))
-    args = fx.node.map_aggregate(node.args, lambda v: env[v] if isinstance(v, fx.Node) else v)
-    kwargs = fx.node.map_aggregate(node.kwargs, lambda v: env[v] if isinstance(v, fx.Node) else v)
-    return RULES[node.target](ctx, args, dict(kwargs), out)
