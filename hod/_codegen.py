@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from ._emitter import graph_module
+from .decompositions.indexing import slice_bounds
 from .passes import Rewritten
 
 aten = torch.ops.aten
@@ -225,18 +226,13 @@ def _constant(arg: object) -> object:
 
 def _narrow(node: fx.Node) -> None:
     """A ``slice.Tensor`` call with step 1 as ``torch.narrow`` (0.6 us less a call), its
-    bounds resolved from the input's size as ``slice`` resolves them: negative ones count
-    from the end, then both are clamped to ``[0, size]`` and the end to at least the start."""
+    bounds resolved from the input's size as ``slice`` resolves them."""
     x, dim, start, end, step = (*node.args, *(0, None, None, 1)[len(node.args) - 1:])
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
     if node.kwargs or step != 1 or not isinstance(val, torch.Tensor) or not all(
         b is None or type(b) is int for b in (start, end)
     ):
         return
-    size = val.shape[dim]
-    start = 0 if start is None else start + size if start < 0 else start
-    end = size if end is None else end + size if end < 0 else end
-    start = min(max(start, 0), size)
-    end = min(max(end, start), size)
+    start, end = slice_bounds(start, end, val.shape[dim])
     node.target = torch.narrow
     node.args = (x, dim, start, end - start)

@@ -37,6 +37,16 @@ def _select_backward(grad: torch.Tensor, input_sizes: Sequence[int], dim: int, i
     )
 
 
+def slice_bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
+    """``slice``'s bounds along a dim of ``size`` as ATen resolves them: None is the dim's
+    start or end, a negative bound counts from the end, then both are clamped to
+    ``[0, size]`` and the end to at least the start."""
+    start = 0 if start is None else start + size if start < 0 else start
+    end = size if end is None else end + size if end < 0 else end
+    start = min(max(start, 0), size)
+    return start, min(max(end, start), size)
+
+
 @register_decomposition(aten.slice_backward.default)
 def _slice_backward(grad: torch.Tensor, input_sizes: Sequence[int], dim: int, start: int,
                     end: int, step: int):
@@ -45,6 +55,5 @@ def _slice_backward(grad: torch.Tensor, input_sizes: Sequence[int], dim: int, st
             grad, input_sizes, dim, start, end, step)
     rank = len(input_sizes)
     dim, size = dim % rank, input_sizes[dim % rank]
-    start = min(max(start + size if start < 0 else start, 0), size)
-    end = min(max(end + size if end < 0 else end, start), size)
+    start, end = slice_bounds(start, end, size)
     return aten.constant_pad_nd.default(grad, _padding(rank, dim, start, size - end), 0.0)
